@@ -1,0 +1,1 @@
+//! The agent API shared by the runtime (client) and the agent (server).

@@ -1,0 +1,1 @@
+//! Host side of Carapace: guest assets, sandbox VMs, the agent client.

@@ -1,0 +1,4 @@
+//! Device models: the MMIO/PIO bus they hang on, legacy devices, virtio.
+
+pub mod bus;
+pub mod virtio;

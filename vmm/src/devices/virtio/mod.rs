@@ -1,0 +1,106 @@
+//! Virtio devices and their virtio-mmio transport.
+//!
+//! The transport (`mmio`) owns the registers and the feature/queue
+//! negotiation; a device implements [`VirtioDevice`] and is handed its queues
+//! and an [`Interrupt`] when the driver sets DRIVER_OK.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub mod mmio;
+pub mod vsock;
+
+/// virtio-mmio InterruptStatus bit: the device used buffers.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// virtio-mmio InterruptStatus bit: the configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// Errors a device can report when the driver activates it.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("expected {expected} queues, the driver enabled {got}")]
+    QueueCount { expected: usize, got: usize },
+    /// A host resource (thread, socket, epoll) could not be set up.
+    #[error("cannot activate device: {0}")]
+    Io(#[from] std::io::Error),
+    /// The device cannot work with what the driver negotiated.
+    #[error("invalid driver configuration: {0}")]
+    BadConfig(String),
+}
+
+/// The interrupt line of one virtio-mmio device: a status word the guest
+/// reads through the transport, and an irqfd wired to the device's GSI.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// Wraps an eventfd that KVM delivers as the device's interrupt (irqfd).
+    pub fn new(irqfd: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), irqfd }
+    }
+
+    /// Raises the interrupt with the given InterruptStatus bit(s).
+    pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// The current InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The eventfd behind the line (for registering it with KVM, or for tests).
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// A queue handed to a device on activation, with the eventfd the transport
+/// signals when the driver writes QueueNotify for it.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+/// What every virtio device offers its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (e.g. 19 for vsock, 26 for fs).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each of the device's queues; its length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (including VIRTIO_F_VERSION_1).
+    fn avail_features(&self) -> u64;
+    /// The feature bits the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (ignored where read-only).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device: from here it processes `queues` (in queue-index order)
+    /// against `mem`, and raises `interrupt` when it has used buffers.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device after the driver wrote 0 to Status; returns false if it cannot be reset.
+    fn reset(&mut self) -> bool {
+        false
+    }
+}
