@@ -1,1 +1,5 @@
-//! Host side of Carapace: guest assets, sandbox VMs, the agent client.
+//! Host side of Carapace: guest assets, host checks, sandbox VMs and the
+//! agent client. The CLI (`carapace`) and the containerd shim build on it.
+
+pub mod assets;
+pub mod host;
