@@ -1,1 +1,806 @@
 //! The virtio-mmio transport (virtio 1.x, "version 2" register layout).
+//!
+//! [`MmioTransport`] sits in a 4 KiB MMIO window and implements the register
+//! file of virtio spec section 4.2.2: identification, feature negotiation,
+//! queue setup, notifications, interrupt status and the device status state
+//! machine. The device-specific configuration space starts at 0x100.
+//!
+//! A misbehaving driver never makes it panic: accesses of the wrong width,
+//! to unknown registers, or out of the order the spec prescribes are ignored
+//! with a warning; a device that fails to activate is flagged with
+//! DEVICE_NEEDS_RESET and a configuration-change interrupt.
+
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActiveQueue, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
+use crate::devices::bus::BusDevice;
+
+/// "virt" in little-endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// The register layout version (virtio 1.x).
+pub const MMIO_VERSION: u32 = 2;
+/// Our vendor ID ("CRPC").
+pub const MMIO_VENDOR_ID: u32 = 0x4350_5243;
+/// The size of the MMIO window a transport occupies.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Where the device-specific configuration space starts.
+pub const MMIO_CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
+
+/// A virtio device on the virtio-mmio transport.
+pub struct MmioTransport {
+    mem: GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    /// The driver wrote feature bits beyond bit 63.
+    driver_features_high: bool,
+    queue_sel: u32,
+    shm_sel: u32,
+    status: u32,
+    config_generation: u32,
+    device_activated: bool,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("driver_features", &self.driver_features)
+            .field("queue_sel", &self.queue_sel)
+            .field("device_activated", &self.device_activated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmioTransport {
+    /// Puts `device` on the transport. `interrupt` is the device's line; its
+    /// irqfd must be registered with KVM for the device's GSI.
+    pub fn new(mem: GuestMemoryMmap, device: Box<dyn VirtioDevice>, interrupt: Arc<Interrupt>) -> MmioTransport {
+        let mut queues = Vec::new();
+        let mut queue_evts = Vec::new();
+        for &max in device.queue_max_sizes() {
+            let q = Queue::new(max).unwrap_or_else(|e| {
+                warn!(max, "virtio-mmio: device reports an invalid queue size ({e}); using 256");
+                #[allow(clippy::expect_used)]
+                Queue::new(256).expect("256 is a valid queue size")
+            });
+            queues.push(q);
+            #[allow(clippy::expect_used)]
+            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK).expect("cannot create an eventfd"));
+        }
+        MmioTransport {
+            mem,
+            device,
+            interrupt,
+            queues,
+            queue_evts,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            driver_features_high: false,
+            queue_sel: 0,
+            shm_sel: 0,
+            status: 0,
+            config_generation: 0,
+            device_activated: false,
+        }
+    }
+
+    /// The eventfds signalled on QueueNotify, by queue index. The VMM may
+    /// register them with KVM as ioeventfds on `base + 0x50` (datamatch =
+    /// queue index) so notifications skip the vCPU exit to user space.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The device's interrupt line.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// The Status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the device was activated (DRIVER_OK).
+    pub fn is_activated(&self) -> bool {
+        self.device_activated
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.status & bit != 0
+    }
+
+    fn selected_queue(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_sel as usize)
+    }
+
+    /// Applies `f` to the selected queue if queue registers may be written now.
+    fn with_queue(&mut self, what: &str, f: impl FnOnce(&mut Queue)) {
+        if self.has(VIRTIO_CONFIG_S_DRIVER_OK) || self.has(VIRTIO_CONFIG_S_FAILED) {
+            warn!(register = what, status = self.status, "virtio-mmio: queue write after DRIVER_OK ignored");
+            return;
+        }
+        match self.queues.get_mut(self.queue_sel as usize) {
+            Some(q) => f(q),
+            None => warn!(register = what, queue = self.queue_sel, "virtio-mmio: write to a nonexistent queue"),
+        }
+    }
+
+    fn read_reg(&self, offset: u32) -> u32 {
+        match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => {
+                let f = self.device.avail_features();
+                match self.device_features_sel {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            // No shared memory regions: a length of all ones says so.
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                warn!(offset, "virtio-mmio: read of a write-only or unknown register");
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, offset: u32, v: u32) {
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(v),
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM => self.with_queue("QueueNum", |q| {
+                if let Ok(size) = u16::try_from(v) {
+                    if q.try_set_size(size).is_ok() {
+                        return;
+                    }
+                }
+                warn!(size = v, "virtio-mmio: invalid queue size ignored");
+            }),
+            VIRTIO_MMIO_QUEUE_READY => self.with_queue("QueueReady", |q| q.set_ready(v == 1)),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => self.with_queue("QueueDescLow", |q| q.set_desc_table_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                self.with_queue("QueueDescHigh", |q| q.set_desc_table_address(None, Some(v)))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                self.with_queue("QueueDriverLow", |q| q.set_avail_ring_address(Some(v), None))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                self.with_queue("QueueDriverHigh", |q| q.set_avail_ring_address(None, Some(v)))
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW => self.with_queue("QueueDeviceLow", |q| q.set_used_ring_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                self.with_queue("QueueDeviceHigh", |q| q.set_used_ring_address(None, Some(v)))
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
+            VIRTIO_MMIO_STATUS => self.set_status(v),
+            VIRTIO_MMIO_SHM_SEL => self.shm_sel = v,
+            _ => warn!(offset, value = v, "virtio-mmio: write to a read-only or unknown register"),
+        }
+    }
+
+    fn write_driver_features(&mut self, v: u32) {
+        if !self.has(VIRTIO_CONFIG_S_DRIVER) || self.has(VIRTIO_CONFIG_S_FEATURES_OK) {
+            warn!(status = self.status, "virtio-mmio: DriverFeatures write out of order ignored");
+            return;
+        }
+        match self.driver_features_sel {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+            sel => {
+                if v != 0 {
+                    warn!(sel, value = v, "virtio-mmio: driver accepted features beyond bit 63");
+                    self.driver_features_high = true;
+                }
+            }
+        }
+    }
+
+    fn notify(&mut self, v: u32) {
+        if !self.device_activated {
+            warn!(queue = v, "virtio-mmio: QueueNotify before DRIVER_OK ignored");
+            return;
+        }
+        // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
+        match self.queue_evts.get(v as usize) {
+            Some(evt) => {
+                if let Err(e) = evt.write(1) {
+                    warn!(queue = v, "virtio-mmio: cannot signal queue: {e}");
+                }
+            }
+            None => warn!(queue = v, "virtio-mmio: notify for a nonexistent queue"),
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.avail_features();
+        let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+        if self.driver_features_high || self.driver_features & !offered != 0 {
+            warn!(
+                driver = self.driver_features,
+                offered, "virtio-mmio: driver accepted features the device does not offer"
+            );
+            return false;
+        }
+        if offered & version_1 == 0 || self.driver_features & version_1 == 0 {
+            warn!(driver = self.driver_features, "virtio-mmio: VIRTIO_F_VERSION_1 not negotiated");
+            return false;
+        }
+        true
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let needs_reset = self.status & VIRTIO_CONFIG_S_NEEDS_RESET;
+        let old = self.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        let new = v & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        if new & old != old {
+            warn!(old, new, "virtio-mmio: driver cleared status bits without a reset; ignored");
+            return;
+        }
+        let added = new & !old;
+        let in_order = |bit: u32, needs: u32| added & bit == 0 || new & needs == needs;
+        if !in_order(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE)
+            || !in_order(VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
+            || !in_order(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK)
+        {
+            warn!(old, new, "virtio-mmio: status bits set out of order; ignored");
+            return;
+        }
+        let mut new = new;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            if self.features_acceptable() {
+                self.device.set_acked_features(self.driver_features);
+            } else {
+                // The driver reads Status back and sees FEATURES_OK unset.
+                new &= !VIRTIO_CONFIG_S_FEATURES_OK;
+                if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+                    return;
+                }
+            }
+        }
+        self.status = new | needs_reset;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.has(VIRTIO_CONFIG_S_FAILED) {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        if self.device_activated {
+            return;
+        }
+        let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut active = Vec::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.ready() {
+                continue;
+            }
+            if !q.is_valid(&self.mem) {
+                warn!(queue = i, "virtio-mmio: queue set up with invalid addresses or size");
+                return self.needs_reset();
+            }
+            let notify = match self.queue_evts[i].try_clone() {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!("virtio-mmio: cannot clone a queue eventfd: {e}");
+                    return self.needs_reset();
+                }
+            };
+            let mut queue = match Queue::try_from(q.state()) {
+                Ok(q) => q,
+                Err(e) => {
+                    warn!(queue = i, "virtio-mmio: invalid queue state: {e}");
+                    return self.needs_reset();
+                }
+            };
+            queue.set_event_idx(event_idx);
+            active.push(ActiveQueue { queue, notify });
+        }
+        match self.device.activate(self.mem.clone(), self.interrupt.clone(), active) {
+            Ok(()) => {
+                debug!(device = self.device.device_type(), "virtio-mmio: device activated");
+                self.device_activated = true;
+            }
+            Err(e) => {
+                warn!(device = self.device.device_type(), "virtio-mmio: activation failed: {e}");
+                self.needs_reset();
+            }
+        }
+    }
+
+    /// Flags the device as broken and tells the driver.
+    fn needs_reset(&mut self) {
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        if self.has(VIRTIO_CONFIG_S_DRIVER_OK) {
+            if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG) {
+                warn!("virtio-mmio: cannot raise the config interrupt: {e}");
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.device_activated {
+            if !self.device.reset() {
+                warn!(device = self.device.device_type(), "virtio-mmio: device cannot be reset");
+                self.status = VIRTIO_CONFIG_S_NEEDS_RESET;
+                return;
+            }
+            self.device_activated = false;
+        }
+        for q in &mut self.queues {
+            q.reset();
+        }
+        for e in &self.queue_evts {
+            let _ = e.read();
+        }
+        self.interrupt.ack(u32::MAX);
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.driver_features_high = false;
+        self.queue_sel = 0;
+        self.shm_sel = 0;
+        self.status = 0;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= MMIO_CONFIG_OFFSET {
+            if offset - MMIO_CONFIG_OFFSET + data.len() as u64 > MMIO_WINDOW_SIZE - MMIO_CONFIG_OFFSET {
+                warn!(offset, len = data.len(), "virtio-mmio: config read beyond the window");
+                data.fill(0);
+                return;
+            }
+            self.device.read_config(offset - MMIO_CONFIG_OFFSET, data);
+            return;
+        }
+        let Ok(reg) = u32::try_from(offset) else { return data.fill(0) };
+        if data.len() != 4 || reg % 4 != 0 {
+            warn!(offset, len = data.len(), "virtio-mmio: register read must be 32-bit aligned");
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(reg).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= MMIO_CONFIG_OFFSET {
+            if offset - MMIO_CONFIG_OFFSET + data.len() as u64 > MMIO_WINDOW_SIZE - MMIO_CONFIG_OFFSET {
+                warn!(offset, len = data.len(), "virtio-mmio: config write beyond the window");
+                return;
+            }
+            self.device.write_config(offset - MMIO_CONFIG_OFFSET, data);
+            return;
+        }
+        let Ok(reg) = u32::try_from(offset) else { return };
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            warn!(offset, len = data.len(), "virtio-mmio: register write must be 32-bit");
+            return;
+        };
+        if reg % 4 != 0 {
+            warn!(offset, "virtio-mmio: unaligned register write");
+            return;
+        }
+        self.write_reg(reg, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    use crate::devices::virtio::ActivateError;
+
+    #[derive(Default)]
+    struct Record {
+        acked: Option<u64>,
+        activations: Vec<Vec<(u16, bool)>>,
+        resets: usize,
+        config_writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    struct DummyDevice {
+        features: u64,
+        sizes: Vec<u16>,
+        fail_activate: bool,
+        resettable: bool,
+        rec: Arc<Mutex<Record>>,
+    }
+
+    impl VirtioDevice for DummyDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn avail_features(&self) -> u64 {
+            self.features
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.rec.lock().expect("lock").acked = Some(features);
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.rec.lock().expect("lock").config_writes.push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            _interrupt: Arc<Interrupt>,
+            queues: Vec<ActiveQueue>,
+        ) -> Result<(), ActivateError> {
+            if self.fail_activate {
+                return Err(ActivateError::BadConfig("no".into()));
+            }
+            let qs = queues.iter().map(|q| (q.queue.size(), q.queue.event_idx_enabled())).collect();
+            self.rec.lock().expect("lock").activations.push(qs);
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.rec.lock().expect("lock").resets += 1;
+            self.resettable
+        }
+    }
+
+    const V1: u64 = 1 << VIRTIO_F_VERSION_1;
+    const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    const DRV: u32 = VIRTIO_CONFIG_S_DRIVER;
+    const FOK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+    const DOK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+
+    struct Fixture {
+        t: MmioTransport,
+        rec: Arc<Mutex<Record>>,
+        mem: GuestMemoryMmap,
+    }
+
+    fn fixture_with(features: u64, fail_activate: bool, resettable: bool) -> Fixture {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
+        let rec = Arc::new(Mutex::new(Record::default()));
+        let dev = DummyDevice { features, sizes: vec![16, 32], fail_activate, resettable, rec: rec.clone() };
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+        let t = MmioTransport::new(mem.clone(), Box::new(dev), irq);
+        Fixture { t, rec, mem }
+    }
+
+    fn fixture() -> Fixture {
+        fixture_with(V1 | (1 << VIRTIO_RING_F_EVENT_IDX) | 1, false, true)
+    }
+
+    fn rd(t: &mut MmioTransport, off: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(off), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u32, v: u32) {
+        t.write(u64::from(off), &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, features: u64) -> bool {
+        wr(t, VIRTIO_MMIO_STATUS, 0);
+        wr(t, VIRTIO_MMIO_STATUS, ACK);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
+        rd(t, VIRTIO_MMIO_STATUS) & FOK != 0
+    }
+
+    fn setup_queue(t: &mut MmioTransport, mem: &GuestMemoryMmap, index: u32, base: u64, size: u16) {
+        let mq = MockSplitQueue::create(mem, GuestAddress(base), size);
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, index);
+        assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_READY), 0);
+        wr(t, VIRTIO_MMIO_QUEUE_NUM, u32::from(size));
+        let split = |a: GuestAddress| (a.0 as u32, (a.0 >> 32) as u32);
+        let (lo, hi) = split(mq.desc_table_addr());
+        wr(t, VIRTIO_MMIO_QUEUE_DESC_LOW, lo);
+        wr(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, hi);
+        let (lo, hi) = split(mq.avail_addr());
+        wr(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, lo);
+        wr(t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, hi);
+        let (lo, hi) = split(mq.used_addr());
+        wr(t, VIRTIO_MMIO_QUEUE_USED_LOW, lo);
+        wr(t, VIRTIO_MMIO_QUEUE_USED_HIGH, hi);
+        wr(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let mut f = fixture();
+        let t = &mut f.t;
+        assert_eq!(rd(t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(rd(t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(rd(t, VIRTIO_MMIO_DEVICE_ID), 42);
+        assert_eq!(rd(t, VIRTIO_MMIO_VENDOR_ID), MMIO_VENDOR_ID);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(rd(t, VIRTIO_MMIO_CONFIG_GENERATION), 0);
+        assert_eq!(rd(t, VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+        // Device features, both words.
+        wr(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(rd(t, VIRTIO_MMIO_DEVICE_FEATURES), (1 << VIRTIO_RING_F_EVENT_IDX) | 1);
+        wr(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(t, VIRTIO_MMIO_DEVICE_FEATURES), 1);
+        wr(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(rd(t, VIRTIO_MMIO_DEVICE_FEATURES), 0);
+        // Queue sizes, and a queue that does not exist.
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_NUM_MAX), 32);
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 2);
+        assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+        assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn bad_accesses_are_ignored() {
+        let mut f = fixture();
+        let t = &mut f.t;
+        // Wrong widths and alignment.
+        let mut b2 = [0xffu8; 2];
+        t.read(0, &mut b2);
+        assert_eq!(b2, [0, 0]);
+        let mut b4 = [0xffu8; 4];
+        t.read(2, &mut b4);
+        assert_eq!(b4, [0; 4]);
+        t.write(u64::from(VIRTIO_MMIO_STATUS), &[1]);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), 0);
+        t.write(u64::from(VIRTIO_MMIO_STATUS) + 1, &1u32.to_le_bytes());
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), 0);
+        // Read-only and write-only registers, unknown offsets.
+        wr(t, VIRTIO_MMIO_MAGIC_VALUE, 0);
+        assert_eq!(rd(t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC_VALUE);
+        assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_NOTIFY), 0);
+        assert_eq!(rd(t, 0xf0), 0);
+        wr(t, 0xf0, 1);
+        // Past the window, and huge offsets.
+        let mut b8 = [0xffu8; 8];
+        t.read(0xffc, &mut b8);
+        assert_eq!(b8, [0; 8]);
+        t.read(u64::MAX - 3, &mut b4);
+        t.write(u64::MAX - 3, &b4);
+        // Notify before activation, for a queue that doesn't exist.
+        wr(t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        wr(t, VIRTIO_MMIO_QUEUE_NOTIFY, 99);
+        assert!(t.queue_evts()[0].read().is_err());
+        // Queue registers of a nonexistent queue.
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 9);
+        wr(t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        wr(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn feature_negotiation() {
+        let mut f = fixture();
+        assert!(negotiate(&mut f.t, V1 | 1));
+        assert_eq!(f.rec.lock().expect("lock").acked, Some(V1 | 1));
+
+        // A feature the device does not offer.
+        let mut f = fixture();
+        assert!(!negotiate(&mut f.t, V1 | 2));
+        assert_eq!(f.rec.lock().expect("lock").acked, None);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        // DRIVER_OK without FEATURES_OK is refused.
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | DOK);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        assert!(!f.t.is_activated());
+
+        // A legacy driver (no VERSION_1).
+        let mut f = fixture();
+        assert!(!negotiate(&mut f.t, 1));
+
+        // Features beyond bit 63.
+        let mut f = fixture();
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        wr(&mut f.t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut f.t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(&mut f.t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 2);
+        wr(&mut f.t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS) & FOK, 0);
+
+        // A device that does not offer VERSION_1 can't be negotiated.
+        let mut f = fixture_with(1, false, true);
+        assert!(!negotiate(&mut f.t, 1));
+
+        // Feature writes after FEATURES_OK are ignored.
+        let mut f = fixture();
+        assert!(negotiate(&mut f.t, V1));
+        wr(&mut f.t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        wr(&mut f.t, VIRTIO_MMIO_DRIVER_FEATURES, 2);
+        assert_eq!(f.t.driver_features, V1);
+    }
+
+    #[test]
+    fn status_order_enforced() {
+        let mut f = fixture();
+        let t = &mut f.t;
+        // DRIVER before ACKNOWLEDGE.
+        wr(t, VIRTIO_MMIO_STATUS, DRV);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), 0);
+        // FEATURES_OK before DRIVER.
+        wr(t, VIRTIO_MMIO_STATUS, ACK);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | FOK);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), ACK);
+        // Features written before DRIVER are ignored.
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        assert_eq!(t.driver_features, 0);
+        // Clearing bits without a reset.
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        wr(t, VIRTIO_MMIO_STATUS, ACK);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        // The driver can't set NEEDS_RESET; FAILED is accepted.
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | VIRTIO_CONFIG_S_NEEDS_RESET);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | VIRTIO_CONFIG_S_FAILED);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), ACK | DRV | VIRTIO_CONFIG_S_FAILED);
+    }
+
+    #[test]
+    fn queue_setup_and_activation() {
+        let mut f = fixture();
+        let mem = f.mem.clone();
+        let t = &mut f.t;
+        assert!(negotiate(t, V1 | (1 << VIRTIO_RING_F_EVENT_IDX)));
+        setup_queue(t, &mem, 0, 0x1000, 16);
+        // Invalid sizes are ignored (not a power of 2, above the maximum).
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        wr(t, VIRTIO_MMIO_QUEUE_NUM, 12);
+        wr(t, VIRTIO_MMIO_QUEUE_NUM, 64);
+        assert_eq!(t.queues[1].size(), 32);
+        setup_queue(t, &mem, 1, 0x4000, 8);
+        assert_eq!(t.queues[1].desc_table(), 0x4000);
+
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(t.is_activated());
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
+        assert_eq!(f.rec.lock().expect("lock").activations, vec![vec![(16, true), (8, true)]]);
+
+        // Queue registers are frozen now.
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        wr(t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x8000);
+        assert_eq!(t.queues[0].desc_table(), 0x1000);
+
+        // QueueNotify signals the queue's eventfd.
+        wr(t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_evts()[1].read().expect("notified"), 1);
+        assert!(t.queue_evts()[0].read().is_err());
+
+        // Interrupt status and ack.
+        t.interrupt().trigger(super::super::VIRTIO_MMIO_INT_VRING).expect("trigger");
+        assert_eq!(rd(t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        wr(t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(rd(t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        // Writing DRIVER_OK again doesn't activate twice.
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(f.rec.lock().expect("lock").activations.len(), 1);
+    }
+
+    #[test]
+    fn config_space_forwarded() {
+        let mut f = fixture();
+        let mut b = [0u8; 3];
+        f.t.read(0x104, &mut b);
+        assert_eq!(b, [4, 5, 6]);
+        f.t.write(0x102, &[9, 9]);
+        assert_eq!(f.rec.lock().expect("lock").config_writes, vec![(2, vec![9, 9])]);
+    }
+
+    #[test]
+    fn activation_failures_need_reset() {
+        // The device refuses.
+        let mut f = fixture_with(V1, true, true);
+        let mem = f.mem.clone();
+        assert!(negotiate(&mut f.t, V1));
+        setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(!f.t.is_activated());
+        assert_ne!(rd(&mut f.t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_CONFIG);
+        // Reset clears it all.
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        // A ready queue outside guest memory.
+        let mut f = fixture();
+        assert!(negotiate(&mut f.t, V1));
+        wr(&mut f.t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        wr(&mut f.t, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x10);
+        wr(&mut f.t, VIRTIO_MMIO_QUEUE_READY, 1);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(!f.t.is_activated());
+        assert!(f.rec.lock().expect("lock").activations.is_empty());
+        assert_ne!(rd(&mut f.t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn reset_and_reinit() {
+        let mut f = fixture();
+        let mem = f.mem.clone();
+        assert!(negotiate(&mut f.t, V1));
+        setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(f.t.is_activated());
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, 0);
+        assert!(!f.t.is_activated());
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(f.rec.lock().expect("lock").resets, 1);
+        wr(&mut f.t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(f.t.queues[0].size(), 16);
+        // Again, from scratch.
+        assert!(negotiate(&mut f.t, V1));
+        setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(f.t.is_activated());
+        assert_eq!(f.rec.lock().expect("lock").activations.len(), 2);
+
+        // A device that can't reset: NEEDS_RESET, stays active.
+        let mut f = fixture_with(V1, false, false);
+        assert!(negotiate(&mut f.t, V1));
+        let mem = mem_of(&f);
+        setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), VIRTIO_CONFIG_S_NEEDS_RESET);
+        assert!(f.t.is_activated());
+    }
+
+    fn mem_of(f: &Fixture) -> GuestMemoryMmap {
+        f.mem.clone()
+    }
+}
