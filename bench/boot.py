@@ -106,7 +106,7 @@ def main():
                       "--mem-mib", str(args.mem_mib), "--vcpus", str(args.vcpus),
                       "--vsock-uds", os.path.join(tmp, f"v{i}.sock"), "--cid", "3"]
     theirs = lambda i: [qemu, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-                        "-enable-kvm", "-cpu", "host", "-smp", str(args.vcpus),
+                        "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", str(args.vcpus),
                         "-m", f"{args.mem_mib}M", "-nodefaults", "-no-user-config",
                         "-display", "none", "-serial", "stdio", "-kernel", kernel,
                         "-initrd", initramfs, "-append", cmdline]

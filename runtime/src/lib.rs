@@ -1,5 +1,8 @@
-//! Host side of Carapace: guest assets, host checks, sandbox VMs and the
-//! agent client. The CLI (`carapace`) and the containerd shim build on it.
+//! Host side of Carapace: guest assets, host checks, OCI bundles and ids,
+//! sandbox VMs and the agent client. The CLI (`carapace`) and the containerd
+//! shim build on it.
 
 pub mod assets;
+pub mod bundle;
 pub mod host;
+pub mod id;

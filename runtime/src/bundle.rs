@@ -1,0 +1,150 @@
+//! OCI bundles: `config.json` plus a root filesystem, validated before any
+//! VM is started so that bad input leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+
+/// What is wrong with a bundle. Each message names the file or field.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle {0}: not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{0}: config.json not found")]
+    MissingConfig(PathBuf),
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid config.json: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("{path}: field {field}: {msg}")]
+    Field { path: PathBuf, field: &'static str, msg: String },
+}
+
+/// A loaded, validated bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The bundle directory, absolute.
+    pub dir: PathBuf,
+    /// The parsed config.
+    pub spec: Spec,
+    /// The root filesystem, absolute and resolved, inside or beside the bundle.
+    pub rootfs: PathBuf,
+}
+
+impl Bundle {
+    /// Loads `dir/config.json` and checks what the runtime relies on.
+    pub fn load(dir: &Path) -> Result<Self, BundleError> {
+        let dir = std::path::absolute(dir).map_err(|source| BundleError::Read { path: dir.into(), source })?;
+        if !dir.is_dir() {
+            return Err(BundleError::NotADirectory(dir));
+        }
+        let config = dir.join("config.json");
+        let text = match std::fs::read(&config) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BundleError::MissingConfig(dir))
+            }
+            Err(source) => return Err(BundleError::Read { path: config, source }),
+        };
+        let spec: Spec = serde_json::from_slice(&text)
+            .map_err(|e| BundleError::Parse { path: config.clone(), msg: e.to_string() })?;
+        let rootfs = validate(&config, &dir, &spec)?;
+        Ok(Self { dir, spec, rootfs })
+    }
+}
+
+fn field(path: &Path, field: &'static str, msg: impl Into<String>) -> BundleError {
+    BundleError::Field { path: path.to_path_buf(), field, msg: msg.into() }
+}
+
+/// Checks the fields the runtime and the agent depend on; returns the rootfs.
+fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleError> {
+    let root = spec.root().as_ref().ok_or_else(|| field(config, "root", "missing"))?;
+    let root_path = root.path();
+    if root_path.as_os_str().is_empty() {
+        return Err(field(config, "root.path", "empty"));
+    }
+    let joined = if root_path.is_absolute() { root_path.clone() } else { dir.join(root_path) };
+    let rootfs = std::fs::canonicalize(&joined).map_err(|e| {
+        field(config, "root.path", format!("{}: {e}", joined.display()))
+    })?;
+    if !rootfs.is_dir() {
+        return Err(field(config, "root.path", format!("{} is not a directory", rootfs.display())));
+    }
+    // A relative root that is a symlink leading out of the bundle would let a
+    // bundle author share any host directory into the guest.
+    if !root_path.is_absolute() {
+        let real_dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if !rootfs.starts_with(&real_dir) {
+            return Err(field(
+                config,
+                "root.path",
+                format!("{} resolves to {}, outside the bundle", root_path.display(), rootfs.display()),
+            ));
+        }
+    }
+    if let Some(process) = spec.process() {
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(field(config, "process.args", "must name at least the program to run"));
+        }
+        if !process.cwd().is_absolute() {
+            return Err(field(
+                config,
+                "process.cwd",
+                format!("{:?} is not an absolute path", process.cwd()),
+            ));
+        }
+    }
+    Ok(rootfs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(config: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("rootfs")).expect("rootfs");
+        std::fs::write(dir.path().join("config.json"), config).expect("config");
+        dir
+    }
+
+    const GOOD: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+        "process":{"args":["sh"],"cwd":"/"}}"#;
+
+    fn err(config: &str) -> String {
+        let dir = bundle(config);
+        Bundle::load(dir.path()).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn loads_a_good_bundle() {
+        let dir = bundle(GOOD);
+        let b = Bundle::load(dir.path()).expect("load");
+        assert!(b.rootfs.ends_with("rootfs"));
+    }
+
+    #[test]
+    fn names_each_problem() {
+        assert!(err("{not json").contains("invalid config.json"));
+        assert!(err(r#"{"ociVersion":"1","root":{"path":"nope"},"process":{"args":["sh"],"cwd":"/"}}"#)
+            .contains("root.path"));
+        assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"args":[],"cwd":"/"}}"#)
+            .contains("process.args"));
+        assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"args":["sh"],"cwd":"tmp"}}"#)
+            .contains("process.cwd"));
+        assert!(err(r#"{"ociVersion":"1","process":{"args":["sh"],"cwd":"/"}}"#).contains("root"));
+        let empty = tempfile::tempdir().expect("tempdir");
+        assert!(Bundle::load(empty.path()).expect_err("no config").to_string().contains("config.json not found"));
+    }
+
+    #[test]
+    fn refuses_a_rootfs_symlinked_out_of_the_bundle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("outside");
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("rootfs")).expect("symlink");
+        std::fs::write(dir.path().join("config.json"), GOOD).expect("config");
+        let e = Bundle::load(dir.path()).expect_err("must fail").to_string();
+        assert!(e.contains("outside the bundle"), "{e}");
+    }
+}
