@@ -2,7 +2,10 @@
 //! sandbox VMs and the agent client. The CLI (`carapace`) and the containerd
 //! shim build on it.
 
+pub mod agent;
 pub mod assets;
 pub mod bundle;
 pub mod host;
 pub mod id;
+pub mod smoke;
+pub mod vm;

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: locating the binaries and guest
 //! assets `scripts/test.sh` built, and skipping where `/dev/kvm` is absent.
 
+pub mod cpio;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
