@@ -8,4 +8,5 @@ pub mod bundle;
 pub mod host;
 pub mod id;
 pub mod smoke;
+pub mod state;
 pub mod vm;

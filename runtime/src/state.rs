@@ -1,0 +1,291 @@
+//! Container state under the runtime root (`/run/carapace/<id>/`): one
+//! directory per container holding `state.json` (written atomically) and the
+//! sandbox VM's files; a per-id lock serializes commands on one container.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{validate_id, IdError};
+
+/// The lifecycle states of the OCI runtime spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Stopped => "stopped",
+        };
+        f.write_str(s)
+    }
+}
+
+/// What the runtime records about one container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    pub status: Status,
+    /// The VMM's host pid (what `state` reports as `pid`).
+    pub pid: u32,
+    /// The container init process's pid inside the guest.
+    pub guest_pid: u32,
+    /// RFC 3339 creation time.
+    pub created: String,
+    pub owner: String,
+    pub annotations: HashMap<String, String>,
+    /// Exit status once stopped (128+N for a signal, as shells report it).
+    pub exit_code: Option<i32>,
+    /// Why the container is stopped when it did not simply exit.
+    pub stop_reason: Option<String>,
+}
+
+impl ContainerRecord {
+    /// The OCI `state` JSON as runc prints it.
+    pub fn oci_state(&self) -> serde_json::Value {
+        // The OCI spec has no "paused"; runc reports it anyway.
+        let status = self.status.to_string();
+        serde_json::json!({
+            "ociVersion": "1.2.0",
+            "id": self.id,
+            "pid": if self.status == Status::Stopped { 0 } else { self.pid },
+            "status": status,
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+            "owner": self.owner,
+            "annotations": self.annotations,
+        })
+    }
+}
+
+/// Errors of the state store. Messages follow runc's where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error("container {0} does not exist")]
+    NotFound(String),
+    #[error("container with id {0} already exists")]
+    Exists(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: corrupt state: {msg}")]
+    Corrupt { path: PathBuf, msg: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io { path: path.to_path_buf(), source }
+}
+
+/// The runtime root directory.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    root: PathBuf,
+}
+
+/// An exclusive lock on one container id; released on drop.
+#[derive(Debug)]
+pub struct IdLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl IdLock {
+    /// Removes the lock file (after the container is deleted), still holding it.
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl StateStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of container `id` (validated, so it stays under the root).
+    pub fn dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        validate_id(id)?;
+        Ok(self.root.join(id))
+    }
+
+    fn ensure_root(&self) -> Result<(), StateError> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&self.root).map_err(io(&self.root))
+    }
+
+    /// Takes the exclusive lock of `id`, waiting for another command on the
+    /// same id to finish. Lock files live beside the state dirs, as `.<id>.lock`.
+    pub fn lock(&self, id: &str) -> Result<IdLock, StateError> {
+        validate_id(id)?;
+        self.ensure_root()?;
+        let path = self.root.join(format!(".{id}.lock"));
+        loop {
+            let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+            // SAFETY: flock on a file descriptor we own; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc != 0 {
+                return Err(StateError::Io { path, source: std::io::Error::last_os_error() });
+            }
+            // The holder before us may have deleted the container and unlinked
+            // the file: then lock the new one instead.
+            let linked = std::fs::metadata(&path).map(|m| m.ino()).ok();
+            let ours = file.metadata().map(|m| m.ino()).map_err(io(&path))?;
+            if linked == Some(ours) {
+                return Ok(IdLock { file, path });
+            }
+        }
+    }
+
+    /// Creates the state dir of a new container; fails if the id is taken.
+    pub fn create_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        let dir = self.dir(id)?;
+        self.ensure_root()?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StateError::Exists(id.into())),
+            Err(e) => Err(StateError::Io { path: dir, source: e }),
+        }
+    }
+
+    /// Writes `state.json` atomically (temporary file, fsync, rename).
+    pub fn save(&self, record: &ContainerRecord) -> Result<(), StateError> {
+        let dir = self.dir(&record.id)?;
+        let path = dir.join("state.json");
+        let tmp = dir.join(".state.json.tmp");
+        let text = serde_json::to_vec_pretty(record)
+            .map_err(|e| StateError::Corrupt { path: path.clone(), msg: e.to_string() })?;
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&text).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Reads the record of `id`.
+    pub fn load(&self, id: &str) -> Result<ContainerRecord, StateError> {
+        let path = self.dir(id)?.join("state.json");
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::NotFound(id.into())),
+            Err(e) => return Err(StateError::Io { path, source: e }),
+        };
+        serde_json::from_slice(&text).map_err(|e| StateError::Corrupt { path, msg: e.to_string() })
+    }
+
+    /// Every container under the root, sorted by id (unreadable ones skipped).
+    pub fn list(&self) -> Vec<ContainerRecord> {
+        let Ok(dir) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut out: Vec<_> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .filter_map(|n| self.load(&n).ok())
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Removes the state dir of `id` and everything in it.
+    pub fn remove(&self, id: &str) -> Result<(), StateError> {
+        let dir = self.dir(id)?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StateError::Io { path: dir, source: e }),
+        }
+    }
+}
+
+/// Now, in RFC 3339 with nanoseconds (runc's `created` format).
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            bundle: "/b".into(),
+            rootfs: "/b/rootfs".into(),
+            status: Status::Created,
+            pid: 42,
+            guest_pid: 1,
+            created: now_rfc3339(),
+            owner: String::new(),
+            annotations: HashMap::new(),
+            exit_code: None,
+            stop_reason: None,
+        }
+    }
+
+    #[test]
+    fn create_save_load_list_remove() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(root.path().join("run"));
+        store.create_dir("a").expect("create");
+        assert!(matches!(store.create_dir("a"), Err(StateError::Exists(_))));
+        store.save(&record("a")).expect("save");
+        assert_eq!(store.load("a").expect("load"), record_with_created(&store, "a"));
+        assert_eq!(store.list().len(), 1);
+        store.remove("a").expect("remove");
+        assert!(matches!(store.load("a"), Err(StateError::NotFound(_))));
+        assert!(matches!(store.load("../etc"), Err(StateError::Id(_))));
+    }
+
+    fn record_with_created(store: &StateStore, id: &str) -> ContainerRecord {
+        let mut r = record(id);
+        r.created = store.load(id).expect("load").created;
+        r
+    }
+
+    #[test]
+    fn oci_state_has_runc_fields() {
+        let v = record("x").oci_state();
+        for k in ["ociVersion", "id", "pid", "status", "bundle", "rootfs", "created", "owner", "annotations"] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        assert_eq!(v["status"], "created");
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_survives_removal() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(root.path());
+        let l1 = store.lock("c").expect("lock");
+        let s2 = store.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let l2 = s2.lock("c").expect("lock 2");
+            tx.send(()).expect("send");
+            drop(l2);
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "second lock must wait");
+        l1.remove();
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("second lock acquired");
+        t.join().expect("join");
+    }
+}
