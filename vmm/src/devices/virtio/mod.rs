@@ -11,6 +11,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 

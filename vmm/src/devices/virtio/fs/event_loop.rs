@@ -1,0 +1,121 @@
+//! The virtio-fs worker thread: one epoll loop over the queue notifiers
+//! (hiprio and request queues) and a kill eventfd. Requests are served one
+//! at a time, in the order the queues are found ready.
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+
+use tracing::{debug, error, warn};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::FsServer;
+use super::request::process_queue;
+use crate::devices::virtio::{ActiveQueue, Interrupt, VIRTIO_MMIO_INT_VRING};
+
+/// The epoll token of the kill eventfd (queue notifiers use their index).
+const TOKEN_KILL: u64 = u64::MAX;
+
+/// What the worker thread owns.
+pub(crate) struct FsWorker {
+    server: Arc<FsServer>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<ActiveQueue>,
+    /// Queues found broken (reported once each).
+    broken: Vec<bool>,
+}
+
+impl FsWorker {
+    pub(crate) fn new(
+        server: Arc<FsServer>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Self {
+        let broken = vec![false; queues.len()];
+        Self {
+            server,
+            mem,
+            interrupt,
+            queues,
+            broken,
+        }
+    }
+
+    /// Runs until `kill` is signalled.
+    pub(crate) fn run(mut self, kill: EventFd) {
+        if let Err(e) = self.event_loop(&kill) {
+            error!("virtio-fs: worker stopped: {e}");
+        }
+    }
+
+    fn event_loop(&mut self, kill: &EventFd) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        for (index, q) in self.queues.iter().enumerate() {
+            let token = u64::try_from(index).unwrap_or(TOKEN_KILL - 1);
+            epoll.ctl(
+                ControlOperation::Add,
+                q.notify.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        epoll.ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_KILL),
+        )?;
+
+        // The driver may have queued requests before we started polling.
+        for index in 0..self.queues.len() {
+            self.process(index);
+        }
+
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 1];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == TOKEN_KILL {
+                    debug!("virtio-fs: worker stopping");
+                    return Ok(());
+                }
+                let Some(index) = usize::try_from(token)
+                    .ok()
+                    .filter(|&i| i < self.queues.len())
+                else {
+                    continue;
+                };
+                // Non-blocking eventfds: EAGAIN only means someone drained it.
+                let _ = self.queues[index].notify.read();
+                self.process(index);
+            }
+        }
+    }
+
+    fn process(&mut self, index: usize) {
+        let queue = &mut self.queues[index].queue;
+        let notify = match process_queue(&self.server, &self.mem, queue) {
+            Ok(notify) => notify,
+            Err(e) => {
+                if !self.broken[index] {
+                    warn!("virtio-fs: queue {index}: {e}");
+                    self.broken[index] = true;
+                }
+                // Some chains may have been used before the error.
+                true
+            }
+        };
+        if notify {
+            if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
+                error!("virtio-fs: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+}
