@@ -246,6 +246,7 @@ impl Connection {
     /// The stream is writable: forward buffered guest bytes.
     pub(crate) fn notify_writable(&mut self) {
         self.flush_tx();
+        self.refresh();
     }
 
     /// The deadline passed.
@@ -258,6 +259,9 @@ impl Connection {
     }
 
     fn refresh(&mut self) {
+        if self.state != ConnState::Established {
+            return;
+        }
         // A hung-up stream is out of epoll: poll it ourselves while the guest
         // can take its remaining input.
         if self.stream_hup && self.can_read() {

@@ -326,3 +326,213 @@ impl<B: VsockBackend> VsockWorker<B> {
         used_any
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::packet::VsockHeader;
+    use crate::devices::virtio::vsock::test_utils::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn irq() -> Arc<Interrupt> {
+        Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")))
+    }
+
+    fn worker() -> (TestGuest, VsockWorker<TestBackend>, Arc<Interrupt>) {
+        let (g, queues) = TestGuest::new();
+        let irq = irq();
+        let w = VsockWorker::new(g.mem.clone(), irq.clone(), queues, TestBackend::default());
+        (g, w, irq)
+    }
+
+    fn pkt_bytes(hdr: VsockHeader, data: &[u8]) -> Vec<u8> {
+        let mut b = hdr.to_bytes().to_vec();
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn device_basics() {
+        let d = Vsock::with_backend(0x1_2345_6789, TestBackend::default());
+        assert_eq!(d.device_type(), 19);
+        assert_eq!(d.queue_max_sizes(), &[256, 256, 256]);
+        assert_ne!(d.avail_features() & (1 << VIRTIO_F_VERSION_1), 0);
+        let mut b = [0u8; 8];
+        d.read_config(0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), 0x1_2345_6789);
+        let mut b = [0u8; 4];
+        d.read_config(4, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1);
+        // Partly and wholly out of range.
+        let mut b = [0xffu8; 4];
+        d.read_config(6, &mut b);
+        assert_eq!(b, [0, 0, 0, 0]);
+        d.read_config(100, &mut b);
+        assert_eq!(b, [0; 4]);
+        let mut d = d;
+        d.write_config(0, &[1, 2, 3]);
+        assert_eq!(d.guest_cid(), 0x1_2345_6789);
+        d.set_acked_features(u64::MAX);
+        assert_eq!(d.acked_features, d.avail_features);
+    }
+
+    #[test]
+    fn tx_packets_reach_backend() {
+        let (mut g, mut w, irq) = worker();
+        let hdr = guest_hdr(OP_RW, 1000, 2000);
+        g.send(hdr, b"single");
+        g.send_split(hdr, b"split");
+        // Header cut in three, data in two.
+        let mut h = hdr;
+        h.len = 9;
+        g.queue_tx_raw(&pkt_bytes(h, b"piecewise"), &[5, 30, 48], None);
+        // Extra readable bytes past `len` are ignored.
+        h.len = 2;
+        g.queue_tx_raw(&pkt_bytes(h, b"abcdef"), &[], None);
+        assert!(w.process_tx());
+        let data: Vec<&[u8]> = w.backend.tx_pkts.iter().map(|p| &p.data[..]).collect();
+        assert_eq!(data, vec![&b"single"[..], b"split", b"piecewise", b"ab"]);
+        assert_eq!(w.backend.tx_pkts[0].hdr.src_port, 1000);
+        let used = g.take_used(TXQ_INDEX);
+        assert_eq!(used.len(), 4);
+        assert!(used.iter().all(|&(_, len)| len == 0));
+        assert_eq!(irq.irqfd().read().expect("interrupt raised"), 1);
+        assert_eq!(irq.status(), 1);
+        // Nothing new: nothing used, no interrupt.
+        assert!(!w.process_tx());
+        assert!(irq.irqfd().read().is_err());
+    }
+
+    #[test]
+    fn malformed_tx_packets_are_dropped() {
+        let (mut g, mut w, _irq) = worker();
+        let hdr = guest_hdr(OP_RW, 1000, 2000);
+        // Too short for a header.
+        g.queue_tx_raw(&hdr.to_bytes()[..20], &[], None);
+        // Header in a write-only descriptor.
+        g.queue_tx_raw(&pkt_bytes(hdr, b""), &[], Some(0));
+        // len says 100, 10 bytes follow.
+        let mut h = hdr;
+        h.len = 100;
+        g.queue_tx_raw(&pkt_bytes(h, &[1; 10]), &[], None);
+        // len above the maximum packet size.
+        h.len = (MAX_PKT_BUF_SIZE + 1) as u32;
+        g.queue_tx_raw(&pkt_bytes(h, &vec![0; MAX_PKT_BUF_SIZE + 1]), &[], None);
+        // Data in a write-only descriptor.
+        h.len = 4;
+        g.queue_tx_raw(&pkt_bytes(h, b"data"), &[PKT_HDR_SIZE], Some(1));
+        // A descriptor outside guest memory.
+        g.add_chain(TXQ_INDEX, &[(GuestAddress(0xff_0000_0000), 64, false)]);
+        // Data descriptor outside guest memory.
+        let a = GuestAddress(0x30_0000);
+        g.mem.write_slice(&h.to_bytes(), a).expect("write");
+        g.add_chain(TXQ_INDEX, &[(a, 44, false), (GuestAddress(0xff_0000_0000), 4, false)]);
+        // A zero-length chain element and an empty header descriptor.
+        g.add_chain(TXQ_INDEX, &[(a, 0, false)]);
+        // Then a good one.
+        g.send(guest_hdr(OP_REQUEST, 1, 2), b"");
+        w.process_tx();
+        assert_eq!(g.take_used(TXQ_INDEX).len(), 9);
+        assert_eq!(w.backend.tx_pkts.len(), 1);
+        assert_eq!(w.backend.tx_pkts[0].hdr.op, OP_REQUEST);
+        // Malformed with a readable header: reported so the connection is reset.
+        assert_eq!(w.backend.bad_hdrs.len(), 4);
+        assert!(w.backend.bad_hdrs.iter().all(|h| h.src_port == 1000 && h.dst_port == 2000));
+    }
+
+    #[test]
+    fn rx_packets_reach_guest() {
+        let (mut g, mut w, irq) = worker();
+        let mk = |n: u8, len: usize| VsockPacket {
+            hdr: VsockHeader { op: OP_RW, src_port: u32::from(n), ..Default::default() },
+            data: vec![n; len],
+        };
+        w.backend.rx_pkts.extend([mk(1, 10), mk(2, 5000), mk(3, 0)]);
+        // No buffers yet: nothing happens, nothing is lost.
+        assert!(!w.process_rx());
+        assert_eq!(w.backend.rx_pkts.len(), 3);
+        // A single 4 KiB buffer, then a header/data split chain.
+        g.post_rx(1, 4096);
+        g.post_rx_chain(&[(PKT_HDR_SIZE as u32, true), (8192, true)]);
+        g.post_rx_chain(&[(10, true), (100, true)]);
+        assert!(w.process_rx());
+        let got = g.recv(false);
+        assert_eq!(got.len(), 3);
+        assert_eq!((got[0].hdr.src_port, got[0].data.len()), (1, 10));
+        assert_eq!((got[1].hdr.src_port, got[1].data.len()), (2, 5000));
+        assert_eq!((got[2].hdr.src_port, got[2].data.len()), (3, 0));
+        assert_eq!(w.backend.max_data_seen, vec![4096 - 44, 8192, 110 - 44]);
+        assert_eq!(irq.irqfd().read().expect("interrupt"), 1);
+    }
+
+    #[test]
+    fn bad_rx_buffers_are_returned_empty() {
+        let (mut g, mut w, _irq) = worker();
+        w.backend.rx_pkts.push_back(VsockPacket { hdr: VsockHeader { op: OP_RST, ..Default::default() }, data: vec![] });
+        let ro = g.post_rx_chain(&[(4096, false)]);
+        let short = g.post_rx_chain(&[(20, true), (20, true)]);
+        let mixed = g.post_rx_chain(&[(44, true), (100, false)]);
+        g.post_rx(1, 4096);
+        w.process_rx();
+        let used = g.take_used(RXQ_INDEX);
+        assert_eq!(used.len(), 4);
+        assert_eq!(&used[..3], &[(ro, 0), (short, 0), (mixed, 0)]);
+        assert_eq!(used[3].1, 44);
+        assert!(w.backend.rx_pkts.is_empty());
+
+        // A buffer outside guest memory loses that packet, not the device.
+        w.backend.rx_pkts.push_back(VsockPacket::default());
+        let head = g.add_chain(RXQ_INDEX, &[(GuestAddress(0xff_0000_0000), 4096, true)]);
+        w.process_rx();
+        assert_eq!(g.take_used(RXQ_INDEX), vec![(head, 0)]);
+    }
+
+    #[test]
+    fn worker_thread_activation_and_reset() {
+        let mut d = Vsock::with_backend(3, TestBackend::default());
+        let (mut g, queues) = TestGuest::new();
+        let irq = irq();
+        // Wrong queue count.
+        let (_, mut two) = TestGuest::new();
+        two.truncate(2);
+        assert!(matches!(
+            d.activate(g.mem.clone(), irq.clone(), two),
+            Err(ActivateError::QueueCount { expected: 3, got: 2 })
+        ));
+        assert!(!d.is_active());
+
+        d.activate(g.mem.clone(), irq.clone(), queues).expect("activate");
+        assert!(d.is_active());
+        assert!(d.backend().is_none());
+        g.send(guest_hdr(OP_REQUEST, 5, 6), b"");
+        wait_for("tx used", || (g.tx_in_flight() == 0).then_some(()));
+        assert!(d.reset());
+        assert!(!d.is_active());
+        let b = d.backend().expect("backend back");
+        assert_eq!(b.tx_pkts.len(), 1);
+        assert_eq!(b.resets, 1);
+
+        // Activate again on fresh queues; host events reach the backend.
+        let (mut g, queues) = TestGuest::new();
+        d.activate(g.mem.clone(), irq, queues).expect("re-activate");
+        g.post_rx(4, 4096);
+        g.send(guest_hdr(OP_RW, 5, 6), b"x");
+        wait_for("tx used", || (g.tx_in_flight() == 0).then_some(()));
+        drop(d);
+    }
+
+    #[test]
+    fn unix_device_binds_and_cleans_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vsock.sock");
+        let d = Vsock::new(3, path.clone()).expect("vsock");
+        assert!(path.exists());
+        assert!(matches!(Vsock::new(4, path.clone()), Err(VsockError::AddrInUse(_))));
+        let (g, queues) = TestGuest::new();
+        let mut d = d;
+        d.activate(g.mem.clone(), irq(), queues).expect("activate");
+        drop(d);
+        assert!(!path.exists());
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+    }
+}

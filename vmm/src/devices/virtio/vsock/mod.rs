@@ -32,6 +32,8 @@ mod unix;
 
 #[cfg(any(test, fuzzing))]
 pub mod test_utils;
+#[cfg(test)]
+mod tests;
 
 pub use device::Vsock;
 pub use packet::{VsockHeader, VsockPacket};

@@ -1,6 +1,6 @@
 //! Test fixtures for the vsock device: a recording [`TestBackend`] and a
-//! [`TestGuest`] that plays the guest driver on the three queues (laid out in
-//! a `GuestMemoryMmap` with `virtio_queue::mock`).
+//! [`TestGuest`] that plays the guest driver on the three queues, laid out
+//! in a `GuestMemoryMmap`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)]
 
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -162,15 +162,28 @@ impl TestGuest {
         let mut queues = Vec::new();
         let mut active = Vec::new();
         for base in QUEUE_BASES {
-            let mock = virtio_queue::mock::MockSplitQueue::create(&mem, GuestAddress(base), QUEUE_SIZE);
-            let queue: Queue = mock.create_queue().expect("queue");
+            // The layout of a split queue, as a driver would set it up.
+            // (`virtio_queue::mock::MockSplitQueue` places the used ring
+            // inside the available ring once more than a few entries are in
+            // use, so only its descriptor-table helpers are usable here.)
+            let size = u64::from(QUEUE_SIZE);
+            let desc = GuestAddress(base);
+            let avail = desc.unchecked_add(16 * size);
+            let used = GuestAddress((avail.0 + 6 + 2 * size + 3) & !3);
+            let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
+            queue.set_size(QUEUE_SIZE);
+            queue.set_desc_table_address(Some(desc.0 as u32), Some((desc.0 >> 32) as u32));
+            queue.set_avail_ring_address(Some(avail.0 as u32), Some((avail.0 >> 32) as u32));
+            queue.set_used_ring_address(Some(used.0 as u32), Some((used.0 >> 32) as u32));
+            queue.set_ready(true);
+            assert!(queue.is_valid(&mem));
             let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
             active.push(ActiveQueue { queue, notify: notify.try_clone().expect("clone") });
             queues.push(GuestQueue {
                 size: QUEUE_SIZE,
-                desc: mock.desc_table_addr(),
-                avail: mock.avail_addr(),
-                used: mock.used_addr(),
+                desc,
+                avail,
+                used,
                 next_desc: 0,
                 avail_idx: 0,
                 used_seen: 0,
