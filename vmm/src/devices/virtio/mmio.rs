@@ -9,6 +9,25 @@
 //! to unknown registers, or out of the order the spec prescribes are ignored
 //! with a warning; a device that fails to activate is flagged with
 //! DEVICE_NEEDS_RESET and a configuration-change interrupt.
+//!
+//! Wiring, for the VMM core (one transport per device):
+//!
+//! ```ignore
+//! let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK)?));
+//! vm_fd.register_irqfd(irq.irqfd(), gsi)?;            // KVM delivers the line
+//! let dev = Vsock::new(guest_cid, uds_path)?;         // binds the Unix socket
+//! let t = MmioTransport::new(mem.clone(), Box::new(dev), irq);
+//! // Optional: let QueueNotify skip the exit to user space.
+//! for (i, evt) in t.queue_evts().iter().enumerate() {
+//!     vm_fd.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), i as u32)?;
+//! }
+//! mmio_bus.insert(Arc::new(Mutex::new(t)), base, MMIO_WINDOW_SIZE);
+//! // Guest kernel command line: virtio_mmio.device=4K@<base>:<gsi>
+//! ```
+//!
+//! Feature bits the driver acked are applied to the queues handed to the
+//! device (VIRTIO_RING_F_EVENT_IDX in particular), so devices only have to
+//! use `enable_notification`/`needs_notification` as usual.
 
 use std::sync::Arc;
 
@@ -158,8 +177,8 @@ impl MmioTransport {
             VIRTIO_MMIO_DEVICE_FEATURES => {
                 let f = self.device.avail_features();
                 match self.device_features_sel {
-                    0 => f as u32,
-                    1 => (f >> 32) as u32,
+                    0 => u32::try_from(f & 0xffff_ffff).unwrap_or(0),
+                    1 => u32::try_from(f >> 32).unwrap_or(0),
                     _ => 0,
                 }
             }
@@ -426,6 +445,7 @@ impl BusDevice for MmioTransport {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use std::sync::Mutex;

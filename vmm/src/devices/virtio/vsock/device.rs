@@ -328,6 +328,7 @@ impl<B: VsockBackend> VsockWorker<B> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::devices::virtio::vsock::packet::VsockHeader;
@@ -485,6 +486,40 @@ mod tests {
         let head = g.add_chain(RXQ_INDEX, &[(GuestAddress(0xff_0000_0000), 4096, true)]);
         w.process_rx();
         assert_eq!(g.take_used(RXQ_INDEX), vec![(head, 0)]);
+    }
+
+    #[test]
+    fn event_idx_suppression() {
+        let (mut g, queues) = TestGuest::new();
+        let queues = queues
+            .into_iter()
+            .map(|mut q| {
+                q.queue.set_event_idx(true);
+                q
+            })
+            .collect();
+        let irq = irq();
+        let mut w = VsockWorker::new(g.mem.clone(), irq.clone(), queues, TestBackend::default());
+        // The driver wants an interrupt only after the 3rd used tx buffer.
+        g.set_used_event(TXQ_INDEX, 2);
+        g.send(guest_hdr(OP_RW, 1, 2), b"a");
+        g.send(guest_hdr(OP_RW, 1, 2), b"b");
+        w.process_tx();
+        assert!(irq.irqfd().read().is_err(), "no interrupt yet");
+        // The device asks for a kick on the next buffer.
+        assert_eq!(g.avail_event(TXQ_INDEX), 2);
+        g.send(guest_hdr(OP_RW, 1, 2), b"c");
+        w.process_tx();
+        assert_eq!(irq.irqfd().read().expect("interrupt"), 1);
+        assert_eq!(w.backend.tx_pkts.len(), 3);
+
+        // rx: out of buffers, the device asks for a kick on the next one.
+        w.backend.rx_pkts.extend((0..3).map(|_| VsockPacket::default()));
+        g.post_rx(1, 4096);
+        w.process_rx();
+        assert_eq!(g.take_used(RXQ_INDEX).len(), 1);
+        assert_eq!(g.avail_event(RXQ_INDEX), 1);
+        assert_eq!(w.backend.rx_pkts.len(), 2);
     }
 
     #[test]

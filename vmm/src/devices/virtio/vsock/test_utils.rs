@@ -249,6 +249,20 @@ impl TestGuest {
         out
     }
 
+    /// The device's `avail_event` (EVENT_IDX): kick when avail idx passes it.
+    pub fn avail_event(&self, qi: usize) -> u16 {
+        let q = &self.queues[qi];
+        let at = q.used.unchecked_add(4 + 8 * u64::from(q.size));
+        u16::from_le(self.mem.read_obj(at).expect("avail_event"))
+    }
+
+    /// Sets the driver's `used_event` (EVENT_IDX): interrupt when used idx passes it.
+    pub fn set_used_event(&self, qi: usize, v: u16) {
+        let q = &self.queues[qi];
+        let at = q.avail.unchecked_add(4 + 2 * u64::from(q.size));
+        self.mem.write_obj(v.to_le(), at).expect("used_event");
+    }
+
     /// tx chains the device has not returned yet.
     pub fn tx_in_flight(&self) -> u16 {
         self.queues[TXQ_INDEX].avail_idx.wrapping_sub(self.used_idx(TXQ_INDEX))

@@ -338,9 +338,9 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     if bytes.len() >= addr.sun_path.len() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or_default();
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
     // SAFETY: plain syscall with constant arguments; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
