@@ -14,6 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::defs::*;
+use super::metrics::VsockMetrics;
 use super::packet::{read_tx_chain, RxBuffers, TxError, VsockPacket};
 use super::unix::VsockUnixBackend;
 use super::{VsockBackend, VsockError};
@@ -28,6 +29,7 @@ pub struct Vsock<B: VsockBackend + 'static = VsockUnixBackend> {
     /// The backend while the device is not running (the worker owns it otherwise).
     backend: Option<B>,
     worker: Option<Worker<B>>,
+    metrics: Arc<VsockMetrics>,
 }
 
 #[derive(Debug)]
@@ -43,7 +45,10 @@ impl Vsock<VsockUnixBackend> {
     /// hybrid-vsock Unix socket `uds_path` (bound here).
     pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
         let backend = VsockUnixBackend::new(guest_cid, uds_path)?;
-        Ok(Self::with_backend(guest_cid, backend))
+        let metrics = backend.metrics().clone();
+        let mut dev = Self::with_backend(guest_cid, backend);
+        dev.metrics = metrics;
+        Ok(dev)
     }
 }
 
@@ -56,7 +61,13 @@ impl<B: VsockBackend + 'static> Vsock<B> {
             acked_features: 0,
             backend: Some(backend),
             worker: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> &Arc<VsockMetrics> {
+        &self.metrics
     }
 
     /// The guest CID in the config space.
@@ -144,7 +155,7 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
                 return Err(e.into());
             }
         };
-        let worker = VsockWorker::new(mem, interrupt, queues, backend);
+        let worker = VsockWorker::new(mem, interrupt, queues, backend, self.metrics.clone());
         let handle = std::thread::Builder::new()
             .name("vsock".into())
             .spawn(move || worker.run(worker_kill))?;
@@ -178,6 +189,7 @@ pub(crate) struct VsockWorker<B> {
     pub(crate) interrupt: Arc<Interrupt>,
     pub(crate) queues: Vec<ActiveQueue>,
     pub(crate) backend: B,
+    pub(crate) metrics: Arc<VsockMetrics>,
     pkt: VsockPacket,
     rx_bufs: RxBuffers,
 }
@@ -188,12 +200,14 @@ impl<B: VsockBackend> VsockWorker<B> {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
         backend: B,
+        metrics: Arc<VsockMetrics>,
     ) -> Self {
         VsockWorker {
             mem,
             interrupt,
             queues,
             backend,
+            metrics,
             pkt: VsockPacket { hdr: Default::default(), data: Vec::with_capacity(MAX_PKT_BUF_SIZE) },
             rx_bufs: RxBuffers::default(),
         }
@@ -225,6 +239,7 @@ impl<B: VsockBackend> VsockWorker<B> {
                 let chain = match q.iter(&self.mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => {
+                        VsockMetrics::inc(&self.metrics.queue_errors);
                         warn!("vsock: tx queue: {e}");
                         None
                     }
@@ -232,14 +247,22 @@ impl<B: VsockBackend> VsockWorker<B> {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 match read_tx_chain(&self.mem, chain, &mut self.pkt) {
-                    Ok(()) => self.backend.send_pkt(&self.pkt),
-                    Err(TxError::NoHeader(e)) => warn!("vsock: dropping tx packet: {e}"),
+                    Ok(()) => {
+                        VsockMetrics::inc(&self.metrics.tx_packets);
+                        self.backend.send_pkt(&self.pkt);
+                    }
+                    Err(TxError::NoHeader(e)) => {
+                        VsockMetrics::inc(&self.metrics.tx_malformed);
+                        warn!("vsock: dropping tx packet: {e}");
+                    }
                     Err(TxError::BadBody(hdr, e)) => {
+                        VsockMetrics::inc(&self.metrics.tx_malformed);
                         warn!(op = hdr.op, len = hdr.len, "vsock: dropping malformed tx packet: {e}");
                         self.backend.bad_pkt(&hdr);
                     }
                 }
                 if let Err(e) = self.queues[TXQ_INDEX].queue.add_used(&self.mem, head, 0) {
+                    VsockMetrics::inc(&self.metrics.queue_errors);
                     warn!("vsock: tx add_used: {e}");
                 }
                 used_any = true;
@@ -274,6 +297,7 @@ impl<B: VsockBackend> VsockWorker<B> {
                 let chain = match q.iter(&self.mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => {
+                        VsockMetrics::inc(&self.metrics.queue_errors);
                         warn!("vsock: rx queue: {e}");
                         break 'outer;
                     }
@@ -288,19 +312,25 @@ impl<B: VsockBackend> VsockWorker<B> {
                             break 'outer;
                         }
                         match self.rx_bufs.write(&self.mem, &self.pkt) {
-                            Ok(n) => n,
+                            Ok(n) => {
+                                VsockMetrics::inc(&self.metrics.rx_packets);
+                                n
+                            }
                             Err(e) => {
+                                VsockMetrics::inc(&self.metrics.rx_bad_buffers);
                                 warn!("vsock: cannot write rx packet: {e}");
                                 0
                             }
                         }
                     }
                     Err(e) => {
+                        VsockMetrics::inc(&self.metrics.rx_bad_buffers);
                         warn!("vsock: dropping bad rx buffer: {e}");
                         0
                     }
                 };
                 if let Err(e) = self.queues[RXQ_INDEX].queue.add_used(&self.mem, head, used_len) {
+                    VsockMetrics::inc(&self.metrics.queue_errors);
                     warn!("vsock: rx add_used: {e}");
                 }
                 used_any = true;
@@ -333,6 +363,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::vsock::packet::VsockHeader;
     use crate::devices::virtio::vsock::test_utils::*;
+    use std::sync::atomic::Ordering;
     use vm_memory::{Bytes, GuestAddress};
 
     fn irq() -> Arc<Interrupt> {
@@ -342,7 +373,7 @@ mod tests {
     fn worker() -> (TestGuest, VsockWorker<TestBackend>, Arc<Interrupt>) {
         let (g, queues) = TestGuest::new();
         let irq = irq();
-        let w = VsockWorker::new(g.mem.clone(), irq.clone(), queues, TestBackend::default());
+        let w = VsockWorker::new(g.mem.clone(), irq.clone(), queues, TestBackend::default(), Arc::default());
         (g, w, irq)
     }
 
@@ -438,6 +469,8 @@ mod tests {
         assert_eq!(w.backend.tx_pkts[0].hdr.op, OP_REQUEST);
         // Malformed with a readable header: reported so the connection is reset.
         assert_eq!(w.backend.bad_hdrs.len(), 4);
+        assert_eq!(w.metrics.tx_malformed.load(Ordering::Relaxed), 8);
+        assert_eq!(w.metrics.tx_packets.load(Ordering::Relaxed), 1);
         assert!(w.backend.bad_hdrs.iter().all(|h| h.src_port == 1000 && h.dst_port == 2000));
     }
 
@@ -478,6 +511,8 @@ mod tests {
         let used = g.take_used(RXQ_INDEX);
         assert_eq!(used.len(), 4);
         assert_eq!(&used[..3], &[(ro, 0), (short, 0), (mixed, 0)]);
+        assert_eq!(w.metrics.rx_bad_buffers.load(Ordering::Relaxed), 3);
+        assert_eq!(w.metrics.rx_packets.load(Ordering::Relaxed), 1);
         assert_eq!(used[3].1, 44);
         assert!(w.backend.rx_pkts.is_empty());
 
@@ -499,7 +534,7 @@ mod tests {
             })
             .collect();
         let irq = irq();
-        let mut w = VsockWorker::new(g.mem.clone(), irq.clone(), queues, TestBackend::default());
+        let mut w = VsockWorker::new(g.mem.clone(), irq.clone(), queues, TestBackend::default(), Arc::default());
         // The driver wants an interrupt only after the 3rd used tx buffer.
         g.set_used_event(TXQ_INDEX, 2);
         g.send(guest_hdr(OP_RW, 1, 2), b"a");

@@ -27,6 +27,7 @@ use std::time::Instant;
 mod csm;
 mod device;
 mod event_loop;
+mod metrics;
 mod packet;
 mod unix;
 
@@ -36,6 +37,7 @@ pub mod test_utils;
 mod tests;
 
 pub use device::Vsock;
+pub use metrics::VsockMetrics;
 pub use packet::{VsockHeader, VsockPacket};
 pub use unix::VsockUnixBackend;
 

@@ -7,6 +7,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Harness {
     g: TestGuest,
-    _dev: Vsock,
+    dev: Vsock,
     _dir: tempfile::TempDir,
     uds: PathBuf,
     stash: Vec<VsockPacket>,
@@ -40,7 +41,7 @@ impl Harness {
         g.post_rx(128, 4096 + PKT_HDR_SIZE as u32);
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
         dev.activate(g.mem.clone(), irq, queues).expect("activate");
-        Harness { g, _dev: dev, _dir: dir, uds, stash: Vec::new() }
+        Harness { g, dev, _dir: dir, uds, stash: Vec::new() }
     }
 
     fn pump(&mut self) {
@@ -308,6 +309,7 @@ fn guest_connection_refused() {
     drop(UnixListener::bind(h.sub_path(5002)).expect("bind"));
     h.send(OP_REQUEST, 7002, 5002, b"");
     h.wait_op(7002, 5002, OP_RST);
+    assert_eq!(h.dev.metrics().guest_connect_refused.load(Ordering::Relaxed), 2);
 }
 
 #[test]
@@ -467,6 +469,10 @@ fn malformed_packets_reset_connections() {
     h.g.queue_tx_raw(&guest_hdr(OP_REQUEST, 1, 2).to_bytes()[..30], &[], None);
     h.g.kick(TXQ_INDEX);
     let (_c, _) = h.host_connect(1027, 65536);
+    let m = h.dev.metrics();
+    assert_eq!(m.conn_resets.load(Ordering::Relaxed), 3);
+    assert_eq!(m.host_connections.load(Ordering::Relaxed), 4);
+    assert!(m.tx_malformed.load(Ordering::Relaxed) >= 3);
 }
 
 #[test]

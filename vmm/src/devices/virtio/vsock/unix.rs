@@ -14,12 +14,14 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::csm::{ConnState, Connection};
+use super::metrics::VsockMetrics;
 use super::defs::*;
 use super::packet::{VsockHeader, VsockPacket};
 use super::{VsockBackend, VsockError};
@@ -65,6 +67,7 @@ pub struct VsockUnixBackend {
     pending_rsts: usize,
     local_ports: HashSet<u32>,
     next_local_port: u32,
+    metrics: Arc<VsockMetrics>,
 }
 
 impl VsockUnixBackend {
@@ -113,12 +116,18 @@ impl VsockUnixBackend {
             pending_rsts: 0,
             local_ports: HashSet::new(),
             next_local_port: LOCAL_PORT_START,
+            metrics: Arc::default(),
         })
     }
 
     /// The listener's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The backend's counters (shared with the device built on it).
+    pub fn metrics(&self) -> &Arc<VsockMetrics> {
+        &self.metrics
     }
 
     /// Number of live connections (including those being set up or torn down).
@@ -207,6 +216,7 @@ impl VsockUnixBackend {
             return;
         };
         debug!(local_port, port, "vsock: host connect");
+        VsockMetrics::inc(&self.metrics.host_connections);
         let mut conn = Connection::new_local(client.stream, self.guest_cid, local_port, port);
         // The fd is still in the epoll set; the connection takes it over.
         conn.registered = Some(EventSet::IN);
@@ -306,11 +316,13 @@ impl VsockUnixBackend {
         let stream = match connect_nonblocking(Path::new(&target)) {
             Ok(s) => s,
             Err(e) => {
+                VsockMetrics::inc(&self.metrics.guest_connect_refused);
                 debug!(port = hdr.dst_port, "vsock: guest connect to {} failed: {e}", Path::new(&target).display());
                 return self.queue_rst_reply(hdr);
             }
         };
         debug!(port = hdr.dst_port, guest_port = hdr.src_port, "vsock: guest connect");
+        VsockMetrics::inc(&self.metrics.guest_connections);
         let key = (hdr.dst_port, hdr.src_port);
         let conn = Connection::new_peer(stream, self.guest_cid, hdr);
         self.fds.insert(conn.fd(), FdOwner::Conn(key));
@@ -415,6 +427,9 @@ impl VsockBackend for VsockUnixBackend {
                     let Some(conn) = self.conns.get_mut(&key) else { continue };
                     conn.queued = false;
                     let got = conn.next_rx_pkt(pkt, max_data, now);
+                    if got && pkt.hdr.op == OP_RST {
+                        VsockMetrics::inc(&self.metrics.conn_resets);
+                    }
                     self.after_conn_op(key);
                     if got {
                         return true;
