@@ -565,10 +565,53 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::ffi::CString;
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::Path;
+
+    use fuse_backend_rs::abi::fuse_abi::{
+        InitIn, InitIn2, InitOut, Opcode, KERNEL_VERSION, ROOT_ID,
+    };
+    use vm_memory::ByteValued;
 
     use super::*;
+    use crate::devices::virtio::fs::test_utils::*;
+
+    fn erofs() -> i32 {
+        libc::EROFS
+    }
+
+    fn mknod_host(path: &Path, kind: u32, dev: libc::dev_t) {
+        let p = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mknod reads it only.
+        let rc = unsafe { libc::mknod(p.as_ptr(), kind | 0o666, dev) };
+        assert_eq!(
+            rc,
+            0,
+            "mknod {}: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+
+    fn host_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let p = CString::new(path.to_str().unwrap()).unwrap();
+        let n = CString::new(name).unwrap();
+        let mut buf = [0u8; 256];
+        // SAFETY: valid NUL-terminated strings and a buffer of the given size.
+        let rc =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(rc).ok().map(|len| buf[..len].to_vec())
+    }
 
     #[test]
     fn cache_modes_map_to_policies_and_timeouts() {
@@ -592,6 +635,58 @@ mod tests {
             assert_eq!(c.root_dir, "/x");
             assert_eq!(c.dax_file_size, None);
         }
+    }
+
+    #[test]
+    fn cache_modes_reach_the_guest() {
+        let direct_io = OpenOptions::DIRECT_IO.bits();
+        let keep_cache = OpenOptions::KEEP_CACHE.bits();
+        for (mode, valid, direct, keep) in [
+            (CacheMode::None, 0, true, false),
+            (CacheMode::Auto, 1, false, false),
+            (CacheMode::Always, ALWAYS_TIMEOUT.as_secs(), false, true),
+        ] {
+            let mem = test_mem();
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("f"), b"x").unwrap();
+            let mut h = Harness::share(&mem, dir.path(), false, mode);
+            h.init().unwrap();
+            let e = h.lookup(ROOT_ID, "f").unwrap();
+            assert_eq!((e.entry_valid, e.attr_valid), (valid, valid), "{mode:?}");
+            assert_eq!(h.getattr(e.nodeid).unwrap().attr_valid, valid, "{mode:?}");
+            let open = h.open(e.nodeid, libc::O_RDONLY).unwrap();
+            assert_eq!(open.open_flags & direct_io != 0, direct, "{mode:?}");
+            assert_eq!(open.open_flags & keep_cache != 0, keep, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn init_never_offers_dax() {
+        let mem = test_mem();
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::share(&mem, dir.path(), false, CacheMode::Always);
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: 38,
+            max_readahead: 0,
+            flags: (FsOptions::INIT_EXT | FsOptions::ASYNC_READ).bits() as u32,
+        };
+        let init2 = InitIn2 {
+            flags2: (FsOptions::PERFILE_DAX.bits() >> 32) as u32,
+            unused: [0; 11],
+        };
+        let out: InitOut = obj(&h
+            .call(Opcode::Init, 0, &[init.as_slice(), init2.as_slice()])
+            .result()
+            .unwrap());
+        let enabled = u64::from(out.flags) | (u64::from(out.flags2) << 32);
+        assert_eq!(enabled & FsOptions::PERFILE_DAX.bits(), 0);
+        assert_eq!(
+            h.call(Opcode::SetupMapping, ROOT_ID, &[&[0u8; 40]])
+                .result()
+                .unwrap_err(),
+            libc::EINVAL
+        );
     }
 
     #[test]
@@ -624,5 +719,494 @@ mod tests {
         assert!(w(libc::O_RDONLY | libc::O_TRUNC));
         assert!(w(libc::O_RDONLY | libc::O_CREAT));
         assert!(w(libc::O_TMPFILE | libc::O_RDWR));
+    }
+
+    // --- security: the guest never reaches outside the share ------------
+
+    /// `<tmp>/share` is shared; `<tmp>/outside` holds a secret.
+    fn share_with_outside() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let share = tmp.path().join("share");
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&share).unwrap();
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("secret"), b"top secret").unwrap();
+        fs::set_permissions(outside.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(tmp.path().join("sibling"), b"not shared").unwrap();
+        (tmp, share, outside)
+    }
+
+    #[test]
+    fn symlinks_are_not_followed_on_the_host() {
+        let (_tmp, share, outside) = share_with_outside();
+        let secret = outside.join("secret");
+        std::os::unix::fs::symlink(&secret, share.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../outside/secret", share.join("rel")).unwrap();
+        std::os::unix::fs::symlink(&outside, share.join("dirlink")).unwrap();
+        let mem = test_mem();
+        let mut h = Harness::mounted(&mem, &share);
+
+        for name in ["abs", "rel"] {
+            let e = h.lookup(ROOT_ID, name).unwrap();
+            // The entry is the link itself, not its target.
+            assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK, "{name}");
+            assert_eq!(
+                e.attr.ino,
+                fs::symlink_metadata(share.join(name)).unwrap().ino(),
+                "{name}"
+            );
+            assert_ne!(e.attr.ino, fs::metadata(&secret).unwrap().ino(), "{name}");
+            // Its text goes to the guest, which resolves it in its own mount.
+            assert!(h.readlink(e.nodeid).is_ok());
+
+            // Nothing reaches the target.
+            assert_eq!(
+                h.open(e.nodeid, libc::O_RDONLY).unwrap_err(),
+                libc::EACCES,
+                "{name}"
+            );
+            assert_eq!(
+                h.open(e.nodeid, libc::O_WRONLY | libc::O_TRUNC)
+                    .unwrap_err(),
+                libc::EACCES,
+                "{name}"
+            );
+            let mut trunc = setattr_in(SetattrValid::SIZE.bits());
+            trunc.size = 0;
+            assert!(
+                h.setattr(e.nodeid, trunc).is_err(),
+                "{name}: truncate through a link"
+            );
+            let mut chmod = setattr_in(SetattrValid::MODE.bits());
+            chmod.mode = libc::S_IFREG | 0o666;
+            let _ = h.setattr(e.nodeid, chmod);
+            let mut chown = setattr_in(SetattrValid::UID.bits());
+            chown.uid = 4321;
+            let _ = h.setattr(e.nodeid, chown);
+            assert!(
+                h.setxattr(e.nodeid, "user.evil", b"1").is_err(),
+                "{name}: user xattrs on a link"
+            );
+            assert!(h.getxattr(e.nodeid, "user.evil", 64).is_err());
+            assert!(h.opendir(e.nodeid).is_err());
+        }
+        let meta = fs::metadata(&secret).unwrap();
+        assert_eq!(fs::read(&secret).unwrap(), b"top secret");
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        assert_eq!(meta.uid(), 0);
+        assert_eq!(host_xattr(&secret, "user.evil"), None);
+
+        // A link to a directory is not a directory to the server.
+        let d = h.lookup(ROOT_ID, "dirlink").unwrap();
+        assert_eq!(d.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(h.lookup(d.nodeid, "secret").unwrap_err(), libc::ENOTDIR);
+        assert!(h
+            .create(
+                d.nodeid,
+                "planted",
+                libc::O_WRONLY | libc::O_CREAT,
+                libc::S_IFREG | 0o644
+            )
+            .is_err());
+        assert!(h.mkdir(d.nodeid, "planted-dir", 0o755).is_err());
+        assert!(h.symlink(d.nodeid, "planted-link", "x").is_err());
+        assert!(h.unlink(d.nodeid, "secret").is_err());
+        assert!(h.rename(d.nodeid, "secret", ROOT_ID, "stolen").is_err());
+        assert!(h.opendir(d.nodeid).is_err());
+        let fh = 1;
+        assert!(h.readdir(d.nodeid, fh, 0, 4096).is_err());
+        let names: Vec<_> = fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["secret"]);
+        assert!(!share.join("stolen").exists());
+    }
+
+    #[test]
+    fn dotdot_at_the_root_stays_in_the_share() {
+        let (tmp, share, _outside) = share_with_outside();
+        fs::create_dir(share.join("sub")).unwrap();
+        let mem = test_mem();
+        let mut h = Harness::mounted(&mem, &share);
+        let root_ino = fs::metadata(&share).unwrap().ino();
+
+        let up = h.lookup(ROOT_ID, "..").unwrap();
+        assert_eq!(up.attr.ino, root_ino, ".. of the root is the root");
+        assert_eq!(h.lookup(ROOT_ID, ".").unwrap().attr.ino, root_ino);
+        let upup = h.lookup(up.nodeid, "..").unwrap();
+        assert_eq!(upup.attr.ino, root_ino);
+        assert_eq!(h.lookup(up.nodeid, "sibling").unwrap_err(), libc::ENOENT);
+        assert_eq!(h.lookup(up.nodeid, "outside").unwrap_err(), libc::ENOENT);
+        assert!(tmp.path().join("sibling").exists());
+
+        // `..` below the root is the parent, inside the share.
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        assert_eq!(h.lookup(sub.nodeid, "..").unwrap().attr.ino, root_ino);
+
+        // Names with `/` are refused everywhere.
+        assert_eq!(h.lookup(ROOT_ID, "../sibling").unwrap_err(), libc::EINVAL);
+        assert_eq!(
+            h.lookup(ROOT_ID, "../outside/secret").unwrap_err(),
+            libc::EINVAL
+        );
+        assert_eq!(h.lookup(ROOT_ID, "sub/..").unwrap_err(), libc::EINVAL);
+        assert_eq!(h.lookup(ROOT_ID, "/etc").unwrap_err(), libc::EINVAL);
+    }
+
+    #[test]
+    fn entry_names_with_slashes_or_dots_are_refused() {
+        let (tmp, share, _outside) = share_with_outside();
+        fs::write(share.join("f"), b"f").unwrap();
+        let mem = test_mem();
+        let mut h = Harness::mounted(&mem, &share);
+        let f = h.lookup(ROOT_ID, "f").unwrap();
+        let creat = libc::O_WRONLY | libc::O_CREAT;
+        for bad in ["../escape", "a/b", "/abs", ".", "..", "sub/"] {
+            assert_eq!(
+                h.create(ROOT_ID, bad, creat, libc::S_IFREG | 0o644)
+                    .unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(
+                h.mkdir(ROOT_ID, bad, 0o755).unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(
+                h.mknod(ROOT_ID, bad, libc::S_IFIFO | 0o644, 0).unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(
+                h.symlink(ROOT_ID, bad, "f").unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(
+                h.link(f.nodeid, ROOT_ID, bad).unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(
+                h.rename(ROOT_ID, "f", ROOT_ID, bad).unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(
+                h.rename(ROOT_ID, bad, ROOT_ID, "g").unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(h.unlink(ROOT_ID, bad).unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.rmdir(ROOT_ID, bad).unwrap_err(), libc::EINVAL, "{bad}");
+        }
+        // Nothing appeared next to the share, and the share is as it was.
+        let mut around: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        around.sort();
+        assert_eq!(around, vec!["outside", "share", "sibling"]);
+        let inside: Vec<_> = fs::read_dir(&share)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(inside, vec!["f"]);
+    }
+
+    #[test]
+    fn device_nodes_and_fifos_are_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        // /dev/null's and /dev/loop0's numbers; the FIFO would block an open.
+        mknod_host(&dir.path().join("null"), libc::S_IFCHR, libc::makedev(1, 3));
+        mknod_host(&dir.path().join("loop"), libc::S_IFBLK, libc::makedev(7, 0));
+        mknod_host(&dir.path().join("fifo"), libc::S_IFIFO, 0);
+        let mem = test_mem();
+        let mut h = Harness::mounted(&mem, dir.path());
+
+        for (name, kind) in [
+            ("null", libc::S_IFCHR),
+            ("loop", libc::S_IFBLK),
+            ("fifo", libc::S_IFIFO),
+        ] {
+            let e = h.lookup(ROOT_ID, name).unwrap();
+            assert_eq!(
+                e.attr.mode & libc::S_IFMT,
+                kind,
+                "{name}: the guest sees the node"
+            );
+            for flags in [
+                libc::O_RDONLY,
+                libc::O_WRONLY,
+                libc::O_RDWR,
+                libc::O_RDONLY | libc::O_NONBLOCK,
+            ] {
+                assert_eq!(
+                    h.open(e.nodeid, flags).unwrap_err(),
+                    libc::EACCES,
+                    "{name} {flags:#o}"
+                );
+            }
+            assert_eq!(h.opendir(e.nodeid).unwrap_err(), libc::EACCES, "{name}");
+            let mut trunc = setattr_in(SetattrValid::SIZE.bits());
+            trunc.size = 0;
+            assert!(
+                h.setattr(e.nodeid, trunc).is_err(),
+                "{name}: truncate opens the node"
+            );
+            // Handles are per inode: a guessed handle does not work either.
+            assert_eq!(
+                h.read(e.nodeid, 1, 0, 16).unwrap_err(),
+                libc::EBADF,
+                "{name}"
+            );
+            // CREATE of an existing node (no O_EXCL) must not open it.
+            assert!(
+                h.create(
+                    ROOT_ID,
+                    name,
+                    libc::O_RDWR | libc::O_CREAT,
+                    libc::S_IFREG | 0o644
+                )
+                .is_err(),
+                "{name}"
+            );
+            // Metadata still works.
+            h.getattr(e.nodeid).unwrap();
+        }
+
+        // A node the guest makes (overlayfs whiteouts are 0:0 char devices)
+        // exists on the host but is not opened either.
+        let wh = h
+            .mknod(ROOT_ID, "whiteout", libc::S_IFCHR | 0o600, 0)
+            .unwrap();
+        assert!(fs::symlink_metadata(dir.path().join("whiteout")).is_ok());
+        assert_eq!(h.open(wh.nodeid, libc::O_RDONLY).unwrap_err(), libc::EACCES);
+        let mem_dev = h
+            .mknod(
+                ROOT_ID,
+                "mem",
+                libc::S_IFCHR | 0o600,
+                libc::makedev(1, 1) as u32,
+            )
+            .unwrap();
+        assert_eq!(
+            h.open(mem_dev.nodeid, libc::O_RDWR).unwrap_err(),
+            libc::EACCES
+        );
+    }
+
+    #[test]
+    fn inodes_and_handles_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), b"aaaa").unwrap();
+        fs::write(dir.path().join("b"), b"bbbb").unwrap();
+        let mem = test_mem();
+        let mut h = Harness::mounted(&mem, dir.path());
+        let a = h.lookup(ROOT_ID, "a").unwrap();
+        let b = h.lookup(ROOT_ID, "b").unwrap();
+        let fh_a = h.open(a.nodeid, libc::O_RDONLY).unwrap().fh;
+        // a's handle with b's inode.
+        assert_eq!(h.read(b.nodeid, fh_a, 0, 4).unwrap_err(), libc::EBADF);
+        assert_eq!(
+            h.read(a.nodeid, fh_a + 1000, 0, 4).unwrap_err(),
+            libc::EBADF
+        );
+        for node in [0, 2_000_000, u64::MAX] {
+            assert_eq!(h.getattr(node).unwrap_err(), libc::EBADF, "{node}");
+            assert_eq!(h.lookup(node, "a").unwrap_err(), libc::EBADF, "{node}");
+        }
+    }
+
+    // --- read-only sharing ---------------------------------------------
+
+    /// Mode, size, content and `user.tag` xattr of one host file.
+    type FileState = (u32, u64, Vec<u8>, Option<Vec<u8>>);
+
+    /// The state of everything under `dir`, by relative path.
+    fn snapshot(dir: &Path) -> BTreeMap<String, FileState> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let content = if meta.is_file() {
+                    fs::read(&path).unwrap()
+                } else {
+                    Vec::new()
+                };
+                if meta.is_dir() {
+                    stack.push(path.clone());
+                }
+                let key = path.strip_prefix(dir).unwrap().to_str().unwrap().to_owned();
+                out.insert(
+                    key,
+                    (
+                        meta.mode(),
+                        meta.len(),
+                        content,
+                        host_xattr(&path, "user.tag"),
+                    ),
+                );
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn read_only_share_refuses_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"content").unwrap();
+        fs::create_dir(dir.path().join("d")).unwrap();
+        fs::write(dir.path().join("d/inner"), b"i").unwrap();
+        std::os::unix::fs::symlink("f", dir.path().join("l")).unwrap();
+        let fpath = CString::new(dir.path().join("f").to_str().unwrap()).unwrap();
+        // SAFETY: valid NUL-terminated strings and a value of the given length.
+        let rc = unsafe {
+            libc::setxattr(
+                fpath.as_ptr(),
+                c"user.tag".as_ptr(),
+                b"v".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(rc, 0);
+        let before = snapshot(dir.path());
+
+        let mem = test_mem();
+        let mut h = Harness::share(&mem, dir.path(), true, CacheMode::Auto);
+        h.init().unwrap();
+
+        // Reading works.
+        let f = h.lookup(ROOT_ID, "f").unwrap();
+        let d = h.lookup(ROOT_ID, "d").unwrap();
+        let l = h.lookup(ROOT_ID, "l").unwrap();
+        let fh = h.open(f.nodeid, libc::O_RDONLY).unwrap().fh;
+        assert_eq!(h.read(f.nodeid, fh, 0, 100).unwrap(), b"content");
+        assert_eq!(h.list_dir(ROOT_ID), vec!["d", "f", "l"]);
+        assert_eq!(h.readlink(l.nodeid).unwrap(), b"f");
+        assert_eq!(h.getxattr(f.nodeid, "user.tag", 16).unwrap(), b"v");
+        assert!(!h.listxattr(f.nodeid, 256).unwrap().is_empty());
+        h.statfs(ROOT_ID).unwrap();
+        h.access(f.nodeid, libc::R_OK).unwrap();
+
+        // Every change is refused with EROFS.
+        let creat = libc::O_WRONLY | libc::O_CREAT;
+        assert_eq!(
+            h.write(f.nodeid, fh, 0, b"XX").unwrap_err(),
+            erofs(),
+            "write"
+        );
+        assert_eq!(
+            h.create(ROOT_ID, "new", creat, libc::S_IFREG | 0o644)
+                .unwrap_err(),
+            erofs(),
+            "create"
+        );
+        assert_eq!(
+            h.create(ROOT_ID, "f", libc::O_RDONLY, libc::S_IFREG | 0o644)
+                .unwrap_err(),
+            erofs(),
+            "create existing"
+        );
+        assert_eq!(h.mkdir(ROOT_ID, "nd", 0o755).unwrap_err(), erofs(), "mkdir");
+        assert_eq!(
+            h.mknod(ROOT_ID, "nod", libc::S_IFIFO | 0o644, 0)
+                .unwrap_err(),
+            erofs(),
+            "mknod"
+        );
+        assert_eq!(h.unlink(ROOT_ID, "f").unwrap_err(), erofs(), "unlink");
+        assert_eq!(
+            h.unlink(d.nodeid, "inner").unwrap_err(),
+            erofs(),
+            "unlink in a subdir"
+        );
+        assert_eq!(h.rmdir(ROOT_ID, "d").unwrap_err(), erofs(), "rmdir");
+        assert_eq!(
+            h.rename(ROOT_ID, "f", ROOT_ID, "g").unwrap_err(),
+            erofs(),
+            "rename"
+        );
+        assert_eq!(
+            h.rename2(ROOT_ID, "f", ROOT_ID, "l", libc::RENAME_EXCHANGE)
+                .unwrap_err(),
+            erofs(),
+            "rename2"
+        );
+        assert_eq!(
+            h.link(f.nodeid, ROOT_ID, "hl").unwrap_err(),
+            erofs(),
+            "link"
+        );
+        assert_eq!(
+            h.symlink(ROOT_ID, "sl", "f").unwrap_err(),
+            erofs(),
+            "symlink"
+        );
+        for valid in [
+            SetattrValid::SIZE,
+            SetattrValid::MODE,
+            SetattrValid::UID | SetattrValid::GID,
+            SetattrValid::MTIME_NOW | SetattrValid::ATIME_NOW,
+        ] {
+            let mut arg = setattr_in(valid.bits());
+            arg.mode = libc::S_IFREG | 0o777;
+            assert_eq!(
+                h.setattr(f.nodeid, arg).unwrap_err(),
+                erofs(),
+                "setattr {valid:?}"
+            );
+        }
+        assert_eq!(
+            h.setxattr(f.nodeid, "user.tag", b"changed").unwrap_err(),
+            erofs(),
+            "setxattr"
+        );
+        assert_eq!(
+            h.removexattr(f.nodeid, "user.tag").unwrap_err(),
+            erofs(),
+            "removexattr"
+        );
+        assert_eq!(
+            h.fallocate(f.nodeid, fh, 0, 1 << 20).unwrap_err(),
+            erofs(),
+            "fallocate"
+        );
+        for flags in [
+            libc::O_WRONLY,
+            libc::O_RDWR,
+            libc::O_RDONLY | libc::O_TRUNC,
+            libc::O_WRONLY | libc::O_APPEND,
+        ] {
+            assert_eq!(
+                h.open(f.nodeid, flags).unwrap_err(),
+                erofs(),
+                "open {flags:#o}"
+            );
+        }
+        assert_eq!(
+            h.access(f.nodeid, libc::W_OK).unwrap_err(),
+            erofs(),
+            "access W_OK"
+        );
+
+        assert_eq!(snapshot(dir.path()), before, "the host directory changed");
+    }
+
+    #[test]
+    fn writable_share_allows_fallocate() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"").unwrap();
+        let mem = test_mem();
+        let mut h = Harness::mounted(&mem, dir.path());
+        let f = h.lookup(ROOT_ID, "f").unwrap();
+        let fh = h.open(f.nodeid, libc::O_RDWR).unwrap().fh;
+        h.fallocate(f.nodeid, fh, 0, 1 << 16).unwrap();
+        assert_eq!(fs::metadata(dir.path().join("f")).unwrap().len(), 1 << 16);
     }
 }

@@ -264,6 +264,12 @@ impl Drop for Fs {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 mod tests {
     use std::os::unix::io::AsRawFd;
 

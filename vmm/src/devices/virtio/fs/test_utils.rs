@@ -3,7 +3,12 @@
 //! requests into descriptors, runs them through [`process_queue`] and
 //! decodes the replies.
 
-#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 use std::mem::size_of;
 use std::path::Path;
@@ -14,9 +19,10 @@ use fuse_backend_rs::abi::fuse_abi::{
     Rename2In, RenameIn, SetattrIn, SetxattrIn, StatfsOut, WriteIn, WriteOut, KERNEL_VERSION,
 };
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::backend::{build_server, FsServer};
@@ -27,6 +33,8 @@ use super::{CacheMode, FsConfig, FsError};
 pub(crate) const MEM_SIZE: usize = 8 << 20;
 /// Size of the test virtqueue.
 pub(crate) const QSIZE: u16 = 64;
+/// The test queue's used ring.
+pub(crate) const USED_ADDR: u64 = 0x1_0000;
 /// Where requests are written.
 pub(crate) const REQ_ADDR: u64 = 0x10_0000;
 /// Where reply buffers start.
@@ -77,7 +85,6 @@ pub(crate) fn cname(name: &str) -> Vec<u8> {
 pub(crate) struct Reply {
     pub header: OutHeader,
     pub body: Vec<u8>,
-    pub used_len: u32,
 }
 
 impl Reply {
@@ -128,7 +135,17 @@ pub(crate) struct Harness<'a> {
 impl<'a> Harness<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, server: FsServer) -> Self {
         let vq = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
-        let queue = vq.create_queue::<Queue>().unwrap();
+        // The mock reserves `len` bytes for the available ring's entries
+        // (they take `2 * len`) and puts the used ring right after, so the
+        // upper half of its available ring overlaps the used ring. Use the
+        // mock's descriptor table and available ring, and our own used ring.
+        let mut queue = Queue::new(QSIZE).unwrap();
+        queue.set_size(QSIZE);
+        queue.set_desc_table_address(Some(vq.desc_table_addr().0 as u32), Some(0));
+        queue.set_avail_ring_address(Some(vq.avail_addr().0 as u32), Some(0));
+        queue.set_used_ring_address(Some(USED_ADDR as u32), Some(0));
+        queue.set_ready(true);
+        assert!(queue.is_valid(mem));
         Harness {
             mem,
             vq,
@@ -198,19 +215,16 @@ impl<'a> Harness<'a> {
 
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
-        self.vq.used().idx().load()
+        self.mem.read_obj(GuestAddress(USED_ADDR + 2)).unwrap()
     }
 
-    /// The used element `n` places back from the newest: (head, length).
+    /// The used element `back` places back from the newest: (head, length).
     pub fn used(&self, back: u16) -> (u32, u32) {
-        let idx = self.used_idx().wrapping_sub(1 + back);
-        let elem = self
-            .vq
-            .used()
-            .ring()
-            .ref_at(usize::from(idx % QSIZE))
-            .unwrap()
-            .load();
+        let idx = self.used_idx().wrapping_sub(1 + back) % QSIZE;
+        let elem: VirtqUsedElem = self
+            .mem
+            .read_obj(GuestAddress(USED_ADDR + 4 + 8 * u64::from(idx)))
+            .unwrap();
         (elem.id(), elem.len())
     }
 
@@ -276,11 +290,7 @@ impl<'a> Harness<'a> {
         assert_eq!(header.unique, unique, "reply to another request");
         assert_eq!(header.len, used_len, "header length and used length differ");
         let body = reply[size_of::<OutHeader>()..used_len as usize].to_vec();
-        Reply {
-            header,
-            body,
-            used_len,
-        }
+        Reply { header, body }
     }
 
     pub fn call(&mut self, opcode: Opcode, nodeid: u64, args: &[&[u8]]) -> Reply {
