@@ -485,6 +485,74 @@ mod tests {
         }
     }
 
+    fn thread_umask() -> u32 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).unwrap()
+    }
+
+    /// The backend clears the umask when the guest mounts; that must stay
+    /// on the worker thread and not loosen the modes of files the rest of
+    /// the VMM creates.
+    #[test]
+    fn guest_mount_leaves_the_vmm_umask_alone() {
+        // This test thread gets its own umask, which the worker would share
+        // if it did not detach.
+        // SAFETY: unshare(CLONE_FS) only detaches this thread's fs attributes.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_FS) }, 0);
+        // SAFETY: umask cannot fail.
+        unsafe { libc::umask(0o027) };
+        assert_eq!(thread_umask(), 0o027);
+
+        let (_dir, mut fs) = new_fs("umask");
+        let mem = test_mem();
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        let req = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: 31,
+            max_readahead: 0,
+            flags: 0,
+        };
+        let mut bytes = in_header(Opcode::Init as u32, 1, 0, init.as_slice().len())
+            .as_slice()
+            .to_vec();
+        bytes.extend_from_slice(init.as_slice());
+        mem.write_slice(&bytes, GuestAddress(0x20000)).unwrap();
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(
+                0x20000,
+                u32::try_from(bytes.len()).unwrap(),
+                VRING_DESC_F_NEXT as u16,
+                1,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(
+                0x30000,
+                0x1000,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+        ];
+        // Queued before activation: the worker's first pass picks it up.
+        req.add_desc_chains(&descs, 0).unwrap();
+        let queues = vec![
+            ActiveQueue {
+                queue: hiprio.create_queue().unwrap(),
+                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            },
+            ActiveQueue {
+                queue: req.create_queue().unwrap(),
+                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            },
+        ];
+        fs.activate(mem.clone(), interrupt.clone(), queues).unwrap();
+        assert!(wait_irq(&interrupt), "no interrupt from the worker");
+        let out: OutHeader = mem.read_obj(GuestAddress(0x30000)).unwrap();
+        assert_eq!(out.error, 0, "INIT failed");
+        assert_eq!(thread_umask(), 0o027, "the worker changed the VMM's umask");
+    }
+
     #[test]
     fn drop_stops_the_worker() {
         let (_dir, mut fs) = new_fs("drop");

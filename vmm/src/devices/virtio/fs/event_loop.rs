@@ -47,6 +47,7 @@ impl FsWorker {
 
     /// Runs until `kill` is signalled.
     pub(crate) fn run(mut self, kill: EventFd) {
+        isolate_umask();
         if let Err(e) = self.event_loop(&kill) {
             error!("virtio-fs: worker stopped: {e}");
         }
@@ -118,4 +119,23 @@ impl FsWorker {
             }
         }
     }
+}
+
+/// Gives the calling thread its own umask (and cwd/root) and sets the umask
+/// to 0: the backend applies the guest's umask itself and clears the
+/// process umask when it opens the share (FUSE INIT). Done on the worker
+/// thread, that change stays off the rest of the VMM, whose files keep the
+/// process umask.
+pub(crate) fn isolate_umask() {
+    // SAFETY: unshare(CLONE_FS) only detaches this thread's file-system
+    // attributes (root, cwd, umask); it touches no memory.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        warn!(
+            "virtio-fs: cannot unshare the worker's umask: {}",
+            io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(0) };
 }

@@ -161,6 +161,9 @@ impl<'a> Harness<'a> {
 
     /// A harness over a share of `dir`, without INIT.
     pub fn share(mem: &'a GuestMemoryMmap, dir: &Path, read_only: bool, cache: CacheMode) -> Self {
+        // Requests run on this thread: keep the backend's umask change here,
+        // as the worker thread does.
+        super::event_loop::isolate_umask();
         let cfg = fs_config("test", dir, read_only, cache);
         let root = cfg.validate().unwrap();
         Self::new(mem, build_server(&cfg, &root).unwrap())
