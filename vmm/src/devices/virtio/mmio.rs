@@ -402,10 +402,14 @@ impl MmioTransport {
     }
 }
 
+fn config_access_in_window(offset: u64, len: usize) -> bool {
+    (offset - MMIO_CONFIG_OFFSET).saturating_add(len as u64) <= MMIO_WINDOW_SIZE - MMIO_CONFIG_OFFSET
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
-            if offset - MMIO_CONFIG_OFFSET + data.len() as u64 > MMIO_WINDOW_SIZE - MMIO_CONFIG_OFFSET {
+            if !config_access_in_window(offset, data.len()) {
                 warn!(offset, len = data.len(), "virtio-mmio: config read beyond the window");
                 data.fill(0);
                 return;
@@ -424,7 +428,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
-            if offset - MMIO_CONFIG_OFFSET + data.len() as u64 > MMIO_WINDOW_SIZE - MMIO_CONFIG_OFFSET {
+            if !config_access_in_window(offset, data.len()) {
                 warn!(offset, len = data.len(), "virtio-mmio: config write beyond the window");
                 return;
             }
@@ -818,6 +822,45 @@ mod tests {
         wr(&mut f.t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), VIRTIO_CONFIG_S_NEEDS_RESET);
         assert!(f.t.is_activated());
+    }
+
+    /// Random register traffic (a poor man's fuzzer): nothing panics and the
+    /// transport still works afterwards.
+    #[test]
+    fn random_accesses_never_panic() {
+        let mut f = fixture();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200_000 {
+            let r = next();
+            let offset = match r % 4 {
+                0 => r >> 40,
+                1 => (r >> 8) % 0x1000,
+                _ => ((r >> 8) % 0x40) * 4,
+            };
+            let len = [1usize, 2, 4, 8, 3][(r >> 32) as usize % 5];
+            let val = next();
+            let mut buf = [0u8; 8];
+            if r & 0x10 == 0 {
+                f.t.read(offset, &mut buf[..len]);
+            } else {
+                buf.copy_from_slice(&val.to_le_bytes());
+                // Drive Status more often: that's where the state machine lives.
+                let off = if r & 0x20 == 0 { u64::from(VIRTIO_MMIO_STATUS) } else { offset };
+                f.t.write(off, &buf[..len]);
+            }
+        }
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, 0);
+        let mem = f.mem.clone();
+        assert!(negotiate(&mut f.t, V1));
+        setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS) & DOK, DOK);
     }
 
     fn mem_of(f: &Fixture) -> GuestMemoryMmap {

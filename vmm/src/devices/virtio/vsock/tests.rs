@@ -572,3 +572,134 @@ fn packets_queued_before_activation_are_handled() {
     assert!(read_to_eof(&mut c).is_empty());
     let _: Option<VsockHeader> = None;
 }
+
+/// Random guest traffic against the real backend, single-threaded (a poor
+/// man's fuzzer): nothing panics, and the device still works afterwards.
+#[test]
+fn random_guest_traffic_never_panics() {
+    use super::device::VsockWorker;
+    use super::{VsockBackend, VsockUnixBackend};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("v.sock");
+    let backend = VsockUnixBackend::new(TEST_GUEST_CID, uds.clone()).expect("backend");
+    let listeners: Vec<UnixListener> = (0..3)
+        .map(|p| {
+            let l = UnixListener::bind(format!("{}_{p}", uds.display())).expect("bind");
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        })
+        .collect();
+    let (mut g, queues) = TestGuest::new();
+    let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+    let metrics = backend.metrics().clone();
+    let mut w = VsockWorker::new(g.mem.clone(), irq, queues, backend, metrics);
+    g.post_rx(64, 4096);
+    let mut clients = Vec::new();
+    let mut accepted = Vec::new();
+
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..3000 {
+        let r = next();
+        let ops = [OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST, 0, 99];
+        let mut hdr = guest_hdr(ops[(r % 9) as usize], (r >> 8) as u32 % 4, (r >> 16) as u32 % 4);
+        if r & (1 << 30) != 0 {
+            // Answer one of the device's host-initiated connections.
+            hdr.dst_port = LOCAL_PORT_START + (r >> 20) as u32 % 8;
+        }
+        hdr.flags = (r >> 24) as u32 % 4;
+        hdr.buf_alloc = [0, 1, 4096, u32::MAX][(r >> 40) as usize % 4];
+        hdr.fwd_cnt = (next() % 70_000) as u32;
+        if (r >> 33) % 8 == 0 {
+            hdr.src_cid = r >> 50;
+        }
+        if (r >> 36) % 8 == 0 {
+            hdr.type_ = 2;
+        }
+        let data = vec![0xa5u8; (next() % 9000) as usize];
+        let mut bytes = hdr.to_bytes().to_vec();
+        bytes.extend_from_slice(&data);
+        let mut h2 = hdr;
+        h2.len = if (r >> 39) % 8 == 0 { (next() % 100_000) as u32 } else { data.len() as u32 };
+        bytes[..PKT_HDR_SIZE].copy_from_slice(&h2.to_bytes());
+        let cut = (next() % (bytes.len() as u64 + 1)) as usize;
+        let wo = if (r >> 42) % 8 == 0 { Some((r >> 37) as usize % 3) } else { None };
+        g.queue_tx_raw(&bytes, &[cut, cut + 3], wo);
+
+        // Host side: new clients, client traffic, accepts, hang-ups.
+        match (r >> 44) % 16 {
+            0 => {
+                if let Ok(mut c) = UnixStream::connect(&uds) {
+                    c.set_nonblocking(true).expect("nonblocking");
+                    let _ = c.write_all(format!("CONNECT {}\n", r % 4).as_bytes());
+                    clients.push(c);
+                }
+            }
+            1 if !clients.is_empty() => {
+                let i = (r >> 48) as usize % clients.len();
+                let _ = clients[i].write(&[1u8; 3000]);
+            }
+            2 if !clients.is_empty() => {
+                let i = (r >> 48) as usize % clients.len();
+                drop(clients.swap_remove(i));
+            }
+            3 => {
+                for l in &listeners {
+                    if let Ok((s, _)) = l.accept() {
+                        s.set_nonblocking(true).expect("nonblocking");
+                        accepted.push(s);
+                    }
+                }
+            }
+            4 if !accepted.is_empty() => {
+                let i = (r >> 48) as usize % accepted.len();
+                let _ = accepted[i].write(&[2u8; 5000]);
+                let mut sink = [0u8; 8192];
+                let _ = accepted[i].read(&mut sink);
+            }
+            5 if !accepted.is_empty() => {
+                let i = (r >> 48) as usize % accepted.len();
+                drop(accepted.swap_remove(i));
+            }
+            _ => {}
+        }
+        w.process_tx();
+        w.backend.process_host_events();
+        let later = Instant::now() + Duration::from_secs((r >> 52) % 20);
+        if round % 50 == 0 {
+            w.backend.process_timeouts(later);
+        }
+        w.process_rx();
+        g.recv(true);
+    }
+
+    // The traffic reached the interesting places.
+    let m = &w.metrics;
+    for (what, c) in [
+        ("tx packets", &m.tx_packets),
+        ("malformed", &m.tx_malformed),
+        ("host connections", &m.host_connections),
+        ("guest connections", &m.guest_connections),
+        ("resets", &m.conn_resets),
+    ] {
+        assert!(c.load(Ordering::Relaxed) > 0, "no {what}: {m:?}");
+    }
+    // Still alive: a clean host connection goes through.
+    let mut c = UnixStream::connect(&uds).expect("connect");
+    c.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    c.write_all(b"CONNECT 4242\n").expect("write");
+    let req = wait_for("REQUEST", || {
+        w.backend.process_host_events();
+        w.process_rx();
+        g.recv(true).into_iter().find(|p| p.hdr.op == OP_REQUEST && p.hdr.dst_port == 4242)
+    });
+    g.send(guest_hdr(OP_RESPONSE, 4242, req.hdr.src_port), b"");
+    w.process_tx();
+    assert_eq!(read_line(&mut c), format!("OK {}", req.hdr.src_port));
+}
