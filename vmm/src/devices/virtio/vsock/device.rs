@@ -348,8 +348,11 @@ impl<B: VsockBackend> VsockWorker<B> {
                 }
             }
         }
-        // Leave notifications on whatever stopped us.
-        let _ = self.queues[RXQ_INDEX].queue.enable_notification(&self.mem);
+        // Kicks for new rx buffers only matter while we are starved of them
+        // (host events re-run this anyway): spare the guest the exits.
+        if !self.backend.has_pending_rx() {
+            let _ = self.queues[RXQ_INDEX].queue.disable_notification(&self.mem);
+        }
         if used_any {
             self.signal_used(RXQ_INDEX);
         }
