@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use tracing::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,7 +24,7 @@ const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 
 /// Feature bits the device offers.
 pub(crate) const AVAIL_FEATURES: u64 =
-    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
 
 /// A running worker thread and the eventfd that stops it.
 struct Worker {
@@ -297,6 +297,16 @@ mod tests {
         assert_eq!(fs.device_type(), 26);
         assert_eq!(fs.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
         assert_ne!(fs.avail_features() & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+        assert_ne!(
+            fs.avail_features() & (1 << 29),
+            0,
+            "VIRTIO_RING_F_EVENT_IDX"
+        );
+        assert_ne!(
+            fs.avail_features() & (1 << 28),
+            0,
+            "VIRTIO_RING_F_INDIRECT_DESC"
+        );
         assert_eq!(fs.tag(), "rootfs");
         assert!(!fs.is_active());
     }
@@ -551,6 +561,144 @@ mod tests {
         let out: OutHeader = mem.read_obj(GuestAddress(0x30000)).unwrap();
         assert_eq!(out.error, 0, "INIT failed");
         assert_eq!(thread_umask(), 0o027, "the worker changed the VMM's umask");
+    }
+
+    /// The driver's side of a virtio-mmio handshake, through the real
+    /// transport: identification, features, queues, DRIVER_OK, a FUSE INIT
+    /// on the request queue, the interrupt, then a reset.
+    #[test]
+    fn works_behind_the_mmio_transport() {
+        use crate::devices::bus::BusDevice;
+        use crate::devices::virtio::mmio::MmioTransport;
+        use virtio_bindings::virtio_config::{
+            VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+            VIRTIO_CONFIG_S_FEATURES_OK,
+        };
+        use virtio_bindings::virtio_mmio::*;
+
+        fn rd(t: &mut MmioTransport, reg: u32) -> u32 {
+            let mut b = [0u8; 4];
+            t.read(u64::from(reg), &mut b);
+            u32::from_le_bytes(b)
+        }
+        fn wr(t: &mut MmioTransport, reg: u32, v: u32) {
+            t.write(u64::from(reg), &v.to_le_bytes());
+        }
+
+        let (_dir, fs) = new_fs("viammio");
+        let mem = test_mem();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(mem.clone(), Box::new(fs), interrupt.clone());
+
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_DEVICE_ID), 26);
+        let mut tag = [0u8; 8];
+        t.read(u64::from(VIRTIO_MMIO_CONFIG), &mut tag);
+        assert_eq!(&tag[..7], b"viammio");
+        let mut nrq = [0u8; 4];
+        t.read(u64::from(VIRTIO_MMIO_CONFIG) + TAG_LEN as u64, &mut nrq);
+        let nrq = u32::from_le_bytes(nrq);
+        assert_eq!(nrq, 1);
+
+        wr(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        let mut features = 0u64;
+        for sel in 0..2u32 {
+            wr(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
+            features |= u64::from(rd(&mut t, VIRTIO_MMIO_DEVICE_FEATURES)) << (32 * sel);
+        }
+        assert_eq!(features, AVAIL_FEATURES);
+        for sel in 0..2u32 {
+            wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
+            wr(
+                &mut t,
+                VIRTIO_MMIO_DRIVER_FEATURES,
+                (features >> (32 * sel)) as u32,
+            );
+        }
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+        wr(&mut t, VIRTIO_MMIO_STATUS, s);
+        assert_ne!(
+            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
+
+        // hiprio + `num_request_queues` request queues, as Linux sets them up.
+        let mocks = [
+            MockSplitQueue::create(&mem, GuestAddress(0x8000), 16),
+            MockSplitQueue::create(&mem, GuestAddress(0x10000), 16),
+        ];
+        assert_eq!(mocks.len(), 1 + nrq as usize);
+        for (i, q) in mocks.iter().enumerate() {
+            wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, i as u32);
+            assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
+            wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+            wr(
+                &mut t,
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                q.desc_table_addr().0 as u32,
+            );
+            wr(&mut t, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+            wr(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.avail_addr().0 as u32);
+            wr(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
+            wr(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, q.used_addr().0 as u32);
+            wr(&mut t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
+            wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+        wr(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
+        assert!(
+            t.is_activated(),
+            "status {:#x}",
+            rd(&mut t, VIRTIO_MMIO_STATUS)
+        );
+
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: 36,
+            max_readahead: 0,
+            flags: 0,
+        };
+        let mut bytes = in_header(Opcode::Init as u32, 42, 0, init.as_slice().len())
+            .as_slice()
+            .to_vec();
+        bytes.extend_from_slice(init.as_slice());
+        mem.write_slice(&bytes, GuestAddress(0x20000)).unwrap();
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(
+                0x20000,
+                u32::try_from(bytes.len()).unwrap(),
+                VRING_DESC_F_NEXT as u16,
+                1,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(
+                0x30000,
+                0x1000,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+        ];
+        mocks[1].add_desc_chains(&descs, 0).unwrap();
+        // EVENT_IDX: the driver asks for an interrupt on the first used entry.
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert!(wait_irq(&interrupt), "no interrupt");
+        assert_ne!(
+            rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+            0
+        );
+        wr(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        let out: OutHeader = mem.read_obj(GuestAddress(0x30000)).unwrap();
+        assert_eq!((out.error, out.unique), (0, 42));
+        assert_eq!(mocks[1].used().idx().load(), 1);
+
+        // Driver reset: the worker stops and the device can start over.
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert!(!t.is_activated());
     }
 
     #[test]

@@ -27,37 +27,49 @@ use super::FsError;
 
 /// Handles every available chain of `queue`. Returns whether the driver
 /// should be interrupted (something was used and the driver wants to hear
-/// of it). An error means the queue itself is unusable (its available ring
-/// is out of guest memory or corrupt); the chains used so far stay used.
+/// of it: always without VIRTIO_RING_F_EVENT_IDX, per `used_event` with it).
+/// Driver notifications are suppressed while the queue is being drained and
+/// re-enabled before returning (with a last check for chains that arrived
+/// in between). An error means the queue itself is unusable (its rings are
+/// out of guest memory or its available index is corrupt); the chains used
+/// so far stay used.
 pub(crate) fn process_queue<F: FileSystem + Sync>(
     server: &Server<F>,
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
 ) -> Result<bool, FsError> {
     let mut used_any = false;
-    let mut result = Ok(());
-    loop {
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(e) => {
-                result = Err(FsError::Queue(e));
-                break;
-            }
-        };
-        let Some(chain) = chain else { break };
-        let head = chain.head_index();
-        let len = handle_chain(server, mem, chain);
-        match queue.add_used(mem, head, len) {
-            Ok(()) => used_any = true,
-            Err(e) => warn!("virtio-fs: cannot return descriptor {head}: {e}"),
-        }
-    }
+    let result = drain_queue(server, mem, queue, &mut used_any);
     let notify = if used_any {
         queue.needs_notification(mem).map_err(FsError::Queue)?
     } else {
         false
     };
     result.map(|()| notify)
+}
+
+fn drain_queue<F: FileSystem + Sync>(
+    server: &Server<F>,
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    used_any: &mut bool,
+) -> Result<(), FsError> {
+    loop {
+        queue.disable_notification(mem).map_err(FsError::Queue)?;
+        loop {
+            let chain = queue.iter(mem).map_err(FsError::Queue)?.next();
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = handle_chain(server, mem, chain);
+            match queue.add_used(mem, head, len) {
+                Ok(()) => *used_any = true,
+                Err(e) => warn!("virtio-fs: cannot return descriptor {head}: {e}"),
+            }
+        }
+        if !queue.enable_notification(mem).map_err(FsError::Queue)? {
+            return Ok(());
+        }
+    }
 }
 
 /// Opcodes that have no reply.
@@ -681,6 +693,46 @@ mod tests {
         }
         // Nothing more to do: no notification.
         assert!(!h.process().unwrap());
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = test_mem();
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::mounted(&mem, dir.path());
+        virtio_queue::QueueT::set_event_idx(&mut h.queue, true);
+        let used_event = GuestAddress(h.vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE));
+        let avail_event = GuestAddress(USED_ADDR + 4 + 8 * u64::from(QSIZE));
+
+        let arg = fuse_backend_rs::abi::fuse_abi::GetattrIn::default();
+        let mut req = in_header(Opcode::Getattr as u32, 500, ROOT_ID, size_of_val(&arg))
+            .as_slice()
+            .to_vec();
+        req.extend_from_slice(arg.as_slice());
+        mem.write_slice(&req, GuestAddress(REQ_ADDR)).unwrap();
+        let chain = [
+            (REQ_ADDR, req.len() as u32, false),
+            (REPLY_ADDR, 0x1000, true),
+        ];
+
+        // The driver wants to hear only once the used index passes 10.
+        mem.write_obj(10u16, used_event).unwrap();
+        h.push_chain(&chain);
+        assert!(!h.process().unwrap(), "interrupt suppressed");
+        assert_eq!(h.used_idx(), 2);
+        // The device asks to be kicked at the next new chain.
+        assert_eq!(
+            mem.read_obj::<u16>(avail_event).unwrap(),
+            h.vq.avail().idx().load()
+        );
+
+        // Now the driver waits for the next used entry.
+        mem.write_obj(h.used_idx(), used_event).unwrap();
+        h.push_chain(&chain);
+        assert!(h.process().unwrap(), "interrupt due");
+        assert_eq!(h.used_idx(), 3);
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 3);
     }
 
     #[test]
