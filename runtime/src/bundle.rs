@@ -110,7 +110,7 @@ mod tests {
     }
 
     const GOOD: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
-        "process":{"args":["sh"],"cwd":"/"}}"#;
+        "process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#;
 
     fn err(config: &str) -> String {
         let dir = bundle(config);
@@ -127,13 +127,13 @@ mod tests {
     #[test]
     fn names_each_problem() {
         assert!(err("{not json").contains("invalid config.json"));
-        assert!(err(r#"{"ociVersion":"1","root":{"path":"nope"},"process":{"args":["sh"],"cwd":"/"}}"#)
+        assert!(err(r#"{"ociVersion":"1","root":{"path":"nope"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#)
             .contains("root.path"));
-        assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"args":[],"cwd":"/"}}"#)
+        assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}}"#)
             .contains("process.args"));
-        assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"args":["sh"],"cwd":"tmp"}}"#)
+        assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"tmp"}}"#)
             .contains("process.cwd"));
-        assert!(err(r#"{"ociVersion":"1","process":{"args":["sh"],"cwd":"/"}}"#).contains("root"));
+        assert!(err(r#"{"ociVersion":"1","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#).contains("root"));
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(Bundle::load(empty.path()).expect_err("no config").to_string().contains("config.json not found"));
     }

@@ -105,7 +105,8 @@ pub struct StateStore {
 /// An exclusive lock on one container id; released on drop.
 #[derive(Debug)]
 pub struct IdLock {
-    file: File,
+    /// Held only for its descriptor: the flock lasts as long as it is open.
+    _file: File,
     path: PathBuf,
 }
 
@@ -153,7 +154,7 @@ impl StateStore {
             let linked = std::fs::metadata(&path).map(|m| m.ino()).ok();
             let ours = file.metadata().map(|m| m.ino()).map_err(io(&path))?;
             if linked == Some(ours) {
-                return Ok(IdLock { file, path });
+                return Ok(IdLock { _file: file, path });
             }
         }
     }
