@@ -1,0 +1,415 @@
+//! What the agent does first when it is the guest's PID 1: the kernel file
+//! systems, cgroup v2 with every controller enabled for children, and the
+//! console as stdio.
+//!
+//! Nothing here is fatal: a failed step is reported and the agent still
+//! serves (an agent that exits as PID 1 panics the kernel, and the host
+//! learns more from an agent that answers than from a VM that reboots).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::mount::MsFlags;
+use nix::sys::stat::Mode;
+
+use crate::sys::Syscall;
+
+/// Where the cgroup v2 hierarchy is mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// One file system to mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountSpec {
+    pub source: &'static str,
+    pub target: &'static str,
+    pub fstype: &'static str,
+    pub flags: MsFlags,
+    pub data: Option<&'static str>,
+    /// Create the mount point first (it lives on a file system mounted
+    /// earlier in the list, not in the initramfs).
+    pub mkdir: bool,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// The guest's kernel file systems, in mount order.
+pub const MOUNTS: &[MountSpec] = &[
+    MountSpec {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+        mkdir: false,
+    },
+    MountSpec {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+        mkdir: false,
+    },
+    MountSpec {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+        mkdir: false,
+    },
+    MountSpec {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        mkdir: true,
+    },
+    MountSpec {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+        mkdir: true,
+    },
+    MountSpec {
+        source: "cgroup2",
+        target: CGROUP_ROOT,
+        fstype: "cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+        mkdir: false,
+    },
+    MountSpec {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+        mkdir: false,
+    },
+    MountSpec {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+        mkdir: false,
+    },
+];
+
+/// A step of guest setup that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("creating {}: {source}", path.display())]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting {fstype} on {target}: {source}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("enabling cgroup controllers {controllers:?}: {source}")]
+    Controllers {
+        controllers: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening /dev/console for stdio: {0}")]
+    Console(#[source] nix::Error),
+}
+
+/// Mounts [`MOUNTS`] and enables the cgroup controllers; returns what
+/// failed (the steps after a failure are still tried).
+pub fn setup(sys: &dyn Syscall) -> Vec<InitError> {
+    let mut errors = mount_all(sys, MOUNTS);
+    if let Err(e) = enable_controllers(sys, Path::new(CGROUP_ROOT)) {
+        errors.push(e);
+    }
+    errors
+}
+
+/// Mounts `mounts` in order. A mount point that is already mounted (EBUSY)
+/// counts as done.
+pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
+    let mut errors = Vec::new();
+    for m in mounts {
+        let target = Path::new(m.target);
+        if m.mkdir {
+            match sys.mkdir(target, 0o755) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    errors.push(InitError::Mkdir {
+                        path: target.to_owned(),
+                        source,
+                    });
+                    continue;
+                }
+            }
+        }
+        match sys.mount(m.source, target, m.fstype, m.flags, m.data) {
+            Ok(()) | Err(nix::Error::EBUSY) => {
+                tracing::debug!(fstype = m.fstype, target = m.target, "mounted");
+            }
+            Err(source) => errors.push(InitError::Mount {
+                fstype: m.fstype,
+                target: m.target,
+                source,
+            }),
+        }
+    }
+    errors
+}
+
+/// Enables, for the children of the cgroup at `root`, every controller the
+/// kernel offers there: reads `cgroup.controllers` and writes them all to
+/// `cgroup.subtree_control` in one write (one at a time if that fails, so
+/// that one refusing controller does not cost the others).
+pub fn enable_controllers(sys: &dyn Syscall, root: &Path) -> Result<(), InitError> {
+    let path = root.join("cgroup.controllers");
+    let mut buf = [0u8; 512];
+    let n = sys
+        .read_file(&path, &mut buf)
+        .map_err(|source| InitError::Read { path, source })?;
+    let available = String::from_utf8_lossy(&buf[..n]);
+    let request = subtree_control_request(&available);
+    if request.is_empty() {
+        return Ok(());
+    }
+
+    let control = root.join("cgroup.subtree_control");
+    let Err(all_at_once) = sys.write_file(&control, request.as_bytes()) else {
+        tracing::debug!(controllers = %request, "enabled cgroup controllers");
+        return Ok(());
+    };
+    tracing::debug!(error = %all_at_once, "enabling all controllers at once failed; one at a time");
+    let mut refused = Vec::new();
+    let mut last_error = all_at_once;
+    for one in request.split(' ') {
+        if let Err(e) = sys.write_file(&control, one.as_bytes()) {
+            refused.push(one);
+            last_error = e;
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(InitError::Controllers {
+            controllers: refused.join(" "),
+            source: last_error,
+        })
+    }
+}
+
+/// `"cpu memory pids\n"` → `"+cpu +memory +pids"`.
+fn subtree_control_request(available: &str) -> String {
+    available
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Makes sure fds 0, 1 and 2 are open: the kernel opens `/dev/console` for
+/// init when the initramfs has that node; if it did not, open it now (from
+/// the devtmpfs) and put it on all three. One `fcntl` when all is well.
+pub fn ensure_console_stdio() -> Result<(), InitError> {
+    if fcntl(std::io::stderr(), FcntlArg::F_GETFD).is_ok() {
+        return Ok(());
+    }
+    let console: OwnedFd = open(
+        "/dev/console",
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(InitError::Console)?;
+    for target in 0..=2 {
+        if console.as_raw_fd() == target {
+            continue;
+        }
+        // SAFETY: dup2 onto the stdio descriptors, which are closed (that is
+        // why we are here) or the console itself; no Rust object owns fds
+        // 0-2 in this process, so none is invalidated behind its back.
+        if unsafe { libc::dup2(console.as_raw_fd(), target) } < 0 {
+            return Err(InitError::Console(nix::Error::last()));
+        }
+    }
+    if (0..=2).contains(&console.as_raw_fd()) {
+        // The console landed on a stdio number: keep it open, without
+        // close-on-exec, as the stdio it now is.
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(console);
+        // SAFETY: fd is a valid descriptor we own and deliberately leak.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Records every call; fails the ones it is told to.
+    #[derive(Default)]
+    struct FakeSyscall {
+        calls: RefCell<Vec<String>>,
+        files: HashMap<&'static str, &'static str>,
+        fail_mounts: Vec<(&'static str, nix::Error)>,
+        refuse_writes: Vec<&'static str>,
+    }
+
+    impl Syscall for FakeSyscall {
+        fn mount(
+            &self,
+            source: &str,
+            target: &Path,
+            fstype: &str,
+            flags: MsFlags,
+            data: Option<&str>,
+        ) -> nix::Result<()> {
+            self.calls.borrow_mut().push(format!(
+                "mount {source} {} {fstype} {:#x} {}",
+                target.display(),
+                flags.bits(),
+                data.unwrap_or("-")
+            ));
+            match self
+                .fail_mounts
+                .iter()
+                .find(|(t, _)| Path::new(t) == target)
+            {
+                Some((_, e)) => Err(*e),
+                None => Ok(()),
+            }
+        }
+
+        fn mkdir(&self, path: &Path, mode: u32) -> io::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(format!("mkdir {} {mode:o}", path.display()));
+            Ok(())
+        }
+
+        fn read_file(&self, path: &Path, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls
+                .borrow_mut()
+                .push(format!("read {}", path.display()));
+            let content = path
+                .to_str()
+                .and_then(|p| self.files.get(p))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            let n = content.len().min(buf.len());
+            buf[..n].copy_from_slice(&content.as_bytes()[..n]);
+            Ok(n)
+        }
+
+        fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+            let data = String::from_utf8_lossy(data).into_owned();
+            self.calls
+                .borrow_mut()
+                .push(format!("write {} {data}", path.display()));
+            let refused = !self.refuse_writes.is_empty()
+                && (data.contains(' ') || self.refuse_writes.contains(&data.as_str()));
+            if refused {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            Ok(())
+        }
+    }
+
+    fn controllers_fake() -> FakeSyscall {
+        let mut fake = FakeSyscall::default();
+        fake.files.insert(
+            "/sys/fs/cgroup/cgroup.controllers",
+            "cpuset cpu io memory pids\n",
+        );
+        fake
+    }
+
+    #[test]
+    fn setup_mounts_in_order_then_enables_controllers() {
+        let fake = controllers_fake();
+        let errors = setup(&fake);
+        assert!(errors.is_empty(), "{errors:?}");
+        let calls = fake.calls.borrow();
+        let expected = [
+            "mount proc /proc proc 0xe -",
+            "mount sysfs /sys sysfs 0xe -",
+            "mount devtmpfs /dev devtmpfs 0x2 mode=0755",
+            "mkdir /dev/pts 755",
+            "mount devpts /dev/pts devpts 0xa newinstance,ptmxmode=0666,mode=0620,gid=5",
+            "mkdir /dev/shm 755",
+            "mount shm /dev/shm tmpfs 0x6 mode=1777",
+            "mount cgroup2 /sys/fs/cgroup cgroup2 0xe -",
+            "mount tmpfs /run tmpfs 0x6 mode=0755",
+            "mount tmpfs /tmp tmpfs 0x6 mode=1777",
+            "read /sys/fs/cgroup/cgroup.controllers",
+            "write /sys/fs/cgroup/cgroup.subtree_control +cpuset +cpu +io +memory +pids",
+        ];
+        assert_eq!(*calls, expected);
+    }
+
+    #[test]
+    fn a_failed_mount_does_not_stop_the_others_and_ebusy_is_fine() {
+        let mut fake = controllers_fake();
+        fake.fail_mounts = vec![("/sys", nix::Error::ENODEV), ("/proc", nix::Error::EBUSY)];
+        let errors = setup(&fake);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(matches!(errors[0], InitError::Mount { target: "/sys", .. }));
+        assert!(fake
+            .calls
+            .borrow()
+            .iter()
+            .any(|c| c.starts_with("mount tmpfs /tmp")));
+    }
+
+    #[test]
+    fn controllers_fall_back_to_one_at_a_time() {
+        let mut fake = controllers_fake();
+        fake.refuse_writes = vec!["+cpuset"];
+        let err = enable_controllers(&fake, Path::new(CGROUP_ROOT)).expect_err("cpuset refused");
+        match err {
+            InitError::Controllers { controllers, .. } => assert_eq!(controllers, "+cpuset"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let calls = fake.calls.borrow();
+        assert_eq!(calls.len(), 2 + 5, "{calls:?}");
+        assert_eq!(
+            calls[6],
+            "write /sys/fs/cgroup/cgroup.subtree_control +pids"
+        );
+    }
+
+    #[test]
+    fn no_controllers_means_no_write() {
+        let mut fake = FakeSyscall::default();
+        fake.files.insert("/sys/fs/cgroup/cgroup.controllers", "\n");
+        enable_controllers(&fake, Path::new(CGROUP_ROOT)).expect("nothing to do");
+        assert_eq!(fake.calls.borrow().len(), 1);
+    }
+
+    #[test]
+    fn request_format() {
+        assert_eq!(subtree_control_request("cpu  memory\n"), "+cpu +memory");
+        assert_eq!(subtree_control_request(""), "");
+    }
+}

@@ -1,0 +1,23 @@
+//! The Carapace guest agent as a library: what `carapace-agent` (PID 1 of
+//! each guest, see `main.rs`) is made of, so that its parts can be tested
+//! and reused on the host.
+//!
+//! - [`init`]: guest setup as PID 1 (mounts, cgroup v2, console), through
+//!   the [`sys::Syscall`] seam;
+//! - [`signals`] and [`reaper`]: SIGCHLD via a signalfd, exit statuses
+//!   routed by PID;
+//! - [`server`] and [`service`]: the ttrpc server and the Health and Agent
+//!   services;
+//! - [`shutdown`]: answering Shutdown, then rebooting the guest (or exiting
+//!   on the host).
+
+pub mod args;
+pub mod error;
+pub mod init;
+pub mod logging;
+pub mod reaper;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod signals;
+pub mod sys;
