@@ -378,6 +378,25 @@ mod tests {
     }
 
     #[test]
+    fn new_requires_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fs_config("t", dir.path(), false, CacheMode::Auto);
+        let result = std::thread::spawn(move || {
+            // Drop the effective uid of this thread only (the raw syscall,
+            // unlike libc's wrapper, is per thread).
+            // SAFETY: setresuid touches no memory; -1 keeps a field as is.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, -1, 65534, -1) };
+            assert_eq!(rc, 0);
+            Fs::new(cfg).map(|_| ())
+        })
+        .join()
+        .unwrap();
+        let err = result.unwrap_err();
+        assert!(matches!(err, FsError::NotRoot(65534)), "{err}");
+        assert!(err.to_string().contains("root"), "{err}");
+    }
+
+    #[test]
     fn thread_names_fit() {
         assert_eq!(thread_name("rootfs"), "fs-rootfs");
         assert_eq!(thread_name(&"a".repeat(36)).len(), 15);

@@ -16,6 +16,20 @@
 //!   chain, run the FUSE request, add the used length);
 //! - `event_loop`: the worker thread's epoll loop over the queue notifiers.
 //!
+//! Wiring, for the VMM core (one device, one transport, one MMIO slot per
+//! shared directory):
+//!
+//! ```ignore
+//! fs::validate_tags(config.fs.iter().map(|f| f.tag.as_str()))?; // no clashes
+//! for fs_config in &config.fs {
+//!     let dev = Fs::new(fs_config.clone())?; // checks tag and dir; needs root
+//!     let t = MmioTransport::new(mem.clone(), Box::new(dev), irq);
+//!     // ... like any virtio-mmio device: irqfd, ioeventfds, bus window,
+//!     // `virtio_mmio.device=4K@<base>:<gsi>` on the kernel command line.
+//! }
+//! // In the guest: mount -t virtiofs <tag> <dir>   (-o ro for a read-only share)
+//! ```
+//!
 //! Security model: the guest names files only by inode numbers the server
 //! handed out and by single path components (no `/`, no `.`/`..` except
 //! `..` at the root, which stays at the root). Every host lookup is an
