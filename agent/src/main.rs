@@ -95,9 +95,10 @@ fn serve_signals(signals: &Signals, reaper: &Reaper) {
 /// PID 1: set the guest up, serve until Shutdown, reboot. Never returns
 /// and never exits (that would panic the kernel).
 fn run_as_init(args: &Args) -> ! {
+    // stderr is already the console if the initramfs has /dev/console.
+    init_logging(args);
     let init_errors = init::setup(&sys::LinuxSyscall);
     let console_error = init::ensure_console_stdio().err();
-    init_logging(args);
     for e in init_errors.iter().chain(console_error.as_ref()) {
         tracing::warn!("guest setup: {e}");
     }

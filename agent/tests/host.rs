@@ -2,6 +2,7 @@
 //! (`--listen unix://...`): Health, an unimplemented Agent call, Shutdown.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -159,7 +160,89 @@ fn refuses_to_run_without_an_address_when_not_pid1() {
         .expect("run the agent");
     assert_eq!(out.status.code(), Some(1));
 
-    let out = Command::new(agent_bin()).arg("--version").output().expect("run");
+    let out = Command::new(agent_bin())
+        .arg("--version")
+        .output()
+        .expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("carapace-agent "));
+}
+
+/// The PID 1 path without a VM: the agent as init of a new PID and mount
+/// namespace (`unshare`), where it mounts for real (in its private mount
+/// namespace) and its reboot ends the namespace (the kernel kills its init
+/// with SIGHUP). Needs root; skipped otherwise.
+#[test]
+fn as_pid1_of_a_namespace_it_mounts_serves_and_reboots() {
+    if !nix::unistd::geteuid().is_root() || !Path::new("/usr/bin/unshare").exists() {
+        eprintln!("skipped: needs root and /usr/bin/unshare");
+        return;
+    }
+    // Not under /tmp or /run: the agent mounts fresh tmpfs there.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    let mut child = Command::new("/usr/bin/unshare")
+        .args(["--pid", "--fork", "--mount", "--propagation", "private"])
+        .arg(agent_bin())
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start unshare");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut process = AgentProcess(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(TIMEOUT).expect("the agent's first line");
+    assert!(line.starts_with("carapace-agent "), "{line:?}");
+
+    // The agent is unshare's child; read its mount table from outside.
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        process.0.id(),
+        process.0.id()
+    ))
+    .expect("unshare's children");
+    let agent_pid = children.split_whitespace().next().expect("the agent's pid");
+    let mountinfo =
+        std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo")).expect("mountinfo");
+    for (mount_point, fstype) in [
+        ("/proc", "proc"),
+        ("/sys", "sysfs"),
+        ("/dev", "devtmpfs"),
+        ("/dev/pts", "devpts"),
+        ("/dev/shm", "tmpfs"),
+        ("/sys/fs/cgroup", "cgroup2"),
+        ("/run", "tmpfs"),
+        ("/tmp", "tmpfs"),
+    ] {
+        let found = mountinfo.lines().any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let sep = fields.iter().position(|f| *f == "-");
+            fields.get(4) == Some(&mount_point)
+                && sep.and_then(|i| fields.get(i + 1)) == Some(&fstype)
+        });
+        assert!(found, "{fstype} on {mount_point} missing:\n{mountinfo}");
+    }
+
+    let conn = client::connect_unix(&sock).expect("connect");
+    let health = HealthClient::new(conn.clone());
+    health
+        .check(ctx(), &health::CheckRequest::new())
+        .expect("Check");
+    AgentClient::new(conn)
+        .shutdown(ctx(), &agent::ShutdownRequest::new())
+        .expect("Shutdown is answered before the reboot");
+    // reboot(2) in a PID namespace kills its init with SIGHUP; unshare
+    // then dies of the same signal.
+    let status = process.wait();
+    let sighup = nix::sys::signal::Signal::SIGHUP as i32;
+    assert!(
+        status.signal() == Some(sighup) || status.code() == Some(128 + sighup),
+        "{status:?}"
+    );
 }
