@@ -10,7 +10,7 @@ pub enum AgentError {
     Unimplemented(&'static str),
     /// The shutdown could not be set in motion.
     #[error("starting the shutdown: {0}")]
-    Shutdown(#[source] std::io::Error),
+    Shutdown(#[source] nix::Error),
 }
 
 impl AgentError {
@@ -37,7 +37,7 @@ mod tests {
     fn maps_to_status_codes() {
         let e: ttrpc::Error = AgentError::Unimplemented("StartContainer").into();
         assert_eq!(carapace_protocol::rpc_code(&e), Some(Code::UNIMPLEMENTED));
-        let e: ttrpc::Error = AgentError::Shutdown(std::io::Error::other("x")).into();
+        let e: ttrpc::Error = AgentError::Shutdown(nix::Error::EPERM).into();
         assert_eq!(carapace_protocol::rpc_code(&e), Some(Code::INTERNAL));
     }
 }

@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use carapace_protocol::{AGENT_VSOCK_ADDRESS, API_VERSION};
@@ -73,16 +73,18 @@ fn announce(address: &ListenAddress) {
     let _ = out.flush();
 }
 
-/// Blocks on the signalfd: reaps children, returns on SIGTERM/SIGINT.
-fn serve_signals(signals: &Signals, reaper: &Reaper) {
+/// Blocks on the signalfd: reaps children, returns when SIGTERM/SIGINT
+/// arrives, with the time it did.
+fn serve_signals(signals: &Signals, reaper: &Reaper) -> Instant {
     loop {
         match signals.wait() {
             Ok(Event::ChildExited) => {
                 reaper.reap();
             }
             Ok(Event::Terminate(signal)) => {
+                let now = Instant::now();
                 tracing::info!(%signal, "shutting down");
-                return;
+                return now;
             }
             Err(e) => {
                 tracing::error!(error = %e, "waiting for signals");
@@ -117,10 +119,8 @@ fn run_as_init(args: &Args) -> ! {
         Err(e) => fatal(&anyhow!(e)),
     };
     let reaper = Arc::new(Reaper::new());
-    let agent = Arc::new(AgentService::new(
-        ShutdownTrigger::new(shutdown::REPLY_GRACE),
-        reaper.clone(),
-    ));
+    let trigger = ShutdownTrigger::new();
+    let agent = Arc::new(AgentService::new(trigger.clone(), reaper.clone()));
 
     let mut attempt = 1;
     let _server: AgentServer = loop {
@@ -136,7 +136,9 @@ fn run_as_init(args: &Args) -> ! {
     };
     announce(&address);
 
-    serve_signals(&signals, &reaper);
+    let since = serve_signals(&signals, &reaper);
+    nix::unistd::sync();
+    trigger.wait_for_reply(since);
     shutdown::reboot_guest()
 }
 
@@ -144,6 +146,7 @@ fn run_as_init(args: &Args) -> ! {
 fn fatal(e: &anyhow::Error) -> ! {
     tracing::error!("fatal: {e:#}");
     eprintln!("carapace-agent: fatal: {e:#}; rebooting");
+    nix::unistd::sync();
     shutdown::reboot_guest()
 }
 
@@ -163,14 +166,13 @@ fn run_on_host(args: &Args) -> anyhow::Result<()> {
     }
     let signals = Signals::block_and_open()?;
     let reaper = Arc::new(Reaper::new());
-    let agent = Arc::new(AgentService::new(
-        ShutdownTrigger::new(shutdown::REPLY_GRACE),
-        reaper.clone(),
-    ));
+    let trigger = ShutdownTrigger::new();
+    let agent = Arc::new(AgentService::new(trigger.clone(), reaper.clone()));
     let server = server::start(&address, agent)?;
     announce(&address);
 
-    serve_signals(&signals, &reaper);
+    let since = serve_signals(&signals, &reaper);
+    trigger.wait_for_reply(since);
     server.stop(STOP_TIMEOUT);
     Ok(())
 }
