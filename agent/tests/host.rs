@@ -2,6 +2,7 @@
 //! (`--listen unix://...`): Health, an unimplemented Agent call, Shutdown.
 
 use std::io::{BufRead, BufReader};
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -178,14 +179,15 @@ fn as_pid1_of_a_namespace_it_mounts_serves_and_reboots() {
         eprintln!("skipped: needs root and /usr/bin/unshare");
         return;
     }
-    // Not under /tmp or /run: the agent mounts fresh tmpfs there.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let sock = dir.path().join("agent.sock");
+    // An abstract socket: the agent mounts fresh tmpfs on /tmp and /run,
+    // which would hide a socket file there, and the network namespace
+    // (where abstract names live) is shared.
+    let name = format!("carapace-agent-test-{}", std::process::id());
     let mut child = Command::new("/usr/bin/unshare")
         .args(["--pid", "--fork", "--mount", "--propagation", "private"])
         .arg(agent_bin())
         .arg("--listen")
-        .arg(format!("unix://{}", sock.display()))
+        .arg(format!("unix://@{name}"))
         .stdout(Stdio::piped())
         .spawn()
         .expect("start unshare");
@@ -198,7 +200,10 @@ fn as_pid1_of_a_namespace_it_mounts_serves_and_reboots() {
         let _ = tx.send(line);
     });
     let line = rx.recv_timeout(TIMEOUT).expect("the agent's first line");
-    assert!(line.starts_with("carapace-agent "), "{line:?}");
+    assert!(
+        line.ends_with(&format!("serving on unix://@{name}\n")),
+        "{line:?}"
+    );
 
     // The agent is unshare's child; read its mount table from outside.
     let children = std::fs::read_to_string(format!(
@@ -229,7 +234,10 @@ fn as_pid1_of_a_namespace_it_mounts_serves_and_reboots() {
         assert!(found, "{fstype} on {mount_point} missing:\n{mountinfo}");
     }
 
-    let conn = client::connect_unix(&sock).expect("connect");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .expect("abstract address");
+    let stream = std::os::unix::net::UnixStream::connect_addr(&addr).expect("connect");
+    let conn = client::client_from_stream(stream).expect("client");
     let health = HealthClient::new(conn.clone());
     health
         .check(ctx(), &health::CheckRequest::new())
