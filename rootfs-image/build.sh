@@ -36,7 +36,9 @@ echo "rootfs-image: building carapace-agent for $target" >&2
         --config "target.$target.rustflags=[\"-C\",\"relocation-model=static\",\"-C\",\"force-unwind-tables=no\"]" \
         >&2
 )
-agent="$repo/target/$target/release/carapace-agent"
+target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+agent="$target_dir/$target/release/carapace-agent"
 [ -x "$agent" ] || { echo "rootfs-image: $agent was not built" >&2; exit 1; }
 
 mkdir -p "$(dirname "$out")"
