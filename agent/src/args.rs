@@ -3,12 +3,14 @@
 use std::ffi::OsString;
 
 pub const USAGE: &str = "\
-usage: carapace-agent [--listen ADDRESS] [--log-level LEVEL]
+usage: carapace-agent [--listen ADDRESS] [--log-level LEVEL] [--state-dir DIR]
        carapace-agent --version | --help
 
 As the guest's PID 1 it sets the guest up and serves on vsock://-1:1024.
 Otherwise it only serves, on ADDRESS (unix:///path/to.sock or
 vsock://CID:PORT, CID -1 = any), and Shutdown makes it exit.
+
+DIR: where container state lives (default /run/carapace-agent).
 
 LEVEL: error, warn, info (default), debug, trace, off; the environment
 variable CARAPACE_AGENT_LOG (e.g. from the kernel command line) also sets it.";
@@ -18,6 +20,7 @@ variable CARAPACE_AGENT_LOG (e.g. from the kernel command line) also sets it.";
 pub struct Args {
     pub listen: Option<String>,
     pub log_level: Option<String>,
+    pub state_dir: Option<String>,
     pub version: bool,
     pub help: bool,
     /// Arguments not understood (only tolerated as PID 1, whose arguments
@@ -44,6 +47,7 @@ impl Args {
             match name.as_str() {
                 "--listen" => out.listen = inline.or_else(|| args.next()),
                 "--log-level" => out.log_level = inline.or_else(|| args.next()),
+                "--state-dir" => out.state_dir = inline.or_else(|| args.next()),
                 "--version" | "-V" => out.version = true,
                 "--help" | "-h" => out.help = true,
                 _ => out.unknown.push(arg),
@@ -85,8 +89,9 @@ mod tests {
 
     #[test]
     fn flags_and_unknowns() {
-        let args = parse(&["--version", "--log-level", "debug", "console=ttyS0", "-x"]);
+        let args = parse(&["--version", "--log-level", "debug", "console=ttyS0", "-x", "--state-dir=/s"]);
         assert!(args.version);
+        assert_eq!(args.state_dir.as_deref(), Some("/s"));
         assert_eq!(args.log_level.as_deref(), Some("debug"));
         assert_eq!(args.unknown, ["console=ttyS0", "-x"]);
         assert_eq!(

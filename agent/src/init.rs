@@ -132,8 +132,58 @@ pub enum InitError {
         #[source]
         source: io::Error,
     },
+    #[error("making the root pivotable ({step}): {source}")]
+    Pivotable {
+        step: &'static str,
+        #[source]
+        source: nix::Error,
+    },
     #[error("opening /dev/console for stdio: {0}")]
     Console(#[source] nix::Error),
+}
+
+/// statfs magic numbers of the file systems an initramfs root can be.
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Where the initramfs root is bind-mounted on its way to becoming `/`.
+const ROOT_BIND: &str = "/.carapace-root";
+
+/// pivot_root(2) refuses to move a process whose root is the initramfs
+/// (the "rootfs" mount has no parent), and every container pivots. So, as
+/// PID 1 on an initramfs, put a bind mount of the root on top of it and
+/// move into it (`mount --rbind / X; cd X; mount --move . /; chroot .`):
+/// the root is then an ordinary mount and containers can pivot away from
+/// it. Six system calls; nothing to do on any other root file system.
+pub fn make_root_pivotable() -> Result<(), InitError> {
+    let fs = nix::sys::statfs::statfs("/").map_err(|source| InitError::Pivotable {
+        step: "statfs /",
+        source,
+    })?;
+    #[allow(clippy::unnecessary_cast, reason = "the field's type differs between libcs")]
+    let magic = fs.filesystem_type().0 as i64;
+    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+        return Ok(());
+    }
+    let step = |step: &'static str| move |source| InitError::Pivotable { step, source };
+    match nix::unistd::mkdir(ROOT_BIND, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(e) => return Err(step("mkdir")(e)),
+    }
+    nix::mount::mount(
+        Some("/"),
+        ROOT_BIND,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(step("bind-mounting /"))?;
+    nix::unistd::chdir(ROOT_BIND).map_err(step("chdir"))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(step("moving the bind mount to /"))?;
+    nix::unistd::chroot(".").map_err(step("chroot"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+    Ok(())
 }
 
 /// Mounts [`MOUNTS`] and enables the cgroup controllers; returns what

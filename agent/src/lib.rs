@@ -8,14 +8,18 @@
 //!   routed by PID;
 //! - [`server`] and [`service`]: the ttrpc server and the Health and Agent
 //!   services;
+//! - [`container`]: OCI containers with libcontainer, their stdio streams
+//!   and exit statuses; [`sandbox`]: guest-wide setup;
 //! - [`shutdown`]: answering Shutdown, then rebooting the guest (or exiting
 //!   on the host).
 
 pub mod args;
+pub mod container;
 pub mod error;
 pub mod init;
 pub mod logging;
 pub mod reaper;
+pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -12,10 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use carapace_protocol::{AGENT_VSOCK_ADDRESS, API_VERSION};
+use carapace_protocol::{AGENT_VSOCK_ADDRESS, API_VERSION, VSOCK_HOST_CID};
 
 use carapace_agent::args::{self, Args};
+use carapace_agent::container::stdio::Dialer;
+use carapace_agent::container::{cgroup, ContainerManager, ManagerConfig};
 use carapace_agent::reaper::Reaper;
+use carapace_agent::sandbox::Sandbox;
 use carapace_agent::server::{self, AgentServer, ListenAddress};
 use carapace_agent::service::{AgentService, AGENT_VERSION};
 use carapace_agent::shutdown::{self, ShutdownTrigger};
@@ -29,6 +32,37 @@ const BIND_RETRY: Duration = Duration::from_millis(100);
 
 /// How long the host-mode agent waits for ttrpc's threads when stopping.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where container state lives unless `--state-dir` says otherwise.
+const DEFAULT_STATE_DIR: &str = "/run/carapace-agent";
+
+/// The Agent service with its container manager: stdio streams go where
+/// the listener is (vsock to the host, or `<unix socket>_<port>`).
+fn agent_service(
+    args: &Args,
+    address: &ListenAddress,
+    trigger: ShutdownTrigger,
+    reaper: Arc<Reaper>,
+    guest: bool,
+) -> AgentService {
+    let state_dir = std::path::PathBuf::from(args.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+    let dialer = match address {
+        ListenAddress::Vsock { .. } => Dialer::Vsock { cid: VSOCK_HOST_CID },
+        ListenAddress::Unix(path) => Dialer::Unix { base: path.into() },
+    };
+    // In the guest the sandbox's files are the guest's /etc; on a host the
+    // agent must not touch the host's.
+    let etc = if guest { "/etc".into() } else { state_dir.join("etc") };
+    let containers = Arc::new(ContainerManager::new(
+        ManagerConfig {
+            state_dir,
+            dialer,
+            cgroup_root: cgroup::CGROUP_ROOT.into(),
+        },
+        reaper,
+    ));
+    AgentService::new(trigger, containers, Sandbox::new(etc, guest))
+}
 
 fn main() -> ExitCode {
     let args = Args::parse(std::env::args_os().skip(1));
@@ -99,9 +133,12 @@ fn serve_signals(signals: &Signals, reaper: &Reaper) -> Instant {
 fn run_as_init(args: &Args) -> ! {
     // stderr is already the console if the initramfs has /dev/console.
     init_logging(args);
+    // First, before anything is mounted: containers pivot_root, which the
+    // initramfs's root refuses.
+    let pivot_error = init::make_root_pivotable().err();
     let init_errors = init::setup(&sys::LinuxSyscall);
     let console_error = init::ensure_console_stdio().err();
-    for e in init_errors.iter().chain(console_error.as_ref()) {
+    for e in pivot_error.iter().chain(&init_errors).chain(console_error.as_ref()) {
         tracing::warn!("guest setup: {e}");
     }
     if !args.unknown.is_empty() {
@@ -120,7 +157,7 @@ fn run_as_init(args: &Args) -> ! {
     };
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();
-    let agent = Arc::new(AgentService::new(trigger.clone(), reaper.clone()));
+    let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), true));
 
     let mut attempt = 1;
     let _server: AgentServer = loop {
@@ -167,7 +204,7 @@ fn run_on_host(args: &Args) -> anyhow::Result<()> {
     let signals = Signals::block_and_open()?;
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();
-    let agent = Arc::new(AgentService::new(trigger.clone(), reaper.clone()));
+    let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), false));
     let server = server::start(&address, agent)?;
     announce(&address);
 

@@ -152,22 +152,35 @@ impl Reaper {
 
     /// Reaps every child that has exited, without blocking, and dispatches
     /// the statuses; returns how many were reaped.
+    ///
+    /// The registry is held while reaping (not while dispatching): whoever
+    /// holds it (a container being created, whose library `waitpid`s its
+    /// own helper processes) keeps the reaper from reaping meanwhile.
     pub fn reap(&self) -> usize {
-        let mut reaped = 0;
-        loop {
-            match waitpid(Option::<Pid>::None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => break,
-                Ok(status) => {
-                    if let Some(exit) = ChildExit::from_wait_status(status) {
-                        reaped += 1;
-                        self.dispatch(exit);
+        let mut ready = Vec::new();
+        {
+            let mut registry = self.registry();
+            loop {
+                match waitpid(Option::<Pid>::None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => break,
+                    Ok(status) => {
+                        if let Some(exit) = ChildExit::from_wait_status(status) {
+                            ready.push((exit, registry.take(exit.pid)));
+                        }
+                    }
+                    Err(nix::Error::EINTR) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "waitpid failed");
+                        break;
                     }
                 }
-                Err(nix::Error::EINTR) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "waitpid failed");
-                    break;
-                }
+            }
+        }
+        let reaped = ready.len();
+        for (exit, handler) in ready {
+            match handler {
+                Some(handler) => handler(exit),
+                None => tracing::debug!(pid = exit.pid, status = ?exit.kind, "reaped unwatched child"),
             }
         }
         reaped

@@ -1,5 +1,5 @@
 //! The agent binary on the host, serving on a Unix socket
-//! (`--listen unix://...`): Health, an unimplemented Agent call, Shutdown.
+//! (`--listen unix://...`): Health, refused Agent calls, Shutdown.
 
 use std::io::{BufRead, BufReader};
 use std::os::linux::net::SocketAddrExt;
@@ -99,15 +99,15 @@ fn serves_health_refuses_unimplemented_and_shuts_down() {
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(version.api_version, API_VERSION);
 
-    // Calls of a later stage: UNIMPLEMENTED, and the agent keeps serving.
+    // Bad requests get a status, and the agent keeps serving.
     let err = agent
         .create_container(ctx(), &agent::CreateContainerRequest::new())
-        .expect_err("CreateContainer is not implemented yet");
-    assert_eq!(rpc_code(&err), Some(ttrpc::Code::UNIMPLEMENTED), "{err:?}");
+        .expect_err("CreateContainer without an id");
+    assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
     let err = agent
         .wait_process(ctx(), &agent::WaitProcessRequest::new())
-        .expect_err("WaitProcess is not implemented yet");
-    assert_eq!(rpc_code(&err), Some(ttrpc::Code::UNIMPLEMENTED), "{err:?}");
+        .expect_err("WaitProcess of no container");
+    assert_eq!(rpc_code(&err), Some(ttrpc::Code::NOT_FOUND), "{err:?}");
     health
         .check(ctx(), &health::CheckRequest::new())
         .expect("Check after errors");

@@ -1,0 +1,456 @@
+//! Reading the OCI spec the host sends: validation that names the field at
+//! fault, and the adjustments the agent makes before libcontainer sees it.
+//!
+//! Validation runs on the raw JSON first (so that an unknown namespace type
+//! is reported as `linux.namespaces[2].type`, not as a serde position),
+//! then the spec is parsed with oci-spec.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{Hooks, LinuxResources, Process, Spec};
+use serde_json::Value;
+
+/// Namespace types the OCI runtime spec defines (config-linux.md).
+const NAMESPACE_TYPES: &[&str] = &[
+    "pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time",
+];
+
+/// System calls newer than some libseccomp releases: a profile may name
+/// them (Docker's default does) even when the linked libseccomp cannot
+/// resolve them; like runc, such a rule is skipped. Any other name that
+/// libseccomp does not know is refused.
+const RECENT_SYSCALLS: &[&str] = &[
+    "cachestat",
+    "fchmodat2",
+    "map_shadow_stack",
+    "mseal",
+    "futex_wake",
+    "futex_wait",
+    "futex_requeue",
+    "statmount",
+    "listmount",
+    "lsm_get_self_attr",
+    "lsm_set_self_attr",
+    "lsm_list_modules",
+    "setxattrat",
+    "getxattrat",
+    "listxattrat",
+    "removexattrat",
+    "open_tree_attr",
+    "uretprobe",
+    "file_getattr",
+    "file_setattr",
+];
+
+/// A spec the agent refuses, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// The JSON path of the field (`process.cwd`, `linux.namespaces[1].type`).
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses and validates a full spec (config.json). `rootfs_override` is the
+/// request's rootfs path (empty = `root.path`); it must be an absolute
+/// path to an existing directory.
+pub fn parse_spec(json: &[u8], rootfs_override: &str) -> Result<(Spec, PathBuf), SpecError> {
+    let value: Value = serde_json::from_slice(json)
+        .map_err(|e| SpecError::new("oci_spec_json", format!("not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(SpecError::new("oci_spec_json", "not a JSON object"));
+    }
+    match value.get("ociVersion").and_then(Value::as_str) {
+        Some(v) if v.starts_with("1.") => {}
+        Some(v) => {
+            return Err(SpecError::new(
+                "ociVersion",
+                format!("unsupported version {v:?} (want 1.x)"),
+            ))
+        }
+        None => return Err(SpecError::new("ociVersion", "missing")),
+    }
+    match value.get("process") {
+        Some(process) => check_process(process, "process")?,
+        None => return Err(SpecError::new("process", "missing")),
+    }
+    if let Some(linux) = value.get("linux") {
+        check_linux(linux)?;
+    }
+
+    let rootfs = if rootfs_override.is_empty() {
+        match value.pointer("/root/path").and_then(Value::as_str) {
+            Some(p) => (PathBuf::from(p), "root.path"),
+            None => return Err(SpecError::new("root.path", "missing")),
+        }
+    } else {
+        (PathBuf::from(rootfs_override), "rootfs_path")
+    };
+    let (rootfs, rootfs_field) = rootfs;
+    if !rootfs.is_absolute() {
+        return Err(SpecError::new(
+            rootfs_field,
+            format!("{} is not an absolute path", rootfs.display()),
+        ));
+    }
+    match std::fs::metadata(&rootfs) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(SpecError::new(
+                rootfs_field,
+                format!("{} is not a directory", rootfs.display()),
+            ))
+        }
+        Err(e) => {
+            return Err(SpecError::new(
+                rootfs_field,
+                format!("{}: {e}", rootfs.display()),
+            ))
+        }
+    }
+
+    let spec: Spec = serde_json::from_value(value)
+        .map_err(|e| SpecError::new("oci_spec_json", e.to_string()))?;
+    if spec.linux().is_none() {
+        return Err(SpecError::new("linux", "missing (a Linux container needs it)"));
+    }
+    Ok((spec, rootfs))
+}
+
+/// Parses and validates an OCI `process` object (ExecProcess).
+pub fn parse_process(json: &[u8]) -> Result<Process, SpecError> {
+    let value: Value = serde_json::from_slice(json)
+        .map_err(|e| SpecError::new("process_json", format!("not valid JSON: {e}")))?;
+    check_process(&value, "process")?;
+    serde_json::from_value(value).map_err(|e| SpecError::new("process_json", e.to_string()))
+}
+
+/// Parses an OCI `linux.resources` object (UpdateContainer).
+pub fn parse_resources(json: &[u8]) -> Result<LinuxResources, SpecError> {
+    serde_json::from_slice(json).map_err(|e| SpecError::new("resources_json", e.to_string()))
+}
+
+fn check_process(process: &Value, at: &str) -> Result<(), SpecError> {
+    if !process.is_object() {
+        return Err(SpecError::new(at, "not an object"));
+    }
+    match process.get("args").and_then(Value::as_array) {
+        Some(args) if !args.is_empty() => {
+            for (i, arg) in args.iter().enumerate() {
+                if !arg.is_string() {
+                    return Err(SpecError::new(format!("{at}.args[{i}]"), "not a string"));
+                }
+            }
+            if args[0].as_str().is_some_and(str::is_empty) {
+                return Err(SpecError::new(format!("{at}.args[0]"), "empty"));
+            }
+        }
+        Some(_) => return Err(SpecError::new(format!("{at}.args"), "empty")),
+        None => return Err(SpecError::new(format!("{at}.args"), "missing")),
+    }
+    match process.get("cwd") {
+        Some(Value::String(cwd)) if cwd.starts_with('/') => {}
+        Some(Value::String(cwd)) => {
+            return Err(SpecError::new(
+                format!("{at}.cwd"),
+                format!("{cwd:?} is not an absolute path"),
+            ))
+        }
+        Some(_) => return Err(SpecError::new(format!("{at}.cwd"), "not a string")),
+        None => return Err(SpecError::new(format!("{at}.cwd"), "missing")),
+    }
+    Ok(())
+}
+
+fn check_linux(linux: &Value) -> Result<(), SpecError> {
+    if let Some(namespaces) = linux.get("namespaces") {
+        let namespaces = namespaces
+            .as_array()
+            .ok_or_else(|| SpecError::new("linux.namespaces", "not an array"))?;
+        let mut seen: Vec<&str> = Vec::new();
+        for (i, ns) in namespaces.iter().enumerate() {
+            let field = format!("linux.namespaces[{i}].type");
+            let ty = ns
+                .get("type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| SpecError::new(&field, "missing"))?;
+            if !NAMESPACE_TYPES.contains(&ty) {
+                return Err(SpecError::new(
+                    field,
+                    format!("unknown namespace type {ty:?} (want one of {NAMESPACE_TYPES:?})"),
+                ));
+            }
+            if seen.contains(&ty) {
+                return Err(SpecError::new(field, format!("namespace {ty:?} given twice")));
+            }
+            seen.push(ty);
+            if let Some(path) = ns.get("path").and_then(Value::as_str) {
+                if !path.is_empty() && !Path::new(path).exists() {
+                    return Err(SpecError::new(
+                        format!("linux.namespaces[{i}].path"),
+                        format!("{path} does not exist"),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(seccomp) = linux.get("seccomp") {
+        check_seccomp(seccomp)?;
+    }
+    Ok(())
+}
+
+fn check_seccomp(seccomp: &Value) -> Result<(), SpecError> {
+    let Some(syscalls) = seccomp.get("syscalls") else {
+        return Ok(());
+    };
+    let syscalls = syscalls
+        .as_array()
+        .ok_or_else(|| SpecError::new("linux.seccomp.syscalls", "not an array"))?;
+    for (i, rule) in syscalls.iter().enumerate() {
+        let names = rule
+            .get("names")
+            .and_then(Value::as_array)
+            .ok_or_else(|| SpecError::new(format!("linux.seccomp.syscalls[{i}].names"), "missing"))?;
+        for (j, name) in names.iter().enumerate() {
+            let field = format!("linux.seccomp.syscalls[{i}].names[{j}]");
+            let name = name
+                .as_str()
+                .ok_or_else(|| SpecError::new(&field, "not a string"))?;
+            if RECENT_SYSCALLS.contains(&name) {
+                continue;
+            }
+            if libseccomp::ScmpSyscall::from_name(name).is_err() {
+                return Err(SpecError::new(
+                    field,
+                    format!("unknown system call {name:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where the container's cgroup goes: an absolute `linux.cgroupsPath`
+/// as given, a relative one under `/`, none (or a systemd-style
+/// `slice:prefix:name`, which the guest has no systemd for) as
+/// `/carapace/<id>`.
+pub fn cgroup_path(spec: &Spec, id: &str) -> PathBuf {
+    let given = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .filter(|p| !p.as_os_str().is_empty() && !p.to_string_lossy().contains(':'));
+    match given {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => Path::new("/").join(p),
+        None => PathBuf::from(format!("/carapace/{id}")),
+    }
+}
+
+/// Whether the spec asks for a new mount namespace (without one,
+/// libcontainer chroots and its mounts land in the agent's namespace).
+pub fn has_mount_namespace(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|nss| {
+            nss.iter().any(|ns| {
+                ns.typ() == oci_spec::runtime::LinuxNamespaceType::Mount && ns.path().is_none()
+            })
+        })
+}
+
+/// The spec as libcontainer gets it:
+/// - `root.path` is the resolved rootfs;
+/// - `linux.cgroupsPath` is absolute ([`cgroup_path`]): libcontainer's
+///   cgroup v2 manager then never asks for systemd;
+/// - `process.noNewPrivileges: false` becomes absent (the same meaning;
+///   libcontainer then loads seccomp before dropping capabilities, which a
+///   profile needs when CAP_SYS_ADMIN is dropped);
+/// - only the hooks that run in the container namespace stay
+///   (createContainer, startContainer): prestart, createRuntime,
+///   poststart and poststop run in the runtime namespace, on the host, and
+///   are the host runtime's to run.
+pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path) {
+    let cgroup = cgroup_path(spec, id);
+    if let Some(root) = spec.root_mut() {
+        root.set_path(rootfs.to_path_buf());
+    } else {
+        let mut root = oci_spec::runtime::Root::default();
+        root.set_path(rootfs.to_path_buf());
+        root.set_readonly(Some(false));
+        spec.set_root(Some(root));
+    }
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_cgroups_path(Some(cgroup));
+    }
+    if let Some(process) = spec.process_mut() {
+        normalize_process(process);
+    }
+    if let Some(hooks) = spec.hooks().clone() {
+        let mut kept = Hooks::default();
+        kept.set_create_container(hooks.create_container().clone());
+        kept.set_start_container(hooks.start_container().clone());
+        for (name, dropped) in [
+            ("prestart", hooks.prestart()),
+            ("createRuntime", hooks.create_runtime()),
+            ("poststart", hooks.poststart()),
+            ("poststop", hooks.poststop()),
+        ] {
+            if dropped.as_ref().is_some_and(|h| !h.is_empty()) {
+                tracing::debug!(hook = name, "runtime-namespace hooks are the host's; not run in the guest");
+            }
+        }
+        spec.set_hooks(Some(kept));
+    }
+}
+
+/// `noNewPrivileges: false` → absent (see [`prepare_for_libcontainer`]).
+pub fn normalize_process(process: &mut Process) {
+    if process.no_new_privileges() == Some(false) {
+        process.set_no_new_privileges(None);
+    }
+}
+
+/// The resources a spec sets that need a cgroup v2 controller, by
+/// controller name.
+pub fn needed_controllers(resources: &LinuxResources) -> Vec<&'static str> {
+    let mut needed = Vec::new();
+    if resources.memory().is_some() {
+        needed.push("memory");
+    }
+    if let Some(cpu) = resources.cpu() {
+        if cpu.shares().is_some() || cpu.quota().is_some() || cpu.period().is_some() {
+            needed.push("cpu");
+        }
+        if cpu.cpus().is_some() || cpu.mems().is_some() {
+            needed.push("cpuset");
+        }
+    }
+    if resources.pids().is_some() {
+        needed.push("pids");
+    }
+    if resources
+        .block_io()
+        .as_ref()
+        .is_some_and(|b| b.weight().is_some() || b.weight_device().is_some())
+    {
+        needed.push("io");
+    }
+    needed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_json(rootfs: &Path, patch: impl FnOnce(&mut Value)) -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": rootfs},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
+        });
+        patch(&mut v);
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    #[test]
+    fn accepts_a_good_spec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut spec, rootfs) = parse_spec(&spec_json(dir.path(), |_| {}), "").expect("valid");
+        assert_eq!(rootfs, dir.path());
+        assert!(has_mount_namespace(&spec));
+        prepare_for_libcontainer(&mut spec, "c1", &rootfs);
+        assert_eq!(
+            spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
+            Some(PathBuf::from("/carapace/c1"))
+        );
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+            (Box::new(|v| v["process"]["args"] = serde_json::json!([])), "process.args"),
+            (
+                Box::new(|v| v["process"].as_object_mut().map(|p| p.remove("args")).map(drop).unwrap_or(())),
+                "process.args",
+            ),
+            (Box::new(|v| v["process"]["cwd"] = "tmp".into()), "process.cwd"),
+            (
+                Box::new(|v| v["linux"]["namespaces"][1]["type"] = "bogus".into()),
+                "linux.namespaces[1].type",
+            ),
+            (
+                Box::new(|v| {
+                    v["linux"]["seccomp"] = serde_json::json!({
+                        "defaultAction": "SCMP_ACT_ALLOW",
+                        "syscalls": [{"names": ["getpid", "no_such_call"], "action": "SCMP_ACT_ERRNO"}]
+                    })
+                }),
+                "linux.seccomp.syscalls[0].names[1]",
+            ),
+            (Box::new(|v| v["root"]["path"] = "/nonexistent/rootfs".into()), "root.path"),
+            (Box::new(|v| v["ociVersion"] = "2.0.0".into()), "ociVersion"),
+            (Box::new(|v| v["process"]["user"] = "root".into()), "oci_spec_json"),
+        ];
+        for (patch, field) in cases {
+            let err = parse_spec(&spec_json(dir.path(), patch), "").expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+        let err = parse_spec(&spec_json(dir.path(), |_| {}), "relative").expect_err("relative");
+        assert_eq!(err.field, "rootfs_path");
+        let err = parse_spec(b"{", "").expect_err("bad json");
+        assert_eq!(err.field, "oci_spec_json");
+    }
+
+    #[test]
+    fn recent_syscalls_are_tolerated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        parse_spec(
+            &spec_json(dir.path(), |v| {
+                v["linux"]["seccomp"] = serde_json::json!({
+                    "defaultAction": "SCMP_ACT_ALLOW",
+                    "syscalls": [{"names": ["cachestat"], "action": "SCMP_ACT_ERRNO"}]
+                })
+            }),
+            "",
+        )
+        .expect("a newer syscall name is skipped, not refused");
+    }
+
+    #[test]
+    fn prepares_hooks_nnp_and_cgroups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = spec_json(dir.path(), |v| {
+            v["process"]["noNewPrivileges"] = false.into();
+            v["linux"]["cgroupsPath"] = "pods/c2".into();
+            v["hooks"] = serde_json::json!({
+                "prestart": [{"path": "/bin/true"}],
+                "createContainer": [{"path": "/bin/true"}],
+                "startContainer": [{"path": "/bin/true"}],
+                "poststop": [{"path": "/bin/true"}]
+            });
+        });
+        let (mut spec, rootfs) = parse_spec(&json, "").expect("valid");
+        prepare_for_libcontainer(&mut spec, "c2", &rootfs);
+        assert_eq!(cgroup_path(&spec, "c2"), PathBuf::from("/pods/c2"));
+        let process = spec.process().as_ref().expect("process");
+        assert_eq!(process.no_new_privileges(), None);
+        let hooks = spec.hooks().as_ref().expect("hooks");
+        assert!(hooks.prestart().is_none() && hooks.poststop().is_none());
+        assert_eq!(hooks.create_container().as_ref().map(Vec::len), Some(1));
+        assert_eq!(hooks.start_container().as_ref().map(Vec::len), Some(1));
+    }
+}

@@ -1,0 +1,271 @@
+//! CreateSandbox and DestroySandbox: the guest-wide setup before the first
+//! container (hostname, DNS files, the host's shared file systems,
+//! sysctls, the wall clock) and its undoing.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use carapace_protocol::agent;
+use nix::mount::MsFlags;
+use ttrpc::Code;
+
+/// Why a sandbox call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid argument: {field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting {tag:?} on {}: {source}", target.display())]
+    Mount {
+        tag: String,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl SandboxError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Invalid { .. } => Code::INVALID_ARGUMENT,
+            Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            Self::Io { .. } | Self::Mount { .. } => Code::INTERNAL,
+        }
+    }
+
+    fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<SandboxError> for ttrpc::Error {
+    fn from(e: SandboxError) -> Self {
+        carapace_protocol::rpc_error(e.code(), e.to_string())
+    }
+}
+
+/// Where /etc lives (the guest's own; tests point elsewhere).
+#[derive(Debug)]
+pub struct Sandbox {
+    etc: PathBuf,
+    /// Whether to change the host-wide things (hostname, clock, mounts):
+    /// only in the guest, never when the agent serves on a host.
+    guest: bool,
+    mounted: Mutex<Option<Vec<PathBuf>>>,
+}
+
+/// Mount options of mount(8) -o: flags, and the rest as data.
+pub fn mount_options(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "suid" => flags &= !MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "dev" => flags &= !MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "exec" => flags &= !MsFlags::MS_NOEXEC,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "defaults" | "" => {}
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data.join(","))
+}
+
+impl Sandbox {
+    pub fn new(etc: PathBuf, guest: bool) -> Self {
+        Self {
+            etc,
+            guest,
+            mounted: Mutex::new(None),
+        }
+    }
+
+    /// CreateSandbox.
+    pub fn create(&self, req: &agent::CreateSandboxRequest) -> Result<agent::CreateSandboxResponse, SandboxError> {
+        let _span = tracing::info_span!("create_sandbox", id = %req.sandbox_id).entered();
+        let mut mounted = self.mounted.lock().unwrap_or_else(PoisonError::into_inner);
+        if mounted.is_some() {
+            return Err(SandboxError::FailedPrecondition("the sandbox already exists".into()));
+        }
+        for (i, fs) in req.shared_fs.iter().enumerate() {
+            if fs.tag.is_empty() {
+                return Err(SandboxError::Invalid {
+                    field: format!("shared_fs[{i}].tag"),
+                    message: "empty".into(),
+                });
+            }
+            if !fs.mount_point.starts_with('/') {
+                return Err(SandboxError::Invalid {
+                    field: format!("shared_fs[{i}].mount_point"),
+                    message: format!("{:?} is not an absolute path", fs.mount_point),
+                });
+            }
+        }
+        if let Some(settings) = req.settings.as_ref() {
+            for key in settings.sysctls.keys() {
+                if key.is_empty() || key.contains("..") || key.contains('/') {
+                    return Err(SandboxError::Invalid {
+                        field: format!("settings.sysctls[{key:?}]"),
+                        message: "not a sysctl name".into(),
+                    });
+                }
+            }
+        }
+
+        if !req.hostname.is_empty() {
+            if self.guest {
+                nix::unistd::sethostname(&req.hostname)
+                    .map_err(|e| SandboxError::io("sethostname", e.into()))?;
+            }
+            self.write_etc("hostname", format!("{}\n", req.hostname).as_bytes())?;
+        }
+        if !req.resolv_conf.is_empty() {
+            self.write_etc("resolv.conf", &req.resolv_conf)?;
+        }
+        if !req.hosts.is_empty() {
+            self.write_etc("hosts", &req.hosts)?;
+        }
+
+        let mut done = Vec::new();
+        for fs in &req.shared_fs {
+            let target = PathBuf::from(&fs.mount_point);
+            std::fs::create_dir_all(&target)
+                .map_err(|e| SandboxError::io(format!("creating {}", target.display()), e))?;
+            let fstype = if fs.fs_type.is_empty() { "virtiofs" } else { fs.fs_type.as_str() };
+            let (flags, data) = mount_options(&fs.options);
+            let data = (!data.is_empty()).then_some(data.as_str());
+            let result = nix::mount::mount(Some(fs.tag.as_str()), &target, Some(fstype), flags, data);
+            if let Err(source) = result {
+                for t in done.iter().rev() {
+                    let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+                }
+                return Err(SandboxError::Mount {
+                    tag: fs.tag.clone(),
+                    target,
+                    source,
+                });
+            }
+            tracing::info!(tag = %fs.tag, target = %target.display(), "shared file system mounted");
+            done.push(target);
+        }
+
+        if let Some(settings) = req.settings.as_ref() {
+            for (key, value) in &settings.sysctls {
+                let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+                std::fs::write(&path, value.as_bytes())
+                    .map_err(|e| SandboxError::io(format!("sysctl {key}"), e))?;
+            }
+            if settings.wall_clock_unix_nano != 0 && self.guest {
+                set_clock(settings.wall_clock_unix_nano)?;
+            }
+            if settings.shared_pid_namespace {
+                tracing::warn!("shared_pid_namespace is not supported yet; containers get their own");
+            }
+        }
+        *mounted = Some(done);
+
+        let mut resp = agent::CreateSandboxResponse::new();
+        resp.kernel_release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(resp)
+    }
+
+    /// DestroySandbox; `containers` is how many containers still exist.
+    pub fn destroy(&self, containers: usize) -> Result<(), SandboxError> {
+        if containers > 0 {
+            return Err(SandboxError::FailedPrecondition(format!(
+                "{containers} container(s) still exist; remove them first"
+            )));
+        }
+        let mut mounted = self.mounted.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(targets) = mounted.take() else {
+            return Ok(());
+        };
+        for t in targets.iter().rev() {
+            if let Err(e) = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(target = %t.display(), error = %e, "unmounting a shared file system");
+            }
+        }
+        Ok(())
+    }
+
+    fn write_etc(&self, name: &str, data: &[u8]) -> Result<(), SandboxError> {
+        let path = self.etc.join(name);
+        std::fs::create_dir_all(&self.etc)
+            .map_err(|e| SandboxError::io(format!("creating {}", self.etc.display()), e))?;
+        std::fs::write(&path, data).map_err(|e| SandboxError::io(format!("writing {}", path.display()), e))
+    }
+}
+
+fn set_clock(unix_nano: i64) -> Result<(), SandboxError> {
+    let ts = libc::timespec {
+        tv_sec: unix_nano.div_euclid(1_000_000_000),
+        tv_nsec: unix_nano.rem_euclid(1_000_000_000),
+    };
+    // SAFETY: clock_settime reads the timespec we pass by valid pointer.
+    let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
+    if rc != 0 {
+        return Err(SandboxError::io("setting the wall clock", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let (flags, data) = mount_options(&["ro".into(), "nodev".into(), "dax=never".into(), "x".into()]);
+        assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NODEV);
+        assert_eq!(data, "dax=never,x");
+    }
+
+    #[test]
+    fn writes_etc_files_and_refuses_bad_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sandbox = Sandbox::new(dir.path().join("etc"), false);
+        let mut req = agent::CreateSandboxRequest::new();
+        req.hostname = "pod".into();
+        req.resolv_conf = b"nameserver 10.0.0.1\n".to_vec();
+        let mut bad = req.clone();
+        let mut fs = agent::SharedFs::new();
+        fs.tag = "t".into();
+        fs.mount_point = "relative".into();
+        bad.shared_fs.push(fs);
+        let err = sandbox.create(&bad).expect_err("relative mount point");
+        assert_eq!(err.code(), Code::INVALID_ARGUMENT);
+        assert!(err.to_string().contains("shared_fs[0].mount_point"), "{err}");
+
+        let resp = sandbox.create(&req).expect("create");
+        assert!(!resp.kernel_release.is_empty());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/hostname")).expect("hostname"),
+            "pod\n"
+        );
+        assert!(dir.path().join("etc/resolv.conf").exists());
+        assert_eq!(sandbox.create(&req).expect_err("twice").code(), Code::FAILED_PRECONDITION);
+        assert_eq!(sandbox.destroy(1).expect_err("containers left").code(), Code::FAILED_PRECONDITION);
+        sandbox.destroy(0).expect("destroy");
+    }
+}
