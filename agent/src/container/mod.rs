@@ -68,6 +68,8 @@ pub enum ContainerError {
     NotFound(String),
     #[error("process {exec_id:?} of container {id:?} not found")]
     ProcessNotFound { id: String, exec_id: String },
+    #[error("process {exec_id:?} of container {id:?} has already exited")]
+    ProcessExited { id: String, exec_id: String },
     #[error("{0} already exists")]
     AlreadyExists(String),
     #[error("{0}")]
@@ -94,7 +96,7 @@ impl ContainerError {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidSpec(_) | Self::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-            Self::NotFound(_) | Self::ProcessNotFound { .. } => Code::NOT_FOUND,
+            Self::NotFound(_) | Self::ProcessNotFound { .. } | Self::ProcessExited { .. } => Code::NOT_FOUND,
             Self::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Self::Libcontainer { invalid: true, .. } => Code::INVALID_ARGUMENT,
@@ -722,9 +724,9 @@ impl ContainerManager {
         }
         let process = c.process(&req.exec_id)?;
         if process.has_exited() {
-            return Err(ContainerError::ProcessNotFound {
+            return Err(ContainerError::ProcessExited {
                 id: c.id.clone(),
-                exec_id: format!("{} (it has exited)", req.exec_id),
+                exec_id: req.exec_id.clone(),
             });
         }
         match kill(Pid::from_raw(process.pid()), signal) {
