@@ -1,1 +1,187 @@
-fn main() {}
+//! `carapace-vmm`: runs one microVM from flags or a JSON config.
+//!
+//! Exit codes: 0 the guest rebooted (a clean end), 1 bad config / setup
+//! failure, 2 bad usage, 3 guest triple fault, 4 KVM could not run the guest
+//! (emulation failure etc., details on stderr), 5 VMM failure while
+//! running, 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP).
+//! SIGUSR1 prints every vCPU's registers and code bytes to stderr.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
+use carapace_vmm::{SerialOutput, VmConfig, VmExit, Vmm, VsockConfig};
+use clap::Parser;
+
+/// Runs a Linux microVM on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "carapace-vmm", version, about)]
+struct Cli {
+    /// Read the whole VM config from this JSON file (excludes the other VM flags).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_mib", "serial", "vsock_uds", "cid"])]
+    config: Option<PathBuf>,
+    /// Uncompressed guest kernel (vmlinux ELF).
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// Initramfs (uncompressed cpio is fastest).
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Extra kernel command line, appended to the VMM's own.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest RAM in MiB (at least 64).
+    #[arg(long = "mem-mib", default_value_t = 256)]
+    mem_mib: u32,
+    /// Serial console output: a file path, `stdout` or `none`.
+    #[arg(long, value_name = "PATH|stdout|none", default_value = "stdout")]
+    serial: SerialOutput,
+    /// Hybrid-vsock Unix socket to listen on (enables the vsock device).
+    #[arg(long = "vsock-uds", value_name = "PATH", requires = "cid")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID (>= 3).
+    #[arg(long, value_name = "N", requires = "vsock_uds")]
+    cid: Option<u64>,
+}
+
+impl Cli {
+    fn into_config(self) -> Result<VmConfig, carapace_vmm::ConfigError> {
+        if let Some(path) = self.config {
+            return VmConfig::from_file(&path);
+        }
+        Ok(VmConfig {
+            // clap guarantees --kernel when --config is absent.
+            kernel: self.kernel.unwrap_or_default(),
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            serial: self.serial,
+            vsock: match (self.vsock_uds, self.cid) {
+                (Some(uds_path), Some(guest_cid)) => Some(VsockConfig { uds_path, guest_cid }),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// The signals that stop the VM cleanly, and SIGUSR1 (dump the vCPUs).
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
+
+fn stop_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in STOP_SIGNALS {
+        // SAFETY: `set` is initialized and `s` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+/// Blocks the stop signals in this thread (and so in every thread it starts
+/// later); a dedicated thread collects them with sigwait.
+fn block_stop_signals() -> anyhow::Result<()> {
+    let set = stop_sigset();
+    // SAFETY: `set` is a valid sigset_t; the old mask is not requested.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        anyhow::bail!("cannot block signals: {}", std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Turns the first stop signal into a VM exit.
+fn spawn_signal_thread(exit: carapace_vmm::ExitSender) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let set = stop_sigset();
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` and `sig` are valid for the call; the signals are blocked in all threads.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                if sig == libc::SIGUSR1 {
+                    exit.request_dump();
+                } else {
+                    tracing::info!(signal = sig, "stop requested");
+                    exit.send(VmExit::Signal(sig));
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// The message of an error and its causes, skipping causes already quoted.
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !line.contains(&m) {
+            line.push_str(": ");
+            line.push_str(&m);
+        }
+        cur = s.source();
+    }
+    line
+}
+
+fn run(config: VmConfig) -> anyhow::Result<i32> {
+    let vmm = match Vmm::new(&config) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("carapace-vmm: error: {}", one_line(&e));
+            return Ok(EXIT_SETUP_ERROR);
+        }
+    };
+    spawn_signal_thread(vmm.exit_sender())?;
+    let exit = vmm.run().context("running the VM")?;
+    match exit {
+        VmExit::GuestReset => tracing::info!("{exit}"),
+        // The vCPU that stopped already described the failure on stderr.
+        VmExit::TripleFault { .. } | VmExit::KvmError { .. } | VmExit::VmmError { .. } => {}
+        VmExit::Signal(_) => eprintln!("carapace-vmm: {exit}"),
+    }
+    Ok(exit.exit_code())
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CARAPACE_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let code = (|| -> anyhow::Result<i32> {
+        block_stop_signals()?;
+        let config = match cli.into_config() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("carapace-vmm: error: {}", one_line(&e));
+                return Ok(EXIT_SETUP_ERROR);
+            }
+        };
+        run(config)
+    })()
+    .unwrap_or_else(|e| {
+        eprintln!("carapace-vmm: error: {e:#}");
+        EXIT_SETUP_ERROR
+    });
+    std::process::exit(code);
+}

@@ -1,0 +1,92 @@
+//! Why a VM stopped, and the channel through which vCPUs, devices and the
+//! binary's signal handler report it.
+
+use std::sync::mpsc;
+
+/// Process exit code: the guest rebooted/powered off (a clean end).
+pub const EXIT_OK: i32 = 0;
+/// Process exit code: bad configuration or the VM could not be set up.
+pub const EXIT_SETUP_ERROR: i32 = 1;
+/// Process exit code: bad command-line usage (clap's own code).
+pub const EXIT_USAGE: i32 = 2;
+/// Process exit code: the guest triple-faulted (KVM_EXIT_SHUTDOWN): a guest crash.
+pub const EXIT_TRIPLE_FAULT: i32 = 3;
+/// Process exit code: KVM could not run the guest (internal error, emulation
+/// failure, failed entry, unexpected exit).
+pub const EXIT_KVM_ERROR: i32 = 4;
+/// Process exit code: a VMM thread failed while the guest ran.
+pub const EXIT_VMM_ERROR: i32 = 5;
+/// Process exit code base for "stopped by signal N": 128 + N.
+pub const EXIT_SIGNAL_BASE: i32 = 128;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked for a reset (i8042 0xfe, `reboot=k`) or a power-off.
+    GuestReset,
+    /// A vCPU triple-faulted.
+    TripleFault { cpu: u8 },
+    /// KVM reported an error running a vCPU (described on stderr already).
+    KvmError { cpu: u8, reason: String },
+    /// A vCPU thread hit a host-side error (e.g. KVM_RUN failed).
+    VmmError { cpu: u8, reason: String },
+    /// The VMM was asked to stop (SIGTERM, SIGINT, ...).
+    Signal(i32),
+}
+
+impl VmExit {
+    /// The process exit code for this end.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::GuestReset => EXIT_OK,
+            VmExit::TripleFault { .. } => EXIT_TRIPLE_FAULT,
+            VmExit::KvmError { .. } => EXIT_KVM_ERROR,
+            VmExit::VmmError { .. } => EXIT_VMM_ERROR,
+            VmExit::Signal(n) => EXIT_SIGNAL_BASE + n,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::GuestReset => write!(f, "the guest rebooted"),
+            VmExit::TripleFault { cpu } => write!(f, "guest crash: vCPU {cpu} triple-faulted (KVM_EXIT_SHUTDOWN)"),
+            VmExit::KvmError { cpu, reason } => write!(f, "KVM error on vCPU {cpu}: {reason}"),
+            VmExit::VmmError { cpu, reason } => write!(f, "VMM error on vCPU {cpu}: {reason}"),
+            VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
+        }
+    }
+}
+
+/// What the VM's owner is told by vCPUs, devices and signal handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The VM must stop.
+    Exit(VmExit),
+    /// Print every vCPU's registers and code bytes to stderr (debugging aid).
+    DumpVcpus,
+}
+
+/// Reports a [`VmExit`] (the first report wins) or asks for a vCPU dump.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ExitSender(mpsc::Sender<VmEvent>);
+
+impl ExitSender {
+    /// A sender and the receiver the VM's owner waits on.
+    pub fn channel() -> (ExitSender, mpsc::Receiver<VmEvent>) {
+        let (tx, rx) = mpsc::channel();
+        (ExitSender(tx), rx)
+    }
+
+    /// Reports `exit`. Ignored once the VM is gone.
+    pub fn send(&self, exit: VmExit) {
+        let _ = self.0.send(VmEvent::Exit(exit));
+    }
+
+    /// Asks every vCPU to describe itself on stderr, without stopping.
+    pub fn request_dump(&self) {
+        let _ = self.0.send(VmEvent::DumpVcpus);
+    }
+}

@@ -1,0 +1,393 @@
+//! The VM: KVM, guest memory, devices, boot loading, and the vCPU threads.
+//!
+//! [`Vmm::new`] validates the config and builds everything (nothing runs
+//! yet); [`Vmm::run`] starts the vCPUs, waits for the first [`VmExit`],
+//! stops every vCPU thread and drops the devices (the vsock device removes
+//! its socket then).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use tracing::{debug, info, info_span, warn};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::{self, boot, cpuid, layout, mptable, paging, regs};
+use crate::bus::{Bus, BusError};
+use crate::cmdline::{self, CmdlineError, HostKind, MmioSlot};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::legacy::{open_sink, SerialDevice, SerialError, I8042};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::exit::{ExitSender, VmEvent, VmExit};
+use crate::vcpu::Vcpu;
+
+/// Offset of QueueNotify in a virtio-mmio window.
+const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+/// How long stopping may wait for a vCPU thread before giving up on it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("vsock: {0}")]
+    Vsock(#[from] VsockError),
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM on this host lacks {0}")]
+    MissingCap(&'static str),
+    #[error("vcpus {want}: this host's KVM allows at most {max}")]
+    TooManyVcpus { want: u8, max: usize },
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Memory {
+        mib: u32,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error(transparent)]
+    Load(#[from] boot::LoadError),
+    #[error(transparent)]
+    Tables(#[from] arch::TableError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("too many virtio devices (no MMIO slot/GSI left)")]
+    TooManyDevices,
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start vCPU thread {cpu}: {source}")]
+    SpawnVcpu {
+        cpu: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// A built VM, ready to [`run`](Vmm::run).
+#[derive(Debug)]
+pub struct Vmm {
+    host: HostKind,
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    slots: Vec<MmioSlot>,
+    vcpus: Vec<VcpuFd>,
+    cmdline: String,
+    exit_tx: ExitSender,
+    exit_rx: Receiver<VmEvent>,
+}
+
+impl Vmm {
+    /// Validates `config` and builds the VM: KVM, memory, devices, the
+    /// loaded guest and configured vCPUs. On error nothing is left behind.
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        Self::with_host(config, HostKind::detect())
+    }
+
+    /// [`Vmm::new`] for an explicitly given host kind.
+    pub fn with_host(config: &VmConfig, host: HostKind) -> Result<Self, VmmError> {
+        let _span = info_span!("vmm_new", vcpus = config.vcpus, mem_mib = config.mem_mib).entered();
+        config.validate()?;
+        // Host resources that can fail on user input come first: before any KVM work.
+        let sink = open_sink(&config.serial)?;
+        let vsock = match &config.vsock {
+            Some(v) => Some(Vsock::new(v.guest_cid, v.uds_path.clone())?),
+            None => None,
+        };
+        info!(?host, "host KVM kind");
+
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max {
+            return Err(VmmError::TooManyVcpus { want: config.vcpus, max });
+        }
+        for (cap, name) in [(Cap::Irqchip, "KVM_CAP_IRQCHIP"), (Cap::Irqfd, "KVM_CAP_IRQFD"), (Cap::Pit2, "KVM_CAP_PIT2")] {
+            if !kvm.check_extension(cap) {
+                return Err(VmmError::MissingCap(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mem = Self::create_memory(&vm, config)?;
+        {
+            let _s = info_span!("irqchip").entered();
+            vm.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+            vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        }
+        let (exit_tx, exit_rx) = ExitSender::channel();
+        let mut vmm = Vmm {
+            host,
+            kvm,
+            vm,
+            mem,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            slots: Vec::new(),
+            vcpus: Vec::new(),
+            cmdline: String::new(),
+            exit_tx,
+            exit_rx,
+        };
+        vmm.add_legacy_devices(sink)?;
+        if let Some(v) = vsock {
+            vmm.add_virtio_device(Box::new(v))?;
+        }
+        vmm.cmdline = cmdline::build(vmm.host, &vmm.slots, &config.cmdline)?;
+        info!(cmdline = %vmm.cmdline, "kernel command line");
+        let entry = vmm.load_guest(config)?;
+        vmm.create_vcpus(config.vcpus, entry, config.mem_bytes())?;
+        Ok(vmm)
+    }
+
+    fn create_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, VmmError> {
+        let _s = info_span!("memory").entered();
+        let mut ranges = Vec::new();
+        for (addr, len) in layout::ram_regions(config.mem_bytes()) {
+            let len = usize::try_from(len).map_err(|_| VmmError::Memory {
+                mib: config.mem_mib,
+                source: vm_memory::mmap::FromRangesError::InvalidGuestRegion,
+            })?;
+            ranges.push((addr, len));
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
+            .map_err(|source| VmmError::Memory { mib: config.mem_mib, source })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region.as_ptr();
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range [userspace_addr, +memory_size) is a live
+            // mmap owned by `mem`, which the Vmm keeps alive for as long as
+            // the VM (and so the slot) exists; slots do not overlap.
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(mem)
+    }
+
+    fn add_legacy_devices(&mut self, sink: Box<dyn std::io::Write + Send>) -> Result<(), VmmError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        self.vm.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, sink)));
+        self.pio.insert(u64::from(layout::SERIAL_PORT), 8, serial)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(self.exit_tx.clone())));
+        self.pio.insert(u64::from(layout::I8042_PORT), I8042::PORTS, i8042)?;
+        Ok(())
+    }
+
+    /// Puts a virtio device on the next virtio-mmio slot: irqfd on its GSI,
+    /// ioeventfds for its queue notifications, and an entry for the command line.
+    pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
+        let (addr, gsi) = layout::virtio_slot(self.slots.len()).ok_or(VmmError::TooManyDevices)?;
+        let _s = info_span!("virtio_device", kind = device.device_type(), addr, gsi).entered();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        self.vm.register_irqfd(&irq, gsi).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+        let interrupt = Arc::new(Interrupt::new(irq));
+        let transport = MmioTransport::new(self.mem.clone(), device, interrupt);
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(addr + VIRTIO_MMIO_QUEUE_NOTIFY);
+            if let Err(e) = self.vm.register_ioevent(evt, &notify, i as u32) {
+                // The transport signals the same eventfd itself on QueueNotify.
+                warn!("virtio-mmio at {addr:#x}: no ioeventfd for queue {i} ({e}); notifications exit to the VMM");
+            }
+        }
+        self.mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.slots.push(MmioSlot { addr, gsi, size: layout::VIRTIO_MMIO_SIZE });
+        Ok(())
+    }
+
+    /// Loads kernel, initramfs, command line and the boot tables; returns the entry point.
+    fn load_guest(&self, config: &VmConfig) -> Result<u64, VmmError> {
+        let _s = info_span!("load_guest").entered();
+        let mem_bytes = config.mem_bytes();
+        let kernel = boot::load_kernel(&self.mem, &config.kernel, mem_bytes)?;
+        debug!(entry = kernel.entry, end = kernel.end, "kernel loaded");
+        let initrd = match &config.initramfs {
+            Some(p) => {
+                let rd = boot::load_initrd(&self.mem, p, kernel.end, mem_bytes)?;
+                debug!(addr = rd.addr, size = rd.size, "initramfs loaded");
+                Some(rd)
+            }
+            None => None,
+        };
+        let len = boot::write_cmdline(&self.mem, &self.cmdline)?;
+        boot::write_boot_params(&self.mem, &boot::boot_params(mem_bytes, len, initrd))?;
+        arch::gdt::write_gdt_idt(&self.mem)?;
+        mptable::write(&self.mem, config.vcpus)?;
+        Ok(kernel.entry)
+    }
+
+    fn create_vcpus(&mut self, count: u8, entry: u64, mem_bytes: u64) -> Result<(), VmmError> {
+        let _s = info_span!("vcpus", count).entered();
+        let base_cpuid =
+            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cr3 = paging::write_page_tables(&self.mem, layout::low_ram_end(mem_bytes))?;
+        for id in 0..count {
+            let fd = self.vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut cpuid = base_cpuid.clone();
+            cpuid::patch_entries(cpuid.as_mut_slice(), id, count, self.host == HostKind::Pvm);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            regs::setup_msrs(&fd, id)?;
+            regs::setup_fpu(&fd, id)?;
+            regs::setup_lapic(&fd, id)?;
+            if id == 0 {
+                regs::setup_boot_cpu(&fd, entry, cr3)?;
+            }
+            self.vcpus.push(fd);
+        }
+        Ok(())
+    }
+
+    /// The kernel command line the guest gets.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The host kind the command line was built for.
+    pub fn host(&self) -> HostKind {
+        self.host
+    }
+
+    /// The guest's memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// A handle to stop the VM from elsewhere (e.g. on SIGTERM):
+    /// `exit_sender().send(VmExit::Signal(15))`.
+    pub fn exit_sender(&self) -> ExitSender {
+        self.exit_tx.clone()
+    }
+
+    /// Runs the guest until it reboots, crashes or is stopped; then stops
+    /// all vCPU threads and drops the devices. Returns why it ended.
+    pub fn run(mut self) -> Result<VmExit, VmmError> {
+        install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let dump_gen = Arc::new(AtomicU64::new(0));
+        let pio = Arc::new(std::mem::take(&mut self.pio));
+        let mmio = Arc::new(std::mem::take(&mut self.mmio));
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let started = Instant::now();
+        for (id, fd) in self.vcpus.drain(..).enumerate() {
+            let id = id as u8;
+            let vcpu = Vcpu::new(
+                id,
+                fd,
+                pio.clone(),
+                mmio.clone(),
+                self.mem.clone(),
+                self.exit_tx.clone(),
+                stop.clone(),
+                dump_gen.clone(),
+            );
+            let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || vcpu.run());
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    stop_vcpus(&stop, threads);
+                    return Err(VmmError::SpawnVcpu { cpu: id, source });
+                }
+            }
+        }
+        info!(vcpus = threads.len(), "guest running");
+        let exit = loop {
+            // `self` holds a sender, so recv() cannot fail while we wait.
+            match self.exit_rx.recv() {
+                Ok(VmEvent::Exit(e)) => break e,
+                Ok(VmEvent::DumpVcpus) => {
+                    dump_gen.fetch_add(1, Ordering::SeqCst);
+                    kick_all(&threads);
+                }
+                Err(_) => break VmExit::VmmError { cpu: 0, reason: "exit channel closed".into() },
+            }
+        };
+        info!(%exit, after = ?started.elapsed(), "VM stopping");
+        stop_vcpus(&stop, threads);
+        // Dropping the buses drops the devices (the vsock device removes its socket).
+        drop(pio);
+        drop(mmio);
+        Ok(exit)
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
+            warn!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+/// Kicks every vCPU out of KVM_RUN a few times (a kick can land just
+/// before a thread enters KVM_RUN and be lost).
+fn kick_all(threads: &[JoinHandle<()>]) {
+    for _ in 0..3 {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sets `stop` and kicks every vCPU out of KVM_RUN until its thread ends.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for t in threads {
+        let name = t.thread().name().unwrap_or("vcpu").to_string();
+        // A kick can land just before the thread enters KVM_RUN: repeat it.
+        while !t.is_finished() && Instant::now() < deadline {
+            if let Err(e) = t.kill(kick_signal()) {
+                warn!("cannot signal {name}: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if t.is_finished() {
+            if t.join().is_err() {
+                warn!("{name} panicked");
+            }
+        } else {
+            warn!("{name} did not stop within {STOP_TIMEOUT:?}; leaving it");
+        }
+    }
+}
