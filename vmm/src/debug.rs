@@ -105,7 +105,7 @@ pub fn read_code(mem: &GuestMemoryMmap, sregs: &kvm_sregs, la: u64, len: usize) 
             Ok(pa) => pa,
             Err(e) => return (out, Some(e)),
         };
-        let in_page = (0x1000 - (cur & 0xfff)) as usize;
+        let in_page = usize::try_from(0x1000 - (cur & 0xfff)).unwrap_or(1);
         let n = in_page.min(len - out.len());
         let mut buf = vec![0u8; n];
         if mem.read_slice(&mut buf, GuestAddress(pa)).is_err() {

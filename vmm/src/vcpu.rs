@@ -25,18 +25,29 @@ enum Next {
     InternalError,
 }
 
+/// What all vCPU threads share.
+#[derive(Debug, Clone)]
+pub struct VcpuShared {
+    /// The port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// The MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Guest memory (for crash dumps).
+    pub mem: GuestMemoryMmap,
+    /// Where a vCPU reports the end of the VM.
+    pub exit: ExitSender,
+    /// Set by the VM's owner to stop every vCPU.
+    pub stop: Arc<AtomicBool>,
+    /// Bumped by the VM's owner to ask for a state dump.
+    pub dump_gen: Arc<AtomicU64>,
+}
+
 /// A vCPU ready to run on its own thread.
 #[derive(Debug)]
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    mem: GuestMemoryMmap,
-    exit: ExitSender,
-    stop: Arc<AtomicBool>,
-    /// Bumped by the VM's owner to ask for a state dump.
-    dump_gen: Arc<AtomicU64>,
+    shared: VcpuShared,
 }
 
 /// Reports a vCPU thread that ends while the VM was not being stopped (a
@@ -58,38 +69,29 @@ impl Drop for EndGuard<'_> {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(
-        id: u8,
-        fd: VcpuFd,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        mem: GuestMemoryMmap,
-        exit: ExitSender,
-        stop: Arc<AtomicBool>,
-        dump_gen: Arc<AtomicU64>,
-    ) -> Self {
-        Vcpu { id, fd, pio, mmio, mem, exit, stop, dump_gen }
+    pub fn new(id: u8, fd: VcpuFd, shared: VcpuShared) -> Self {
+        Vcpu { id, fd, shared }
     }
 
     /// Runs until the VM stops (reported through the exit channel) or `stop` is set.
     pub fn run(mut self) {
-        let exit = self.exit.clone();
-        let stop = self.stop.clone();
+        let exit = self.shared.exit.clone();
+        let stop = self.shared.stop.clone();
         let _guard = EndGuard { id: self.id, exit: &exit, stop: &stop };
         let mut halts = 0u64;
         let mut dumped = 0u64;
         loop {
-            if self.stop.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) {
                 debug!(cpu = self.id, "vCPU stopping");
                 return;
             }
-            let gen = self.dump_gen.load(Ordering::SeqCst);
+            let gen = self.shared.dump_gen.load(Ordering::SeqCst);
             if gen != dumped {
                 dumped = gen;
                 eprintln!("{}", self.describe());
             }
             let next = match self.fd.run() {
-                Ok(ex) => Self::handle(self.id, ex, &self.pio, &self.mmio, &mut halts),
+                Ok(ex) => Self::handle(self.id, ex, &self.shared.pio, &self.shared.mmio, &mut halts),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop {
                     exit: VmExit::VmmError { cpu: self.id, reason: format!("KVM_RUN failed: {e}") },
@@ -203,7 +205,7 @@ impl Vcpu {
     /// Registers and code bytes at RIP, for stderr.
     fn describe(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(regs), Ok(sregs)) => debug::describe(self.id, &regs, &sregs, &self.mem),
+            (Ok(regs), Ok(sregs)) => debug::describe(self.id, &regs, &sregs, &self.shared.mem),
             (Err(e), _) | (_, Err(e)) => format!("vCPU {}: cannot read the registers: {e}", self.id),
         }
     }
@@ -219,6 +221,6 @@ impl Vcpu {
             msg.push_str(&self.describe());
         }
         eprintln!("{msg}");
-        self.exit.send(exit);
+        self.shared.exit.send(exit);
     }
 }

@@ -27,7 +27,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmEvent, VmExit};
-use crate::vcpu::Vcpu;
+use crate::vcpu::{Vcpu, VcpuShared};
 
 /// Offset of QueueNotify in a virtio-mmio window.
 const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
@@ -136,7 +136,7 @@ impl Vmm {
         let mem = Self::create_memory(&vm, config)?;
         {
             let _s = info_span!("irqchip").entered();
-            vm.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+            vm.set_tss_address(layout::KVM_TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
             vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
             let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
             vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
@@ -178,10 +178,10 @@ impl Vmm {
         }
         let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
             .map_err(|source| VmmError::Memory { mib: config.mem_mib, source })?;
-        for (slot, region) in mem.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(mem.iter()) {
             let host = region.as_ptr();
             let region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -214,9 +214,9 @@ impl Vmm {
         self.vm.register_irqfd(&irq, gsi).map_err(kvm_err("KVM_IRQFD (virtio)"))?;
         let interrupt = Arc::new(Interrupt::new(irq));
         let transport = MmioTransport::new(self.mem.clone(), device, interrupt);
-        for (i, evt) in transport.queue_evts().iter().enumerate() {
+        for (i, evt) in (0u32..).zip(transport.queue_evts()) {
             let notify = IoEventAddress::Mmio(addr + VIRTIO_MMIO_QUEUE_NOTIFY);
-            if let Err(e) = self.vm.register_ioevent(evt, &notify, i as u32) {
+            if let Err(e) = self.vm.register_ioevent(evt, &notify, i) {
                 // The transport signals the same eventfd itself on QueueNotify.
                 warn!("virtio-mmio at {addr:#x}: no ioeventfd for queue {i} ({e}); notifications exit to the VMM");
             }
@@ -299,23 +299,22 @@ impl Vmm {
         let mmio = Arc::new(std::mem::take(&mut self.mmio));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let started = Instant::now();
-        for (id, fd) in self.vcpus.drain(..).enumerate() {
-            let id = id as u8;
-            let vcpu = Vcpu::new(
-                id,
-                fd,
-                pio.clone(),
-                mmio.clone(),
-                self.mem.clone(),
-                self.exit_tx.clone(),
-                stop.clone(),
-                dump_gen.clone(),
-            );
+        let shared = VcpuShared {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            mem: self.mem.clone(),
+            exit: self.exit_tx.clone(),
+            stop: stop.clone(),
+            dump_gen: dump_gen.clone(),
+        };
+        for (id, fd) in (0u8..).zip(self.vcpus.drain(..)) {
+            let vcpu = Vcpu::new(id, fd, shared.clone());
             let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || vcpu.run());
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(source) => {
                     stop_vcpus(&stop, threads);
+                    drop(shared);
                     return Err(VmmError::SpawnVcpu { cpu: id, source });
                 }
             }
@@ -335,6 +334,7 @@ impl Vmm {
         info!(%exit, after = ?started.elapsed(), "VM stopping");
         stop_vcpus(&stop, threads);
         // Dropping the buses drops the devices (the vsock device removes its socket).
+        drop(shared);
         drop(pio);
         drop(mmio);
         Ok(exit)
@@ -389,5 +389,101 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
         } else {
             warn!("{name} did not stop within {STOP_TIMEOUT:?}; leaving it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{SerialOutput, VsockConfig};
+    use crate::test_utils::tiny_elf;
+
+    /// `mov dx, 0x3f8; mov al, 'O'; out dx, al; mov al, 'K'; out dx, al;
+    /// mov al, 0xfe; out 0x64, al; hlt; jmp .-1`
+    const HELLO_AND_RESET: &[u8] =
+        &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'O', 0xee, 0xb0, b'K', 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+    /// `ud2` with an empty IDT: #UD -> #DF -> triple fault.
+    const CRASH: &[u8] = &[0x0f, 0x0b];
+
+    fn kvm_available() -> bool {
+        if Path::new("/dev/kvm").exists() {
+            true
+        } else {
+            eprintln!("skipping: /dev/kvm is missing");
+            false
+        }
+    }
+
+    fn config(dir: &Path, code: &[u8]) -> VmConfig {
+        let kernel = dir.join("kernel.elf");
+        std::fs::write(&kernel, tiny_elf(code, 0x20_0000)).unwrap();
+        VmConfig {
+            kernel,
+            initramfs: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_mib: 64,
+            serial: SerialOutput::File(dir.join("console.log")),
+            vsock: None,
+        }
+    }
+
+    #[test]
+    fn runs_guest_code_to_an_i8042_reset() {
+        if !kvm_available() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), HELLO_AND_RESET);
+        cfg.vcpus = 2;
+        cfg.vsock = Some(VsockConfig { uds_path: d.path().join("v.sock"), guest_cid: 3 });
+        let vmm = Vmm::with_host(&cfg, HostKind::Native).unwrap();
+        assert!(vmm.cmdline().contains("virtio_mmio.device=4K@0xd0000000:5"), "{}", vmm.cmdline());
+        assert!(d.path().join("v.sock").exists());
+        assert_eq!(vmm.run().unwrap(), VmExit::GuestReset);
+        assert_eq!(std::fs::read(d.path().join("console.log")).unwrap(), b"OK");
+        assert!(!d.path().join("v.sock").exists(), "the vsock socket is removed with the VM");
+    }
+
+    #[test]
+    fn guest_crash_is_not_a_clean_exit() {
+        if !kvm_available() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let exit = Vmm::with_host(&config(d.path(), CRASH), HostKind::Native).unwrap().run().unwrap();
+        // A triple fault with hardware virtualization; kvm_pvm's emulator
+        // may give up on the UD2 first.
+        assert!(matches!(exit, VmExit::TripleFault { cpu: 0 } | VmExit::KvmError { cpu: 0, .. }), "{exit:?}");
+        assert_ne!(exit.exit_code(), 0);
+    }
+
+    #[test]
+    fn socket_in_use_fails_before_the_vm_and_leaves_it_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("busy.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let mut cfg = config(d.path(), HELLO_AND_RESET);
+        cfg.vsock = Some(VsockConfig { uds_path: sock.clone(), guest_cid: 3 });
+        let e = Vmm::with_host(&cfg, HostKind::Native).unwrap_err();
+        assert!(matches!(e, VmmError::Vsock(_)), "{e}");
+        assert!(e.to_string().contains("busy.sock"), "{e}");
+        assert!(sock.exists(), "someone else's socket is not removed");
+    }
+
+    #[test]
+    fn setup_error_after_binding_removes_the_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), HELLO_AND_RESET);
+        cfg.vsock = Some(VsockConfig { uds_path: d.path().join("v.sock"), guest_cid: 3 });
+        // An ELF whose code lies beyond RAM: fails after the socket was bound.
+        std::fs::write(&cfg.kernel, tiny_elf(HELLO_AND_RESET, 0x1_0000_0000)).unwrap();
+        if Vmm::with_host(&cfg, HostKind::Native).is_ok() {
+            panic!("kernel beyond RAM accepted");
+        }
+        assert!(!d.path().join("v.sock").exists());
     }
 }

@@ -27,6 +27,9 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 const PAGE_SIZE: u64 = 0x1000;
+/// [`CMDLINE_ADDR`] as the zero page's 32-bit field.
+#[allow(clippy::cast_possible_truncation)] // 0x20000 fits.
+const CMDLINE_PTR: u32 = CMDLINE_ADDR as u32;
 
 /// Errors loading the guest's kernel, initramfs, command line or zero page.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +166,7 @@ pub fn boot_params(mem_bytes: u64, cmdline_len: usize, initrd: Option<LoadedInit
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmd_line_ptr = CMDLINE_PTR;
     params.hdr.cmdline_size = u32::try_from(cmdline_len).unwrap_or(u32::MAX);
     if let Some(rd) = initrd {
         // Both below the 3 GiB hole, so the 32-bit fields hold them.
@@ -174,7 +177,7 @@ pub fn boot_params(mem_bytes: u64, cmdline_len: usize, initrd: Option<LoadedInit
     for (slot, e) in params.e820_table.iter_mut().zip(&map) {
         *slot = *e;
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = u8::try_from(map.len()).unwrap_or(u8::MAX);
     params
 }
 
@@ -233,7 +236,7 @@ mod tests {
         let p = boot_params(256 << 20, 100, Some(rd));
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.header }, 0x5372_6448);
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+        assert_eq!(u64::from(p.hdr.cmd_line_ptr), CMDLINE_ADDR);
         assert_eq!({ p.hdr.cmdline_size }, 100);
         assert_eq!({ p.hdr.ramdisk_image }, 0x0ff0_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
@@ -262,7 +265,7 @@ mod tests {
         let p = d.path().join("rd");
         File::create(&p).unwrap().write_all(b"070701hello").unwrap();
         let mem_bytes = 64u64 << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let rd = load_initrd(&mem, &p, 0x200_0000, mem_bytes).unwrap();
         assert_eq!(rd, LoadedInitrd { addr: mem_bytes - 0x1000, size: 11 });
         let mut buf = [0u8; 11];
@@ -274,28 +277,7 @@ mod tests {
 
     #[test]
     fn loads_a_minimal_elf() {
-        // A 64-bit ELF with one PT_LOAD segment of 4 bytes at 0x200000, entry there.
-        let mut elf = vec![0u8; 0x100];
-        elf[0..4].copy_from_slice(b"\x7fELF");
-        elf[4] = 2;
-        elf[5] = 1;
-        elf[6] = 1;
-        elf[16..18].copy_from_slice(&2u16.to_le_bytes());
-        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
-        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
-        elf[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // e_entry
-        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-        elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-        let ph = &mut elf[64..120];
-        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        ph[8..16].copy_from_slice(&0xf0u64.to_le_bytes()); // p_offset
-        ph[16..24].copy_from_slice(&0xffff_ffff_8020_0000u64.to_le_bytes()); // p_vaddr
-        ph[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // p_paddr
-        ph[32..40].copy_from_slice(&4u64.to_le_bytes()); // p_filesz
-        ph[40..48].copy_from_slice(&0x1000u64.to_le_bytes()); // p_memsz
-        elf[0xf0..0xf4].copy_from_slice(&[0xf4, 0xeb, 0xfd, 0x90]);
+        let elf = crate::test_utils::tiny_elf(&[0xf4, 0xeb, 0xfd, 0x90], 0x20_0000);
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("vmlinux");
         File::create(&p).unwrap().write_all(&elf).unwrap();

@@ -39,6 +39,7 @@ pub const BOOT_GDT: [u64; 4] = [
 pub fn segment_from_entry(entry: u64, index: u16) -> kvm_segment {
     let bit = |n: u32| ((entry >> n) & 1) as u8;
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
+    #[allow(clippy::cast_possible_truncation)] // masked to 20 bits
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = bit(55);
     let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };

@@ -59,7 +59,7 @@ pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// The local APICs.
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// Three pages KVM needs for the TSS on Intel (inside the hole, below the BIOS area).
-pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// COM1's ISA interrupt.
@@ -117,11 +117,13 @@ mod tests {
 
     #[test]
     fn fixed_tables_do_not_overlap() {
-        assert!(GDT_ADDR + 4 * 8 <= IDT_ADDR);
-        assert!(IDT_ADDR + 8 <= ZERO_PAGE_ADDR);
-        assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP);
-        assert!(BOOT_STACK_TOP < PML4_ADDR);
-        assert!(PD_ADDR + MAX_IDENTITY_GIB * 0x1000 <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + 0x1000 <= EBDA_START);
+        const {
+            assert!(GDT_ADDR + 4 * 8 <= IDT_ADDR);
+            assert!(IDT_ADDR + 8 <= ZERO_PAGE_ADDR);
+            assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP);
+            assert!(BOOT_STACK_TOP < PML4_ADDR);
+            assert!(PD_ADDR + MAX_IDENTITY_GIB * 0x1000 <= CMDLINE_ADDR);
+            assert!(CMDLINE_ADDR + 0x1000 <= EBDA_START);
+        }
     }
 }

@@ -85,7 +85,8 @@ pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
     let table_len = HEADER_SIZE + entries.len();
     let mut table = Vec::with_capacity(table_len);
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(&(table_len as u16).to_le_bytes());
+    // At most 254 CPUs: about 5.5 KiB.
+    table.extend_from_slice(&u16::try_from(table_len).unwrap_or(u16::MAX).to_le_bytes());
     table.push(SPEC_REV);
     table.push(0); // checksum, below
     table.extend_from_slice(b"CARAPACE"); // OEM ID, 8 bytes
@@ -103,7 +104,7 @@ pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
 
     let mut out = Vec::with_capacity(FLOATING_POINTER_SIZE + table.len());
     out.extend_from_slice(b"_MP_");
-    out.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    out.extend_from_slice(&u32::try_from(table_addr).unwrap_or(0).to_le_bytes());
     out.push(1); // length in 16-byte units
     out.push(SPEC_REV);
     out.push(0); // checksum, below

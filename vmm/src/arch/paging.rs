@@ -81,6 +81,6 @@ mod tests {
         assert_eq!(read(&m, PDPT_ADDR + 16), 0xd003);
         assert_eq!(read(&m, PDPT_ADDR + 24), 0);
         assert_eq!(read(&m, 0xd000), (2 << 30) | 0x83);
-        assert_eq!(read(&m, 0xd000 + 511 * 8), (2 << 30) + (511 << 21) | 0x83);
+        assert_eq!(read(&m, 0xd000 + 511 * 8), ((2 << 30) + (511 << 21)) | 0x83);
     }
 }

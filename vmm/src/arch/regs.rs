@@ -7,6 +7,8 @@ use tracing::warn;
 use super::gdt::{segment_from_entry, BOOT_GDT, CODE_INDEX, DATA_INDEX, TSS_INDEX};
 use super::layout::{BOOT_STACK_TOP, GDT_ADDR, IDT_ADDR, ZERO_PAGE_ADDR};
 
+#[allow(clippy::cast_possible_truncation)] // 4 entries
+const GDT_LIMIT: u16 = (BOOT_GDT.len() * 8 - 1) as u16;
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
 const CR0_ET: u64 = 1 << 4;
@@ -81,7 +83,7 @@ pub fn boot_sregs(mut sregs: kvm_sregs, cr3: u64) -> kvm_sregs {
     let data = segment_from_entry(BOOT_GDT[usize::from(DATA_INDEX)], DATA_INDEX);
     let tss = segment_from_entry(BOOT_GDT[usize::from(TSS_INDEX)], TSS_INDEX);
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 7;
     sregs.cs = code;
