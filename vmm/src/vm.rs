@@ -21,7 +21,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::{self, boot, cpuid, layout, mptable, paging, regs};
 use crate::bus::{Bus, BusError};
 use crate::cmdline::{self, CmdlineError, HostKind, MmioSlot};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::legacy::{open_sink, SerialDevice, SerialError, I8042};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -41,7 +41,7 @@ pub enum VmmError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Serial(#[from] SerialError),
-    #[error("vsock: {0}")]
+    #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error("cannot open /dev/kvm: {0}")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -114,6 +114,19 @@ impl Vmm {
     pub fn with_host(config: &VmConfig, host: HostKind) -> Result<Self, VmmError> {
         let _span = info_span!("vmm_new", vcpus = config.vcpus, mem_mib = config.mem_mib).entered();
         config.validate()?;
+        // A console file we create is removed again if the VM cannot be built.
+        let created_console = match &config.serial {
+            SerialOutput::File(p) if std::fs::symlink_metadata(p).is_err() => Some(p.clone()),
+            _ => None,
+        };
+        let built = Self::build(config, host);
+        if let (Err(_), Some(p)) = (&built, created_console) {
+            let _ = std::fs::remove_file(p);
+        }
+        built
+    }
+
+    fn build(config: &VmConfig, host: HostKind) -> Result<Self, VmmError> {
         // Host resources that can fail on user input come first: before any KVM work.
         let sink = open_sink(&config.serial)?;
         let vsock = match &config.vsock {
@@ -398,7 +411,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::{SerialOutput, VsockConfig};
+    use crate::config::VsockConfig;
     use crate::test_utils::tiny_elf;
 
     /// `mov dx, 0x3f8; mov al, 'O'; out dx, al; mov al, 'K'; out dx, al;
@@ -485,5 +498,6 @@ mod tests {
             panic!("kernel beyond RAM accepted");
         }
         assert!(!d.path().join("v.sock").exists());
+        assert!(!d.path().join("console.log").exists(), "the console file we created is removed");
     }
 }
