@@ -1,7 +1,8 @@
 //! Why a VM stopped, and the channel through which vCPUs, devices and the
 //! binary's signal handler report it.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 
 /// Process exit code: the guest rebooted/powered off (a clean end).
 pub const EXIT_OK: i32 = 0;
@@ -71,22 +72,33 @@ pub enum VmEvent {
 /// Reports a [`VmExit`] (the first report wins) or asks for a vCPU dump.
 /// Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct ExitSender(mpsc::Sender<VmEvent>);
+pub struct ExitSender {
+    tx: mpsc::Sender<VmEvent>,
+    exiting: Arc<AtomicBool>,
+}
 
 impl ExitSender {
     /// A sender and the receiver the VM's owner waits on.
     pub fn channel() -> (ExitSender, mpsc::Receiver<VmEvent>) {
         let (tx, rx) = mpsc::channel();
-        (ExitSender(tx), rx)
+        (ExitSender { tx, exiting: Arc::new(AtomicBool::new(false)) }, rx)
     }
 
     /// Reports `exit`. Ignored once the VM is gone.
     pub fn send(&self, exit: VmExit) {
-        let _ = self.0.send(VmEvent::Exit(exit));
+        self.exiting.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(VmEvent::Exit(exit));
+    }
+
+    /// Whether an exit was reported: vCPUs stop at their next exit instead
+    /// of running on (a guest that asked for a reset keeps trying other
+    /// reset methods, down to a triple fault).
+    pub fn exiting(&self) -> bool {
+        self.exiting.load(Ordering::SeqCst)
     }
 
     /// Asks every vCPU to describe itself on stderr, without stopping.
     pub fn request_dump(&self) {
-        let _ = self.0.send(VmEvent::DumpVcpus);
+        let _ = self.tx.send(VmEvent::DumpVcpus);
     }
 }

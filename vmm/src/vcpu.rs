@@ -60,7 +60,7 @@ struct EndGuard<'a> {
 
 impl Drop for EndGuard<'_> {
     fn drop(&mut self) {
-        if !self.stop.load(Ordering::SeqCst) {
+        if !self.stop.load(Ordering::SeqCst) && !self.exit.exiting() {
             let reason = if std::thread::panicking() { "the vCPU thread panicked" } else { "the vCPU thread ended" };
             self.exit.send(VmExit::VmmError { cpu: self.id, reason: reason.into() });
         }
@@ -81,7 +81,7 @@ impl Vcpu {
         let mut halts = 0u64;
         let mut dumped = 0u64;
         loop {
-            if stop.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) || exit.exiting() {
                 debug!(cpu = self.id, "vCPU stopping");
                 return;
             }

@@ -62,14 +62,16 @@ mod tests {
     #[test]
     fn reset_command_reports_a_guest_reset() {
         let (tx, rx) = ExitSender::channel();
-        let mut kbd = I8042::new(tx);
+        let mut kbd = I8042::new(tx.clone());
         let mut status = [0xffu8];
         kbd.read(4, &mut status);
         assert_eq!(status[0] & 0x2, 0, "input buffer empty");
         kbd.write(0, &[0xfe]); // data port: not a command
         kbd.write(4, &[0xd1]); // another command
         assert!(rx.try_recv().is_err());
+        assert!(!tx.exiting());
         kbd.write(4, &[0xfe]);
+        assert!(tx.exiting(), "vCPUs stop at their next exit");
         assert_eq!(rx.try_recv().unwrap(), VmEvent::Exit(VmExit::GuestReset));
     }
 }
