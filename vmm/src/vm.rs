@@ -220,7 +220,8 @@ impl Vmm {
 
     /// Puts a virtio device on the next virtio-mmio slot: irqfd on its GSI,
     /// ioeventfds for its queue notifications, and an entry for the command line.
-    pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
+    /// Only before the command line is built and the guest loaded (inside `build`).
+    fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
         let (addr, gsi) = layout::virtio_slot(self.slots.len()).ok_or(VmmError::TooManyDevices)?;
         let _s = info_span!("virtio_device", kind = device.device_type(), addr, gsi).entered();
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
