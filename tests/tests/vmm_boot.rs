@@ -147,7 +147,9 @@ fn runtime_gives_up_on_a_guest_that_never_answers() {
     let guest = GuestAssets { kernel: assets.kernel.clone(), initramfs, vmm: assets.bin("carapace-vmm") };
     let mut vm = Vm::start(&guest, &vm_dir, &VmOptions::default()).expect("start VM");
     let pid = vm.pid();
-    let err = vm.wait_for_agent(Duration::from_secs(15)).expect_err("nobody serves vsock port 1024");
+    let Err(err) = vm.wait_for_agent(Duration::from_secs(15)) else {
+        panic!("nobody serves vsock port 1024, yet the agent answered")
+    };
     assert!(matches!(err, VmError::AgentTimeout { .. }), "{err}");
     assert!(err.to_string().contains("did not answer"), "{err}");
     drop(vm);
