@@ -13,11 +13,17 @@
 # stripped, no unwind tables: release panics abort anyway) and non-PIE (no
 # start-up relocations, fewer page faults). Deterministic: fixed order,
 # mtimes, owners and inode numbers; no root or mknod needed.
+#
+# Why glibc, statically: the agent enforces seccomp through libcontainer's
+# libseccomp binding, which links the C libseccomp; Debian ships a static
+# libseccomp.a for glibc only (apt libseccomp-dev), so the agent is built for
+# x86_64-unknown-linux-gnu with +crt-static and that archive. It uses no
+# NSS lookups, so static glibc's dlopen limits do not matter.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-target=x86_64-unknown-linux-musl
+target=x86_64-unknown-linux-gnu
 out=${1:-$repo/build/guest/initramfs.cpio}
 
 if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx "$target"; then
@@ -25,15 +31,22 @@ if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep 
     exit 1
 fi
 
-echo "rootfs-image: building carapace-agent for $target" >&2
+seccomp_a=$(cc -print-file-name=libseccomp.a 2>/dev/null || true)
+if [ ! -f "$seccomp_a" ]; then
+    echo "rootfs-image: libseccomp.a not found; run: apt-get install libseccomp-dev" >&2
+    exit 1
+fi
+
+echo "rootfs-image: building carapace-agent for $target (static, with $seccomp_a)" >&2
 (
     cd "$repo"
+    LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(dirname "$seccomp_a") \
     cargo build --release --target "$target" -p carapace-agent \
         --config 'profile.release.opt-level="z"' \
         --config 'profile.release.lto="fat"' \
         --config 'profile.release.codegen-units=1' \
         --config 'profile.release.strip=true' \
-        --config "target.$target.rustflags=[\"-C\",\"relocation-model=static\",\"-C\",\"force-unwind-tables=no\"]" \
+        --config "target.$target.rustflags=[\"-C\",\"target-feature=+crt-static\",\"-C\",\"relocation-model=static\",\"-C\",\"force-unwind-tables=no\"]" \
         >&2
 )
 target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps |

@@ -6,7 +6,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 guest_dir="$repo/build/guest"
 
 APT_PACKAGES=(build-essential flex bison bc libelf-dev libssl-dev cpio
-    linux-source-6.1 busybox-static musl-tools python3 qemu-system-x86 jq)
+    linux-source-6.1 busybox-static musl-tools python3 qemu-system-x86 jq
+    libseccomp-dev pkg-config)
 
 log() { printf '==> %s\n' "$*" >&2; }
 

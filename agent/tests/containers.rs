@@ -475,7 +475,7 @@ fn exit_codes_signals_and_process_settings() {
     let caps = ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
     let out = a.sh(
         "proc-settings",
-        "echo args=$0,$1; echo env=$FOO; echo cwd=$(pwd); id; echo umask=$(umask); \
+        "echo args=$0,$1; echo env=$FOO home=$HOME; echo cwd=$(pwd); id; echo umask=$(umask); \
          grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp|SigBlk|SigIgn):' /proc/self/status; \
          echo nofile=$(ulimit -n); echo oom=$(cat /proc/self/oom_score_adj); echo host=$(hostname); \
          echo domain=$(cat /proc/sys/kernel/domainname); echo fwd=$(cat /proc/sys/net/ipv4/ip_forward)",
@@ -497,7 +497,7 @@ fn exit_codes_signals_and_process_settings() {
     let mask = cap_mask(&caps);
     for want in [
         "args=first,".to_string(),
-        "env=bar baz".into(),
+        "env=bar baz home=/tmp".into(),
         "cwd=/tmp".into(),
         "uid=1000(user) gid=1000(user) groups=2000(extra)".into(),
         "umask=0077".into(),

@@ -651,6 +651,7 @@ impl ContainerManager {
         let mut process = spec::parse_process(&req.process_json)?;
         process.set_terminal(Some(req.terminal));
         spec::normalize_process(&mut process);
+        spec::ensure_home(&mut process, &c.rootfs);
         let console_size = process.console_size().map(|b| (b.height(), b.width()));
 
         let mut inner = lock(&c.inner);

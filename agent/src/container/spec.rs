@@ -296,6 +296,7 @@ pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path) {
     }
     if let Some(process) = spec.process_mut() {
         normalize_process(process);
+        ensure_home(process, rootfs);
     }
     if let Some(hooks) = spec.hooks().clone() {
         let mut kept = Hooks::default();
@@ -313,6 +314,32 @@ pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path) {
         }
         spec.set_hooks(Some(kept));
     }
+}
+
+/// Sets HOME in the process's environment when it is missing, from the
+/// rootfs's /etc/passwd (else `/`, as runc does). libcontainer would ask
+/// getpwuid_r, which in a static glibc binary dlopens the container's NSS
+/// modules: never let it.
+pub fn ensure_home(process: &mut Process, rootfs: &Path) {
+    let mut env = process.env().clone().unwrap_or_default();
+    if env.iter().any(|e| e.starts_with("HOME=") && e.len() > "HOME=".len()) {
+        return;
+    }
+    env.retain(|e| !e.starts_with("HOME="));
+    let uid = process.user().uid();
+    let home = std::fs::read_to_string(rootfs.join("etc/passwd"))
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                (fields.len() >= 6 && fields[2].parse::<u32>().ok() == Some(uid))
+                    .then(|| fields[5].to_string())
+            })
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".to_string());
+    env.push(format!("HOME={home}"));
+    process.set_env(Some(env));
 }
 
 /// `noNewPrivileges: false` → absent (see [`prepare_for_libcontainer`]).
@@ -448,6 +475,7 @@ mod tests {
         assert_eq!(cgroup_path(&spec, "c2"), PathBuf::from("/pods/c2"));
         let process = spec.process().as_ref().expect("process");
         assert_eq!(process.no_new_privileges(), None);
+        assert!(process.env().as_ref().is_some_and(|e| e.contains(&"HOME=/".to_string())));
         let hooks = spec.hooks().as_ref().expect("hooks");
         assert!(hooks.prestart().is_none() && hooks.poststop().is_none());
         assert_eq!(hooks.create_container().as_ref().map(Vec::len), Some(1));

@@ -1,0 +1,379 @@
+//! Issue 3, end to end: the agent as the guest's PID 1 creates and runs
+//! OCI containers inside a microVM. One VM serves every check (a boot
+//! costs 20-60 s on kvm_pvm hosts).
+//!
+//! The container rootfs (busybox from Debian's `busybox-static`) reaches
+//! the guest inside the initramfs: a second newc archive appended to the
+//! agent's (the kernel unpacks both). When `carapace-vmm` shares a
+//! directory over virtio-fs this can move there.
+//!
+//! stdio: the test listens on `<vsock uds>_<port>`; the agent connects to
+//! vsock CID 2, port P, which the VMM turns into that Unix socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use carapace_protocol::{agent, rpc_code, AgentClient, HealthClient};
+use carapace_runtime::assets::GuestAssets;
+use carapace_runtime::vm::{Vm, VmOptions};
+use carapace_tests::cpio::{write_newc, Entry};
+use carapace_tests::{kvm_available, Assets, BOOT_DEADLINE};
+use serde_json::{json, Value};
+
+/// Where the rootfs is in the guest.
+const ROOTFS: &str = "/containers/busybox/rootfs";
+
+/// Every call may wait for work in an emulated guest kernel.
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(300_000_000_000)
+}
+
+/// The agent's initramfs with a busybox rootfs appended at [`ROOTFS`].
+fn initramfs_with_rootfs(agent_initramfs: &Path, out: &Path) -> std::io::Result<()> {
+    let mut bytes = std::fs::read(agent_initramfs)?;
+    let busybox = std::fs::read("/bin/busybox")
+        .map_err(|e| std::io::Error::new(e.kind(), format!("/bin/busybox (apt busybox-static): {e}")))?;
+    let list = std::process::Command::new("/bin/busybox").arg("--list").output()?;
+    let root = ROOTFS.trim_start_matches('/');
+    let mut entries = Vec::new();
+    let mut path = String::new();
+    for part in root.split('/') {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(part);
+        entries.push(Entry::Dir { path: path.clone(), mode: 0o755 });
+    }
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
+        entries.push(Entry::Dir { path: format!("{root}/{d}"), mode: 0o755 });
+    }
+    entries.push(Entry::File { path: format!("{root}/bin/busybox"), mode: 0o755, data: busybox });
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if !applet.is_empty() && applet != "busybox" {
+            entries.push(Entry::Symlink { path: format!("{root}/bin/{applet}"), target: "busybox".into() });
+        }
+    }
+    entries.push(Entry::File {
+        path: format!("{root}/etc/passwd"),
+        mode: 0o644,
+        data: b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/tmp:/bin/sh\n".to_vec(),
+    });
+    entries.push(Entry::File {
+        path: format!("{root}/etc/group"),
+        mode: 0o644,
+        data: b"root:x:0:\nuser:x:1000:\n".to_vec(),
+    });
+    write_newc(&mut bytes, &entries)?;
+    std::fs::write(out, bytes)
+}
+
+const CAPS: &[&str] = &["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID", "CAP_NET_BIND_SERVICE"];
+
+fn spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0}, "args": args, "cwd": "/",
+            "env": ["PATH=/bin", "HOME=/root"],
+            "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
+            "noNewPrivileges": true
+        },
+        "root": {"path": ROOTFS, "readonly": true},
+        "hostname": "in-the-vm",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"},
+                           {"type": "mount"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/kcore", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    })
+}
+
+struct Guest {
+    conn: ttrpc::Client,
+    agent: AgentClient,
+    health: HealthClient,
+    uds: PathBuf,
+    next_port: AtomicU32,
+}
+
+struct Streams {
+    ports: agent::StdioStreams,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stdin: Option<JoinHandle<UnixStream>>,
+}
+
+impl Streams {
+    fn stdout(&mut self) -> String {
+        let bytes = self.stdout.take().map(|h| h.join().expect("stdout reader")).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).replace('\r', "")
+    }
+}
+
+impl Guest {
+    fn listen(&self) -> (u32, UnixListener) {
+        let port = self.next_port.fetch_add(1, Ordering::SeqCst);
+        let path = PathBuf::from(format!("{}_{port}", self.uds.display()));
+        (port, UnixListener::bind(path).expect("bind stdio port"))
+    }
+
+    /// stdout and stderr to one collected stream, stdin optional.
+    fn streams(&self, stdin: bool) -> Streams {
+        let (out_port, out) = self.listen();
+        let stdout = std::thread::spawn(move || {
+            let (mut s, _) = out.accept().expect("accept stdout");
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).expect("read stdout");
+            buf
+        });
+        let mut ports = agent::StdioStreams::new();
+        ports.stdout_port = out_port;
+        ports.stderr_port = 0;
+        let stdin = stdin.then(|| {
+            let (port, l) = self.listen();
+            ports.stdin_port = port;
+            std::thread::spawn(move || l.accept().expect("accept stdin").0)
+        });
+        Streams { ports, stdout: Some(stdout), stdin }
+    }
+
+    fn create(&self, id: &str, spec: &Value, streams: &Streams) -> ttrpc::Result<u32> {
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = serde_json::to_vec(spec).expect("json");
+        req.stdio = Some(streams.ports.clone()).into();
+        self.agent.create_container(ctx(), &req).map(|r| r.pid)
+    }
+
+    fn start(&self, id: &str) {
+        let mut req = agent::StartContainerRequest::new();
+        req.container_id = id.into();
+        self.agent.start_container(ctx(), &req).expect("StartContainer");
+    }
+
+    fn wait(&self, id: &str, exec_id: &str) -> agent::WaitProcessResponse {
+        let mut req = agent::WaitProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        self.agent.wait_process(ctx(), &req).expect("WaitProcess")
+    }
+
+    fn remove(&self, id: &str) {
+        let mut req = agent::RemoveContainerRequest::new();
+        req.container_id = id.into();
+        req.force = true;
+        self.agent.remove_container(ctx(), &req).expect("RemoveContainer");
+    }
+
+    /// Runs a container to its end: (wait response, stdout+stderr).
+    fn run(&self, id: &str, spec: &Value) -> (agent::WaitProcessResponse, String) {
+        let mut streams = self.streams(false);
+        if let Err(e) = self.create(id, spec, &streams) {
+            panic!("CreateContainer {id}: {e:?}");
+        }
+        self.start(id);
+        let w = self.wait(id, "");
+        let out = streams.stdout();
+        self.remove(id);
+        (w, out)
+    }
+}
+
+/// Prints the guest console when the test fails (the guest's side of it).
+struct ConsoleOnPanic(PathBuf);
+
+impl Drop for ConsoleOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let tail: String = text.chars().rev().take(20_000).collect::<Vec<_>>().into_iter().rev().collect();
+            eprintln!("guest console (tail):\n{tail}");
+        }
+    }
+}
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or("")
+}
+
+#[test]
+fn containers_in_a_microvm() {
+    if !kvm_available("containers_in_a_microvm") {
+        return;
+    }
+    let assets = Assets::get();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let initramfs = dir.path().join("initramfs-with-rootfs.cpio");
+    initramfs_with_rootfs(&assets.initramfs, &initramfs).expect("initramfs");
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir(&vm_dir).expect("mkdir");
+    let guest_assets = GuestAssets { kernel: assets.kernel.clone(), initramfs, vmm: assets.bin("carapace-vmm") };
+    // e.g. CARAPACE_E2E_CMDLINE="CARAPACE_AGENT_LOG=debug ignore_loglevel"
+    let extra_cmdline = std::env::var("CARAPACE_E2E_CMDLINE").unwrap_or_default();
+    let mut vm = Vm::start(&guest_assets, &vm_dir, &VmOptions { vcpus: 1, mem_mib: 384, extra_cmdline })
+        .expect("start the VM");
+    let _console = ConsoleOnPanic(Vm::console_path(&vm_dir));
+    let conn = vm.wait_for_agent(BOOT_DEADLINE).expect("the agent answers");
+    let g = Guest {
+        agent: AgentClient::new(conn.clone()),
+        health: HealthClient::new(conn.clone()),
+        conn,
+        uds: Vm::vsock_path(&vm_dir),
+        next_port: AtomicU32::new(5000),
+    };
+    let console = || std::fs::read_to_string(Vm::console_path(&vm_dir)).unwrap_or_default();
+    let started = Instant::now();
+
+    // The sandbox: hostname and DNS files of the guest.
+    let mut req = agent::CreateSandboxRequest::new();
+    req.sandbox_id = "e2e".into();
+    req.hostname = "sandbox".into();
+    req.resolv_conf = b"nameserver 10.0.2.3\n".to_vec();
+    let sandbox = g.agent.create_sandbox(ctx(), &req).expect("CreateSandbox");
+    assert!(!sandbox.kernel_release.is_empty());
+
+    // One container checks most settings from inside, and exits 3.
+    let mut s = spec(&["sh", "-c", "hostname; id; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
+        echo mem=$(cat /sys/fs/cgroup/memory.max) pids=$(cat /sys/fs/cgroup/pids.max) \
+        cpu=$(cat /sys/fs/cgroup/cpu.max) weight=$(cat /sys/fs/cgroup/cpu.weight); \
+        touch /x 2>/dev/null && echo root=rw || echo root=ro; \
+        mkdir /tmp/d 2>&1; echo pid=$$; \
+        (for i in 1 2 3 4 5 6; do sleep 5 & done) 2>&1; echo forks-done; exit 3"]);
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [1000]});
+    // A non-root user keeps capabilities across execve only as ambient ones.
+    s["process"]["capabilities"] = json!({"bounding": CAPS, "effective": CAPS, "permitted": CAPS,
+                                          "inheritable": CAPS, "ambient": CAPS});
+    s["linux"]["resources"] = json!({
+        "memory": {"limit": 67108864, "swap": 67108864},
+        "pids": {"limit": 4},
+        "cpu": {"shares": 512, "quota": 50000, "period": 100000}
+    });
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]
+    });
+    let (w, out) = g.run("settings", &s);
+    assert_eq!((w.exit_code, w.signal, w.oom_killed), (3, 0, false), "{out}");
+    assert!(out.starts_with("in-the-vm\nuid=1000(user) gid=1000(user)"), "{out}");
+    // CHOWN(0) KILL(5) SETGID(6) SETUID(7) NET_BIND_SERVICE(10)
+    assert_eq!(field(&out, "CapEff:"), "00000000000004e1", "{out}");
+    assert_eq!(field(&out, "NoNewPrivs:"), "1", "{out}");
+    assert_eq!(field(&out, "Seccomp:"), "2", "{out}");
+    assert!(out.contains("mem=67108864 pids=4 cpu=50000 100000 weight="), "{out}");
+    assert!(out.contains("root=ro"), "{out}");
+    assert!(out.contains("Permission denied"), "seccomp's errno: {out}");
+    assert!(out.contains("pid=1\n"), "{out}");
+    assert!(out.contains("can't fork"), "the pids limit holds: {out}");
+    assert!(out.contains("forks-done"), "{out}");
+
+    // A memory hog over its limit is OOM-killed, and the waiter is told.
+    let mut s = spec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=48M", "count=1"]);
+    s["linux"]["resources"] = json!({"memory": {"limit": 16777216, "swap": 16777216}});
+    let (w, out) = g.run("hog", &s);
+    assert_eq!((w.exit_code, w.signal, w.oom_killed), (137, 9, true), "{out}");
+
+    // Exec into a running container; exit codes and signals come back.
+    let streams = g.streams(false);
+    g.create("svc", &spec(&["sleep", "1000"]), &streams).expect("create svc");
+    g.start("svc");
+    let mut exec_streams = g.streams(false);
+    let mut req = agent::ExecProcessRequest::new();
+    req.container_id = "svc".into();
+    req.exec_id = "e1".into();
+    req.process_json = serde_json::to_vec(&json!({
+        "args": ["sh", "-c", "echo in=$(cat /proc/1/comm); exit 7"], "cwd": "/", "env": ["PATH=/bin"],
+        "user": {"uid": 0, "gid": 0}
+    }))
+    .expect("json");
+    req.stdio = Some(exec_streams.ports.clone()).into();
+    g.agent.exec_process(ctx(), &req).expect("ExecProcess");
+    assert_eq!(g.wait("svc", "e1").exit_code, 7);
+    assert_eq!(exec_streams.stdout(), "in=sleep\n");
+
+    // Pause/resume and stats.
+    let mut req = agent::PauseContainerRequest::new();
+    req.container_id = "svc".into();
+    g.agent.pause_container(ctx(), &req).expect("pause");
+    let mut req = agent::ResumeContainerRequest::new();
+    req.container_id = "svc".into();
+    g.agent.resume_container(ctx(), &req).expect("resume");
+    let mut req = agent::StatsContainerRequest::new();
+    req.container_id = "svc".into();
+    let stats = g.agent.stats_container(ctx(), &req).expect("stats");
+    assert!(stats.cgroup.memory.current > 0, "{stats:?}");
+    assert_eq!(stats.cgroup.pids.current, 1, "{stats:?}");
+
+    let mut req = agent::SignalProcessRequest::new();
+    req.container_id = "svc".into();
+    req.signal = 9;
+    g.agent.signal_process(ctx(), &req).expect("SIGKILL");
+    let w = g.wait("svc", "");
+    assert_eq!((w.exit_code, w.signal), (137, 9));
+    g.remove("svc");
+
+    // stdio: a lot of output arrives intact and in order; stdin reaches the
+    // process and CloseStdin ends it.
+    let lines = 1_450_000u32;
+    let (w, out) = g.run("bigout", &spec(&["seq", "1", &lines.to_string()]));
+    assert_eq!(w.exit_code, 0);
+    let mut want = String::new();
+    for i in 1..=lines {
+        want.push_str(&i.to_string());
+        want.push('\n');
+    }
+    assert!(want.len() > 10 * 1024 * 1024);
+    assert!(out == want, "stdout differs: {} bytes, want {}", out.len(), want.len());
+
+    let mut streams = g.streams(true);
+    g.create("cat", &spec(&["wc", "-c"]), &streams).expect("create cat");
+    let mut stdin = streams.stdin.take().expect("stdin").join().expect("accept stdin");
+    g.start("cat");
+    stdin.write_all(&[b'z'; 100_000]).expect("write stdin");
+    std::thread::sleep(Duration::from_secs(2));
+    let mut req = agent::CloseStdinRequest::new();
+    req.container_id = "cat".into();
+    g.agent.close_stdin(ctx(), &req).expect("CloseStdin");
+    assert_eq!(g.wait("cat", "").exit_code, 0);
+    assert_eq!(streams.stdout().trim(), "100000");
+    g.remove("cat");
+
+    // A terminal of the requested size.
+    let mut s = spec(&["sh", "-c", "stty size"]);
+    s["process"]["terminal"] = json!(true);
+    s["process"]["consoleSize"] = json!({"height": 33, "width": 77});
+    let (w, out) = g.run("tty", &s);
+    assert_eq!(w.exit_code, 0);
+    assert!(out.contains("33 77"), "{out:?}");
+
+    // Bad input: a clear error naming the field; the agent keeps serving.
+    let mut s = spec(&["true"]);
+    s["process"]["cwd"] = json!("relative");
+    let err = g.create("bad", &s, &g.streams(false)).expect_err("relative cwd");
+    assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
+    assert!(format!("{err:?}").contains("process.cwd"), "{err:?}");
+    g.health.check(ctx(), &carapace_protocol::health::CheckRequest::new()).expect("still serving");
+    let mut req = agent::ListProcessesRequest::new();
+    req.container_id = "bad".into();
+    let err = g.agent.list_processes(ctx(), &req).expect_err("nothing left");
+    assert_eq!(rpc_code(&err), Some(ttrpc::Code::NOT_FOUND));
+
+    g.agent.destroy_sandbox(ctx(), &agent::DestroySandboxRequest::new()).expect("DestroySandbox");
+    eprintln!("container checks took {:?} in the guest", started.elapsed());
+    carapace_runtime::agent::shutdown(&g.conn).unwrap_or_else(|e| panic!("Shutdown: {e}\n{}", console()));
+    let status = vm.wait_timeout(Duration::from_secs(120)).expect("wait");
+    assert!(status.is_some_and(|s| s.success()), "VMM status {status:?}\n{}", console());
+}
