@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use carapace_protocol::client::{self, ClientError};
 use carapace_vmm::config::{SerialOutput, VmConfig, VsockConfig};
+pub use carapace_vmm::devices::virtio::fs::{CacheMode, FsConfig};
 
 use crate::assets::GuestAssets;
 
@@ -38,11 +39,13 @@ pub struct VmOptions {
     pub vcpus: u8,
     pub mem_mib: u32,
     pub extra_cmdline: String,
+    /// Host directories shared into the guest over virtio-fs.
+    pub fs: Vec<FsConfig>,
 }
 
 impl Default for VmOptions {
     fn default() -> Self {
-        Self { vcpus: 1, mem_mib: 256, extra_cmdline: String::new() }
+        Self { vcpus: 1, mem_mib: 256, extra_cmdline: String::new(), fs: Vec::new() }
     }
 }
 
@@ -77,6 +80,7 @@ impl Vm {
             mem_mib: opts.mem_mib,
             serial: SerialOutput::File(Self::console_path(dir)),
             vsock: Some(VsockConfig { uds_path: Self::vsock_path(dir), guest_cid: GUEST_CID }),
+            fs: opts.fs.clone(),
         };
         let config_path = dir.join("vmm.json");
         let text = serde_json::to_vec_pretty(&config)

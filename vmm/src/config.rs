@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::fs::{self, FsConfig, FsError};
+
 /// The smallest guest RAM we accept: the kernel image is loaded at 16 MiB
 /// and needs room to unpack itself and the initramfs.
 pub const MIN_MEM_MIB: u32 = 64;
@@ -95,11 +97,16 @@ pub struct VmConfig {
     /// The hybrid-vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices, one host directory each, with distinct tags.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
 }
 
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("cannot read config file {path}: {source}")]
     ReadFile {
         path: PathBuf,
@@ -193,6 +200,10 @@ impl VmConfig {
         }
         if let Some(vsock) = &self.vsock {
             check_vsock(vsock)?;
+        }
+        fs::validate_tags(self.fs.iter().map(|f| f.tag.as_str()))?;
+        for f in &self.fs {
+            f.validate()?;
         }
         Ok(())
     }
@@ -313,7 +324,29 @@ mod tests {
             mem_mib: 128,
             serial: SerialOutput::File(dir.join("console.log")),
             vsock: Some(VsockConfig { uds_path: dir.join("v.sock"), guest_cid: 3 }),
+            fs: Vec::new(),
         }
+    }
+
+    #[test]
+    fn fs_shares_are_checked_before_the_vm() {
+        let d = tempfile::tempdir().unwrap();
+        let share = |tag: &str, dir: PathBuf| FsConfig {
+            tag: tag.into(),
+            shared_dir: dir,
+            read_only: false,
+            cache: Default::default(),
+        };
+        let mut c = good(d.path());
+        c.fs = vec![share("root", d.path().join("missing"))];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+        c.fs = vec![share("a", d.path().to_path_buf()), share("a", d.path().to_path_buf())];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains('a'), "{e}");
+        assert!(matches!(c.validate(), Err(ConfigError::Fs(FsError::DuplicateTag(_)))));
+        c.fs = vec![share("a", d.path().to_path_buf())];
+        c.validate().unwrap();
     }
 
     #[test]

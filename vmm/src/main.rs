@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
+use carapace_vmm::cmdline::HostKind;
+use carapace_vmm::devices::virtio::fs::FsConfig;
 use carapace_vmm::{SerialOutput, VmConfig, VmExit, Vmm, VsockConfig};
 use clap::Parser;
 
@@ -18,7 +20,7 @@ use clap::Parser;
 #[command(name = "carapace-vmm", version, about)]
 struct Cli {
     /// Read the whole VM config from this JSON file (excludes the other VM flags).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_mib", "serial", "vsock_uds", "cid"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_mib", "serial", "vsock_uds", "cid", "fs"])]
     config: Option<PathBuf>,
     /// Uncompressed guest kernel (vmlinux ELF).
     #[arg(long, value_name = "PATH", required_unless_present = "config")]
@@ -44,6 +46,26 @@ struct Cli {
     /// The guest's vsock CID (>= 3).
     #[arg(long, value_name = "N", requires = "vsock_uds")]
     cid: Option<u64>,
+    /// Share a host directory over virtio-fs: `TAG:DIR[:ro]` (repeatable).
+    #[arg(long, value_name = "TAG:DIR[:ro]", value_parser = parse_fs)]
+    fs: Vec<FsConfig>,
+    /// Print the kernel command line this host gets (without device entries) and exit.
+    #[arg(long)]
+    print_cmdline: bool,
+}
+
+fn parse_fs(s: &str) -> Result<FsConfig, String> {
+    let mut it = s.splitn(3, ':');
+    let (tag, dir) = match (it.next(), it.next()) {
+        (Some(t), Some(d)) if !t.is_empty() && !d.is_empty() => (t, d),
+        _ => return Err(format!("{s:?}: expected TAG:DIR[:ro]")),
+    };
+    let read_only = match it.next() {
+        None => false,
+        Some("ro") => true,
+        Some(o) => return Err(format!("{s:?}: unknown option {o:?} (only \"ro\")")),
+    };
+    Ok(FsConfig { tag: tag.into(), shared_dir: dir.into(), read_only, cache: Default::default() })
 }
 
 impl Cli {
@@ -63,6 +85,7 @@ impl Cli {
                 (Some(uds_path), Some(guest_cid)) => Some(VsockConfig { uds_path, guest_cid }),
                 _ => None,
             },
+            fs: self.fs,
         })
     }
 }
@@ -168,6 +191,18 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    if cli.print_cmdline {
+        match carapace_vmm::cmdline::build(HostKind::detect(), &[], &cli.cmdline) {
+            Ok(line) => {
+                println!("{line}");
+                std::process::exit(0)
+            }
+            Err(e) => {
+                eprintln!("carapace-vmm: error: {e}");
+                std::process::exit(EXIT_SETUP_ERROR)
+            }
+        }
+    }
     let code = (|| -> anyhow::Result<i32> {
         block_stop_signals()?;
         let config = match cli.into_config() {

@@ -24,6 +24,7 @@ use crate::cmdline::{self, CmdlineError, HostKind, MmioSlot};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::legacy::{open_sink, SerialDevice, SerialError, I8042};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmEvent, VmExit};
@@ -133,6 +134,11 @@ impl Vmm {
             Some(v) => Some(Vsock::new(v.guest_cid, v.uds_path.clone())?),
             None => None,
         };
+        let shares = config
+            .fs
+            .iter()
+            .map(|f| Fs::new(f.clone()).map_err(ConfigError::Fs))
+            .collect::<Result<Vec<_>, _>>()?;
         info!(?host, "host KVM kind");
 
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
@@ -171,6 +177,9 @@ impl Vmm {
         vmm.add_legacy_devices(sink)?;
         if let Some(v) = vsock {
             vmm.add_virtio_device(Box::new(v))?;
+        }
+        for share in shares {
+            vmm.add_virtio_device(Box::new(share))?;
         }
         vmm.cmdline = cmdline::build(vmm.host, &vmm.slots, &config.cmdline)?;
         info!(cmdline = %vmm.cmdline, "kernel command line");
@@ -442,6 +451,7 @@ mod tests {
             mem_mib: 64,
             serial: SerialOutput::File(dir.join("console.log")),
             vsock: None,
+            fs: Vec::new(),
         }
     }
 
