@@ -408,7 +408,8 @@ mod tests {
     #[test]
     fn names_the_field_at_fault() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+        type Patch = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Patch, &str)> = vec![
             (Box::new(|v| v["process"]["args"] = serde_json::json!([])), "process.args"),
             (
                 Box::new(|v| v["process"].as_object_mut().map(|p| p.remove("args")).map(drop).unwrap_or(())),

@@ -145,13 +145,17 @@ pub struct ChildStdio {
     pub stderr: OwnedFd,
 }
 
+/// A connected host stream and the agent's end of the process's pipe
+/// (none with a terminal).
+type Stream = (OwnedFd, Option<OwnedFd>);
+
 /// Streams connected and pipes made, copiers not yet started.
 #[derive(Debug)]
 pub struct PendingIo {
     terminal: bool,
-    stdin: Option<(OwnedFd, Option<OwnedFd>)>,
-    stdout: Option<(OwnedFd, Option<OwnedFd>)>,
-    stderr: Option<(OwnedFd, Option<OwnedFd>)>,
+    stdin: Option<Stream>,
+    stdout: Option<Stream>,
+    stderr: Option<Stream>,
 }
 
 /// Connects the streams of `ports` and, without a terminal, makes the
@@ -219,7 +223,7 @@ pub fn prepare(
     };
     let mut output = |stream: &'static str,
                       sock: Option<OwnedFd>|
-     -> Result<(OwnedFd, Option<(OwnedFd, Option<OwnedFd>)>), StdioError> {
+     -> Result<(OwnedFd, Option<Stream>), StdioError> {
         match sock {
             Some(sock) => {
                 let (r, w) = make_pipe(stream)?;
