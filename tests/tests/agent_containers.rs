@@ -209,8 +209,8 @@ fn guest_faults(console: &str) -> usize {
 
 /// Runs one step; if it fails *and* the guest kernel reported a user-mode
 /// fault meanwhile, retries it once. That fault is a known defect of the
-/// emulated guest on kvm_pvm hosts (a process occasionally starts with a
-/// bad FS base and dies of a GP fault on its first TLS access, whoever
+/// emulated guest on kvm_pvm hosts (a process occasionally dies in glibc's
+/// start-up, at its first TLS access, loading a garbage pointer; whoever
 /// started it), not of the agent; any other failure fails the test.
 fn step(g: &Guest, console: &Path, name: &str, ids: &[&str], f: impl Fn(&Guest) -> Result<(), String>) {
     for attempt in 1..=2 {
@@ -425,11 +425,15 @@ fn containers_in_a_microvm() {
     assert!(!sandbox.kernel_release.is_empty());
 
     step(&g, &console_path, "settings", &["settings"], settings_step);
-    step(&g, &console_path, "oom", &["hog"], oom_step);
     step(&g, &console_path, "exec", &["svc"], exec_step);
     step(&g, &console_path, "stdout", &["bigout"], stdio_step);
     step(&g, &console_path, "stdin", &["cat"], stdin_step);
     step(&g, &console_path, "tty", &["tty"], tty_step);
+    // Last: on kvm_pvm hosts, processes started in the guest after an OOM
+    // kill often die in glibc's start-up (__ctype_init loads a garbage TLS
+    // pointer; seen with and without containers' namespaces, whoever
+    // starts them), a defect of the emulated guest reported upstream.
+    step(&g, &console_path, "oom", &["hog"], oom_step);
 
     // Bad input: a clear error naming the field; the agent keeps serving
     // and nothing of the container is left.
