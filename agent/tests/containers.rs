@@ -743,6 +743,23 @@ fn cgroups_pause_stats_and_limits() {
     assert!(stats.timestamp_unix_nano > 0);
     assert!(stats.cgroup.is_some());
 
+    // UpdateContainer: applied where the controller exists, refused
+    // (FAILED_PRECONDITION, naming it) where it does not.
+    let mut req = agent::UpdateContainerRequest::new();
+    req.container_id = a.cid("cg1");
+    req.resources_json = br#"{"pids": {"limit": 33}}"#.to_vec();
+    match a.client.update_container(ctx(), &req) {
+        Ok(_) => assert_eq!(std::fs::read_to_string(cgroup.join("pids.max")).expect("pids.max").trim(), "33"),
+        Err(err) => {
+            assert!(!a.controllers().iter().any(|c| c == "pids"), "{err:?}");
+            assert_eq!(rpc_code(&err), Some(ttrpc::Code::FAILED_PRECONDITION), "{err:?}");
+            assert!(format!("{err:?}").contains("pids"), "{err:?}");
+        }
+    }
+    req.resources_json = b"{not json".to_vec();
+    let err = a.client.update_container(ctx(), &req).expect_err("bad JSON");
+    assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
+
     // Running: refused without force; with force, everything goes.
     let err = a.remove("cg1", false).expect_err("running");
     assert_eq!(rpc_code(&err), Some(ttrpc::Code::FAILED_PRECONDITION));

@@ -122,11 +122,17 @@ impl ContainerError {
             if e.is::<ErrInvalidSpec>() || e.is::<MissingSpecError>() || e.is::<ErrInvalidID>() {
                 invalid = true;
             }
-            if let Some(LibcontainerError::InvalidInput(_)) = e.downcast_ref::<LibcontainerError>() {
-                invalid = true;
-            }
-            if let Some(LibcontainerError::IncorrectStatus(_)) = e.downcast_ref::<LibcontainerError>() {
-                wrong_state = true;
+            // `#[error(transparent)]` variants hide their inner error from
+            // the source chain: look at the variant itself.
+            match e.downcast_ref::<LibcontainerError>() {
+                Some(
+                    LibcontainerError::InvalidSpec(_)
+                    | LibcontainerError::MissingSpec(_)
+                    | LibcontainerError::InvalidID(_)
+                    | LibcontainerError::InvalidInput(_),
+                ) => invalid = true,
+                Some(LibcontainerError::IncorrectStatus(_)) => wrong_state = true,
+                _ => {}
             }
             if !first {
                 let text = e.to_string();
@@ -925,5 +931,69 @@ impl ContainerManager {
                 io::Error::other(problems.join("; ")),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_status_codes() {
+        let cases: Vec<(ContainerError, Code)> = vec![
+            (SpecError::new("process.cwd", "relative").into(), Code::INVALID_ARGUMENT),
+            (ContainerError::NotFound("c".into()), Code::NOT_FOUND),
+            (
+                ContainerError::ProcessExited { id: "c".into(), exec_id: "e".into() },
+                Code::NOT_FOUND,
+            ),
+            (ContainerError::AlreadyExists("c".into()), Code::ALREADY_EXISTS),
+            (ContainerError::FailedPrecondition("x".into()), Code::FAILED_PRECONDITION),
+            (
+                ContainerError::Libcontainer { step: "s", message: "m".into(), invalid: true },
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                ContainerError::Libcontainer { step: "s", message: "m".into(), invalid: false },
+                Code::INTERNAL,
+            ),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let status: ttrpc::Error = err.into();
+            assert_eq!(carapace_protocol::rpc_code(&status), Some(code), "{message}");
+        }
+        let invalid = ContainerError::from(SpecError::new("linux.namespaces[1].type", "unknown"));
+        assert!(invalid.to_string().contains("linux.namespaces[1].type"));
+    }
+
+    #[test]
+    fn libcontainer_errors_are_classified() {
+        use libcontainer::error::{ErrInvalidSpec, LibcontainerError};
+        let e = ContainerError::libcontainer("creating", &LibcontainerError::InvalidSpec(ErrInvalidSpec::UnsupportedVersion));
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+        let e = ContainerError::libcontainer(
+            "pausing",
+            &LibcontainerError::IncorrectStatus(libcontainer::container::ContainerStatus::Stopped),
+        );
+        assert_eq!(e.code(), Code::FAILED_PRECONDITION, "{e}");
+        let e = ContainerError::libcontainer("creating", &LibcontainerError::Other("boom".into()));
+        assert_eq!(e.code(), Code::INTERNAL, "{e}");
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        for good in ["c1", "a.b-c_d+e", &"x".repeat(128)] {
+            check_id("container_id", good).expect(good);
+        }
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
+            let err = check_id("container_id", bad).expect_err(bad);
+            assert!(err.to_string().contains("container_id"), "{err}");
+        }
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\011c"), "/a b\tc");
     }
 }
