@@ -5,10 +5,12 @@
 //! (all of them at TRACE).
 
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, Registry};
 
 /// The environment variable that sets the level (the kernel passes
 /// `CARAPACE_AGENT_LOG=debug` from its command line to init).
@@ -29,27 +31,46 @@ pub fn level(arg: Option<&str>, env: Option<&str>) -> (LevelFilter, Option<Strin
     }
 }
 
-/// Installs the subscriber (once; later calls do nothing).
-pub fn init(level: LevelFilter) {
+/// The filter of the installed subscriber, for [`set_level`].
+static FILTER: OnceLock<reload::Handle<Targets, Registry>> = OnceLock::new();
+
+/// The per-target filter for `level`.
+fn targets(level: LevelFilter) -> Targets {
     // ttrpc logs every connection at INFO; its messages show at TRACE.
     let ttrpc_level = if level == LevelFilter::TRACE {
         level
     } else {
         level.min(LevelFilter::WARN)
     };
-    let filter = Targets::new()
+    Targets::new()
         .with_default(level)
-        .with_target("ttrpc", ttrpc_level);
+        .with_target("ttrpc", ttrpc_level)
+}
+
+/// Changes the level from now on (CreateSandbox's `log_level`).
+pub fn set_level(name: &str) -> Result<(), String> {
+    let level = LevelFilter::from_str(name.trim())
+        .map_err(|_| format!("unknown log level {name:?} (error, warn, info, debug, trace, off)"))?;
+    let handle = FILTER.get().ok_or("logging is not set up")?;
+    handle.reload(targets(level)).map_err(|e| e.to_string())
+}
+
+/// Installs the subscriber (once; later calls do nothing).
+pub fn init(level: LevelFilter) {
+    let (filter, handle) = reload::Layer::new(targets(level));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
         .with_timer(tracing_subscriber::fmt::time::uptime());
     // try_init also routes the `log` records of ttrpc into tracing.
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
+    let installed = tracing_subscriber::registry()
         .with(filter)
+        .with(fmt)
         .try_init();
+    if installed.is_ok() {
+        let _ = FILTER.set(handle);
+    }
 }
 
 #[cfg(test)]
@@ -65,5 +86,10 @@ mod tests {
         let (l, complaint) = level(Some("loud"), None);
         assert_eq!(l, LevelFilter::INFO);
         assert!(complaint.is_some());
+    }
+
+    #[test]
+    fn set_level_needs_a_known_name() {
+        assert!(set_level("loud").is_err());
     }
 }

@@ -121,6 +121,13 @@ impl Sandbox {
             }
         }
         if let Some(settings) = req.settings.as_ref() {
+            let level = settings.log_level.trim();
+            if !level.is_empty() && level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+                return Err(SandboxError::Invalid {
+                    field: "settings.log_level".into(),
+                    message: format!("unknown level {level:?} (error, warn, info, debug, trace, off)"),
+                });
+            }
             for key in settings.sysctls.keys() {
                 if key.is_empty() || key.contains("..") || key.contains('/') {
                     return Err(SandboxError::Invalid {
@@ -176,6 +183,12 @@ impl Sandbox {
             }
             if settings.wall_clock_unix_nano != 0 && self.guest {
                 set_clock(settings.wall_clock_unix_nano)?;
+            }
+            if !settings.log_level.is_empty() {
+                crate::logging::set_level(&settings.log_level).map_err(|message| SandboxError::Invalid {
+                    field: "settings.log_level".into(),
+                    message,
+                })?;
             }
             if settings.shared_pid_namespace {
                 tracing::warn!("shared_pid_namespace is not supported yet; containers get their own");
@@ -239,6 +252,19 @@ mod tests {
         let (flags, data) = mount_options(&["ro".into(), "nodev".into(), "dax=never".into(), "x".into()]);
         assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NODEV);
         assert_eq!(data, "dax=never,x");
+    }
+
+    #[test]
+    fn refuses_an_unknown_log_level_before_doing_anything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sandbox = Sandbox::new(dir.path().join("etc"), false);
+        let mut req = agent::CreateSandboxRequest::new();
+        req.hostname = "pod".into();
+        req.settings.mut_or_insert_default().log_level = "loud".into();
+        let err = sandbox.create(&req).expect_err("unknown level");
+        assert_eq!(err.code(), Code::INVALID_ARGUMENT);
+        assert!(err.to_string().contains("settings.log_level"), "{err}");
+        assert!(!dir.path().join("etc/hostname").exists());
     }
 
     #[test]
