@@ -238,7 +238,9 @@ fn settings_step(g: &Guest) -> Result<(), String> {
     // One container checks most settings from inside, and exits 3.
     let mut s = spec(&["sh", "-c", "hostname; id; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
         echo mem=$(cat /sys/fs/cgroup/memory.max) pids=$(cat /sys/fs/cgroup/pids.max) \
-        cpu=$(cat /sys/fs/cgroup/cpu.max) weight=$(cat /sys/fs/cgroup/cpu.weight); \
+        cpu=$(cat /sys/fs/cgroup/cpu.max) weight=$(cat /sys/fs/cgroup/cpu.weight) \
+        low=$(cat /sys/fs/cgroup/memory.low) swap=$(cat /sys/fs/cgroup/memory.swap.max) \
+        io=$(cat /sys/fs/cgroup/io.weight | head -n 1); \
         touch /x 2>/dev/null && echo root=rw || echo root=ro; \
         mkdir /tmp/d 2>&1; echo pid=$$; \
         (for i in 1 2 3 4 5 6; do sleep 5 & done) 2>&1; echo forks-done; exit 3"]);
@@ -249,7 +251,8 @@ fn settings_step(g: &Guest) -> Result<(), String> {
     s["linux"]["resources"] = json!({
         "memory": {"limit": 67108864, "reservation": 33554432, "swap": 67108864},
         "pids": {"limit": 4},
-        "cpu": {"shares": 512, "quota": 50000, "period": 100000}
+        "cpu": {"shares": 512, "quota": 50000, "period": 100000},
+        "blockIO": {"weight": 500}
     });
     s["linux"]["seccomp"] = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
@@ -263,7 +266,12 @@ fn settings_step(g: &Guest) -> Result<(), String> {
     check!(field(&out, "CapEff:") == "00000000000004e1", "CapEff: {out}");
     check!(field(&out, "NoNewPrivs:") == "1", "NoNewPrivs: {out}");
     check!(field(&out, "Seccomp:") == "2", "Seccomp: {out}");
-    check!(out.contains("mem=67108864 pids=4 cpu=50000 100000 weight="), "limits: {out}");
+    // shares 512 → weight 59 (runc's and youki's current mapping); the
+    // blkio weight 500 → io.weight 4950; swap = limit → no swap.
+    check!(
+        out.contains("mem=67108864 pids=4 cpu=50000 100000 weight=59 low=33554432 swap=0 io=default 4950"),
+        "limits: {out}"
+    );
     check!(out.contains("root=ro"), "readonly root: {out}");
     check!(out.contains("Permission denied"), "seccomp's errno: {out}");
     check!(out.contains("pid=1\n"), "pid namespace: {out}");

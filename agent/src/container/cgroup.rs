@@ -59,7 +59,35 @@ pub fn root_controllers(root: &Path) -> Vec<String> {
     }
 }
 
+/// cgroup v2 io.weight for an OCI blkio weight (10-1000 → 1-10000,
+/// linear, as runc maps it).
+pub fn io_weight_v2(weight: u16) -> u32 {
+    1 + u32::from(weight.clamp(10, 1000) - 10) * 9999 / 990
+}
+
 impl Cgroup {
+    /// Corrects what libcgroups 0.7 gets wrong when it applies
+    /// `resources` (called after it did, before the process runs):
+    /// - `memory.swap` equal to `memory.limit` means "no swap"
+    ///   (memory.swap.max 0), which libcgroups skips writing, leaving max;
+    /// - the blkio weight's conversion to io.weight overflows a u16 in
+    ///   libcgroups (500 becomes 51).
+    pub fn fix_libcgroups(&self, resources: &oci_spec::runtime::LinuxResources) -> io::Result<()> {
+        if let Some(memory) = resources.memory() {
+            if let (Some(limit), Some(swap)) = (memory.limit(), memory.swap()) {
+                if limit >= 0 && swap == limit {
+                    std::fs::write(self.dir.join("memory.swap.max"), "0")?;
+                }
+            }
+        }
+        if let Some(weight) = resources.block_io().as_ref().and_then(|b| b.weight()) {
+            if weight > 0 && !self.dir.join("io.bfq.weight").exists() {
+                std::fs::write(self.dir.join("io.weight"), format!("default {}", io_weight_v2(weight)))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The cgroup at `path` (absolute, as in the prepared spec) under `root`.
     pub fn new(root: &Path, path: &Path) -> Self {
         let rel = path.strip_prefix("/").unwrap_or(path);
@@ -260,6 +288,28 @@ mod tests {
         let mut pids = cg.pids().expect("pids");
         pids.sort_unstable();
         assert_eq!(pids, [7, 8, 9]);
+    }
+
+    #[test]
+    fn io_weights() {
+        assert_eq!(io_weight_v2(10), 1);
+        assert_eq!(io_weight_v2(500), 4950);
+        assert_eq!(io_weight_v2(1000), 10000);
+        assert_eq!(io_weight_v2(5), 1);
+    }
+
+    #[test]
+    fn fixes_swap_and_io_weight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cg = Cgroup::new(dir.path(), Path::new("/c"));
+        std::fs::create_dir_all(cg.dir()).expect("mkdir");
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_str(
+            r#"{"memory": {"limit": 100, "swap": 100}, "blockIO": {"weight": 500}}"#,
+        )
+        .expect("json");
+        cg.fix_libcgroups(&resources).expect("fix");
+        assert_eq!(std::fs::read_to_string(cg.dir().join("memory.swap.max")).expect("swap"), "0");
+        assert_eq!(std::fs::read_to_string(cg.dir().join("io.weight")).expect("io"), "default 4950");
     }
 
     #[test]

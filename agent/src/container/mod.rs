@@ -465,7 +465,8 @@ impl ContainerManager {
         };
 
         let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
-        if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        if let Some(resources) = &resources {
             self.check_controllers(resources, "linux.resources")?;
         }
         spec::prepare_for_libcontainer(&mut spec, id, &rootfs);
@@ -494,7 +495,7 @@ impl ContainerManager {
             let _ = std::fs::remove_dir_all(self.libcontainer_root().join(id));
             let _ = std::fs::remove_dir_all(&bundle);
         };
-        let result = self.create_in(id, &spec, &rootfs, &bundle, &cgroup, mounts_before.clone(), req);
+        let result = self.create_in(id, &spec, resources.as_ref(), &rootfs, &bundle, &cgroup, mounts_before.clone(), req);
         match result {
             Ok(container) => {
                 let pid = container.init.pid();
@@ -515,6 +516,7 @@ impl ContainerManager {
         &self,
         id: &str,
         spec: &oci_spec::runtime::Spec,
+        resources: Option<&oci_spec::runtime::LinuxResources>,
         rootfs: &Path,
         bundle: &Path,
         cgroup: &Cgroup,
@@ -562,6 +564,14 @@ impl ContainerManager {
         };
         saved.restore();
         let lc = built.map_err(|e| ContainerError::libcontainer("creating the container", &e))?;
+        if let Some(resources) = resources {
+            if let Err(e) = cgroup.fix_libcgroups(resources) {
+                if let Some(pid) = lc.pid() {
+                    let _ = kill(Pid::from_raw(pid.as_raw()), Signal::SIGKILL);
+                }
+                return Err(ContainerError::io("linux.resources", e));
+            }
+        }
         let pid = lc
             .pid()
             .map(|p| p.as_raw())
@@ -832,7 +842,7 @@ impl ContainerManager {
         .map_err(|e| ContainerError::FailedPrecondition(format!("cgroup: {e}")))?;
         manager
             .apply(&libcgroups::common::ControllerOpt {
-                resources: &resources,
+                resources: &spec::resources_for_libcgroups(&resources),
                 disable_oom_killer: false,
                 oom_score_adj: None,
                 freezer_state: None,
@@ -841,7 +851,10 @@ impl ContainerManager {
                 step: "updating resources",
                 message: e.to_string(),
                 invalid: false,
-            })
+            })?;
+        c.cgroup
+            .fix_libcgroups(&resources)
+            .map_err(|e| ContainerError::io("resources_json", e))
     }
 
     /// PauseContainer.

@@ -274,6 +274,8 @@ pub fn has_mount_namespace(spec: &Spec) -> bool {
 /// - `root.path` is the resolved rootfs;
 /// - `linux.cgroupsPath` is absolute ([`cgroup_path`]): libcontainer's
 ///   cgroup v2 manager then never asks for systemd;
+/// - `linux.resources.blockIO.weight` is left to the agent
+///   ([`resources_for_libcgroups`]);
 /// - `process.noNewPrivileges: false` becomes absent (the same meaning;
 ///   libcontainer then loads seccomp before dropping capabilities, which a
 ///   profile needs when CAP_SYS_ADMIN is dropped);
@@ -293,6 +295,10 @@ pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path) {
     }
     if let Some(linux) = spec.linux_mut() {
         linux.set_cgroups_path(Some(cgroup));
+        if let Some(resources) = linux.resources().as_ref() {
+            let resources = resources_for_libcgroups(resources);
+            linux.set_resources(Some(resources));
+        }
     }
     if let Some(process) = spec.process_mut() {
         normalize_process(process);
@@ -340,6 +346,18 @@ pub fn ensure_home(process: &mut Process, rootfs: &Path) {
         .unwrap_or_else(|| "/".to_string());
     env.push(format!("HOME={home}"));
     process.set_env(Some(env));
+}
+
+/// The resources as libcontainer gets them: without the blkio weight,
+/// whose conversion overflows in libcgroups 0.7 (the agent writes
+/// io.weight itself, [`super::cgroup::Cgroup::fix_libcgroups`]).
+pub fn resources_for_libcgroups(resources: &LinuxResources) -> LinuxResources {
+    let mut r = resources.clone();
+    if let Some(mut block_io) = r.block_io().clone() {
+        block_io.set_weight(None);
+        r.set_block_io(Some(block_io));
+    }
+    r
 }
 
 /// `noNewPrivileges: false` → absent (see [`prepare_for_libcontainer`]).
