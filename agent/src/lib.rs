@@ -25,3 +25,4 @@ pub mod service;
 pub mod shutdown;
 pub mod signals;
 pub mod sys;
+pub mod xstate;

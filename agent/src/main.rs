@@ -23,7 +23,7 @@ use carapace_agent::server::{self, AgentServer, ListenAddress};
 use carapace_agent::service::{AgentService, AGENT_VERSION};
 use carapace_agent::shutdown::{self, ShutdownTrigger};
 use carapace_agent::signals::{Event, Signals};
-use carapace_agent::{init, logging, sys};
+use carapace_agent::{init, logging, sys, xstate};
 
 /// As PID 1, how often and how far apart to retry binding the listener
 /// (the vsock transport could still be coming up).
@@ -53,11 +53,17 @@ fn agent_service(
     // In the guest the sandbox's files are the guest's /etc; on a host the
     // agent must not touch the host's.
     let etc = if guest { "/etc".into() } else { state_dir.join("etc") };
+    // Set only by `reexec_without_avx` (see `carapace_agent::xstate`).
+    let default_env = match std::env::var(xstate::TUNABLES_ENV) {
+        Ok(v) if guest && v == xstate::NO_AVX_TUNABLES => vec![xstate::no_avx_env()],
+        _ => Vec::new(),
+    };
     let containers = Arc::new(ContainerManager::new(
         ManagerConfig {
             state_dir,
             dialer,
             cgroup_root: cgroup::CGROUP_ROOT.into(),
+            default_env,
         },
         reaper,
     ));
@@ -133,11 +139,15 @@ fn serve_signals(signals: &Signals, reaper: &Reaper) -> Instant {
 fn run_as_init(args: &Args) -> ! {
     // stderr is already the console if the initramfs has /dev/console.
     init_logging(args);
+    let reexecuted = std::env::var_os(REEXEC_ENV).is_some();
     // First, before anything is mounted: containers pivot_root, which the
-    // initramfs's root refuses.
-    let pivot_error = init::make_root_pivotable().err();
+    // initramfs's root refuses. (Done already before a re-exec.)
+    let pivot_error = if reexecuted { None } else { init::make_root_pivotable().err() };
     let init_errors = init::setup(&sys::LinuxSyscall);
     let console_error = init::ensure_console_stdio().err();
+    if !reexecuted {
+        reexec_without_avx();
+    }
     for e in pivot_error.iter().chain(&init_errors).chain(console_error.as_ref()) {
         tracing::warn!("guest setup: {e}");
     }
@@ -177,6 +187,28 @@ fn run_as_init(args: &Args) -> ! {
     nix::unistd::sync();
     trigger.wait_for_reply(since);
     shutdown::reboot_guest()
+}
+
+/// Set in the environment of the agent's re-exec of itself.
+const REEXEC_ENV: &str = "CARAPACE_AGENT_REEXEC";
+
+/// On a kernel that will not preserve user-mode AVX state (kvm_pvm hosts,
+/// see `carapace_agent::xstate`), executes this binary again, as the same
+/// PID 1, with glibc's AVX string functions turned off. Returns only if
+/// nothing needs doing or the exec failed.
+fn reexec_without_avx() {
+    use std::os::unix::process::CommandExt;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if !xstate::avx_state_unsafe(&cmdline) || std::env::var_os(xstate::TUNABLES_ENV).is_some() {
+        return;
+    }
+    tracing::info!("the kernel does not preserve AVX state (noxsave): re-executing without glibc's AVX routines");
+    let err = std::process::Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .env(xstate::TUNABLES_ENV, xstate::NO_AVX_TUNABLES)
+        .env(REEXEC_ENV, "1")
+        .exec();
+    tracing::warn!(error = %err, "re-executing the agent failed; going on with AVX");
 }
 
 /// An error PID 1 cannot serve past: say it on the console and end the VM.

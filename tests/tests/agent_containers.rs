@@ -242,7 +242,7 @@ fn settings_step(g: &Guest) -> Result<(), String> {
         low=$(cat /sys/fs/cgroup/memory.low) swap=$(cat /sys/fs/cgroup/memory.swap.max) \
         io=$(cat /sys/fs/cgroup/io.weight | head -n 1); \
         touch /x 2>/dev/null && echo root=rw || echo root=ro; \
-        mkdir /tmp/d 2>&1; echo pid=$$; \
+        mkdir /tmp/d 2>&1; echo pid=$$; echo tunables=$GLIBC_TUNABLES; \
         (for i in 1 2 3 4 5 6; do sleep 5 & done) 2>&1; echo forks-done; exit 3"]);
     s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [1000]});
     // A non-root user keeps capabilities across execve only as ambient ones.
@@ -277,6 +277,15 @@ fn settings_step(g: &Guest) -> Result<(), String> {
     check!(out.contains("pid=1\n"), "pid namespace: {out}");
     check!(out.contains("can't fork"), "the pids limit holds: {out}");
     check!(out.contains("forks-done"), "{out}");
+    // On kvm_pvm hosts the agent turns glibc's AVX routines off in
+    // containers (the guest kernel cannot preserve AVX state); elsewhere
+    // it leaves the environment alone.
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    check!(
+        field(&out, "tunables=").starts_with("glibc.cpu.hwcaps=-AVX") == pvm,
+        "GLIBC_TUNABLES on a {} host: {out}",
+        if pvm { "kvm_pvm" } else { "non-PVM" }
+    );
     Ok(())
 }
 

@@ -176,6 +176,9 @@ pub struct ManagerConfig {
     pub dialer: Dialer,
     /// The cgroup v2 mount.
     pub cgroup_root: PathBuf,
+    /// `KEY=VALUE` entries every container process gets unless its spec
+    /// sets KEY (see [`crate::xstate`]).
+    pub default_env: Vec<String>,
 }
 
 /// One container.
@@ -469,7 +472,7 @@ impl ContainerManager {
         if let Some(resources) = &resources {
             self.check_controllers(resources, "linux.resources")?;
         }
-        spec::prepare_for_libcontainer(&mut spec, id, &rootfs);
+        spec::prepare_for_libcontainer(&mut spec, id, &rootfs, &self.config.default_env);
         let cgroup = Cgroup::new(&self.config.cgroup_root, &spec::cgroup_path(&spec, id));
         if cgroup.exists() {
             return Err(ContainerError::FailedPrecondition(format!(
@@ -668,6 +671,7 @@ impl ContainerManager {
         process.set_terminal(Some(req.terminal));
         spec::normalize_process(&mut process);
         spec::ensure_home(&mut process, &c.rootfs);
+        spec::add_default_env(&mut process, &self.config.default_env);
         let console_size = process.console_size().map(|b| (b.height(), b.width()));
 
         let mut inner = lock(&c.inner);

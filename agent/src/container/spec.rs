@@ -283,7 +283,7 @@ pub fn has_mount_namespace(spec: &Spec) -> bool {
 ///   (createContainer, startContainer): prestart, createRuntime,
 ///   poststart and poststop run in the runtime namespace, on the host, and
 ///   are the host runtime's to run.
-pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path) {
+pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path, default_env: &[String]) {
     let cgroup = cgroup_path(spec, id);
     if let Some(root) = spec.root_mut() {
         root.set_path(rootfs.to_path_buf());
@@ -303,6 +303,7 @@ pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path) {
     if let Some(process) = spec.process_mut() {
         normalize_process(process);
         ensure_home(process, rootfs);
+        add_default_env(process, default_env);
     }
     if let Some(hooks) = spec.hooks().clone() {
         let mut kept = Hooks::default();
@@ -360,6 +361,22 @@ pub fn resources_for_libcgroups(resources: &LinuxResources) -> LinuxResources {
     r
 }
 
+/// Adds each `KEY=VALUE` of `defaults` whose KEY the process's
+/// environment does not set.
+pub fn add_default_env(process: &mut Process, defaults: &[String]) {
+    if defaults.is_empty() {
+        return;
+    }
+    let mut env = process.env().clone().unwrap_or_default();
+    for entry in defaults {
+        let key = entry.split_once('=').map_or(entry.as_str(), |(k, _)| k);
+        if !env.iter().any(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key) {
+            env.push(entry.clone());
+        }
+    }
+    process.set_env(Some(env));
+}
+
 /// `noNewPrivileges: false` → absent (see [`prepare_for_libcontainer`]).
 pub fn normalize_process(process: &mut Process) {
     if process.no_new_privileges() == Some(false) {
@@ -403,7 +420,7 @@ mod tests {
         let mut v = serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": rootfs},
-            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"]},
             "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
         });
         patch(&mut v);
@@ -416,7 +433,10 @@ mod tests {
         let (mut spec, rootfs) = parse_spec(&spec_json(dir.path(), |_| {}), "").expect("valid");
         assert_eq!(rootfs, dir.path());
         assert!(has_mount_namespace(&spec));
-        prepare_for_libcontainer(&mut spec, "c1", &rootfs);
+        prepare_for_libcontainer(&mut spec, "c1", &rootfs, &["A=1".into(), "PATH=/nope".into()]);
+        let env = spec.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
+        assert!(env.contains(&"A=1".to_string()), "{env:?}");
+        assert!(!env.contains(&"PATH=/nope".to_string()), "the spec's PATH wins: {env:?}");
         assert_eq!(
             spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
             Some(PathBuf::from("/carapace/c1"))
@@ -490,7 +510,7 @@ mod tests {
             });
         });
         let (mut spec, rootfs) = parse_spec(&json, "").expect("valid");
-        prepare_for_libcontainer(&mut spec, "c2", &rootfs);
+        prepare_for_libcontainer(&mut spec, "c2", &rootfs, &[]);
         assert_eq!(cgroup_path(&spec, "c2"), PathBuf::from("/pods/c2"));
         let process = spec.process().as_ref().expect("process");
         assert_eq!(process.no_new_privileges(), None);
