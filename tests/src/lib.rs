@@ -2,6 +2,7 @@
 //! assets `scripts/test.sh` built, and skipping where `/dev/kvm` is absent.
 
 pub mod cpio;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -125,6 +125,19 @@ fn vmm_refuses_bad_input_and_leaves_nothing() {
     drop(busy);
     std::fs::remove_file(&sock).expect("the test's own socket is still there");
 
+    // A virtio-fs share that does not exist, and two shares with one tag.
+    let mut args = base(k, i, "256");
+    args.extend(["--fs".into(), "root:/nonexistent/share".into()]);
+    let (code, err) = run(args);
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/share"), "{err}");
+    let d = dir.path().to_str().expect("utf8");
+    let mut args = base(k, i, "256");
+    args.extend(["--fs".into(), format!("same:{d}"), "--fs".into(), format!("same:{d}")]);
+    let (code, err) = run(args);
+    assert_ne!(code, 0);
+    assert!(err.contains("same"), "{err}");
+
     for (code, err) in [(code, err)] {
         assert!(!err.contains("panicked"), "exit {code}: {err}");
     }
