@@ -5,8 +5,15 @@
 pub mod agent;
 pub mod assets;
 pub mod bundle;
+pub mod container;
+pub mod hooks;
 pub mod host;
 pub mod id;
+pub mod monitor;
+pub mod proc;
+pub mod sandbox;
 pub mod smoke;
+pub mod spec;
 pub mod state;
+pub mod stdio;
 pub mod vm;

@@ -56,6 +56,16 @@ pub struct ContainerRecord {
     pub exit_code: Option<i32>,
     /// Why the container is stopped when it did not simply exit.
     pub stop_reason: Option<String>,
+    /// The host process that owns the VM and stands in for the container
+    /// (it exits with the container's status); 0 before it exists.
+    #[serde(default)]
+    pub monitor_pid: u32,
+    /// Start times (clock ticks since boot, /proc/PID/stat field 22) of the
+    /// VMM and the monitor, so that a reused pid is never taken for ours.
+    #[serde(default)]
+    pub vmm_start_time: u64,
+    #[serde(default)]
+    pub monitor_start_time: u64,
 }
 
 impl ContainerRecord {
@@ -129,7 +139,7 @@ impl StateStore {
     /// The directory of container `id` (validated, so it stays under the root).
     pub fn dir(&self, id: &str) -> Result<PathBuf, StateError> {
         validate_id(id)?;
-        Ok(self.root.join(id))
+        Ok(self.root.join(dir_name(id)))
     }
 
     fn ensure_root(&self) -> Result<(), StateError> {
@@ -141,7 +151,7 @@ impl StateStore {
     pub fn lock(&self, id: &str) -> Result<IdLock, StateError> {
         validate_id(id)?;
         self.ensure_root()?;
-        let path = self.root.join(format!(".{id}.lock"));
+        let path = self.root.join(format!(".{}.lock", dir_name(id)));
         loop {
             let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
             // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -157,6 +167,29 @@ impl StateStore {
                 return Ok(IdLock { _file: file, path });
             }
         }
+    }
+
+    /// Takes the lock of `id` if nobody holds it; `None` if someone does.
+    pub fn try_lock(&self, id: &str) -> Result<Option<IdLock>, StateError> {
+        validate_id(id)?;
+        let path = self.root.join(format!(".{}.lock", dir_name(id)));
+        let file = match OpenOptions::new().write(true).open(&path) {
+            Ok(f) => f,
+            // Deleted meanwhile: nothing left to lock.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::NotFound(id.into())),
+            Err(e) => return Err(StateError::Io { path, source: e }),
+        };
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Ok(None);
+        }
+        let linked = std::fs::metadata(&path).map(|m| m.ino()).ok();
+        let ours = file.metadata().map(|m| m.ino()).map_err(io(&path))?;
+        if linked != Some(ours) {
+            return Err(StateError::NotFound(id.into()));
+        }
+        Ok(Some(IdLock { _file: file, path }))
     }
 
     /// Creates the state dir of a new container; fails if the id is taken.
@@ -191,7 +224,12 @@ impl StateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::NotFound(id.into())),
             Err(e) => return Err(StateError::Io { path, source: e }),
         };
-        serde_json::from_slice(&text).map_err(|e| StateError::Corrupt { path, msg: e.to_string() })
+        let record: ContainerRecord =
+            serde_json::from_slice(&text).map_err(|e| StateError::Corrupt { path: path.clone(), msg: e.to_string() })?;
+        if record.id != id {
+            return Err(StateError::Corrupt { path, msg: format!("holds container {:?}", record.id) });
+        }
+        Ok(record)
     }
 
     /// Every container under the root, sorted by id (unreadable ones skipped).
@@ -201,7 +239,10 @@ impl StateStore {
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| !n.starts_with('.'))
-            .filter_map(|n| self.load(&n).ok())
+            .filter_map(|n| {
+                let text = std::fs::read(self.root.join(n).join("state.json")).ok()?;
+                serde_json::from_slice::<ContainerRecord>(&text).ok()
+            })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
@@ -216,6 +257,22 @@ impl StateStore {
             Err(e) => Err(StateError::Io { path: dir, source: e }),
         }
     }
+}
+
+/// Longest id used as a directory name as it is. Longer ids get a short
+/// name with a hash: the VM's sockets live in the directory, and a Unix
+/// socket path has at most 107 bytes (containerd's runc shim already uses a
+/// 30-byte root).
+const MAX_DIR_NAME: usize = 32;
+
+/// The state directory name of a (valid) id.
+pub fn dir_name(id: &str) -> String {
+    if id.len() <= MAX_DIR_NAME {
+        return id.to_string();
+    }
+    // FNV-1a: stable across Rust releases, unlike std's hasher.
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{}-{hash:016x}", &id[..MAX_DIR_NAME - 17])
 }
 
 /// Now, in RFC 3339 with nanoseconds (runc's `created` format).
@@ -240,7 +297,25 @@ mod tests {
             annotations: HashMap::new(),
             exit_code: None,
             stop_reason: None,
+            monitor_pid: 0,
+            vmm_start_time: 0,
+            monitor_start_time: 0,
         }
+    }
+
+    #[test]
+    fn long_ids_get_short_distinct_dir_names() {
+        let a = "a".repeat(64);
+        let b = format!("{}b", "a".repeat(63));
+        assert_eq!(dir_name("short"), "short");
+        assert_eq!(dir_name(&a).len(), 32);
+        assert_ne!(dir_name(&a), dir_name(&b));
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(root.path());
+        store.create_dir(&a).expect("create");
+        store.save(&record(&a)).expect("save");
+        assert_eq!(store.load(&a).expect("load").id, a);
+        assert_eq!(store.list().len(), 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -70,8 +71,19 @@ impl Vm {
 
     /// Writes the VMM config into `dir` and starts the VMM. `dir` must exist
     /// and be private to this VM.
-    #[tracing::instrument(skip(assets), fields(dir = %dir.display()))]
     pub fn start(assets: &GuestAssets, dir: &Path, opts: &VmOptions) -> Result<Self, VmError> {
+        Self::spawn(assets, dir, opts, false)
+    }
+
+    /// Like [`Vm::start`], and the VMM is killed when the calling thread's
+    /// process dies, however it dies (the monitor owns its VM this way).
+    /// Call from a thread that lives as long as the VM.
+    pub fn start_owned(assets: &GuestAssets, dir: &Path, opts: &VmOptions) -> Result<Self, VmError> {
+        Self::spawn(assets, dir, opts, true)
+    }
+
+    #[tracing::instrument(skip(assets, opts), fields(dir = %dir.display()))]
+    fn spawn(assets: &GuestAssets, dir: &Path, opts: &VmOptions, owned: bool) -> Result<Self, VmError> {
         let config = VmConfig {
             kernel: assets.kernel.clone(),
             initramfs: Some(assets.initramfs.clone()),
@@ -93,14 +105,26 @@ impl Vm {
         let log_err = log
             .try_clone()
             .map_err(|source| VmError::Config { path: log_path.clone(), source })?;
-        let child = Command::new(&assets.vmm)
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|source| VmError::Spawn { vmm: assets.vmm.clone(), source })?;
+        let mut cmd = Command::new(&assets.vmm);
+        cmd.arg("--config").arg(&config_path).stdin(Stdio::null()).stdout(log).stderr(log_err);
+        if owned {
+            let parent = std::process::id();
+            // SAFETY: runs in the forked child before exec; prctl and getppid
+            // are async-signal-safe and touch no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died before prctl took effect.
+                    if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                        return Err(std::io::Error::other("the parent died before the VMM started"));
+                    }
+                    Ok(())
+                })
+            };
+        }
+        let child = cmd.spawn().map_err(|source| VmError::Spawn { vmm: assets.vmm.clone(), source })?;
         let pid = child.id();
         tracing::info!(pid, "VMM started");
         Ok(Self { child: Some(child), pid, dir: dir.to_path_buf() })

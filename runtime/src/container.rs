@@ -1,0 +1,472 @@
+//! The container lifecycle behind the CLI: each command takes the id's lock,
+//! reads the record, checks the state as runc does, and talks to the
+//! sandbox's agent or its monitor process (see [`crate::monitor`]).
+
+use std::fs::File;
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use carapace_protocol::{agent, AgentClient, AGENT_VSOCK_PORT};
+use nix::sys::signal::Signal;
+use oci_spec::runtime::{Hooks, Process, Spec};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{Bundle, BundleError};
+use crate::hooks::{self, HookError};
+use crate::state::{now_rfc3339, ContainerRecord, IdLock, StateError, StateStore, Status};
+use crate::vm::Vm;
+use crate::{proc, stdio};
+
+/// How long `delete` waits for a monitor to stop its VM before killing it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of lifecycle commands. Messages follow runc's where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    #[error(transparent)]
+    Stdio(#[from] stdio::StdioError),
+    #[error("{0}")]
+    WrongState(String),
+    #[error("cannot reach the agent of container {id}: {source}")]
+    Connect { id: String, source: carapace_protocol::client::ClientError },
+    #[error("{call}: {message}")]
+    Agent { call: &'static str, message: String },
+    #[error("cannot start the sandbox monitor: {0}")]
+    Spawn(std::io::Error),
+    #[error("{0}")]
+    Create(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("--process {path}: {msg}")]
+    ProcessJson { path: PathBuf, msg: String },
+}
+
+type Result<T> = std::result::Result<T, ContainerError>;
+
+/// A ttrpc error as a one-line message (the agent's status message when it
+/// sent one).
+pub fn agent_error(call: &'static str, e: ttrpc::Error) -> ContainerError {
+    let message = match e {
+        ttrpc::Error::RpcStatus(s) => s.message,
+        other => other.to_string(),
+    };
+    ContainerError::Agent { call, message }
+}
+
+/// What the monitor tells `create` once the container exists (or why not).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ready {
+    pub vmm_pid: u32,
+    pub vmm_start_time: u64,
+    pub guest_pid: u32,
+    pub error: Option<String>,
+}
+
+/// Options of `create` and `run`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+}
+
+/// The runtime under one `--root`.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub store: StateStore,
+    /// Global flags the monitor is started with (`--log`, `--debug`, ...).
+    pub global_args: Vec<String>,
+}
+
+/// The record's status, corrected when the processes behind it are gone
+/// (a monitor or VMM killed from outside).
+pub fn effective(record: &mut ContainerRecord) {
+    if record.status == Status::Stopped {
+        return;
+    }
+    let monitor_gone = record.monitor_pid != 0 && !proc::alive(record.monitor_pid, record.monitor_start_time);
+    let vmm_gone = record.pid != 0 && !proc::alive(record.pid, record.vmm_start_time);
+    if monitor_gone || vmm_gone || (record.status == Status::Creating && record.monitor_pid == 0) {
+        record.stop_reason = Some(
+            match (record.status, vmm_gone) {
+                (Status::Creating, _) => "create did not finish",
+                (_, true) => "the VM exited",
+                _ => "the sandbox monitor exited",
+            }
+            .into(),
+        );
+        record.status = Status::Stopped;
+    }
+}
+
+/// The OCI state JSON that hooks get on stdin.
+fn hook_state(record: &ContainerRecord, status: Status) -> serde_json::Value {
+    let mut r = record.clone();
+    r.status = status;
+    r.oci_state()
+}
+
+fn hooks_of(spec: &Spec) -> Hooks {
+    spec.hooks().clone().unwrap_or_default()
+}
+
+impl Runtime {
+    fn locked(&self, id: &str) -> Result<(IdLock, ContainerRecord)> {
+        let lock = self.store.lock(id)?;
+        let mut record = self.store.load(id)?;
+        effective(&mut record);
+        Ok((lock, record))
+    }
+
+    /// The record of `id` with its effective status.
+    pub fn state(&self, id: &str) -> Result<ContainerRecord> {
+        let mut record = self.store.load(id)?;
+        effective(&mut record);
+        Ok(record)
+    }
+
+    /// Every container under the root, with effective statuses.
+    pub fn list(&self) -> Vec<ContainerRecord> {
+        let mut all = self.store.list();
+        all.iter_mut().for_each(effective);
+        all
+    }
+
+    /// Connects to the agent of a container's VM.
+    pub fn agent(&self, record: &ContainerRecord) -> Result<AgentClient> {
+        let uds = Vm::vsock_path(&self.store.dir(&record.id)?);
+        let conn = carapace_protocol::client::connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(10))
+            .map_err(|source| ContainerError::Connect { id: record.id.clone(), source })?;
+        Ok(AgentClient::new(conn))
+    }
+
+    /// `create`: validates the bundle, then starts the monitor, which boots
+    /// the VM and creates the container; returns the monitor once the
+    /// container is `created` (the caller of `run` waits on it).
+    #[tracing::instrument(skip(self, opts), fields(id = %opts.id))]
+    pub fn create(&self, opts: &CreateOptions) -> Result<Child> {
+        let lock = self.store.lock(&opts.id)?;
+        // Everything that can be checked is checked before anything exists.
+        let bundle = Bundle::load(&opts.bundle)?;
+        if self.store.load(&opts.id).is_ok() {
+            return Err(StateError::Exists(opts.id.clone()).into());
+        }
+        if let Some(sock) = &opts.console_socket {
+            if bundle.spec.process().as_ref().is_none_or(|p| p.terminal() != Some(true)) {
+                return Err(ContainerError::WrongState(format!(
+                    "--console-socket {} given but process.terminal is not true",
+                    sock.display()
+                )));
+            }
+        }
+        let dir = self.store.create_dir(&opts.id)?;
+        let mut record = ContainerRecord {
+            id: opts.id.clone(),
+            bundle: bundle.dir.clone(),
+            rootfs: bundle.rootfs.clone(),
+            status: Status::Creating,
+            pid: 0,
+            guest_pid: 0,
+            created: now_rfc3339(),
+            owner: String::from("root"),
+            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+            exit_code: None,
+            stop_reason: None,
+            monitor_pid: 0,
+            vmm_start_time: 0,
+            monitor_start_time: 0,
+        };
+        if let Err(e) = self.store.save(&record) {
+            let _ = self.store.remove(&opts.id);
+            return Err(e.into());
+        }
+        let (mut child, ready) = match self.spawn_monitor(opts, &bundle) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.store.remove(&opts.id);
+                return Err(e);
+            }
+        };
+        let ready = match ready {
+            Ok(r) if r.error.is_none() => r,
+            other => {
+                // The monitor tears its VM down before it exits.
+                let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&dir);
+                lock.remove();
+                let msg = match other {
+                    Ok(r) => r.error.unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(ContainerError::Create(msg));
+            }
+        };
+        record.monitor_pid = child.id();
+        record.monitor_start_time = proc::start_time(child.id()).unwrap_or(0);
+        record.pid = ready.vmm_pid;
+        record.vmm_start_time = ready.vmm_start_time;
+        record.guest_pid = ready.guest_pid;
+        record.status = Status::Created;
+        self.store.save(&record)?;
+        if let Some(pid_file) = &opts.pid_file {
+            write_pid_file(pid_file, child.id())?;
+        }
+        Ok(child)
+    }
+
+    /// Starts `carapace _monitor` with the caller's stdio and waits for its
+    /// one-line report.
+    fn spawn_monitor(
+        &self,
+        opts: &CreateOptions,
+        bundle: &Bundle,
+    ) -> Result<(Child, std::result::Result<Ready, ContainerError>)> {
+        let mut args: Vec<OsString> = vec!["--bundle".into(), bundle.dir.clone().into()];
+        if let Some(s) = &opts.console_socket {
+            args.extend(["--console-socket".into(), s.into()]);
+        }
+        args.push(opts.id.clone().into());
+        self.spawn_helper("_monitor", args)
+    }
+
+    /// Starts this binary's hidden subcommand `sub` (with our global flags
+    /// and the caller's stdio) and reads its one-line [`Ready`] report from
+    /// a pipe passed as `--ready-fd`.
+    pub fn spawn_helper(
+        &self,
+        sub: &str,
+        args: Vec<OsString>,
+    ) -> Result<(Child, std::result::Result<Ready, ContainerError>)> {
+        let (read, write) = nix::unistd::pipe().map_err(|e| ContainerError::Spawn(e.into()))?;
+        // The write end must survive exec in the child, the read end not.
+        nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
+            .map_err(|e| ContainerError::Spawn(e.into()))?;
+        let exe = std::env::current_exe().map_err(ContainerError::Spawn)?;
+        let mut cmd = Command::new(exe);
+        cmd.args(&self.global_args)
+            .arg("--root")
+            .arg(self.store.root())
+            .arg(sub)
+            .arg("--ready-fd")
+            .arg(write.as_raw_fd().to_string())
+            .args(args);
+        let child = cmd.spawn().map_err(ContainerError::Spawn);
+        drop(write);
+        let child = child?;
+        Ok((child, read_ready(read)))
+    }
+
+    /// `start`: runs the container's process; poststart hooks follow.
+    #[tracing::instrument(skip(self))]
+    pub fn start(&self, id: &str) -> Result<()> {
+        let (_lock, mut record) = self.locked(id)?;
+        match record.status {
+            Status::Created => {}
+            Status::Stopped => return Err(ContainerError::WrongState("cannot start a container that has stopped".into())),
+            Status::Running => return Err(ContainerError::WrongState("cannot start an already running container".into())),
+            s => return Err(ContainerError::WrongState(format!("cannot start a container in the {s} state"))),
+        }
+        let agent = self.agent(&record)?;
+        let mut req = agent::StartContainerRequest::new();
+        req.container_id = id.into();
+        agent.start_container(crate::agent::ctx(), &req).map_err(|e| agent_error("StartContainer", e))?;
+        record.status = Status::Running;
+        self.store.save(&record)?;
+        if let Ok(bundle) = Bundle::load(&record.bundle) {
+            hooks::run_warn("poststart", hooks_of(&bundle.spec).poststart().as_deref().unwrap_or(&[]), &record.oci_state());
+        }
+        Ok(())
+    }
+
+    /// `kill`: signals the container's init (or all its processes).
+    #[tracing::instrument(skip(self))]
+    pub fn kill(&self, id: &str, signal: i32, all: bool) -> Result<()> {
+        let (_lock, record) = self.locked(id)?;
+        if record.status == Status::Stopped {
+            return Err(ContainerError::WrongState("container not running".into()));
+        }
+        let agent = self.agent(&record)?;
+        let mut req = agent::SignalProcessRequest::new();
+        req.container_id = id.into();
+        req.signal = u32::try_from(signal).unwrap_or(0);
+        req.all = all;
+        agent.signal_process(crate::agent::ctx(), &req).map_err(|e| agent_error("SignalProcess", e))?;
+        Ok(())
+    }
+
+    /// `delete`: stops the VM (a running container only with `force`), runs
+    /// poststop hooks and removes every trace of the container.
+    #[tracing::instrument(skip(self))]
+    pub fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let (lock, record) = match self.locked(id) {
+            Ok(x) => x,
+            Err(ContainerError::State(StateError::NotFound(_))) if force => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if matches!(record.status, Status::Running | Status::Paused) && !force {
+            return Err(ContainerError::WrongState(format!(
+                "cannot delete container {id} that is not stopped: {}",
+                record.status
+            )));
+        }
+        // The monitor kills the container, shuts the guest down and exits.
+        proc::signal(record.monitor_pid, record.monitor_start_time, Signal::SIGTERM);
+        if !proc::wait_gone(record.monitor_pid, record.monitor_start_time, STOP_TIMEOUT) {
+            tracing::warn!(pid = record.monitor_pid, "the monitor did not stop; killing it and the VMM");
+            proc::signal(record.monitor_pid, record.monitor_start_time, Signal::SIGKILL);
+        }
+        proc::signal(record.pid, record.vmm_start_time, Signal::SIGKILL);
+        proc::wait_gone(record.pid, record.vmm_start_time, Duration::from_secs(10));
+        if let Ok(bundle) = Bundle::load(&record.bundle) {
+            hooks::run_warn("poststop", hooks_of(&bundle.spec).poststop().as_deref().unwrap_or(&[]), &hook_state(&record, Status::Stopped));
+        }
+        self.store.remove(id)?;
+        lock.remove();
+        Ok(())
+    }
+
+    /// `pause` and `resume`: freeze or thaw the container's cgroup.
+    #[tracing::instrument(skip(self))]
+    pub fn pause(&self, id: &str, pause: bool) -> Result<()> {
+        let (_lock, mut record) = self.locked(id)?;
+        let (want, to) = if pause { (Status::Running, Status::Paused) } else { (Status::Paused, Status::Running) };
+        if record.status != want {
+            return Err(ContainerError::WrongState(format!("container {id} is {}, not {want}", record.status)));
+        }
+        let agent = self.agent(&record)?;
+        if pause {
+            let mut req = agent::PauseContainerRequest::new();
+            req.container_id = id.into();
+            agent.pause_container(crate::agent::ctx(), &req).map_err(|e| agent_error("PauseContainer", e))?;
+        } else {
+            let mut req = agent::ResumeContainerRequest::new();
+            req.container_id = id.into();
+            agent.resume_container(crate::agent::ctx(), &req).map_err(|e| agent_error("ResumeContainer", e))?;
+        }
+        record.status = to;
+        self.store.save(&record)?;
+        Ok(())
+    }
+
+    fn running(&self, id: &str) -> Result<(ContainerRecord, AgentClient)> {
+        let record = self.state(id)?;
+        if record.status == Status::Stopped {
+            return Err(ContainerError::WrongState(format!("container {id} is not running")));
+        }
+        let agent = self.agent(&record)?;
+        Ok((record, agent))
+    }
+
+    /// `ps`: the guest pids of the container's processes.
+    pub fn ps(&self, id: &str) -> Result<Vec<u32>> {
+        let (_, agent) = self.running(id)?;
+        let mut req = agent::ListProcessesRequest::new();
+        req.container_id = id.into();
+        let resp = agent.list_processes(crate::agent::ctx(), &req).map_err(|e| agent_error("ListProcesses", e))?;
+        Ok(resp.pids)
+    }
+
+    /// `events --stats`: the container's cgroup figures.
+    pub fn stats(&self, id: &str) -> Result<agent::StatsContainerResponse> {
+        let (_, agent) = self.running(id)?;
+        let mut req = agent::StatsContainerRequest::new();
+        req.container_id = id.into();
+        agent.stats_container(crate::agent::ctx(), &req).map_err(|e| agent_error("StatsContainer", e))
+    }
+
+    /// `update --resources`: new `linux.resources` for the container.
+    pub fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let (_, agent) = self.running(id)?;
+        let mut req = agent::UpdateContainerRequest::new();
+        req.container_id = id.into();
+        req.resources_json = resources_json;
+        agent.update_container(crate::agent::ctx(), &req).map_err(|e| agent_error("UpdateContainer", e))?;
+        Ok(())
+    }
+
+    /// The process `exec` runs: `--process FILE`, or the container's own
+    /// process with `args` and the overrides given.
+    pub fn exec_process(&self, id: &str, from_file: Option<&Path>, overrides: &ExecOverrides) -> Result<Process> {
+        let record = self.state(id)?;
+        let mut p = match from_file {
+            Some(path) => {
+                let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.into(), source })?;
+                serde_json::from_slice::<Process>(&text)
+                    .map_err(|e| ContainerError::ProcessJson { path: path.into(), msg: e.to_string() })?
+            }
+            None => {
+                let bundle = Bundle::load(&record.bundle)?;
+                let mut p = bundle.spec.process().clone().unwrap_or_default();
+                p.set_args(Some(overrides.args.clone()));
+                p
+            }
+        };
+        if p.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(ContainerError::WrongState("exec: no command given (process.args is empty)".into()));
+        }
+        if overrides.tty {
+            p.set_terminal(Some(true));
+        }
+        if let Some(cwd) = &overrides.cwd {
+            p.set_cwd(cwd.clone());
+        }
+        if !p.cwd().is_absolute() {
+            return Err(ContainerError::WrongState(format!("exec: cwd {:?} is not an absolute path", p.cwd())));
+        }
+        if !overrides.env.is_empty() {
+            let mut env = p.env().clone().unwrap_or_default();
+            env.extend(overrides.env.iter().cloned());
+            p.set_env(Some(env));
+        }
+        if let Some((uid, gid)) = overrides.user {
+            let mut user = p.user().clone();
+            user.set_uid(uid);
+            if let Some(g) = gid {
+                user.set_gid(g);
+            }
+            p.set_user(user);
+        }
+        Ok(p)
+    }
+}
+
+/// Command-line overrides of `exec`.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOverrides {
+    pub args: Vec<String>,
+    pub tty: bool,
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<String>,
+    pub user: Option<(u32, Option<u32>)>,
+}
+
+/// Reads the monitor's one-line report; EOF without one means it died.
+fn read_ready(read: OwnedFd) -> std::result::Result<Ready, ContainerError> {
+    let mut text = String::new();
+    File::from(read)
+        .read_to_string(&mut text)
+        .map_err(|e| ContainerError::Create(format!("reading the monitor's report: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(ContainerError::Create("the sandbox monitor exited before the container was created".into()));
+    }
+    serde_json::from_str(text.trim()).map_err(|e| ContainerError::Create(format!("bad report from the monitor: {e}")))
+}
+
+/// Writes a pid file atomically, as runc does.
+pub fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+    let tmp = path.with_extension("carapace-tmp");
+    let io = |source| ContainerError::Io { path: path.to_path_buf(), source };
+    std::fs::write(&tmp, pid.to_string()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

@@ -1,0 +1,191 @@
+//! The guest's view of a bundle. The host shares one directory per sandbox
+//! into the VM over virtio-fs (tag [`SHARE_TAG`], mounted at [`GUEST_SHARE`]);
+//! each container's rootfs and the sources of its bind mounts are bind-mounted
+//! into that directory on the host, and the spec is rewritten to point at
+//! the guest paths. The host bind mounts live in a private mount namespace of
+//! the process that owns the VM, so they vanish with it whatever happens.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use oci_spec::runtime::{LinuxNamespace, Mount, Spec};
+
+use crate::vm::{CacheMode, FsConfig};
+
+/// The virtio-fs tag of a sandbox's shared directory.
+pub const SHARE_TAG: &str = "carapace";
+/// Where the agent mounts the shared directory in the guest.
+pub const GUEST_SHARE: &str = "/run/carapace/shared";
+
+/// Errors preparing the host side of a sandbox's share.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("mounts[{index}].source: {path}: {source}")]
+    BindSource { index: usize, path: PathBuf, source: std::io::Error },
+    #[error("cannot prepare {path}: {source}")]
+    Prepare { path: PathBuf, source: std::io::Error },
+    #[error("cannot bind {src} to {dst}: {source}")]
+    Bind { src: PathBuf, dst: PathBuf, source: nix::Error },
+    #[error("cannot make a private mount namespace: {0}")]
+    Namespace(nix::Error),
+}
+
+/// One host path to bind into the share before the VM starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    pub source: PathBuf,
+    /// Relative to the shared directory.
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// A container's spec as the guest must see it, and the binds that make
+/// those guest paths exist.
+#[derive(Debug, Clone)]
+pub struct GuestView {
+    pub spec: Spec,
+    pub rootfs: String,
+    pub binds: Vec<HostBind>,
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn has_option(m: &Mount, opt: &str) -> bool {
+    m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == opt))
+}
+
+/// Rewrites `spec` (of a bundle in `bundle_dir` with root `rootfs`) for
+/// container `id` in a sandbox whose share is mounted at [`GUEST_SHARE`].
+pub fn guest_view(id: &str, spec: &Spec, bundle_dir: &Path, rootfs: &Path) -> GuestView {
+    let mut spec = spec.clone();
+    let base = Path::new(id);
+    let guest_base = Path::new(GUEST_SHARE).join(id);
+    let mut binds = vec![HostBind { source: rootfs.to_path_buf(), target: base.join("rootfs"), read_only: false }];
+    let guest_rootfs = guest_base.join("rootfs");
+    if let Some(root) = spec.root().clone() {
+        let mut root = root;
+        root.set_path(guest_rootfs.clone());
+        spec.set_root(Some(root));
+    }
+    if let Some(mounts) = spec.mounts().clone() {
+        let mut out = Vec::with_capacity(mounts.len());
+        for (i, m) in mounts.into_iter().enumerate() {
+            let mut m = m;
+            if is_bind(&m) {
+                if let Some(src) = m.source().clone() {
+                    let host = if src.is_absolute() { src } else { bundle_dir.join(src) };
+                    let rel = base.join("mounts").join(i.to_string());
+                    binds.push(HostBind { source: host, target: rel.clone(), read_only: has_option(&m, "ro") });
+                    m.set_source(Some(Path::new(GUEST_SHARE).join(rel)));
+                }
+            }
+            out.push(m);
+        }
+        spec.set_mounts(Some(out));
+    }
+    // Namespace paths name host namespaces, which the guest cannot join:
+    // the VM already isolates them, so the container gets fresh ones.
+    if let Some(linux) = spec.linux().clone() {
+        let mut linux = linux;
+        if let Some(ns) = linux.namespaces().clone() {
+            let fresh: Vec<LinuxNamespace> = ns
+                .into_iter()
+                .map(|n| {
+                    let mut n = n;
+                    n.set_path(None);
+                    n
+                })
+                .collect();
+            linux.set_namespaces(Some(fresh));
+        }
+        spec.set_linux(Some(linux));
+    }
+    GuestView { spec, rootfs: guest_rootfs.to_string_lossy().into_owned(), binds }
+}
+
+/// The virtio-fs share of a sandbox whose shared directory is `dir`.
+pub fn share(dir: &Path) -> FsConfig {
+    FsConfig { tag: SHARE_TAG.into(), shared_dir: dir.to_path_buf(), read_only: false, cache: CacheMode::Auto }
+}
+
+/// Moves the calling process into a mount namespace of its own whose mounts
+/// do not propagate back, so that the binds of [`apply_binds`] are seen by
+/// it and its children (the VMM) only. Call before any thread is started:
+/// a mount namespace belongs to a thread.
+pub fn private_mount_namespace() -> Result<(), SandboxError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(SandboxError::Namespace)?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(SandboxError::Namespace)
+}
+
+/// Creates each bind's target under `shared` (a file for a file source, a
+/// directory otherwise) and bind-mounts the source there.
+pub fn apply_binds(shared: &Path, binds: &[HostBind]) -> Result<(), SandboxError> {
+    for (index, b) in binds.iter().enumerate() {
+        let meta = std::fs::metadata(&b.source)
+            .map_err(|source| SandboxError::BindSource { index, path: b.source.clone(), source })?;
+        let dst = shared.join(&b.target);
+        let prepare = |source| SandboxError::Prepare { path: dst.clone(), source };
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(prepare)?;
+        }
+        if meta.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(prepare)?;
+        } else {
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&dst).map_err(prepare)?;
+        }
+        let bind_err = |source| SandboxError::Bind { src: b.source.clone(), dst: dst.clone(), source };
+        mount(Some(&b.source), &dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(bind_err)?;
+        if b.read_only {
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(None::<&str>, &dst, None::<&str>, flags, None::<&str>).map_err(bind_err)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Spec {
+        serde_json::from_value(json).expect("spec")
+    }
+
+    #[test]
+    fn rewrites_root_binds_and_namespace_paths() {
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs", "readonly": true},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro"]},
+                {"destination": "/cfg", "source": "cfg", "options": ["bind"]}
+            ],
+            "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/x"}, {"type": "pid"}]}
+        }));
+        let v = guest_view("c1", &s, Path::new("/bundles/c1"), Path::new("/bundles/c1/rootfs"));
+        assert_eq!(v.rootfs, "/run/carapace/shared/c1/rootfs");
+        let root = v.spec.root().as_ref().expect("root");
+        assert_eq!(root.path(), Path::new("/run/carapace/shared/c1/rootfs"));
+        assert_eq!(root.readonly(), Some(true));
+        let mounts = v.spec.mounts().as_ref().expect("mounts");
+        assert_eq!(mounts[0].source().as_deref(), Some(Path::new("proc")));
+        assert_eq!(mounts[1].source().as_deref(), Some(Path::new("/run/carapace/shared/c1/mounts/1")));
+        assert_eq!(mounts[2].source().as_deref(), Some(Path::new("/run/carapace/shared/c1/mounts/2")));
+        assert_eq!(
+            v.binds,
+            vec![
+                HostBind { source: "/bundles/c1/rootfs".into(), target: "c1/rootfs".into(), read_only: false },
+                HostBind { source: "/srv/data".into(), target: "c1/mounts/1".into(), read_only: true },
+                HostBind { source: "/bundles/c1/cfg".into(), target: "c1/mounts/2".into(), read_only: false },
+            ]
+        );
+        let ns = v.spec.linux().as_ref().and_then(|l| l.namespaces().clone()).expect("namespaces");
+        assert!(ns.iter().all(|n| n.path().is_none()));
+    }
+}
