@@ -133,9 +133,14 @@ impl MmioTransport {
         &self.interrupt
     }
 
-    /// The Status register.
+    /// The Status register (with DEVICE_NEEDS_RESET if the running device
+    /// marked itself broken).
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     /// Whether the device was activated (DRIVER_OK).
@@ -168,6 +173,17 @@ impl MmioTransport {
         }
     }
 
+    /// Like [`with_queue`](Self::with_queue) for the size and ring
+    /// addresses, which the driver may only change while the queue is not
+    /// ready (virtio 1.2, 4.2.3.2): a queue is configured, then enabled.
+    fn with_queue_config(&mut self, what: &str, f: impl FnOnce(&mut Queue)) {
+        if self.selected_queue().is_some_and(|q| q.ready()) {
+            warn!(register = what, queue = self.queue_sel, "virtio-mmio: write to a ready queue's configuration ignored");
+            return;
+        }
+        self.with_queue(what, f);
+    }
+
     fn read_reg(&self, offset: u32) -> u32 {
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC_VALUE,
@@ -185,7 +201,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_STATUS => self.status(),
             // No shared memory regions: a length of all ones says so.
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
             VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
@@ -203,7 +219,7 @@ impl MmioTransport {
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(v),
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
-            VIRTIO_MMIO_QUEUE_NUM => self.with_queue("QueueNum", |q| {
+            VIRTIO_MMIO_QUEUE_NUM => self.with_queue_config("QueueNum", |q| {
                 if let Ok(size) = u16::try_from(v) {
                     if q.try_set_size(size).is_ok() {
                         return;
@@ -212,19 +228,19 @@ impl MmioTransport {
                 warn!(size = v, "virtio-mmio: invalid queue size ignored");
             }),
             VIRTIO_MMIO_QUEUE_READY => self.with_queue("QueueReady", |q| q.set_ready(v == 1)),
-            VIRTIO_MMIO_QUEUE_DESC_LOW => self.with_queue("QueueDescLow", |q| q.set_desc_table_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => self.with_queue_config("QueueDescLow", |q| q.set_desc_table_address(Some(v), None)),
             VIRTIO_MMIO_QUEUE_DESC_HIGH => {
-                self.with_queue("QueueDescHigh", |q| q.set_desc_table_address(None, Some(v)))
+                self.with_queue_config("QueueDescHigh", |q| q.set_desc_table_address(None, Some(v)))
             }
             VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
-                self.with_queue("QueueDriverLow", |q| q.set_avail_ring_address(Some(v), None))
+                self.with_queue_config("QueueDriverLow", |q| q.set_avail_ring_address(Some(v), None))
             }
             VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
-                self.with_queue("QueueDriverHigh", |q| q.set_avail_ring_address(None, Some(v)))
+                self.with_queue_config("QueueDriverHigh", |q| q.set_avail_ring_address(None, Some(v)))
             }
-            VIRTIO_MMIO_QUEUE_USED_LOW => self.with_queue("QueueDeviceLow", |q| q.set_used_ring_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_USED_LOW => self.with_queue_config("QueueDeviceLow", |q| q.set_used_ring_address(Some(v), None)),
             VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                self.with_queue("QueueDeviceHigh", |q| q.set_used_ring_address(None, Some(v)))
+                self.with_queue_config("QueueDeviceHigh", |q| q.set_used_ring_address(None, Some(v)))
             }
             VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
@@ -235,7 +251,10 @@ impl MmioTransport {
     }
 
     fn write_driver_features(&mut self, v: u32) {
-        if !self.has(VIRTIO_CONFIG_S_DRIVER) || self.has(VIRTIO_CONFIG_S_FEATURES_OK) {
+        if !self.has(VIRTIO_CONFIG_S_DRIVER)
+            || self.has(VIRTIO_CONFIG_S_FEATURES_OK)
+            || self.has(VIRTIO_CONFIG_S_FAILED)
+        {
             warn!(status = self.status, "virtio-mmio: DriverFeatures write out of order ignored");
             return;
         }
@@ -287,6 +306,11 @@ impl MmioTransport {
     fn set_status(&mut self, v: u32) {
         if v == 0 {
             self.reset();
+            return;
+        }
+        if self.has(VIRTIO_CONFIG_S_FAILED) {
+            // The driver gave up on the device: only a reset brings it back.
+            warn!(status = self.status, value = v, "virtio-mmio: Status write after FAILED ignored (reset first)");
             return;
         }
         let needs_reset = self.status & VIRTIO_CONFIG_S_NEEDS_RESET;
@@ -392,6 +416,7 @@ impl MmioTransport {
             let _ = e.read();
         }
         self.interrupt.ack(u32::MAX);
+        self.interrupt.clear_needs_reset();
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
@@ -861,6 +886,118 @@ mod tests {
         setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
         wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
         assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS) & DOK, DOK);
+    }
+
+    /// Hostile orderings of the queue registers: a queue enabled before it
+    /// is configured, reconfigured while ready, sizes out of range, and
+    /// selectors that name no queue. Nothing panics, a ready queue's
+    /// configuration is frozen, and the device only ever sees queues that
+    /// lie in guest memory.
+    #[test]
+    fn hostile_queue_register_sequences() {
+        let mut f = fixture();
+        let mem = f.mem.clone();
+        let t = &mut f.t;
+        assert!(negotiate(t, V1));
+        // QueueReady first: the queue keeps its reset values (size = max,
+        // rings at 0), which do lie in guest memory.
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        wr(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        // Sizes and addresses written afterwards are ignored.
+        wr(t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        wr(t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x8000);
+        wr(t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0xffff_ffff);
+        wr(t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x9000);
+        assert_eq!((t.queues[0].size(), t.queues[0].desc_table(), t.queues[0].used_ring()), (16, 0, 0));
+        // QueueReady = 0 unfreezes it; then a proper setup works.
+        wr(t, VIRTIO_MMIO_QUEUE_READY, 0);
+        setup_queue(t, &mem, 0, 0x1000, 16);
+        // Sizes: zero, not a power of two, above the maximum, above u16.
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        for size in [0, 3, 33, 64, 0x1_0000, u32::MAX] {
+            wr(t, VIRTIO_MMIO_QUEUE_NUM, size);
+            assert_eq!(t.queues[1].size(), 32, "size {size}");
+        }
+        // Selectors naming no queue: reads are 0, writes go nowhere.
+        for sel in [2, 0x8000, u32::MAX] {
+            wr(t, VIRTIO_MMIO_QUEUE_SEL, sel);
+            assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+            wr(t, VIRTIO_MMIO_QUEUE_NUM, 4);
+            wr(t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x2000);
+            wr(t, VIRTIO_MMIO_QUEUE_READY, 1);
+            assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_READY), 0);
+        }
+        // Notifications for nonexistent queues once running.
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(t.is_activated());
+        for q in [2, 0x1_0000, u32::MAX] {
+            wr(t, VIRTIO_MMIO_QUEUE_NOTIFY, q);
+        }
+        assert_eq!(f.rec.lock().expect("lock").activations, vec![vec![(16, false)]]);
+    }
+
+    /// Status writes out of order or after the driver gave up.
+    #[test]
+    fn status_after_failed_needs_a_reset() {
+        let mut f = fixture();
+        let mem = f.mem.clone();
+        let t = &mut f.t;
+        assert!(negotiate(t, V1));
+        setup_queue(t, &mem, 0, 0x1000, 16);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | VIRTIO_CONFIG_S_FAILED);
+        // Neither DRIVER_OK nor feature writes are taken any more.
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | VIRTIO_CONFIG_S_FAILED | DOK);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        assert!(!t.is_activated());
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | VIRTIO_CONFIG_S_FAILED);
+        assert!(f.rec.lock().expect("lock").activations.is_empty());
+        // DRIVER_OK without FEATURES_OK, and FEATURES_OK with DRIVER_OK in
+        // one write for features the device does not offer.
+        let t = &mut f.t;
+        wr(t, VIRTIO_MMIO_STATUS, 0);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | DOK);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), 0);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, 0x8000_0001);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(t, VIRTIO_MMIO_STATUS), ACK | DRV);
+        assert!(!t.is_activated());
+        // After a reset all is well again.
+        assert!(negotiate(t, V1));
+        setup_queue(t, &mem, 0, 0x1000, 16);
+        wr(t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(t.is_activated());
+    }
+
+    /// A running device that finds its queues corrupt marks itself broken
+    /// through its interrupt line: the driver sees DEVICE_NEEDS_RESET and a
+    /// configuration interrupt until it resets the device.
+    #[test]
+    fn device_marks_itself_broken() {
+        let mut f = fixture();
+        let mem = f.mem.clone();
+        assert!(negotiate(&mut f.t, V1));
+        setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(f.t.is_activated());
+        let irq = f.t.interrupt().clone();
+        irq.set_needs_reset();
+        irq.set_needs_reset();
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK | VIRTIO_CONFIG_S_NEEDS_RESET);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(irq.irqfd().read().expect("config interrupt"), 1, "raised once");
+        // The driver can't clear it by writing Status...
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_ne!(rd(&mut f.t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        // ...only a reset does.
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(f.rec.lock().expect("lock").resets, 1);
+        assert!(negotiate(&mut f.t, V1));
+        setup_queue(&mut f.t, &mem, 0, 0x1000, 16);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut f.t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
     }
 
     fn mem_of(f: &Fixture) -> GuestMemoryMmap {

@@ -4,7 +4,7 @@
 //! negotiation; a device implements [`VirtioDevice`] and is handed its queues
 //! and an [`Interrupt`] when the driver sets DRIVER_OK.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -36,16 +36,44 @@ pub enum ActivateError {
 
 /// The interrupt line of one virtio-mmio device: a status word the guest
 /// reads through the transport, and an irqfd wired to the device's GSI.
+///
+/// It is also how a running device tells its transport that it is broken:
+/// a worker thread that finds a queue the driver corrupted (an available
+/// index more than a queue size ahead, rings it cannot read) calls
+/// [`set_needs_reset`](Self::set_needs_reset) and stops processing; the
+/// transport then shows DEVICE_NEEDS_RESET in Status until the driver resets
+/// the device.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    needs_reset: AtomicBool,
 }
 
 impl Interrupt {
     /// Wraps an eventfd that KVM delivers as the device's interrupt (irqfd).
     pub fn new(irqfd: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), irqfd }
+        Self { status: AtomicU32::new(0), irqfd, needs_reset: AtomicBool::new(false) }
+    }
+
+    /// Marks the device broken (DEVICE_NEEDS_RESET) and raises a
+    /// configuration-change interrupt so the driver looks at Status.
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.trigger(VIRTIO_MMIO_INT_CONFIG) {
+                tracing::error!("virtio: cannot raise the config interrupt: {e}");
+            }
+        }
+    }
+
+    /// Whether the device marked itself broken since the last reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Clears the broken mark (the transport reset the device).
+    pub fn clear_needs_reset(&self) {
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     /// Raises the interrupt with the given InterruptStatus bit(s).
@@ -103,5 +131,18 @@ pub trait VirtioDevice: Send {
     /// Stops the device after the driver wrote 0 to Status; returns false if it cannot be reset.
     fn reset(&mut self) -> bool {
         false
+    }
+}
+
+/// Blocks until `kill` is signalled (a broken device waits for its reset).
+pub(crate) fn wait_for_kill(kill: &EventFd) {
+    let mut pfd = libc::pollfd { fd: std::os::unix::io::AsRawFd::as_raw_fd(kill), events: libc::POLLIN, revents: 0 };
+    loop {
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call and
+        // the count is 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r > 0 || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted) {
+            return;
+        }
     }
 }

@@ -24,8 +24,8 @@ pub(crate) struct FsWorker {
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<ActiveQueue>,
-    /// Queues found broken (reported once each).
-    broken: Vec<bool>,
+    /// A queue was found corrupt: the device stopped (DEVICE_NEEDS_RESET).
+    broken: bool,
 }
 
 impl FsWorker {
@@ -35,13 +35,12 @@ impl FsWorker {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Self {
-        let broken = vec![false; queues.len()];
         Self {
             server,
             mem,
             interrupt,
             queues,
-            broken,
+            broken: false,
         }
     }
 
@@ -50,6 +49,9 @@ impl FsWorker {
         isolate_umask();
         if let Err(e) = self.event_loop(&kill) {
             error!("virtio-fs: worker stopped: {e}");
+        }
+        if self.broken {
+            crate::devices::virtio::wait_for_kill(&kill);
         }
     }
 
@@ -72,6 +74,9 @@ impl FsWorker {
         // The driver may have queued requests before we started polling.
         for index in 0..self.queues.len() {
             self.process(index);
+        }
+        if self.broken {
+            return Ok(());
         }
 
         let mut events = vec![EpollEvent::default(); self.queues.len() + 1];
@@ -96,6 +101,9 @@ impl FsWorker {
                 // Non-blocking eventfds: EAGAIN only means someone drained it.
                 let _ = self.queues[index].notify.read();
                 self.process(index);
+                if self.broken {
+                    return Ok(());
+                }
             }
         }
     }
@@ -105,10 +113,12 @@ impl FsWorker {
         let notify = match process_queue(&self.server, &self.mem, queue) {
             Ok(notify) => notify,
             Err(e) => {
-                if !self.broken[index] {
-                    warn!("virtio-fs: queue {index}: {e}");
-                    self.broken[index] = true;
-                }
+                // The driver corrupted the queue (or its rings cannot be
+                // read): stop serving and ask for a reset rather than
+                // re-reading a corrupt available index on every kick.
+                error!("virtio-fs: queue {index} unusable ({e}); the device needs a reset");
+                self.broken = true;
+                self.interrupt.set_needs_reset();
                 // Some chains may have been used before the error.
                 true
             }

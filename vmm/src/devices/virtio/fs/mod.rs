@@ -52,6 +52,8 @@ mod event_loop;
 mod request;
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod test_utils;
 
 pub use device::Fs;

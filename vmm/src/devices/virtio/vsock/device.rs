@@ -192,6 +192,8 @@ pub(crate) struct VsockWorker<B> {
     pub(crate) metrics: Arc<VsockMetrics>,
     pkt: VsockPacket,
     rx_bufs: RxBuffers,
+    /// A queue was found corrupt: the device stopped (DEVICE_NEEDS_RESET).
+    pub(crate) broken: bool,
 }
 
 impl<B: VsockBackend> VsockWorker<B> {
@@ -210,6 +212,21 @@ impl<B: VsockBackend> VsockWorker<B> {
             metrics,
             pkt: VsockPacket { hdr: Default::default(), data: Vec::with_capacity(MAX_PKT_BUF_SIZE) },
             rx_bufs: RxBuffers::default(),
+            broken: false,
+        }
+    }
+
+    /// A queue is unusable (the driver corrupted its available index, or
+    /// its rings cannot be read): a driver bug or a hostile guest. Nothing
+    /// on it can be trusted any more, so the device stops and asks for a
+    /// reset instead of retrying (an available index that stays corrupt
+    /// would otherwise be re-read forever).
+    fn queue_broken(&mut self, index: usize, e: &virtio_queue::Error) {
+        VsockMetrics::inc(&self.metrics.queue_errors);
+        if !self.broken {
+            error!(queue = index, "vsock: virtqueue unusable ({e}); the device needs a reset");
+            self.broken = true;
+            self.interrupt.set_needs_reset();
         }
     }
 
@@ -228,10 +245,13 @@ impl<B: VsockBackend> VsockWorker<B> {
     /// Handles every packet the guest queued on tx. Returns whether any was.
     pub(crate) fn process_tx(&mut self) -> bool {
         let mut used_any = false;
-        loop {
+        'outer: loop {
+            if self.broken {
+                break;
+            }
             let q = &mut self.queues[TXQ_INDEX].queue;
             if let Err(e) = q.disable_notification(&self.mem) {
-                warn!("vsock: tx queue: {e}");
+                self.queue_broken(TXQ_INDEX, &e);
                 break;
             }
             loop {
@@ -239,9 +259,8 @@ impl<B: VsockBackend> VsockWorker<B> {
                 let chain = match q.iter(&self.mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => {
-                        VsockMetrics::inc(&self.metrics.queue_errors);
-                        warn!("vsock: tx queue: {e}");
-                        None
+                        self.queue_broken(TXQ_INDEX, &e);
+                        break 'outer;
                     }
                 };
                 let Some(chain) = chain else { break };
@@ -271,7 +290,7 @@ impl<B: VsockBackend> VsockWorker<B> {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    warn!("vsock: tx queue: {e}");
+                    self.queue_broken(TXQ_INDEX, &e);
                     break;
                 }
             }
@@ -287,9 +306,12 @@ impl<B: VsockBackend> VsockWorker<B> {
     pub(crate) fn process_rx(&mut self) -> bool {
         let mut used_any = false;
         'outer: loop {
+            if self.broken {
+                break;
+            }
             let q = &mut self.queues[RXQ_INDEX].queue;
             if let Err(e) = q.disable_notification(&self.mem) {
-                warn!("vsock: rx queue: {e}");
+                self.queue_broken(RXQ_INDEX, &e);
                 break;
             }
             while self.backend.has_pending_rx() {
@@ -297,8 +319,7 @@ impl<B: VsockBackend> VsockWorker<B> {
                 let chain = match q.iter(&self.mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => {
-                        VsockMetrics::inc(&self.metrics.queue_errors);
-                        warn!("vsock: rx queue: {e}");
+                        self.queue_broken(RXQ_INDEX, &e);
                         break 'outer;
                     }
                 };
@@ -343,14 +364,14 @@ impl<B: VsockBackend> VsockWorker<B> {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    warn!("vsock: rx queue: {e}");
+                    self.queue_broken(RXQ_INDEX, &e);
                     break;
                 }
             }
         }
         // Kicks for new rx buffers only matter while we are starved of them
         // (host events re-run this anyway): spare the guest the exits.
-        if !self.backend.has_pending_rx() {
+        if !self.broken && !self.backend.has_pending_rx() {
             let _ = self.queues[RXQ_INDEX].queue.disable_notification(&self.mem);
         }
         if used_any {
@@ -558,6 +579,145 @@ mod tests {
         assert_eq!(g.take_used(RXQ_INDEX).len(), 1);
         assert_eq!(g.avail_event(RXQ_INDEX), 1);
         assert_eq!(w.backend.rx_pkts.len(), 2);
+    }
+
+    /// Writes raw descriptors into queue `qi`'s table and publishes `head`.
+    fn raw_chain(g: &mut TestGuest, qi: usize, descs: &[(u16, u64, u32, u16, u16)], head: u16) {
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        for &(idx, addr, len, flags, next) in descs {
+            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+            g.mem.write_obj(d, g.desc_addr(qi, idx)).expect("desc");
+        }
+        g.publish_head(qi, head);
+    }
+
+    /// Chains that loop, run longer than the queue, go through bad
+    /// indirect tables or start beyond the table: each ends (the walk is
+    /// bounded by the queue size and by 4 GiB of buffers) and the device
+    /// goes on with the next packet.
+    #[test]
+    fn hostile_tx_chains_terminate() {
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+        const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+        const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+        let (mut g, mut w, _irq) = worker();
+        let hdr_at = 0x30_0000u64;
+        let mut h = guest_hdr(OP_RW, 7, 8);
+        h.len = 16;
+        g.mem.write_slice(&h.to_bytes(), GuestAddress(hdr_at)).expect("write");
+        let table = 0x31_0000u64;
+        let base = 200u16;
+        // 1. A descriptor whose `next` is itself.
+        raw_chain(&mut g, TXQ_INDEX, &[(base, hdr_at, 60, NEXT, base)], base);
+        // 2. Two descriptors pointing at each other.
+        raw_chain(&mut g, TXQ_INDEX, &[(base + 1, hdr_at, 44, NEXT, base + 2), (base + 2, hdr_at, 8, NEXT, base + 1)], base + 1);
+        // 3. A head index beyond the table.
+        g.publish_head(TXQ_INDEX, QUEUE_SIZE + 5);
+        // 4. Indirect tables: nested, of a length that is not a multiple of
+        //    16, outside guest memory, empty, and one of 4096 one-byte
+        //    descriptors that loops back on itself.
+        for i in 0..4096u16 {
+            let d = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+                hdr_at,
+                1,
+                NEXT,
+                (i + 1) % 4096,
+            ));
+            g.mem.write_obj(d, GuestAddress(table + 16 * u64::from(i))).expect("indirect");
+        }
+        let nested = 0x32_0000u64;
+        let d = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(table, 64, INDIRECT, 0));
+        g.mem.write_obj(d, GuestAddress(nested)).expect("nested");
+        for (i, (addr, len)) in [(nested, 16u32), (table, 20), (0xff_0000_0000, 64), (table, 0), (table, 16 * 4096)]
+            .into_iter()
+            .enumerate()
+        {
+            let idx = base + 10 + i as u16;
+            raw_chain(&mut g, TXQ_INDEX, &[(idx, addr, len, INDIRECT, 0)], idx);
+        }
+        // 5. Header in a descriptor marked both writable and indirect.
+        raw_chain(&mut g, TXQ_INDEX, &[(base + 20, hdr_at, 44, WRITE | INDIRECT, 0)], base + 20);
+        // Then a good packet.
+        g.send(guest_hdr(OP_REQUEST, 1, 2), b"");
+        let before = std::time::Instant::now();
+        w.process_tx();
+        assert!(!w.broken);
+        assert_eq!(w.backend.tx_pkts.last().map(|p| p.hdr.op), Some(OP_REQUEST));
+        // Every chain but the out-of-range head went back to the guest.
+        assert_eq!(g.take_used(TXQ_INDEX).len(), 9);
+        assert!(before.elapsed() < std::time::Duration::from_secs(30), "bounded work");
+
+        // A cycle through every descriptor of the table: longer than the
+        // queue, so the walk stops after a queue size of descriptors.
+        let (mut g, mut w, _irq) = worker();
+        for i in 0..QUEUE_SIZE {
+            raw_chain_desc(&mut g, TXQ_INDEX, i, hdr_at, 1, NEXT, (i + 1) % QUEUE_SIZE);
+        }
+        g.publish_head(TXQ_INDEX, 0);
+        w.process_tx();
+        assert_eq!(g.take_used(TXQ_INDEX).len(), 1);
+        assert!(!w.broken);
+        g.send(guest_hdr(OP_REQUEST, 1, 2), b"");
+        w.process_tx();
+        assert_eq!(w.backend.tx_pkts.last().map(|p| p.hdr.op), Some(OP_REQUEST));
+    }
+
+    fn raw_chain_desc(g: &mut TestGuest, qi: usize, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+        g.mem.write_obj(d, g.desc_addr(qi, idx)).expect("desc");
+    }
+
+    /// An available index more than a queue size ahead is a corrupt queue:
+    /// the worker stops touching it (no endless re-reading) and marks the
+    /// device DEVICE_NEEDS_RESET; the same for rx.
+    #[test]
+    fn corrupt_avail_index_breaks_the_device() {
+        let (mut g, mut w, irq) = worker();
+        g.send(guest_hdr(OP_RW, 1, 2), b"ok");
+        g.corrupt_avail_idx(TXQ_INDEX, QUEUE_SIZE + 1);
+        let start = std::time::Instant::now();
+        assert!(!w.process_tx());
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "no spinning");
+        assert!(w.broken);
+        assert!(irq.needs_reset());
+        assert_eq!(irq.status() & crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG, crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG);
+        assert!(w.backend.tx_pkts.is_empty());
+        // Nothing is processed any more, on any queue.
+        w.backend.rx_pkts.push_back(VsockPacket::default());
+        g.post_rx(1, 4096);
+        assert!(!w.process_rx());
+        assert_eq!(w.backend.rx_pkts.len(), 1);
+
+        let (mut g, mut w, irq) = worker();
+        w.backend.rx_pkts.push_back(VsockPacket::default());
+        g.post_rx(1, 4096);
+        g.corrupt_avail_idx(RXQ_INDEX, QUEUE_SIZE + 1);
+        assert!(!w.process_rx());
+        assert!(w.broken && irq.needs_reset());
+    }
+
+    /// The worker thread of a broken device parks until the reset, which
+    /// gives the backend back (reset) and lets the driver start over.
+    #[test]
+    fn broken_device_waits_for_reset() {
+        let mut d = Vsock::with_backend(3, TestBackend::default());
+        let (mut g, queues) = TestGuest::new();
+        let irq = irq();
+        d.activate(g.mem.clone(), irq.clone(), queues).expect("activate");
+        g.corrupt_avail_idx(TXQ_INDEX, QUEUE_SIZE + 7);
+        g.kick(TXQ_INDEX);
+        wait_for("needs reset", || irq.needs_reset().then_some(()));
+        assert!(d.is_active());
+        assert!(d.reset());
+        assert_eq!(d.backend().expect("backend").resets, 2, "reset by the worker, then by the device");
+        irq.clear_needs_reset();
+        let (mut g, queues) = TestGuest::new();
+        d.activate(g.mem.clone(), irq.clone(), queues).expect("re-activate");
+        g.send(guest_hdr(OP_REQUEST, 5, 6), b"");
+        wait_for("tx used", || (g.tx_in_flight() == 0).then_some(()));
+        assert!(!irq.needs_reset());
     }
 
     #[test]

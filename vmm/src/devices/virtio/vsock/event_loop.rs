@@ -26,6 +26,12 @@ impl<B: VsockBackend> VsockWorker<B> {
         if let Err(e) = self.event_loop(&kill) {
             error!("vsock: worker stopped: {e}");
         }
+        if self.broken {
+            // Host clients see their connections end now rather than hang
+            // until the guest resets the device.
+            self.backend.reset();
+            crate::devices::virtio::wait_for_kill(&kill);
+        }
         self.backend
     }
 
@@ -43,6 +49,9 @@ impl<B: VsockBackend> VsockWorker<B> {
         // The guest may have queued packets before we started polling.
         self.process_tx();
         self.process_rx();
+        if self.broken {
+            return Ok(());
+        }
 
         let mut events = [EpollEvent::default(); 8];
         loop {
@@ -77,9 +86,13 @@ impl<B: VsockBackend> VsockWorker<B> {
             // Guest packets first: they may produce replies and grant credit.
             self.process_tx();
             self.process_rx();
+            if self.broken {
+                return Ok(());
+            }
         }
     }
 }
+
 
 fn drain(evt: &EventFd) {
     // Non-blocking eventfds: EAGAIN just means another wake-up got it.

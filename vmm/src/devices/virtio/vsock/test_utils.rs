@@ -213,6 +213,24 @@ impl TestGuest {
         head
     }
 
+    /// Where descriptor `idx` of queue `qi` lives.
+    pub fn desc_addr(&self, qi: usize, idx: u16) -> GuestAddress {
+        self.queues[qi].desc.unchecked_add(u64::from(idx) * 16)
+    }
+
+    /// Makes the chain at `head` available (descriptors written by hand).
+    pub fn publish_head(&mut self, qi: usize, head: u16) {
+        self.publish(qi, head);
+    }
+
+    /// Moves queue `qi`'s available index `ahead` entries past the device
+    /// (more than a queue size is a corrupt queue).
+    pub fn corrupt_avail_idx(&mut self, qi: usize, ahead: u16) {
+        let q = &mut self.queues[qi];
+        q.avail_idx = q.avail_idx.wrapping_add(ahead);
+        self.mem.write_obj(q.avail_idx.to_le(), q.avail.unchecked_add(2)).expect("avail idx");
+    }
+
     fn publish(&mut self, qi: usize, head: u16) {
         let q = &mut self.queues[qi];
         let slot = q.avail.unchecked_add(4 + 2 * u64::from(q.avail_idx % q.size));

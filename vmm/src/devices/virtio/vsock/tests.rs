@@ -703,3 +703,122 @@ fn random_guest_traffic_never_panics() {
     w.process_tx();
     assert_eq!(read_line(&mut c), format!("OK {}", req.hdr.src_port));
 }
+
+/// A guest flooding the device with connection requests gets at most the
+/// connection limit; every request beyond it is answered with RST, and
+/// host clients beyond it are closed. RSTs for unknown connections queue up
+/// to a bound while the guest posts no rx buffers, and nothing else grows.
+#[test]
+fn connection_flood_is_bounded() {
+    use super::device::VsockWorker;
+    use super::{VsockBackend, VsockUnixBackend};
+
+    const LIMIT: usize = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("v.sock");
+    let mut backend = VsockUnixBackend::new(TEST_GUEST_CID, uds.clone()).expect("backend");
+    backend.set_max_connections(LIMIT);
+    let listener = UnixListener::bind(format!("{}_700", uds.display())).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let (mut g, queues) = TestGuest::new();
+    let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+    let metrics = backend.metrics().clone();
+    let mut w = VsockWorker::new(g.mem.clone(), irq, queues, backend, metrics);
+
+    // Twice the limit of REQUESTs, no rx buffers yet.
+    for port in 0..2 * LIMIT as u32 {
+        g.send(guest_hdr(OP_REQUEST, 5000 + port, 700), b"");
+    }
+    w.process_tx();
+    assert_eq!(w.backend.connection_count(), LIMIT);
+    // A host client beyond the limit is closed after its CONNECT line.
+    let mut c = UnixStream::connect(&uds).expect("connect");
+    c.set_read_timeout(Some(Duration::from_millis(5))).expect("timeout");
+    c.write_all(b"CONNECT 1024\n").expect("write");
+    wait_for("client closed", || {
+        w.backend.process_host_events();
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Ok(0) => Some(()),
+            _ => None,
+        }
+    });
+    assert_eq!(w.backend.connection_count(), LIMIT);
+
+    // RSTs for packets on unknown connections are bounded too.
+    for i in 0..(MAX_PENDING_RSTS as u32 + 300) {
+        w.backend.send_pkt(&VsockPacket { hdr: guest_hdr(OP_RW, 20_000 + i, 9), data: Vec::new() });
+    }
+    assert!(w.backend.pending_rsts() <= MAX_PENDING_RSTS);
+
+    // Buffers arrive: LIMIT RESPONSEs, then RST for every refused request.
+    let mut got = Vec::new();
+    while got.len() < 2 * LIMIT + MAX_PENDING_RSTS {
+        g.post_rx(64, 4096);
+        w.process_rx();
+        let new = g.recv(false);
+        if new.is_empty() {
+            break;
+        }
+        got.extend(new);
+    }
+    let to_flood: Vec<_> = got.iter().filter(|p| p.hdr.src_port == 700).collect();
+    let responses = to_flood.iter().filter(|p| p.hdr.op == OP_RESPONSE).count();
+    let rsts = to_flood.iter().filter(|p| p.hdr.op == OP_RST).count();
+    assert_eq!((responses, rsts), (LIMIT, LIMIT), "{to_flood:?}");
+    assert_eq!(w.backend.pending_rsts(), 0);
+
+    // Closing one makes room for the next.
+    g.send(guest_hdr(OP_RST, 5000, 700), b"");
+    g.send(guest_hdr(OP_REQUEST, 6000, 700), b"");
+    w.process_tx();
+    g.post_rx(4, 4096);
+    w.process_rx();
+    let ok = g.recv(false);
+    assert!(ok.iter().any(|p| p.hdr.op == OP_RESPONSE && p.hdr.dst_port == 6000), "{ok:?}");
+    assert_eq!(w.backend.connection_count(), LIMIT);
+}
+
+/// Credit lies: a guest claiming a huge buffer, or a `fwd_cnt` that goes
+/// backwards or runs ahead of what it was sent. The device never reads the
+/// host stream faster than rx buffers arrive (host memory does not grow with
+/// the lie), and a lie that leaves no credit stalls only that connection,
+/// without spinning, until an honest update.
+#[test]
+fn credit_lies_only_hurt_the_liar() {
+    let mut h = Harness::new();
+    let (mut c, local) = h.host_connect(1024, u32::MAX);
+    // Huge buf_alloc: the host writes 1 MiB; the device forwards it in
+    // packets no larger than the rx buffers.
+    let blob = pattern(0, 1 << 20);
+    let writer = {
+        let mut c2 = c.try_clone().expect("clone");
+        std::thread::spawn(move || c2.write_all(&blob).expect("write"))
+    };
+    let got = h.recv_data(1024, local, 1 << 20);
+    writer.join().expect("writer");
+    assert_eq!(got, pattern(0, 1 << 20));
+
+    // fwd_cnt far ahead of what was sent: the in-flight count wraps, which
+    // must read as "no credit", not as a huge credit.
+    let mut lie = guest_hdr(OP_CREDIT_UPDATE, 1024, local);
+    lie.buf_alloc = 4096;
+    lie.fwd_cnt = (1 << 20) + 100_000;
+    h.g.send(lie, b"");
+    c.write_all(b"stalled").expect("write");
+    assert!(h.quiet_for(1024, local, Duration::from_millis(300)), "no data without credit");
+    // fwd_cnt going backwards: still no credit.
+    lie.fwd_cnt = 5;
+    h.g.send(lie, b"");
+    assert!(h.quiet_for(1024, local, Duration::from_millis(300)));
+    // The device is not spinning: other connections are served meanwhile.
+    let (mut c2, local2) = h.host_connect(1025, 65536);
+    c2.write_all(b"other").expect("write");
+    assert_eq!(h.recv_data(1025, local2, 5), b"other");
+    // An honest update resumes the stalled connection.
+    let mut honest = guest_hdr(OP_CREDIT_UPDATE, 1024, local);
+    honest.buf_alloc = 65536;
+    honest.fwd_cnt = 1 << 20;
+    h.g.send(honest, b"");
+    assert_eq!(h.recv_data(1024, local, 7), b"stalled");
+}

@@ -67,6 +67,8 @@ pub struct VsockUnixBackend {
     pending_rsts: usize,
     local_ports: HashSet<u32>,
     next_local_port: u32,
+    /// The most connections at once ([`MAX_CONNECTIONS`]; lower in tests).
+    max_connections: usize,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -116,6 +118,7 @@ impl VsockUnixBackend {
             pending_rsts: 0,
             local_ports: HashSet::new(),
             next_local_port: LOCAL_PORT_START,
+            max_connections: MAX_CONNECTIONS,
             metrics: Arc::default(),
         })
     }
@@ -133,6 +136,18 @@ impl VsockUnixBackend {
     /// Number of live connections (including those being set up or torn down).
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Lowers the connection limit (tests: a flood without 1024 sockets).
+    #[cfg(test)]
+    pub(crate) fn set_max_connections(&mut self, n: usize) {
+        self.max_connections = n.min(MAX_CONNECTIONS);
+    }
+
+    /// RSTs waiting for an rx buffer.
+    #[cfg(test)]
+    pub(crate) fn pending_rsts(&self) -> usize {
+        self.pending_rsts
     }
 
     fn accept_clients(&mut self) {
@@ -207,7 +222,7 @@ impl VsockUnixBackend {
         };
         let Some(client) = self.clients.remove(&fd) else { return };
         self.fds.remove(&fd);
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             warn!("vsock: too many connections, refusing a host client");
             return;
         }
@@ -228,7 +243,7 @@ impl VsockUnixBackend {
     }
 
     fn alloc_local_port(&mut self, peer_port: u32) -> Option<u32> {
-        for _ in 0..=MAX_CONNECTIONS {
+        for _ in 0..=self.max_connections {
             let p = self.next_local_port;
             self.next_local_port = if p == u32::MAX { LOCAL_PORT_START } else { p + 1 };
             if !self.local_ports.contains(&p) && !self.conns.contains_key(&(p, peer_port)) {
@@ -307,7 +322,7 @@ impl VsockUnixBackend {
 
     /// A guest REQUEST for host port `hdr.dst_port`: connect to `<path>_<port>`.
     fn guest_connect(&mut self, hdr: &VsockHeader) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             warn!("vsock: too many connections, refusing a guest request");
             return self.queue_rst_reply(hdr);
         }
