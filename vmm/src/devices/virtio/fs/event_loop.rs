@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::FsServer;
 use super::request::process_queue;
+use super::stats::RequestStats;
 use crate::devices::virtio::{ActiveQueue, Interrupt, VIRTIO_MMIO_INT_VRING};
 
 /// The epoll token of the kill eventfd (queue notifiers use their index).
@@ -26,6 +27,8 @@ pub(crate) struct FsWorker {
     queues: Vec<ActiveQueue>,
     /// A queue was found corrupt: the device stopped (DEVICE_NEEDS_RESET).
     broken: bool,
+    /// The requests served.
+    stats: RequestStats,
 }
 
 impl FsWorker {
@@ -41,11 +44,12 @@ impl FsWorker {
             interrupt,
             queues,
             broken: false,
+            stats: RequestStats::default(),
         }
     }
 
-    /// Runs until `kill` is signalled.
-    pub(crate) fn run(mut self, kill: EventFd) {
+    /// Runs until `kill` is signalled; returns what it served.
+    pub(crate) fn run(mut self, kill: EventFd) -> RequestStats {
         isolate_umask();
         if let Err(e) = self.event_loop(&kill) {
             error!("virtio-fs: worker stopped: {e}");
@@ -53,6 +57,7 @@ impl FsWorker {
         if self.broken {
             crate::devices::virtio::wait_for_kill(&kill);
         }
+        self.stats
     }
 
     fn event_loop(&mut self, kill: &EventFd) -> io::Result<()> {
@@ -110,7 +115,7 @@ impl FsWorker {
 
     fn process(&mut self, index: usize) {
         let queue = &mut self.queues[index].queue;
-        let notify = match process_queue(&self.server, &self.mem, queue) {
+        let notify = match process_queue(&self.server, &self.mem, queue, &mut self.stats) {
             Ok(notify) => notify,
             Err(e) => {
                 // The driver corrupted the queue (or its rings cannot be

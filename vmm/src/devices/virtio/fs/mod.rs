@@ -14,7 +14,8 @@
 //!   host device nodes and validates names and sizes the guest sends;
 //! - `request`: processes one virtqueue without threads (pop a descriptor
 //!   chain, run the FUSE request, add the used length);
-//! - `event_loop`: the worker thread's epoll loop over the queue notifiers.
+//! - `event_loop`: the worker thread's epoll loop over the queue notifiers;
+//! - `stats`: FUSE requests served, by opcode (logged when the worker stops).
 //!
 //! Wiring, for the VMM core (one device, one transport, one MMIO slot per
 //! shared directory):
@@ -50,6 +51,7 @@ mod backend;
 mod device;
 mod event_loop;
 mod request;
+mod stats;
 
 #[cfg(test)]
 mod hostile_tests;

@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
+use super::stats::RequestStats;
 use super::FsError;
 
 /// Handles every available chain of `queue`. Returns whether the driver
@@ -32,14 +33,15 @@ use super::FsError;
 /// re-enabled before returning (with a last check for chains that arrived
 /// in between). An error means the queue itself is unusable (its rings are
 /// out of guest memory or its available index is corrupt); the chains used
-/// so far stay used.
+/// so far stay used. Every chain handled is counted in `stats`.
 pub(crate) fn process_queue<F: FileSystem + Sync>(
     server: &Server<F>,
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
+    stats: &mut RequestStats,
 ) -> Result<bool, FsError> {
     let mut used_any = false;
-    let result = drain_queue(server, mem, queue, &mut used_any);
+    let result = drain_queue(server, mem, queue, stats, &mut used_any);
     let notify = if used_any {
         queue.needs_notification(mem).map_err(FsError::Queue)?
     } else {
@@ -52,6 +54,7 @@ fn drain_queue<F: FileSystem + Sync>(
     server: &Server<F>,
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
+    stats: &mut RequestStats,
     used_any: &mut bool,
 ) -> Result<(), FsError> {
     loop {
@@ -60,7 +63,7 @@ fn drain_queue<F: FileSystem + Sync>(
             let chain = queue.iter(mem).map_err(FsError::Queue)?.next();
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let len = handle_chain(server, mem, chain);
+            let len = handle_chain(server, mem, chain, stats);
             match queue.add_used(mem, head, len) {
                 Ok(()) => *used_any = true,
                 Err(e) => warn!("virtio-fs: cannot return descriptor {head}: {e}"),
@@ -90,11 +93,13 @@ fn handle_chain<F: FileSystem + Sync>(
     server: &Server<F>,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
+    stats: &mut RequestStats,
 ) -> u32 {
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
             warn!("virtio-fs: dropping request with unreadable descriptors: {e}");
+            stats.record(None);
             return 0;
         }
     };
@@ -102,6 +107,7 @@ fn handle_chain<F: FileSystem + Sync>(
         Ok(w) => w,
         Err(e) => {
             warn!("virtio-fs: dropping request with unwritable descriptors: {e}");
+            stats.record(None);
             return 0;
         }
     };
@@ -111,9 +117,11 @@ fn handle_chain<F: FileSystem + Sync>(
         Ok(h) => h,
         Err(e) => {
             warn!("virtio-fs: dropping request without a complete header: {e}");
+            stats.record(None);
             return 0;
         }
     };
+    stats.record(Some(header.opcode));
     if is_unassigned(header.opcode) {
         debug!("virtio-fs: unknown opcode {}", header.opcode);
         return reply_error(writer, header.unique, libc::ENOSYS);
@@ -679,8 +687,10 @@ mod tests {
                 (reply_addr, 0x1000, true),
             ]));
         }
+        let getattrs = h.stats.count(Opcode::Getattr as u32);
         assert!(h.process().unwrap(), "the driver is notified");
         assert_eq!(h.used_idx(), before.wrapping_add(3));
+        assert_eq!(h.stats.count(Opcode::Getattr as u32), getattrs + 3, "{}", h.stats);
         for (i, head) in heads.iter().enumerate() {
             let (id, len) = h.used(2 - i as u16);
             assert_eq!(id, u32::from(*head));

@@ -27,6 +27,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::backend::{build_server, FsServer};
 use super::request::process_queue;
+use super::stats::RequestStats;
 use super::{CacheMode, FsConfig, FsError};
 
 /// Size of the test guest memory.
@@ -127,6 +128,8 @@ pub(crate) struct Harness<'a> {
     /// Credentials put in request headers.
     pub uid: u32,
     pub gid: u32,
+    /// What the device counted.
+    pub stats: RequestStats,
     unique: u64,
     next_desc: u16,
     avail_idx: u16,
@@ -153,6 +156,7 @@ impl<'a> Harness<'a> {
             server,
             uid: 0,
             gid: 0,
+            stats: RequestStats::default(),
             unique: 0,
             next_desc: 0,
             avail_idx: 0,
@@ -213,7 +217,7 @@ impl<'a> Harness<'a> {
 
     /// Runs the device's queue processing once.
     pub fn process(&mut self) -> Result<bool, FsError> {
-        process_queue(&self.server, self.mem, &mut self.queue)
+        process_queue(&self.server, self.mem, &mut self.queue, &mut self.stats)
     }
 
     /// The used ring's index.
