@@ -124,7 +124,15 @@ fn hooks_of(spec: &Spec) -> Hooks {
 impl Runtime {
     fn locked(&self, id: &str) -> Result<(IdLock, ContainerRecord)> {
         let lock = self.store.lock(id)?;
-        let mut record = self.store.load(id)?;
+        let mut record = match self.store.load(id) {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, StateError::NotFound(_)) {
+                    lock.remove();
+                }
+                return Err(e.into());
+            }
+        };
         effective(&mut record);
         Ok((lock, record))
     }
@@ -157,6 +165,15 @@ impl Runtime {
     #[tracing::instrument(skip(self, opts), fields(id = %opts.id))]
     pub fn create(&self, opts: &CreateOptions) -> Result<Child> {
         let lock = self.store.lock(&opts.id)?;
+        let result = self.create_locked(opts, &lock);
+        // A failed create leaves nothing, not even the lock file.
+        if result.is_err() && !self.store.dir(&opts.id).is_ok_and(|d| d.exists()) {
+            lock.remove();
+        }
+        result
+    }
+
+    fn create_locked(&self, opts: &CreateOptions, _lock: &IdLock) -> Result<Child> {
         // Everything that can be checked is checked before anything exists.
         let bundle = Bundle::load(&opts.bundle)?;
         if self.store.load(&opts.id).is_ok() {
@@ -204,7 +221,6 @@ impl Runtime {
                 // The monitor tears its VM down before it exits.
                 let _ = child.wait();
                 let _ = std::fs::remove_dir_all(&dir);
-                lock.remove();
                 let msg = match other {
                     Ok(r) => r.error.unwrap_or_default(),
                     Err(e) => e.to_string(),

@@ -122,7 +122,7 @@ pub struct IdLock {
 
 impl IdLock {
     /// Removes the lock file (after the container is deleted), still holding it.
-    pub fn remove(self) {
+    pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -361,6 +361,7 @@ mod tests {
         });
         assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "second lock must wait");
         l1.remove();
+        drop(l1);
         rx.recv_timeout(std::time::Duration::from_secs(10)).expect("second lock acquired");
         t.join().expect("join");
     }
