@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests: locating the binaries and guest
 //! assets `scripts/test.sh` built, and skipping where `/dev/kvm` is absent.
 
+pub mod cli;
 pub mod cpio;
 pub mod guest;
 
