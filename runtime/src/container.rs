@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::BufRead;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -470,8 +470,8 @@ pub struct ExecOverrides {
 /// Reads the monitor's one-line report; EOF without one means it died.
 fn read_ready(read: OwnedFd) -> std::result::Result<Ready, ContainerError> {
     let mut text = String::new();
-    File::from(read)
-        .read_to_string(&mut text)
+    std::io::BufReader::new(File::from(read))
+        .read_line(&mut text)
         .map_err(|e| ContainerError::Create(format!("reading the monitor's report: {e}")))?;
     if text.trim().is_empty() {
         return Err(ContainerError::Create("the sandbox monitor exited before the container was created".into()));

@@ -135,8 +135,12 @@ impl PendingIo {
                 req.exec_id = exec_id.clone();
                 req.rows = rows.into();
                 req.cols = cols.into();
-                if let Err(e) = agent.resize_tty(crate::agent::ctx(), &req) {
-                    tracing::debug!(error = %e, "ResizeTty");
+                match agent.resize_tty(crate::agent::ctx(), &req) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "ResizeTty");
+                        false
+                    }
                 }
             })
         });
@@ -172,7 +176,10 @@ fn report(ready: &mut Option<File>, r: &Ready) -> bool {
 fn ready_file(fd: Option<i32>) -> Option<File> {
     // SAFETY: the fd was created for us by our parent and passed by number;
     // nothing else in this process owns it.
-    fd.filter(|fd| *fd > 2).map(|fd| File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    let file = fd.filter(|fd| *fd > 2).map(|fd| File::from(unsafe { OwnedFd::from_raw_fd(fd) }))?;
+    // Children (the VMM) must not hold it open: `create` waits for its end.
+    let _ = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    Some(file)
 }
 
 /// Points our own fds 0-2 at /dev/null once the container has its copies,

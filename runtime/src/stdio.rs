@@ -261,16 +261,16 @@ impl Relay {
 }
 
 /// Watches a terminal's window size and calls `resize(rows, cols)` on each
-/// change (and once at the start), until the returned flag is set.
-pub fn watch_winsize(tty: File, resize: impl Fn(u16, u16) + Send + 'static) -> Arc<AtomicBool> {
+/// change (and once at the start) until it succeeds, until the returned
+/// flag is set. (The process may not exist yet when the size is first set.)
+pub fn watch_winsize(tty: File, resize: impl Fn(u16, u16) -> bool + Send + 'static) -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
         let mut last = None;
         while !flag.load(Ordering::Relaxed) {
             if let Some(ws) = winsize(tty.as_fd()) {
-                if last != Some(ws) && ws.0 > 0 && ws.1 > 0 {
-                    resize(ws.0, ws.1);
+                if last != Some(ws) && ws.0 > 0 && ws.1 > 0 && resize(ws.0, ws.1) {
                     last = Some(ws);
                 }
             }

@@ -117,7 +117,7 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
     let listener = UnixListener::bind(&sock).expect("console socket");
     let mut exec = cli
         .command(&["exec", "--tty", "--console-socket", &sock.display().to_string(), "c1", "sh", "-c",
-            "for i in $(seq 60); do s=$(stty size); [ \"$s\" = '40 100' ] && break; sleep 1; done; echo size=$s; tty; exit 4"])
+            "for i in $(seq 30); do s=$(stty size); [ \"$s\" = '40 100' ] && break; sleep 1; done; echo size=$s; tty; exit 4"])
         .spawn()
         .expect("exec --tty");
     let master = receive_pty(&listener);
