@@ -23,6 +23,8 @@ pub mod config;
 pub mod debug;
 pub mod devices;
 pub mod exit;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 #[cfg(test)]
 mod test_utils;
 pub mod vcpu;

@@ -53,6 +53,8 @@ mod event_loop;
 mod request;
 mod stats;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]

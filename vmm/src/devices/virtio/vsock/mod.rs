@@ -17,9 +17,6 @@
 //! `device` (the [`VirtioDevice`](super::VirtioDevice) and its queue
 //! processing) and `event_loop` (the worker thread's epoll loop).
 
-// `fuzzing` is set by cargo-fuzz builds (see `test_utils`).
-#![allow(unexpected_cfgs)]
-
 use std::io;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,7 +28,9 @@ mod metrics;
 mod packet;
 mod unix;
 
-#[cfg(any(test, fuzzing))]
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -139,7 +139,7 @@ impl VsockUnixBackend {
     }
 
     /// Lowers the connection limit (tests: a flood without 1024 sockets).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn set_max_connections(&mut self, n: usize) {
         self.max_connections = n.min(MAX_CONNECTIONS);
     }
