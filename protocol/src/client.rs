@@ -40,8 +40,11 @@ const MAX_HANDSHAKE_LINE: usize = 64;
 /// Pause between attempts in [`wait_for_agent`].
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Longest single `Health.Check` in [`wait_for_agent`].
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest single connection attempt or `Health.Check` in
+/// [`wait_for_agent`]. Generous: an emulated guest on a loaded host may take
+/// seconds to answer, and giving up early only piles up dead connections.
+/// A VMM that dies fails the attempt at once anyway.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a connection to the agent could not be made.
 #[derive(Debug, thiserror::Error)]

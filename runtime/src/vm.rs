@@ -149,9 +149,11 @@ impl Vm {
                     console: tail(&Self::console_path(&self.dir), 2000),
                 });
             }
-            // Short attempts, so that a VMM that dies is noticed promptly.
+            // Bounded attempts, so that a VMM that hangs is noticed too (one
+            // that dies fails the attempt at once); not short ones: a loaded
+            // host's emulated guest may take seconds to answer a call.
             let left = timeout.saturating_sub(start.elapsed());
-            match client::wait_for_agent(&uds, left.min(Duration::from_secs(2))) {
+            match client::wait_for_agent(&uds, left.min(Duration::from_secs(30))) {
                 Ok(c) => {
                     tracing::info!(elapsed = ?start.elapsed(), "agent serving");
                     return Ok(c);
