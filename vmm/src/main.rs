@@ -5,13 +5,20 @@
 //! (emulation failure etc., details on stderr), 5 VMM failure while
 //! running, 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP).
 //! SIGUSR1 prints every vCPU's registers and code bytes to stderr.
+//!
+//! The VMM confines each of its threads with a seccomp filter for its kind
+//! (see `carapace_vmm::seccomp`) before the guest runs; a system call
+//! outside it kills the process with SIGSYS. `--no-seccomp` turns that off
+//! for debugging.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use carapace_vmm::cmdline::HostKind;
 use carapace_vmm::devices::virtio::fs::FsConfig;
+use carapace_vmm::seccomp::{self, Filters, SeccompLevel, ThreadKind};
 use carapace_vmm::{SerialOutput, VmConfig, VmExit, Vmm, VsockConfig};
 use clap::Parser;
 
@@ -23,7 +30,7 @@ struct Cli {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_mib", "serial", "vsock_uds", "cid", "fs"])]
     config: Option<PathBuf>,
     /// Uncompressed guest kernel (vmlinux ELF).
-    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "print_cmdline", "seccomp_selftest"])]
     kernel: Option<PathBuf>,
     /// Initramfs (uncompressed cpio is fastest).
     #[arg(long, value_name = "PATH")]
@@ -52,6 +59,19 @@ struct Cli {
     /// Print the kernel command line this host gets (without device entries) and exit.
     #[arg(long)]
     print_cmdline: bool,
+    /// Run without the per-thread seccomp filters (debugging only: the VMM
+    /// then holds every privilege of its process while the guest runs).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Let system calls outside the filters through and log them to the
+    /// kernel audit log instead of killing the VMM (finding a missing call).
+    #[arg(long, hide = true, conflicts_with = "no_seccomp")]
+    seccomp_log: bool,
+    /// Install the filter of thread kind KIND (vmm, vcpu, vsock, fs,
+    /// spawner) on the main thread, then make a system call no VMM thread
+    /// may make: the process must die of SIGSYS (a test hook).
+    #[arg(long, hide = true, value_name = "KIND")]
+    seccomp_selftest: Option<String>,
 }
 
 fn parse_fs(s: &str) -> Result<FsConfig, String> {
@@ -118,10 +138,16 @@ fn block_stop_signals() -> anyhow::Result<()> {
 }
 
 /// Turns the first stop signal into a VM exit.
-fn spawn_signal_thread(exit: carapace_vmm::ExitSender) -> anyhow::Result<()> {
+fn spawn_signal_thread(exit: carapace_vmm::ExitSender, filters: Option<Arc<Filters>>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if let Some(f) = filters {
+                if let Err(e) = f.apply(ThreadKind::Vmm) {
+                    eprintln!("carapace-vmm: error: {e}");
+                    std::process::abort();
+                }
+            }
             let set = stop_sigset();
             loop {
                 let mut sig: libc::c_int = 0;
@@ -156,15 +182,18 @@ fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
-fn run(config: VmConfig) -> anyhow::Result<i32> {
-    let vmm = match Vmm::new(&config) {
+fn run(config: VmConfig, filters: Option<Arc<Filters>>) -> anyhow::Result<i32> {
+    let mut vmm = match Vmm::new(&config) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("carapace-vmm: error: {}", one_line(&e));
             return Ok(EXIT_SETUP_ERROR);
         }
     };
-    spawn_signal_thread(vmm.exit_sender())?;
+    spawn_signal_thread(vmm.exit_sender(), filters.clone())?;
+    if let Some(f) = filters {
+        vmm = vmm.with_seccomp(f);
+    }
     let exit = vmm.run().context("running the VM")?;
     match exit {
         VmExit::GuestReset => tracing::info!("{exit}"),
@@ -173,6 +202,29 @@ fn run(config: VmConfig) -> anyhow::Result<i32> {
         VmExit::Signal(_) => eprintln!("carapace-vmm: {exit}"),
     }
     Ok(exit.exit_code())
+}
+
+/// `--seccomp-selftest KIND`: returns only if the filter failed to stop a
+/// forbidden call (the process is expected to die of SIGSYS first).
+fn seccomp_selftest(kind: &str) -> i32 {
+    let Some(kind) = ThreadKind::from_name(kind) else {
+        eprintln!("carapace-vmm: error: unknown thread kind {kind:?}");
+        return EXIT_USAGE;
+    };
+    let filters = match Filters::new(SeccompLevel::Kill) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("carapace-vmm: error: {}", one_line(&e));
+            return EXIT_SETUP_ERROR;
+        }
+    };
+    // Allowed under every filter: shows the filter lets the VMM work.
+    eprintln!("carapace-vmm: {kind} filter ({} calls allowed): making a forbidden call", Filters::allowed_count(kind));
+    match seccomp::selftest(&filters, kind) {
+        Ok(msg) => eprintln!("carapace-vmm: seccomp self-test failed: {msg}"),
+        Err(e) => eprintln!("carapace-vmm: error: {}", one_line(&e)),
+    }
+    EXIT_SETUP_ERROR
 }
 
 fn main() {
@@ -203,6 +255,22 @@ fn main() {
             }
         }
     }
+    if let Some(kind) = &cli.seccomp_selftest {
+        std::process::exit(seccomp_selftest(kind));
+    }
+    let filters = if cli.no_seccomp {
+        tracing::warn!("running without seccomp filters (--no-seccomp)");
+        None
+    } else {
+        let level = if cli.seccomp_log { SeccompLevel::Log } else { SeccompLevel::Kill };
+        match Filters::new(level) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                eprintln!("carapace-vmm: error: {}", one_line(&e));
+                std::process::exit(EXIT_SETUP_ERROR);
+            }
+        }
+    };
     let code = (|| -> anyhow::Result<i32> {
         block_stop_signals()?;
         let config = match cli.into_config() {
@@ -212,7 +280,7 @@ fn main() {
                 return Ok(EXIT_SETUP_ERROR);
             }
         };
-        run(config)
+        run(config, filters)
     })()
     .unwrap_or_else(|e| {
         eprintln!("carapace-vmm: error: {e:#}");

@@ -7,13 +7,13 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -28,6 +28,7 @@ use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmEvent, VmExit};
+use crate::seccomp::{self, Filters, SeccompError, ThreadKind};
 use crate::vcpu::{Vcpu, VcpuShared};
 
 /// Offset of QueueNotify in a virtio-mmio window.
@@ -76,6 +77,8 @@ pub enum VmmError {
     TooManyDevices,
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("cannot start vCPU thread {cpu}: {source}")]
     SpawnVcpu {
         cpu: u8,
@@ -102,6 +105,9 @@ pub struct Vmm {
     cmdline: String,
     exit_tx: ExitSender,
     exit_rx: Receiver<VmEvent>,
+    /// The filters the VMM's threads confine themselves with while the VM
+    /// runs (none: unconfined).
+    seccomp: Option<Arc<Filters>>,
 }
 
 impl Vmm {
@@ -173,6 +179,7 @@ impl Vmm {
             cmdline: String::new(),
             exit_tx,
             exit_rx,
+            seccomp: None,
         };
         vmm.add_legacy_devices(sink)?;
         if let Some(v) = vsock {
@@ -306,6 +313,15 @@ impl Vmm {
         &self.mem
     }
 
+    /// Confines every thread of the VMM with `filters` (one per thread kind)
+    /// from before the guest's first instruction until the process ends;
+    /// see [`seccomp`](crate::seccomp). Without it the VMM runs unconfined
+    /// (library users, tests, `carapace-vmm --no-seccomp`).
+    pub fn with_seccomp(mut self, filters: Arc<Filters>) -> Self {
+        self.seccomp = Some(filters);
+        self
+    }
+
     /// A handle to stop the VM from elsewhere (e.g. on SIGTERM):
     /// `exit_sender().send(VmExit::Signal(15))`.
     pub fn exit_sender(&self) -> ExitSender {
@@ -322,6 +338,14 @@ impl Vmm {
         let mmio = Arc::new(std::mem::take(&mut self.mmio));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let started = Instant::now();
+        let filters = self.seccomp.clone();
+        if let Some(f) = &filters {
+            // Before any thread of ours is confined: device threads start
+            // there, confined to their own kind.
+            seccomp::install_spawner(f.clone())?;
+        }
+        // vCPUs enter KVM_RUN only once every thread is confined.
+        let go = Arc::new(Gate::default());
         let shared = VcpuShared {
             pio: pio.clone(),
             mmio: mmio.clone(),
@@ -332,17 +356,40 @@ impl Vmm {
         };
         for (id, fd) in (0u8..).zip(self.vcpus.drain(..)) {
             let vcpu = Vcpu::new(id, fd, shared.clone());
-            let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || vcpu.run());
+            let (filters, gate, exit) = (filters.clone(), go.clone(), self.exit_tx.clone());
+            let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+                let confined = filters.as_ref().map_or(Ok(()), |f| f.apply(ThreadKind::Vcpu));
+                gate.wait();
+                match confined {
+                    Ok(()) => vcpu.run(),
+                    Err(e) => exit.send(VmExit::VmmError { cpu: id, reason: e.to_string() }),
+                }
+            });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(source) => {
+                    // Release the threads already waiting; they stop at once.
+                    stop.store(true, Ordering::SeqCst);
+                    go.open();
                     stop_vcpus(&stop, threads);
                     drop(shared);
                     return Err(VmmError::SpawnVcpu { cpu: id, source });
                 }
             }
         }
-        info!(vcpus = threads.len(), "guest running");
+        let confined = filters.as_ref().map_or(Ok(()), |f| f.apply(ThreadKind::Vmm));
+        if let Err(e) = &confined {
+            // The vCPUs see `stop` before their first KVM_RUN.
+            error!("{e}");
+            stop.store(true, Ordering::SeqCst);
+        }
+        go.open();
+        if let Err(e) = confined {
+            stop_vcpus(&stop, threads);
+            drop(shared);
+            return Err(e.into());
+        }
+        info!(vcpus = threads.len(), seccomp = filters.is_some(), "guest running");
         let exit = loop {
             // `self` holds a sender, so recv() cannot fail while we wait.
             match self.exit_rx.recv() {
@@ -361,6 +408,27 @@ impl Vmm {
         drop(pio);
         drop(mmio);
         Ok(exit)
+    }
+}
+
+/// Holds vCPU threads back until the main thread opens it.
+#[derive(Debug, Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 

@@ -162,6 +162,25 @@ impl Fs {
     }
 }
 
+impl Fs {
+    /// Builds a fresh FUSE server on a short-lived thread confined like the
+    /// worker: a reset runs on a vCPU thread, whose seccomp filter does not
+    /// open files (the server opens `/proc/self/fd` and mountinfo).
+    fn build_confined(&self) -> Result<FsServer, FsError> {
+        let (config, root) = (self.config.clone(), self.root.clone());
+        let backend_err = |source| FsError::Backend { path: self.root.clone(), source };
+        let handle = crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::Fs,
+            thread_name(&self.config.tag),
+            move || build_server(&config, &root),
+        )
+        .map_err(backend_err)?;
+        handle
+            .join()
+            .map_err(|_| backend_err(std::io::Error::other("the thread building the server panicked")))?
+    }
+}
+
 impl VirtioDevice for Fs {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_FS
@@ -231,9 +250,11 @@ impl VirtioDevice for Fs {
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let worker_kill = kill.try_clone()?;
         let worker = FsWorker::new(server, mem, interrupt, queues);
-        let handle = std::thread::Builder::new()
-            .name(thread_name(&self.config.tag))
-            .spawn(move || worker.run(worker_kill))?;
+        let handle = crate::seccomp::spawn(
+            crate::seccomp::ThreadKind::Fs,
+            thread_name(&self.config.tag),
+            move || worker.run(worker_kill),
+        )?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
     }
@@ -247,7 +268,7 @@ impl VirtioDevice for Fs {
         // Start over with a fresh file system: the next driver's INIT must
         // not find the old driver's inodes and open files.
         self.server = None;
-        match build_server(&self.config, &self.root) {
+        match self.build_confined() {
             Ok(server) => {
                 self.server = Some(Arc::new(server));
                 true

@@ -156,9 +156,9 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
             }
         };
         let worker = VsockWorker::new(mem, interrupt, queues, backend, self.metrics.clone());
-        let handle = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || worker.run(worker_kill))?;
+        let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Vsock, "vsock".into(), move || {
+            worker.run(worker_kill)
+        })?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
     }
