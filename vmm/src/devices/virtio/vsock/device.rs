@@ -720,6 +720,28 @@ mod tests {
         assert!(!irq.needs_reset());
     }
 
+    /// Packets the guest queued but the worker had not seen yet (no kick,
+    /// or a kick in the same wake-up as the stop) reach the backend before
+    /// the worker stops: a reply sent just before the guest shuts down is
+    /// not lost.
+    #[test]
+    fn stopping_worker_drains_tx() {
+        let mut d = Vsock::with_backend(3, TestBackend::default());
+        let (mut g, queues) = TestGuest::new();
+        d.activate(g.mem.clone(), irq(), queues).expect("activate");
+        // The worker is in its loop once this one is used.
+        g.send(guest_hdr(OP_REQUEST, 5, 6), b"");
+        wait_for("tx used", || (g.tx_in_flight() == 0).then_some(()));
+        let mut h = guest_hdr(OP_RW, 5, 6);
+        h.len = 4;
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(b"last");
+        g.queue_tx_raw(&bytes, &[], None);
+        assert!(d.reset());
+        let b = d.backend().expect("backend back");
+        assert_eq!(b.tx_pkts.iter().map(|p| &p.data[..]).collect::<Vec<_>>(), vec![&b""[..], b"last"]);
+    }
+
     #[test]
     fn worker_thread_activation_and_reset() {
         let mut d = Vsock::with_backend(3, TestBackend::default());

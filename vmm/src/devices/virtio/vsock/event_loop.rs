@@ -70,6 +70,10 @@ impl<B: VsockBackend> VsockWorker<B> {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_KILL => {
+                        // What the guest queued last (an answer sent just
+                        // before it shut down, a kick in this same batch)
+                        // still reaches the host sockets before they close.
+                        self.process_tx();
                         debug!("vsock: worker stopping");
                         return Ok(());
                     }
