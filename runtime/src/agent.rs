@@ -5,9 +5,11 @@ use std::time::Duration;
 use carapace_protocol::agent::ShutdownRequest;
 use carapace_protocol::AgentClient;
 
-/// How long a plain agent call may take. Calls are cheap for the agent, but
-/// the guest kernel is emulated on kvm_pvm hosts.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an agent call may take. Creating a container or a process runs
+/// thousands of guest system calls, each costly where the guest kernel is
+/// emulated (kvm_pvm hosts: a minute under load has been seen). A VM that
+/// dies fails the call at once; this bounds only a guest that hangs.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A ttrpc context with [`CALL_TIMEOUT`].
 pub fn ctx() -> ttrpc::context::Context {

@@ -215,7 +215,12 @@ impl Runtime {
                 return Err(e);
             }
         };
-        let ready = match ready {
+        // Recorded before the (long) boot, so that `delete` can stop a
+        // create that was killed halfway.
+        record.monitor_pid = child.id();
+        record.monitor_start_time = proc::start_time(child.id()).unwrap_or(0);
+        let saved = self.store.save(&record);
+        let ready = match saved.map_err(ContainerError::from).and_then(|()| read_ready(ready)) {
             Ok(r) if r.error.is_none() => r,
             other => {
                 // The monitor tears its VM down before it exits.
@@ -228,8 +233,6 @@ impl Runtime {
                 return Err(ContainerError::Create(msg));
             }
         };
-        record.monitor_pid = child.id();
-        record.monitor_start_time = proc::start_time(child.id()).unwrap_or(0);
         record.pid = ready.vmm_pid;
         record.vmm_start_time = ready.vmm_start_time;
         record.guest_pid = ready.guest_pid;
@@ -247,7 +250,7 @@ impl Runtime {
         &self,
         opts: &CreateOptions,
         bundle: &Bundle,
-    ) -> Result<(Child, std::result::Result<Ready, ContainerError>)> {
+    ) -> Result<(Child, OwnedFd)> {
         let mut args: Vec<OsString> = vec!["--bundle".into(), bundle.dir.clone().into()];
         if let Some(s) = &opts.console_socket {
             args.extend(["--console-socket".into(), s.into()]);
@@ -257,13 +260,9 @@ impl Runtime {
     }
 
     /// Starts this binary's hidden subcommand `sub` (with our global flags
-    /// and the caller's stdio) and reads its one-line [`Ready`] report from
-    /// a pipe passed as `--ready-fd`.
-    pub fn spawn_helper(
-        &self,
-        sub: &str,
-        args: Vec<OsString>,
-    ) -> Result<(Child, std::result::Result<Ready, ContainerError>)> {
+    /// and the caller's stdio); returns it and the read end of the pipe,
+    /// passed as `--ready-fd`, on which it reports (see [`read_ready`]).
+    pub fn spawn_helper(&self, sub: &str, args: Vec<OsString>) -> Result<(Child, OwnedFd)> {
         let (read, write) = nix::unistd::pipe().map_err(|e| ContainerError::Spawn(e.into()))?;
         // The write end must survive exec in the child, the read end not.
         nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
@@ -280,7 +279,7 @@ impl Runtime {
         let child = cmd.spawn().map_err(ContainerError::Spawn);
         drop(write);
         let child = child?;
-        Ok((child, read_ready(read)))
+        Ok((child, read))
     }
 
     /// `start`: runs the container's process; poststart hooks follow.
@@ -467,8 +466,8 @@ pub struct ExecOverrides {
     pub user: Option<(u32, Option<u32>)>,
 }
 
-/// Reads the monitor's one-line report; EOF without one means it died.
-fn read_ready(read: OwnedFd) -> std::result::Result<Ready, ContainerError> {
+/// Reads a helper's one-line report; EOF without one means it died.
+pub fn read_ready(read: OwnedFd) -> std::result::Result<Ready, ContainerError> {
     let mut text = String::new();
     std::io::BufReader::new(File::from(read))
         .read_line(&mut text)

@@ -51,6 +51,11 @@ enum Event {
     Signal(Signal),
 }
 
+/// Set once the process is created and its events are read; before that,
+/// SIGTERM or SIGINT ends the process at once (the VMM dies with it, being
+/// tied to us by PDEATHSIG, and the share's mounts with our namespace).
+static SETTLED: AtomicBool = AtomicBool::new(false);
+
 /// Blocks the handled signals in this thread (and the threads it starts)
 /// and delivers them as events. Call before starting any other thread.
 fn signal_events(tx: Sender<Event>) {
@@ -58,6 +63,10 @@ fn signal_events(tx: Sender<Event>) {
     let _ = set.thread_block();
     std::thread::spawn(move || loop {
         match set.wait() {
+            Ok(Signal::SIGTERM | Signal::SIGINT) if !SETTLED.load(Ordering::SeqCst) => {
+                tracing::warn!("terminated while setting up");
+                std::process::exit(143);
+            }
             Ok(sig) => {
                 if tx.send(Event::Signal(sig)).is_err() {
                     return;
@@ -220,6 +229,7 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
         return 1;
     }
     wait_events(&agent, id, "", tx.clone());
+    SETTLED.store(true, Ordering::SeqCst);
     let (result, terminated) = wait_exit(&rx, &agent, id, "", &tx);
     session.finish(if terminated { Duration::from_secs(1) } else { Duration::from_secs(5) });
     let code = exit_status(&result);
@@ -401,6 +411,7 @@ fn mark_stopped(record: &mut ContainerRecord, result: &Result<agent::WaitProcess
     record.exit_code = Some(exit_status(result));
     record.stop_reason = match result {
         Ok(w) if w.oom_killed => Some("OOM-killed".into()),
+        Ok(w) if w.signal != 0 => Some(format!("killed by signal {}", w.signal)),
         Ok(_) => None,
         Err(e) => Some(format!("the VM stopped: {e}")),
     };
@@ -468,6 +479,7 @@ pub fn exec(rt: &Runtime, req: ExecRequest<'_>, ready_fd: Option<i32>) -> Result
         detach_stdio();
     }
     wait_events(&agent, req.id, &exec_id, tx.clone());
+    SETTLED.store(true, Ordering::SeqCst);
     let (result, _) = wait_exit(&rx, &agent, req.id, &exec_id, &tx);
     session.finish(Duration::from_secs(5));
     Ok(exit_status(&result))
@@ -498,7 +510,7 @@ pub fn spawn_detached_exec(
     let spawned = rt.spawn_helper("_exec", args);
     let _ = std::fs::remove_file(&file);
     let (child, ready) = spawned?;
-    let ready = ready?;
+    let ready = crate::container::read_ready(ready)?;
     if let Some(e) = ready.error {
         return Err(ContainerError::Create(e));
     }

@@ -73,7 +73,7 @@ impl ContainerRecord {
     pub fn oci_state(&self) -> serde_json::Value {
         // The OCI spec has no "paused"; runc reports it anyway.
         let status = self.status.to_string();
-        serde_json::json!({
+        let mut state = serde_json::json!({
             "ociVersion": "1.2.0",
             "id": self.id,
             "pid": if self.status == Status::Stopped { 0 } else { self.pid },
@@ -83,7 +83,13 @@ impl ContainerRecord {
             "created": self.created,
             "owner": self.owner,
             "annotations": self.annotations,
-        })
+        });
+        // Beyond runc's fields: why a container stopped when it did not
+        // simply exit (killed, OOM, its VM gone).
+        if let (Status::Stopped, Some(reason)) = (self.status, &self.stop_reason) {
+            state["stopReason"] = serde_json::Value::String(reason.clone());
+        }
+        state
     }
 }
 

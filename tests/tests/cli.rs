@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use carapace_tests::cli::{bundle, Cli};
-use carapace_tests::{kvm_available, processes_matching};
+use carapace_tests::{kvm_available, processes_matching, wait_for};
 use serde_json::{json, Value};
 
 /// A container's exit reaches the state within this (the guest is emulated).
@@ -166,7 +166,11 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
     assert!(e.contains("not stopped"), "{e}");
     cli.ok(&["kill", "c1", "KILL"]);
     assert!(cli.wait_status("c1", "stopped", EXIT_DEADLINE), "c1 did not stop: {}", cli.state("c1"));
-    assert!(!Path::new(&format!("/proc/{monitor}")).exists() || std::fs::read_to_string(format!("/proc/{monitor}/stat")).is_ok_and(|s| s.contains(") Z")), "the monitor exits with the container");
+    let monitor_gone = || {
+        let stat = std::fs::read_to_string(format!("/proc/{monitor}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.contains(") Z")).then_some(())
+    };
+    assert!(wait_for(EXIT_DEADLINE, monitor_gone).is_some(), "the monitor exits after the container (and its VM)");
     let e = cli.fails(&["kill", "c1"]);
     assert!(e.contains("not running"), "{e}");
     let e = cli.fails(&["start", "c1"]);
