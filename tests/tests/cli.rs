@@ -181,7 +181,7 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
 
     assert_eq!(std::fs::read_to_string(&out_path).expect("output"), "started\n");
     let order = std::fs::read_to_string(&hooks_log).expect("hooks log");
-    assert_eq!(order, "prestart\ncreateRuntime\nstartContainer\npoststart\npoststop\n");
+    assert_eq!(order, "prestart\ncreateRuntime\nstartContainer\npoststart\npoststop\n", "hooks in the OCI order");
     for (hook, status) in [("prestart", "creating"), ("createRuntime", "creating"), ("poststart", "running"), ("poststop", "stopped")] {
         let s = read_json(&logs.join(format!("{hook}.json")));
         assert_eq!(s["id"], "c1", "{hook}: {s}");
