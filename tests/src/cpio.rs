@@ -16,8 +16,7 @@ pub enum Entry {
 
 /// Writes `entries` as a newc archive, with the trailer.
 pub fn write_newc(out: &mut impl Write, entries: &[Entry]) -> io::Result<()> {
-    let mut ino = 1u32;
-    for e in entries {
+    for (ino, e) in (1u32..).zip(entries) {
         let (path, mode, data, rdev): (&str, u32, &[u8], (u32, u32)) = match e {
             Entry::Dir { path, mode } => (path, 0o040000 | mode, &[], (0, 0)),
             Entry::File { path, mode, data } => (path, 0o100000 | mode, data, (0, 0)),
@@ -27,7 +26,6 @@ pub fn write_newc(out: &mut impl Write, entries: &[Entry]) -> io::Result<()> {
         header(out, ino, mode, data.len(), rdev, path)?;
         out.write_all(data)?;
         pad(out, data.len())?;
-        ino += 1;
     }
     header(out, 0, 0, 0, (0, 0), "TRAILER!!!")
 }

@@ -81,7 +81,7 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
     assert_eq!(state["status"], "created");
     assert_eq!(state["id"], "c1");
     assert_eq!(state["bundle"], bundle_arg);
-    let vmm_pid = state["pid"].as_u64().expect("pid") as u32;
+    let vmm_pid = u32::try_from(state["pid"].as_u64().expect("pid")).expect("a pid");
     let cmdline = std::fs::read_to_string(format!("/proc/{vmm_pid}/cmdline")).expect("VMM alive");
     assert!(cmdline.contains("carapace-vmm"), "state pid {vmm_pid} is the VMM: {cmdline}");
     let monitor: u32 = std::fs::read_to_string(&pid_file).expect("pid file").trim().parse().expect("pid");

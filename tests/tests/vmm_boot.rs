@@ -138,9 +138,7 @@ fn vmm_refuses_bad_input_and_leaves_nothing() {
     assert_ne!(code, 0);
     assert!(err.contains("same"), "{err}");
 
-    for (code, err) in [(code, err)] {
-        assert!(!err.contains("panicked"), "exit {code}: {err}");
-    }
+    assert!(!err.contains("panicked"), "exit {code}: {err}");
     assert_eq!(std::fs::read_dir(dir.path()).expect("readdir").count(), 1, "only bzImage remains");
 }
 
