@@ -27,6 +27,7 @@ pub mod exit;
 pub mod fuzzing;
 #[cfg(test)]
 mod test_utils;
+pub mod ratelimit;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -31,7 +31,7 @@
 
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
@@ -95,7 +95,7 @@ impl MmioTransport {
         let mut queue_evts = Vec::new();
         for &max in device.queue_max_sizes() {
             let q = Queue::new(max).unwrap_or_else(|e| {
-                warn!(max, "virtio-mmio: device reports an invalid queue size ({e}); using 256");
+                crate::guest_warn!(max, "virtio-mmio: device reports an invalid queue size ({e}); using 256");
                 #[allow(clippy::expect_used)]
                 Queue::new(256).expect("256 is a valid queue size")
             });
@@ -164,12 +164,12 @@ impl MmioTransport {
     /// Applies `f` to the selected queue if queue registers may be written now.
     fn with_queue(&mut self, what: &str, f: impl FnOnce(&mut Queue)) {
         if self.has(VIRTIO_CONFIG_S_DRIVER_OK) || self.has(VIRTIO_CONFIG_S_FAILED) {
-            warn!(register = what, status = self.status, "virtio-mmio: queue write after DRIVER_OK ignored");
+            crate::guest_warn!(register = what, status = self.status, "virtio-mmio: queue write after DRIVER_OK ignored");
             return;
         }
         match self.queues.get_mut(self.queue_sel as usize) {
             Some(q) => f(q),
-            None => warn!(register = what, queue = self.queue_sel, "virtio-mmio: write to a nonexistent queue"),
+            None => crate::guest_warn!(register = what, queue = self.queue_sel, "virtio-mmio: write to a nonexistent queue"),
         }
     }
 
@@ -178,7 +178,7 @@ impl MmioTransport {
     /// ready (virtio 1.2, 4.2.3.2): a queue is configured, then enabled.
     fn with_queue_config(&mut self, what: &str, f: impl FnOnce(&mut Queue)) {
         if self.selected_queue().is_some_and(|q| q.ready()) {
-            warn!(register = what, queue = self.queue_sel, "virtio-mmio: write to a ready queue's configuration ignored");
+            crate::guest_warn!(register = what, queue = self.queue_sel, "virtio-mmio: write to a ready queue's configuration ignored");
             return;
         }
         self.with_queue(what, f);
@@ -207,7 +207,7 @@ impl MmioTransport {
             VIRTIO_MMIO_SHM_BASE_LOW | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => {
-                warn!(offset, "virtio-mmio: read of a write-only or unknown register");
+                crate::guest_warn!(offset, "virtio-mmio: read of a write-only or unknown register");
                 0
             }
         }
@@ -225,7 +225,7 @@ impl MmioTransport {
                         return;
                     }
                 }
-                warn!(size = v, "virtio-mmio: invalid queue size ignored");
+                crate::guest_warn!(size = v, "virtio-mmio: invalid queue size ignored");
             }),
             VIRTIO_MMIO_QUEUE_READY => self.with_queue("QueueReady", |q| q.set_ready(v == 1)),
             VIRTIO_MMIO_QUEUE_DESC_LOW => self.with_queue_config("QueueDescLow", |q| q.set_desc_table_address(Some(v), None)),
@@ -246,7 +246,7 @@ impl MmioTransport {
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             VIRTIO_MMIO_STATUS => self.set_status(v),
             VIRTIO_MMIO_SHM_SEL => self.shm_sel = v,
-            _ => warn!(offset, value = v, "virtio-mmio: write to a read-only or unknown register"),
+            _ => crate::guest_warn!(offset, value = v, "virtio-mmio: write to a read-only or unknown register"),
         }
     }
 
@@ -255,7 +255,7 @@ impl MmioTransport {
             || self.has(VIRTIO_CONFIG_S_FEATURES_OK)
             || self.has(VIRTIO_CONFIG_S_FAILED)
         {
-            warn!(status = self.status, "virtio-mmio: DriverFeatures write out of order ignored");
+            crate::guest_warn!(status = self.status, "virtio-mmio: DriverFeatures write out of order ignored");
             return;
         }
         match self.driver_features_sel {
@@ -263,7 +263,7 @@ impl MmioTransport {
             1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
             sel => {
                 if v != 0 {
-                    warn!(sel, value = v, "virtio-mmio: driver accepted features beyond bit 63");
+                    crate::guest_warn!(sel, value = v, "virtio-mmio: driver accepted features beyond bit 63");
                     self.driver_features_high = true;
                 }
             }
@@ -272,17 +272,17 @@ impl MmioTransport {
 
     fn notify(&mut self, v: u32) {
         if !self.device_activated {
-            warn!(queue = v, "virtio-mmio: QueueNotify before DRIVER_OK ignored");
+            crate::guest_warn!(queue = v, "virtio-mmio: QueueNotify before DRIVER_OK ignored");
             return;
         }
         // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
         match self.queue_evts.get(v as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    warn!(queue = v, "virtio-mmio: cannot signal queue: {e}");
+                    crate::guest_warn!(queue = v, "virtio-mmio: cannot signal queue: {e}");
                 }
             }
-            None => warn!(queue = v, "virtio-mmio: notify for a nonexistent queue"),
+            None => crate::guest_warn!(queue = v, "virtio-mmio: notify for a nonexistent queue"),
         }
     }
 
@@ -290,14 +290,14 @@ impl MmioTransport {
         let offered = self.device.avail_features();
         let version_1 = 1u64 << VIRTIO_F_VERSION_1;
         if self.driver_features_high || self.driver_features & !offered != 0 {
-            warn!(
+            crate::guest_warn!(
                 driver = self.driver_features,
                 offered, "virtio-mmio: driver accepted features the device does not offer"
             );
             return false;
         }
         if offered & version_1 == 0 || self.driver_features & version_1 == 0 {
-            warn!(driver = self.driver_features, "virtio-mmio: VIRTIO_F_VERSION_1 not negotiated");
+            crate::guest_warn!(driver = self.driver_features, "virtio-mmio: VIRTIO_F_VERSION_1 not negotiated");
             return false;
         }
         true
@@ -310,14 +310,14 @@ impl MmioTransport {
         }
         if self.has(VIRTIO_CONFIG_S_FAILED) {
             // The driver gave up on the device: only a reset brings it back.
-            warn!(status = self.status, value = v, "virtio-mmio: Status write after FAILED ignored (reset first)");
+            crate::guest_warn!(status = self.status, value = v, "virtio-mmio: Status write after FAILED ignored (reset first)");
             return;
         }
         let needs_reset = self.status & VIRTIO_CONFIG_S_NEEDS_RESET;
         let old = self.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let new = v & !VIRTIO_CONFIG_S_NEEDS_RESET;
         if new & old != old {
-            warn!(old, new, "virtio-mmio: driver cleared status bits without a reset; ignored");
+            crate::guest_warn!(old, new, "virtio-mmio: driver cleared status bits without a reset; ignored");
             return;
         }
         let added = new & !old;
@@ -326,7 +326,7 @@ impl MmioTransport {
             || !in_order(VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
             || !in_order(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK)
         {
-            warn!(old, new, "virtio-mmio: status bits set out of order; ignored");
+            crate::guest_warn!(old, new, "virtio-mmio: status bits set out of order; ignored");
             return;
         }
         let mut new = new;
@@ -358,20 +358,20 @@ impl MmioTransport {
                 continue;
             }
             if !q.is_valid(&self.mem) {
-                warn!(queue = i, "virtio-mmio: queue set up with invalid addresses or size");
+                crate::guest_warn!(queue = i, "virtio-mmio: queue set up with invalid addresses or size");
                 return self.needs_reset();
             }
             let notify = match self.queue_evts[i].try_clone() {
                 Ok(e) => e,
                 Err(e) => {
-                    warn!("virtio-mmio: cannot clone a queue eventfd: {e}");
+                    crate::guest_warn!("virtio-mmio: cannot clone a queue eventfd: {e}");
                     return self.needs_reset();
                 }
             };
             let mut queue = match Queue::try_from(q.state()) {
                 Ok(q) => q,
                 Err(e) => {
-                    warn!(queue = i, "virtio-mmio: invalid queue state: {e}");
+                    crate::guest_warn!(queue = i, "virtio-mmio: invalid queue state: {e}");
                     return self.needs_reset();
                 }
             };
@@ -384,7 +384,7 @@ impl MmioTransport {
                 self.device_activated = true;
             }
             Err(e) => {
-                warn!(device = self.device.device_type(), "virtio-mmio: activation failed: {e}");
+                crate::guest_warn!(device = self.device.device_type(), "virtio-mmio: activation failed: {e}");
                 self.needs_reset();
             }
         }
@@ -395,7 +395,7 @@ impl MmioTransport {
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         if self.has(VIRTIO_CONFIG_S_DRIVER_OK) {
             if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG) {
-                warn!("virtio-mmio: cannot raise the config interrupt: {e}");
+                crate::guest_warn!("virtio-mmio: cannot raise the config interrupt: {e}");
             }
         }
     }
@@ -403,7 +403,7 @@ impl MmioTransport {
     fn reset(&mut self) {
         if self.device_activated {
             if !self.device.reset() {
-                warn!(device = self.device.device_type(), "virtio-mmio: device cannot be reset");
+                crate::guest_warn!(device = self.device.device_type(), "virtio-mmio: device cannot be reset");
                 self.status = VIRTIO_CONFIG_S_NEEDS_RESET;
                 return;
             }
@@ -435,7 +435,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
             if !config_access_in_window(offset, data.len()) {
-                warn!(offset, len = data.len(), "virtio-mmio: config read beyond the window");
+                crate::guest_warn!(offset, len = data.len(), "virtio-mmio: config read beyond the window");
                 data.fill(0);
                 return;
             }
@@ -444,7 +444,7 @@ impl BusDevice for MmioTransport {
         }
         let Ok(reg) = u32::try_from(offset) else { return data.fill(0) };
         if data.len() != 4 || reg % 4 != 0 {
-            warn!(offset, len = data.len(), "virtio-mmio: register read must be 32-bit aligned");
+            crate::guest_warn!(offset, len = data.len(), "virtio-mmio: register read must be 32-bit aligned");
             data.fill(0);
             return;
         }
@@ -454,7 +454,7 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
             if !config_access_in_window(offset, data.len()) {
-                warn!(offset, len = data.len(), "virtio-mmio: config write beyond the window");
+                crate::guest_warn!(offset, len = data.len(), "virtio-mmio: config write beyond the window");
                 return;
             }
             self.device.write_config(offset - MMIO_CONFIG_OFFSET, data);
@@ -462,11 +462,11 @@ impl BusDevice for MmioTransport {
         }
         let Ok(reg) = u32::try_from(offset) else { return };
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(offset, len = data.len(), "virtio-mmio: register write must be 32-bit");
+            crate::guest_warn!(offset, len = data.len(), "virtio-mmio: register write must be 32-bit");
             return;
         };
         if reg % 4 != 0 {
-            warn!(offset, "virtio-mmio: unaligned register write");
+            crate::guest_warn!(offset, "virtio-mmio: unaligned register write");
             return;
         }
         self.write_reg(reg, u32::from_le_bytes(bytes));

@@ -20,7 +20,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use tracing::{debug, warn};
+use tracing::debug;
 use vmm_sys_util::epoll::EventSet;
 
 use super::defs::*;
@@ -252,7 +252,7 @@ impl Connection {
     /// The deadline passed.
     pub(crate) fn expire(&mut self, now: Instant) {
         if self.expiry.is_some_and(|t| t <= now) {
-            warn!(local = self.local_port, peer = self.peer_port, state = ?self.state, "vsock: connection timed out");
+            crate::guest_warn!(local = self.local_port, peer = self.peer_port, state = ?self.state, "vsock: connection timed out");
             self.expiry = None;
             self.kill();
         }
@@ -299,7 +299,7 @@ impl Connection {
                 }
                 OP_RST => self.close(),
                 op => {
-                    warn!(op, "vsock: unexpected packet while connecting");
+                    crate::guest_warn!(op, "vsock: unexpected packet while connecting");
                     self.kill();
                 }
             },
@@ -317,7 +317,7 @@ impl Connection {
                 }
                 OP_RST => self.close(),
                 op => {
-                    warn!(op, "vsock: unexpected packet on an established connection");
+                    crate::guest_warn!(op, "vsock: unexpected packet on an established connection");
                     self.kill();
                 }
             },
@@ -327,13 +327,13 @@ impl Connection {
 
     fn on_guest_data(&mut self, data: &[u8]) {
         if self.peer_shutdown & SHUTDOWN_SEND != 0 {
-            warn!("vsock: guest sent data after SHUTDOWN(SEND)");
+            crate::guest_warn!("vsock: guest sent data after SHUTDOWN(SEND)");
             self.kill();
             return;
         }
         let len = data.len();
         if self.tx_buffered() + len > self.buf_alloc as usize {
-            warn!(
+            crate::guest_warn!(
                 local = self.local_port,
                 peer = self.peer_port,
                 len,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tracing::{error, warn};
+use tracing::error;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -119,7 +119,7 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cfg = self.guest_cid.to_le_bytes();
         let Some(start) = usize::try_from(offset).ok().filter(|o| *o < cfg.len()) else {
-            warn!(offset, "vsock: config read out of range");
+            crate::guest_warn!(offset, "vsock: config read out of range");
             data.fill(0);
             return;
         };
@@ -129,7 +129,7 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        warn!(offset, "vsock: guest wrote the read-only config space");
+        crate::guest_warn!(offset, "vsock: guest wrote the read-only config space");
     }
 
     fn activate(
@@ -272,17 +272,17 @@ impl<B: VsockBackend> VsockWorker<B> {
                     }
                     Err(TxError::NoHeader(e)) => {
                         VsockMetrics::inc(&self.metrics.tx_malformed);
-                        warn!("vsock: dropping tx packet: {e}");
+                        crate::guest_warn!("vsock: dropping tx packet: {e}");
                     }
                     Err(TxError::BadBody(hdr, e)) => {
                         VsockMetrics::inc(&self.metrics.tx_malformed);
-                        warn!(op = hdr.op, len = hdr.len, "vsock: dropping malformed tx packet: {e}");
+                        crate::guest_warn!(op = hdr.op, len = hdr.len, "vsock: dropping malformed tx packet: {e}");
                         self.backend.bad_pkt(&hdr);
                     }
                 }
                 if let Err(e) = self.queues[TXQ_INDEX].queue.add_used(&self.mem, head, 0) {
                     VsockMetrics::inc(&self.metrics.queue_errors);
-                    warn!("vsock: tx add_used: {e}");
+                    crate::guest_warn!("vsock: tx add_used: {e}");
                 }
                 used_any = true;
             }
@@ -339,20 +339,20 @@ impl<B: VsockBackend> VsockWorker<B> {
                             }
                             Err(e) => {
                                 VsockMetrics::inc(&self.metrics.rx_bad_buffers);
-                                warn!("vsock: cannot write rx packet: {e}");
+                                crate::guest_warn!("vsock: cannot write rx packet: {e}");
                                 0
                             }
                         }
                     }
                     Err(e) => {
                         VsockMetrics::inc(&self.metrics.rx_bad_buffers);
-                        warn!("vsock: dropping bad rx buffer: {e}");
+                        crate::guest_warn!("vsock: dropping bad rx buffer: {e}");
                         0
                     }
                 };
                 if let Err(e) = self.queues[RXQ_INDEX].queue.add_used(&self.mem, head, used_len) {
                     VsockMetrics::inc(&self.metrics.queue_errors);
-                    warn!("vsock: rx add_used: {e}");
+                    crate::guest_warn!("vsock: rx add_used: {e}");
                 }
                 used_any = true;
             }

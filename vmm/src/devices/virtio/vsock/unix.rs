@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::{debug, warn};
+use tracing::debug;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::csm::{ConnState, Connection};
@@ -158,16 +158,16 @@ impl VsockUnixBackend {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // ECONNABORTED, EMFILE...: try again on the next event.
-                    warn!("vsock: accept failed: {e}");
+                    crate::guest_warn!("vsock: accept failed: {e}");
                     return;
                 }
             };
             if self.clients.len() >= MAX_PENDING_CLIENTS {
-                warn!("vsock: too many clients in handshake, dropping one");
+                crate::guest_warn!("vsock: too many clients in handshake, dropping one");
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                warn!("vsock: cannot make client non-blocking: {e}");
+                crate::guest_warn!("vsock: cannot make client non-blocking: {e}");
                 continue;
             }
             let fd = stream.as_raw_fd();
@@ -175,7 +175,7 @@ impl VsockUnixBackend {
                 .epoll
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd_token(fd)))
             {
-                warn!("vsock: cannot poll client: {e}");
+                crate::guest_warn!("vsock: cannot poll client: {e}");
                 continue;
             }
             self.fds.insert(fd, FdOwner::Client);
@@ -204,14 +204,14 @@ impl VsockUnixBackend {
                 Ok(_) if byte[0] == b'\n' => match parse_connect(&client.line) {
                     Some(p) => break p,
                     None => {
-                        warn!(line = %String::from_utf8_lossy(&client.line), "vsock: bad CONNECT line");
+                        crate::guest_warn!(line = %String::from_utf8_lossy(&client.line), "vsock: bad CONNECT line");
                         return self.drop_client(fd);
                     }
                 },
                 Ok(_) => {
                     client.line.push(byte[0]);
                     if client.line.len() > MAX_CONNECT_LINE {
-                        warn!("vsock: CONNECT line too long");
+                        crate::guest_warn!("vsock: CONNECT line too long");
                         return self.drop_client(fd);
                     }
                 }
@@ -223,11 +223,11 @@ impl VsockUnixBackend {
         let Some(client) = self.clients.remove(&fd) else { return };
         self.fds.remove(&fd);
         if self.conns.len() >= self.max_connections {
-            warn!("vsock: too many connections, refusing a host client");
+            crate::guest_warn!("vsock: too many connections, refusing a host client");
             return;
         }
         let Some(local_port) = self.alloc_local_port(port) else {
-            warn!("vsock: no free local port");
+            crate::guest_warn!("vsock: no free local port");
             return;
         };
         debug!(local_port, port, "vsock: host connect");
@@ -284,7 +284,7 @@ impl VsockUnixBackend {
             match res {
                 Ok(()) => conn.registered = want,
                 Err(e) => {
-                    warn!("vsock: epoll update failed: {e}");
+                    crate::guest_warn!("vsock: epoll update failed: {e}");
                     conn.kill();
                     let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                     conn.registered = None;
@@ -302,7 +302,7 @@ impl VsockUnixBackend {
             return;
         }
         if self.pending_rsts >= MAX_PENDING_RSTS {
-            warn!("vsock: too many pending resets, dropping one");
+            crate::guest_warn!("vsock: too many pending resets, dropping one");
             return;
         }
         self.pending_rsts += 1;
@@ -323,7 +323,7 @@ impl VsockUnixBackend {
     /// A guest REQUEST for host port `hdr.dst_port`: connect to `<path>_<port>`.
     fn guest_connect(&mut self, hdr: &VsockHeader) {
         if self.conns.len() >= self.max_connections {
-            warn!("vsock: too many connections, refusing a guest request");
+            crate::guest_warn!("vsock: too many connections, refusing a guest request");
             return self.queue_rst_reply(hdr);
         }
         let mut target = OsString::from(self.path.as_os_str());
@@ -396,11 +396,11 @@ impl VsockBackend for VsockUnixBackend {
     fn send_pkt(&mut self, pkt: &VsockPacket) {
         let hdr = &pkt.hdr;
         if hdr.dst_cid != HOST_CID || hdr.src_cid != self.guest_cid {
-            warn!(src = hdr.src_cid, dst = hdr.dst_cid, "vsock: dropping packet with wrong CIDs");
+            crate::guest_warn!(src = hdr.src_cid, dst = hdr.dst_cid, "vsock: dropping packet with wrong CIDs");
             return;
         }
         if hdr.type_ != TYPE_STREAM {
-            warn!(type_ = hdr.type_, "vsock: unsupported socket type");
+            crate::guest_warn!(type_ = hdr.type_, "vsock: unsupported socket type");
             return self.queue_rst_reply(hdr);
         }
         let key = (hdr.dst_port, hdr.src_port);
@@ -469,7 +469,7 @@ impl VsockBackend for VsockUnixBackend {
             Ok(n) => n,
             Err(e) => {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    warn!("vsock: backend epoll_wait: {e}");
+                    crate::guest_warn!("vsock: backend epoll_wait: {e}");
                 }
                 return;
             }
@@ -519,7 +519,7 @@ impl VsockBackend for VsockUnixBackend {
     fn process_timeouts(&mut self, now: Instant) {
         let expired: Vec<RawFd> = self.clients.iter().filter(|(_, c)| c.deadline <= now).map(|(fd, _)| *fd).collect();
         for fd in expired {
-            warn!("vsock: client sent no CONNECT line in time");
+            crate::guest_warn!("vsock: client sent no CONNECT line in time");
             self.drop_client(fd);
         }
         let due: Vec<ConnKey> = self
