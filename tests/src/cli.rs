@@ -87,6 +87,19 @@ impl Cli {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs a command that hands its stdio to a container (`create`, `run
+    /// --detach`): into files, since the container keeps them open (a pipe
+    /// would not see its end before the container's). Asserts success.
+    pub fn ok_detached(&self, args: &[&str]) {
+        let out = tempfile::tempfile().expect("tempfile");
+        let mut err = tempfile::tempfile().expect("tempfile");
+        let status = self.command(args).stdout(out).stderr(err.try_clone().expect("dup")).status().expect("run carapace");
+        let mut text = String::new();
+        let _ = std::io::Seek::rewind(&mut err);
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+        assert!(status.success(), "carapace {args:?} failed ({status}): {text}");
+    }
+
     /// Like [`Cli::run`], and asserts failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);

@@ -41,7 +41,7 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
     cli.assert_nothing_left();
 
     // 2. The VMM killed under a running container: stopped, with a reason.
-    cli.ok(&["run", "--detach", "--bundle", &b, "f2"]);
+    cli.ok_detached(&["run", "--detach", "--bundle", &b, "f2"]);
     let vmm = u32::try_from(cli.state("f2")["pid"].as_u64().expect("pid")).expect("a pid");
     kill9(vmm);
     assert!(cli.wait_status("f2", "stopped", DEADLINE), "{}", cli.state("f2"));
@@ -57,7 +57,7 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
         let ns = s["linux"]["namespaces"].as_array_mut().expect("namespaces");
         ns.retain(|n| n["type"] != "pid");
     });
-    cli.ok(&["run", "--detach", "--bundle", &shared_pid.display().to_string(), "f3"]);
+    cli.ok_detached(&["run", "--detach", "--bundle", &shared_pid.display().to_string(), "f3"]);
     assert!(cli.wait_status("f3", "stopped", DEADLINE), "{}", cli.state("f3"));
     let reason = cli.state("f3")["stopReason"].as_str().unwrap_or_default().to_string();
     assert!(!reason.is_empty(), "a stop reason is given");
@@ -66,7 +66,7 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
 
     // 4. The monitor killed: its VMM dies with it (PDEATHSIG), the state
     // says so, and delete cleans up.
-    cli.ok(&["run", "--detach", "--bundle", &b, "f4"]);
+    cli.ok_detached(&["run", "--detach", "--bundle", &b, "f4"]);
     let vmm = u32::try_from(cli.state("f4")["pid"].as_u64().expect("pid")).expect("a pid");
     let monitor = processes_matching("_monitor --ready-fd")
         .into_iter()
