@@ -164,12 +164,12 @@ def main():
                 failures.append(f"run --detach par{i}: exit {p.returncode}: {err}")
             errs[i].close()
         running = sum(1 for s in json.loads(c("list", "--format", "json").stdout or "[]") if s["status"] == "running")
-        vmms = len(pids_matching(f"{c.root}/"))
+        vmms = len(pids_matching(f"{c.root}/par"))
         for i in range(a.parallel):
             c("delete", "--force", f"par{i}", check=False)
         par_s = time.monotonic() - start
         left = c.leftovers()
-        print(f"parallel: {a.parallel} sandboxes at once ({running} running, {vmms} host processes) "
+        print(f"parallel: {a.parallel} sandboxes at once ({running} running, {vmms} VMMs) "
               f"up and deleted in {par_s:.0f} s; left: {len(left)}")
         failures += [f"after the parallel sandboxes: {x}" for x in left]
 
