@@ -1,0 +1,90 @@
+//! A container of the sandbox: its bundle, its rootfs binds, its init
+//! process and exec'd processes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use carapace_runtime::sandbox::HostBind;
+use containerd_shim::protos::types::mount::Mount;
+
+use crate::error::ShimError;
+use crate::process::Process;
+
+#[derive(Debug)]
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    /// containerd's rootfs mounts, as the Create request gave them.
+    pub rootfs: Vec<Mount>,
+    /// `<bundle>/rootfs` when the shim mounted it (undone at Delete).
+    pub mounted_rootfs: Option<PathBuf>,
+    /// What is bound into the sandbox's share for this container.
+    pub binds: Vec<HostBind>,
+    pub init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    paused: AtomicBool,
+}
+
+impl Container {
+    pub fn new(
+        id: &str,
+        bundle: PathBuf,
+        rootfs: Vec<Mount>,
+        mounted_rootfs: Option<PathBuf>,
+        binds: Vec<HostBind>,
+        init: Arc<Process>,
+    ) -> Self {
+        Self {
+            id: id.to_string(),
+            bundle,
+            rootfs,
+            mounted_rootfs,
+            binds,
+            init,
+            execs: Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
+        self.execs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The init process for "", else the exec'd process `exec_id`.
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>, ShimError> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| ShimError::NotFound(format!("process {exec_id} of container {} not found", self.id)))
+    }
+
+    pub fn add_exec(&self, p: Arc<Process>) -> Result<(), ShimError> {
+        let mut execs = self.execs();
+        if execs.contains_key(&p.exec_id) {
+            return Err(ShimError::AlreadyExists(format!("process {} of container {} already exists", p.exec_id, self.id)));
+        }
+        execs.insert(p.exec_id.clone(), p);
+        Ok(())
+    }
+
+    pub fn remove_exec(&self, exec_id: &str) -> Option<Arc<Process>> {
+        self.execs().remove(exec_id)
+    }
+
+    pub fn all_execs(&self) -> Vec<Arc<Process>> {
+        self.execs().values().cloned().collect()
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+}

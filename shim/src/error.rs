@@ -1,0 +1,106 @@
+//! The shim's errors, and their ttrpc status codes (containerd turns the
+//! codes into its errdefs: NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION...).
+
+use carapace_runtime::assets::AssetError;
+use carapace_runtime::bundle::BundleError;
+use carapace_runtime::sandbox::SandboxError;
+use carapace_runtime::vm::VmError;
+
+use crate::io::IoError;
+use crate::rootfs::RootfsError;
+
+/// What a Task call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    /// An agent call failed; `code` is the agent's status code when it
+    /// answered with one (none: the VM or the connection is gone).
+    #[error("{call}: {message}")]
+    Agent { call: &'static str, code: Option<ttrpc::Code>, message: String },
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("sandbox VM: {0}")]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Assets(#[from] AssetError),
+    #[error("sandbox share: {0}")]
+    Share(#[from] SandboxError),
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ShimError {
+    /// An agent call's failure, with the agent's own message when it sent one.
+    pub fn agent(call: &'static str, e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                let code = s.code();
+                Self::Agent { call, code: Some(code), message: s.message }
+            }
+            other => Self::Agent { call, code: None, message: other.to_string() },
+        }
+    }
+
+    /// The ttrpc status code containerd gets.
+    pub fn code(&self) -> ttrpc::Code {
+        match self {
+            Self::NotFound(_) => ttrpc::Code::NOT_FOUND,
+            Self::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
+            Self::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
+            Self::InvalidArgument(_) | Self::Bundle(_) => ttrpc::Code::INVALID_ARGUMENT,
+            Self::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
+            Self::Agent { code: Some(code), .. } => *code,
+            Self::Agent { code: None, .. } => ttrpc::Code::UNAVAILABLE,
+            Self::Assets(_) => ttrpc::Code::FAILED_PRECONDITION,
+            Self::Vm(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => {
+                ttrpc::Code::INTERNAL
+            }
+        }
+    }
+}
+
+impl From<ShimError> for ttrpc::Error {
+    fn from(e: ShimError) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_codes_pass_through_and_transport_errors_are_unavailable() {
+        let status = ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no such process"));
+        let e = ShimError::agent("SignalProcess", status);
+        assert_eq!(e.code(), ttrpc::Code::NOT_FOUND);
+        assert_eq!(e.to_string(), "SignalProcess: no such process");
+        let e = ShimError::agent("WaitProcess", ttrpc::Error::LocalClosed);
+        assert_eq!(e.code(), ttrpc::Code::UNAVAILABLE);
+    }
+
+    #[test]
+    fn converts_to_a_status() {
+        let e: ttrpc::Error = ShimError::AlreadyExists("container c1 exists".into()).into();
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), ttrpc::Code::ALREADY_EXISTS);
+                assert_eq!(s.message, "container c1 exists");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Pods: the CRI annotations that group containers into one sandbox (one
+//! shim, one VM), and the size of that VM.
+
+use carapace_runtime::vm::VmOptions;
+use oci_spec::runtime::Spec;
+
+/// `sandbox` for a pod's first (pause) container, `container` for the others.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// The pod sandbox a container belongs to.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// Pod-level resources containerd (1.7+) puts on the sandbox spec.
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// Our own overrides (as for the CLI).
+pub const VCPUS: &str = "io.carapace.vcpus";
+pub const MEMORY_MIB: &str = "io.carapace.memory_mib";
+
+/// Guest memory added to a pod's memory limit for the guest kernel and agent.
+pub const GUEST_OVERHEAD_MIB: u64 = 128;
+
+fn annotation<'a>(spec: Option<&'a Spec>, key: &str) -> Option<&'a str> {
+    spec?.annotations().as_ref()?.get(key).map(String::as_str)
+}
+
+/// The sandbox a container belongs to: its CRI sandbox id, or itself.
+/// Containers of one sandbox share one shim (containerd asks `start` for
+/// the shim's address and gets the running one's) and one VM.
+pub fn sandbox_id(container_id: &str, spec: Option<&Spec>) -> String {
+    match annotation(spec, SANDBOX_ID) {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => container_id.to_string(),
+    }
+}
+
+/// True for a pod's sandbox (pause) container.
+pub fn is_sandbox(spec: Option<&Spec>) -> bool {
+    annotation(spec, CONTAINER_TYPE) == Some("sandbox")
+}
+
+/// The size of the VM the first container of a sandbox boots: 1 vCPU and
+/// 256 MiB unless the spec asks for more. In order of precedence:
+/// `io.carapace.vcpus` / `io.carapace.memory_mib`; the pod's resources
+/// (`io.kubernetes.cri.sandbox-cpu-quota`/`-period`, `-memory`, plus
+/// [`GUEST_OVERHEAD_MIB`]); the spec's own CPU quota and memory limit.
+pub fn vm_options(spec: &Spec) -> VmOptions {
+    let mut opts = carapace_runtime::monitor::vm_options(spec);
+    let get = |k| annotation(Some(spec), k);
+    if get(VCPUS).is_none() {
+        let quota = get(SANDBOX_CPU_QUOTA).and_then(|v| v.parse::<i64>().ok());
+        let period = get(SANDBOX_CPU_PERIOD).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(quota), Some(period)) = (quota, period) {
+            if quota > 0 && period > 0 {
+                let n = u64::try_from(quota).unwrap_or(0).div_ceil(period).clamp(1, 16);
+                opts.vcpus = u8::try_from(n).unwrap_or(1);
+            }
+        }
+    }
+    if get(MEMORY_MIB).is_none() {
+        if let Some(bytes) = get(SANDBOX_MEMORY).and_then(|v| v.parse::<u64>().ok()).filter(|b| *b > 0) {
+            let mib = (bytes / (1024 * 1024) + GUEST_OVERHEAD_MIB).clamp(256, 16 * 1024);
+            opts.mem_mib = u32::try_from(mib).unwrap_or(256);
+        }
+    }
+    opts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotations: serde_json::Value, resources: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "annotations": annotations,
+            "linux": {"resources": resources}
+        }))
+        .expect("spec")
+    }
+
+    #[test]
+    fn sandbox_id_comes_from_cri_or_the_container() {
+        let pause = spec(serde_json::json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "pod1"}), serde_json::json!({}));
+        let app = spec(serde_json::json!({CONTAINER_TYPE: "container", SANDBOX_ID: "pod1"}), serde_json::json!({}));
+        let plain = spec(serde_json::json!({}), serde_json::json!({}));
+        assert_eq!(sandbox_id("pod1", Some(&pause)), "pod1");
+        assert_eq!(sandbox_id("app", Some(&app)), "pod1");
+        assert_eq!(sandbox_id("solo", Some(&plain)), "solo");
+        assert_eq!(sandbox_id("solo", None), "solo");
+        assert!(is_sandbox(Some(&pause)));
+        assert!(!is_sandbox(Some(&app)));
+    }
+
+    #[test]
+    fn vm_size_default_pod_resources_and_overrides() {
+        let plain = vm_options(&spec(serde_json::json!({}), serde_json::json!({})));
+        assert_eq!((plain.vcpus, plain.mem_mib), (1, 256));
+
+        let pod = vm_options(&spec(
+            serde_json::json!({SANDBOX_CPU_QUOTA: "250000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "536870912"}),
+            serde_json::json!({}),
+        ));
+        assert_eq!((pod.vcpus, pod.mem_mib), (3, 512 + 128));
+
+        let own = vm_options(&spec(
+            serde_json::json!({VCPUS: "2", MEMORY_MIB: "300", SANDBOX_CPU_QUOTA: "900000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "1073741824"}),
+            serde_json::json!({}),
+        ));
+        assert_eq!((own.vcpus, own.mem_mib), (2, 300));
+
+        let limits = vm_options(&spec(
+            serde_json::json!({}),
+            serde_json::json!({"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 268435456}}),
+        ));
+        assert_eq!((limits.vcpus, limits.mem_mib), (2, 256 + 128));
+    }
+}

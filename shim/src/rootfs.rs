@@ -1,0 +1,273 @@
+//! A container's root filesystem on the host: containerd's `rootfs` mounts
+//! (a snapshot: bind, overlay, ...) mounted at `<bundle>/rootfs` when the
+//! Create request carries them, and the binds that put it (and the spec's
+//! bind-mount sources) into the sandbox's share. All of it happens in the
+//! shim's own mount namespace, so none of it outlives the shim.
+
+use std::path::{Path, PathBuf};
+
+use carapace_runtime::sandbox::HostBind;
+use containerd_shim::protos::types::mount::Mount;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Errors mounting a rootfs.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("rootfs mount {index} ({typ} {source_path} on {target}): {errno}")]
+    Mount { index: usize, typ: String, source_path: String, target: PathBuf, errno: nix::Error },
+    #[error("rootfs: cannot create {path}: {source}")]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error("rootfs mount {index}: options too long ({len} bytes)")]
+    OptionsTooLong { index: usize, len: usize },
+    #[error("cannot make the shim's mount namespace: {0}")]
+    Namespace(nix::Error),
+}
+
+/// Moves the calling process into a mount namespace of its own that still
+/// receives the host's mounts (a slave of it) but sends none back. Call
+/// before any thread is started: a mount namespace belongs to a thread.
+pub fn private_mount_namespace() -> Result<(), RootfsError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(RootfsError::Namespace)?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+        .map_err(RootfsError::Namespace)
+}
+
+/// mount(8)-style options split into flags and the data string.
+#[derive(Debug, PartialEq, Eq)]
+struct Options {
+    flags: MsFlags,
+    propagation: MsFlags,
+    data: String,
+}
+
+fn parse_options(options: &[String]) -> Options {
+    let mut flags = MsFlags::empty();
+    let mut propagation = MsFlags::empty();
+    let mut data: Vec<&str> = Vec::new();
+    for o in options {
+        let (set, clear) = match o.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable" | "runbindable" => {
+                let p = match o.trim_start_matches('r') {
+                    "private" => MsFlags::MS_PRIVATE,
+                    "shared" => MsFlags::MS_SHARED,
+                    "slave" => MsFlags::MS_SLAVE,
+                    _ => MsFlags::MS_UNBINDABLE,
+                };
+                let rec = if o.starts_with('r') { MsFlags::MS_REC } else { MsFlags::empty() };
+                propagation = p | rec;
+                continue;
+            }
+            other => {
+                data.push(other);
+                continue;
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    Options { flags, propagation, data: data.join(",") }
+}
+
+/// The longest data string mount(2) takes (one page).
+const MAX_DATA: usize = 4096;
+
+/// Mounts containerd's `mounts` on `target` in order (normally one: the
+/// snapshot). A read-only bind is remounted read-only, as mount(8) does.
+/// On failure, what was mounted is undone.
+pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(target).map_err(|source| RootfsError::Create { path: target.to_path_buf(), source })?;
+    for (index, m) in mounts.iter().enumerate() {
+        if let Err(e) = mount_one(index, m, target) {
+            for _ in 0..index {
+                unmount(target);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn mount_one(index: usize, m: &Mount, target: &Path) -> Result<(), RootfsError> {
+    let opts = parse_options(&m.options);
+    if opts.data.len() >= MAX_DATA {
+        return Err(RootfsError::OptionsTooLong { index, len: opts.data.len() });
+    }
+    let fail = |errno| RootfsError::Mount {
+        index,
+        typ: m.type_.clone(),
+        source_path: m.source.clone(),
+        target: target.to_path_buf(),
+        errno,
+    };
+    let bind = opts.flags.contains(MsFlags::MS_BIND);
+    let typ = (!bind && !m.type_.is_empty()).then_some(m.type_.as_str());
+    let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
+    let source = (!m.source.is_empty()).then_some(m.source.as_str());
+    let first = if bind { opts.flags & !MsFlags::MS_RDONLY } else { opts.flags };
+    mount(source, target, typ, first, data).map_err(fail)?;
+    if bind && opts.flags.contains(MsFlags::MS_RDONLY) {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            unmount(target);
+            return Err(fail(e));
+        }
+    }
+    if !opts.propagation.is_empty() {
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, opts.propagation, None::<&str>) {
+            unmount(target);
+            return Err(fail(e));
+        }
+    }
+    Ok(())
+}
+
+/// Detaches the top mount on `path` (errors ignored: nothing mounted).
+pub fn unmount(path: &Path) {
+    if let Err(e) = umount2(path, MntFlags::MNT_DETACH) {
+        tracing::debug!(path = %path.display(), error = %e, "umount");
+    }
+}
+
+/// Undoes [`carapace_runtime::sandbox::apply_binds`]: detaches each bind
+/// under `shared` and removes the empty placeholders, then the container's
+/// directory if it is empty. Never removes anything still mounted.
+pub fn remove_binds(shared: &Path, binds: &[HostBind]) {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for b in binds.iter().rev() {
+        let dst = shared.join(&b.target);
+        unmount(&dst);
+        // remove_dir and remove_file fail (EBUSY/ENOTEMPTY) on anything
+        // still mounted or not ours: never recursive here.
+        if std::fs::remove_dir(&dst).is_err() {
+            let _ = std::fs::remove_file(&dst);
+        }
+        let mut parent = dst.parent();
+        while let Some(p) = parent {
+            if p == shared || !p.starts_with(shared) {
+                break;
+            }
+            if !dirs.iter().any(|d| d == p) {
+                dirs.push(p.to_path_buf());
+            }
+            parent = p.parent();
+        }
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// Mount points at or under `dir` in the calling thread's mount namespace,
+/// deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let v = bytes[i + 1..i + 4].iter().fold(0u32, |a, b| a * 8 + u32::from(b - b'0'));
+            out.push(u8::try_from(v).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes a sandbox's directory: first every mount under it is detached
+/// (so that removal can never reach into a bound rootfs), then the tree.
+pub fn remove_sandbox_dir(dir: &Path) {
+    for p in mounts_under(dir) {
+        unmount(&p);
+    }
+    if !mounts_under(dir).is_empty() {
+        tracing::warn!(dir = %dir.display(), "mounts remain under the sandbox directory; leaving it");
+        return;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> Options {
+        parse_options(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options_split_into_flags_propagation_and_data() {
+        let o = opts(&["rbind", "ro", "nosuid"]);
+        assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        assert!(o.data.is_empty());
+        let o = opts(&["index=off", "lowerdir=/a:/b", "upperdir=/u", "workdir=/w"]);
+        assert_eq!(o.flags, MsFlags::empty());
+        assert_eq!(o.data, "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w");
+        let o = opts(&["ro", "rw", "rprivate"]);
+        assert_eq!(o.flags, MsFlags::empty());
+        assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/run/a\040b"), "/run/a b");
+        assert_eq!(unescape(r"/x\134y"), r"/x\y");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+
+    #[test]
+    fn remove_binds_never_touches_unmounted_content() {
+        // Without mounts (unprivileged-safe): placeholders go, real content stays.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = dir.path();
+        std::fs::create_dir_all(shared.join("c1/rootfs/bin")).expect("mkdir");
+        std::fs::write(shared.join("c1/rootfs/bin/sh"), b"x").expect("file");
+        std::fs::create_dir_all(shared.join("c1/mounts/1")).expect("mkdir");
+        std::fs::write(shared.join("c1/mounts/2"), b"").expect("file");
+        let binds = vec![
+            HostBind { source: "/x".into(), target: "c1/rootfs".into(), read_only: false },
+            HostBind { source: "/y".into(), target: "c1/mounts/1".into(), read_only: false },
+            HostBind { source: "/z".into(), target: "c1/mounts/2".into(), read_only: true },
+        ];
+        remove_binds(shared, &binds);
+        assert!(shared.join("c1/rootfs/bin/sh").exists(), "content under a bind target was removed");
+        assert!(!shared.join("c1/mounts").exists());
+    }
+}

@@ -1,0 +1,510 @@
+//! The Task service against a fake sandbox: a fake launcher and a fake
+//! agent that plays the guest (connects to the stdio ports, exits processes
+//! when signalled or told to). Needs root for the share's bind mounts; each
+//! test takes a mount namespace of its own so nothing leaks to the host.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use carapace_protocol::agent::*;
+use carapace_runtime::vm::VmOptions;
+use containerd_shim::protos::api;
+use containerd_shim::protos::cgroups_v2::metrics::Metrics;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::ExitSignal;
+
+use super::*;
+use crate::events::EventLog;
+use crate::guest::Guest;
+use crate::vm::{Launcher, SandboxVm};
+
+const VMM_PID: u32 = 4242;
+
+#[derive(Debug, Default)]
+struct FakeProc {
+    started: bool,
+    exit: Option<i32>,
+    pid: u32,
+}
+
+/// Plays the agent.
+#[derive(Debug)]
+struct FakeGuest {
+    uds: PathBuf,
+    procs: Mutex<HashMap<(String, String), FakeProc>>,
+    changed: Condvar,
+    calls: Mutex<Vec<String>>,
+    next_pid: AtomicUsize,
+}
+
+fn status(code: ttrpc::Code, msg: &str) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+impl FakeGuest {
+    fn new(uds: PathBuf) -> Self {
+        Self { uds, procs: Mutex::new(HashMap::new()), changed: Condvar::new(), calls: Mutex::new(Vec::new()), next_pid: AtomicUsize::new(1) }
+    }
+
+    fn call(&self, name: &str) {
+        self.calls.lock().expect("calls").push(name.to_string());
+    }
+
+    /// Writes `text` to the stdout port and closes it, as a process would.
+    fn say(&self, stdio: &StdioStreams, text: &str) {
+        if stdio.stdout_port != 0 {
+            let mut s = UnixStream::connect(format!("{}_{}", self.uds.display(), stdio.stdout_port)).expect("connect stdout");
+            s.write_all(text.as_bytes()).expect("write stdout");
+        }
+        if stdio.stderr_port != 0 {
+            drop(UnixStream::connect(format!("{}_{}", self.uds.display(), stdio.stderr_port)).expect("connect stderr"));
+        }
+    }
+
+    fn add(&self, cid: &str, exec: &str, started: bool) -> u32 {
+        let pid = u32::try_from(self.next_pid.fetch_add(1, Ordering::SeqCst)).expect("pid");
+        let p = FakeProc { started, exit: None, pid };
+        self.procs.lock().expect("procs").insert((cid.into(), exec.into()), p);
+        pid
+    }
+
+    /// The process ends with `code`.
+    fn finish(&self, cid: &str, exec: &str, code: i32) {
+        let mut procs = self.procs.lock().expect("procs");
+        if let Some(p) = procs.get_mut(&(cid.to_string(), exec.to_string())) {
+            p.exit.get_or_insert(code);
+        }
+        self.changed.notify_all();
+    }
+}
+
+impl Guest for FakeGuest {
+    fn create_sandbox(&self, _: &CreateSandboxRequest) -> ttrpc::Result<CreateSandboxResponse> {
+        self.call("CreateSandbox");
+        Ok(CreateSandboxResponse::new())
+    }
+    fn create_container(&self, req: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
+        self.call("CreateContainer");
+        if req.container_id.starts_with("bad") {
+            return Err(status(ttrpc::Code::INVALID_ARGUMENT, "process.args: missing"));
+        }
+        let spec: serde_json::Value = serde_json::from_slice(&req.oci_spec_json).expect("spec json");
+        assert_eq!(spec["root"]["path"], req.rootfs_path.as_str());
+        self.say(req.stdio.as_ref().expect("stdio"), &format!("out:{}", req.container_id));
+        let pid = self.add(&req.container_id, "", false);
+        Ok(CreateContainerResponse { pid, ..Default::default() })
+    }
+    fn start_container(&self, req: &StartContainerRequest) -> ttrpc::Result<StartContainerResponse> {
+        self.call("StartContainer");
+        let mut procs = self.procs.lock().expect("procs");
+        let p = procs.get_mut(&(req.container_id.clone(), String::new())).ok_or_else(|| status(ttrpc::Code::NOT_FOUND, "no such container"))?;
+        p.started = true;
+        Ok(StartContainerResponse { pid: p.pid, ..Default::default() })
+    }
+    fn exec_process(&self, req: &ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
+        self.call("ExecProcess");
+        let process: serde_json::Value = serde_json::from_slice(&req.process_json).expect("process json");
+        assert!(process["args"].is_array());
+        self.say(req.stdio.as_ref().expect("stdio"), &format!("exec:{}", req.exec_id));
+        let pid = self.add(&req.container_id, &req.exec_id, true);
+        Ok(ExecProcessResponse { pid, ..Default::default() })
+    }
+    fn signal_process(&self, req: &SignalProcessRequest) -> ttrpc::Result<SignalProcessResponse> {
+        self.call("SignalProcess");
+        let code = 128 + i32::try_from(req.signal).unwrap_or(0);
+        let mut procs = self.procs.lock().expect("procs");
+        let mut hit = false;
+        for ((cid, exec), p) in procs.iter_mut() {
+            if *cid == req.container_id && (req.all || *exec == req.exec_id) && p.exit.is_none() {
+                p.exit = Some(code);
+                hit = true;
+            }
+        }
+        self.changed.notify_all();
+        if hit { Ok(SignalProcessResponse::new()) } else { Err(status(ttrpc::Code::NOT_FOUND, "process exited")) }
+    }
+    fn wait_process(&self, req: &WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let key = (req.container_id.clone(), req.exec_id.clone());
+        let mut procs = self.procs.lock().expect("procs");
+        loop {
+            match procs.get(&key) {
+                None => return Err(status(ttrpc::Code::NOT_FOUND, "no such process")),
+                Some(p) if p.exit.is_some() => {
+                    let code = p.exit.unwrap_or_default();
+                    return Ok(WaitProcessResponse { exit_code: code, oom_killed: code == 137 && req.container_id.starts_with("oom"), pid: p.pid, ..Default::default() });
+                }
+                Some(_) => procs = self.changed.wait(procs).expect("wait"),
+            }
+        }
+    }
+    fn resize_tty(&self, _: &ResizeTtyRequest) -> ttrpc::Result<ResizeTtyResponse> {
+        self.call("ResizeTty");
+        Ok(ResizeTtyResponse::new())
+    }
+    fn close_stdin(&self, _: &CloseStdinRequest) -> ttrpc::Result<CloseStdinResponse> {
+        self.call("CloseStdin");
+        Ok(CloseStdinResponse::new())
+    }
+    fn stats_container(&self, _: &StatsContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+        let mut s = StatsContainerResponse::new();
+        let mut c = CgroupStats::new();
+        c.memory = Some(MemoryStats { current: 1 << 20, ..Default::default() }).into();
+        c.pids = Some(PidsStats { current: 2, ..Default::default() }).into();
+        s.cgroup = Some(c).into();
+        Ok(s)
+    }
+    fn list_processes(&self, req: &ListProcessesRequest) -> ttrpc::Result<ListProcessesResponse> {
+        let procs = self.procs.lock().expect("procs");
+        let pids = procs.iter().filter(|((c, _), p)| *c == req.container_id && p.exit.is_none()).map(|(_, p)| p.pid).collect();
+        Ok(ListProcessesResponse { pids, ..Default::default() })
+    }
+    fn update_container(&self, req: &UpdateContainerRequest) -> ttrpc::Result<UpdateContainerResponse> {
+        self.call("UpdateContainer");
+        let _: serde_json::Value = serde_json::from_slice(&req.resources_json).expect("resources json");
+        Ok(UpdateContainerResponse::new())
+    }
+    fn pause_container(&self, _: &PauseContainerRequest) -> ttrpc::Result<PauseContainerResponse> {
+        self.call("PauseContainer");
+        Ok(PauseContainerResponse::new())
+    }
+    fn resume_container(&self, _: &ResumeContainerRequest) -> ttrpc::Result<ResumeContainerResponse> {
+        self.call("ResumeContainer");
+        Ok(ResumeContainerResponse::new())
+    }
+    fn remove_container(&self, req: &RemoveContainerRequest) -> ttrpc::Result<RemoveContainerResponse> {
+        self.call("RemoveContainer");
+        let mut procs = self.procs.lock().expect("procs");
+        for ((cid, _), p) in procs.iter_mut() {
+            if *cid == req.container_id {
+                p.exit.get_or_insert(137);
+            }
+        }
+        self.changed.notify_all();
+        drop(procs);
+        // Let waiters read the exits before the records go.
+        std::thread::sleep(Duration::from_millis(50));
+        self.procs.lock().expect("procs").retain(|(cid, _), _| *cid != req.container_id);
+        Ok(RemoveContainerResponse::new())
+    }
+    fn shutdown(&self, _: u64) -> ttrpc::Result<ShutdownResponse> {
+        self.call("Shutdown");
+        Ok(ShutdownResponse::new())
+    }
+}
+
+#[derive(Debug)]
+struct FakeVm {
+    guest: Arc<FakeGuest>,
+    uds: PathBuf,
+    stopped: Arc<AtomicBool>,
+}
+
+impl SandboxVm for FakeVm {
+    fn guest(&self) -> Arc<dyn Guest> {
+        self.guest.clone()
+    }
+    fn vsock_uds(&self) -> &Path {
+        &self.uds
+    }
+    fn pid(&self) -> u32 {
+        VMM_PID
+    }
+    fn stop(&self) {
+        let _ = self.guest.shutdown(1);
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A launched fake VM: its guest, whether it was stopped, its size.
+type Launched = (Arc<FakeGuest>, Arc<AtomicBool>, VmOptions);
+
+#[derive(Debug, Default)]
+struct FakeLauncher {
+    launched: Mutex<Vec<Launched>>,
+}
+
+impl Launcher for Arc<FakeLauncher> {
+    fn launch(&self, dir: &Path, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError> {
+        assert!(opts.fs.iter().any(|f| f.shared_dir == dir.join("shared")), "the share is {:?}", opts.fs);
+        let uds = dir.join("vsock.sock");
+        let guest = Arc::new(FakeGuest::new(uds.clone()));
+        let stopped = Arc::new(AtomicBool::new(false));
+        self.launched.lock().expect("launched").push((guest.clone(), stopped.clone(), opts.clone()));
+        Ok(Box::new(FakeVm { guest, uds, stopped }))
+    }
+}
+
+impl FakeLauncher {
+    fn count(&self) -> usize {
+        self.launched.lock().expect("launched").len()
+    }
+    fn guest(&self, i: usize) -> Arc<FakeGuest> {
+        self.launched.lock().expect("launched")[i].0.clone()
+    }
+    fn stopped(&self, i: usize) -> bool {
+        self.launched.lock().expect("launched")[i].1.load(Ordering::SeqCst)
+    }
+}
+
+struct Fixture {
+    svc: TaskService,
+    launcher: Arc<FakeLauncher>,
+    events: Arc<EventLog>,
+    exit: Arc<ExitSignal>,
+    dir: tempfile::TempDir,
+}
+
+/// None (and a note) when not root: the share needs bind mounts.
+fn fixture(test: &str) -> Option<Fixture> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP {test}: needs root (bind mounts into the share)");
+        return None;
+    }
+    // This thread's mounts stay in a namespace of its own.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+    nix::mount::mount(None::<&str>, "/", None::<&str>, nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE, None::<&str>)
+        .expect("make / private");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let launcher = Arc::new(FakeLauncher::default());
+    let events = Arc::new(EventLog::default());
+    let exit = Arc::new(ExitSignal::default());
+    let cfg = TaskConfig { namespace: "test".into(), state_root: dir.path().join("state") };
+    let svc = TaskService::new(cfg, Box::new(launcher.clone()), events.clone(), exit.clone());
+    Some(Fixture { svc, launcher, events, exit, dir })
+}
+
+impl Fixture {
+    /// A bundle with a rootfs and `annotations`; returns its directory.
+    fn bundle(&self, id: &str, annotations: serde_json::Value) -> PathBuf {
+        let b = self.dir.path().join("bundles").join(id);
+        std::fs::create_dir_all(b.join("rootfs/bin")).expect("rootfs");
+        std::fs::write(b.join("rootfs/bin/marker"), id).expect("marker");
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "annotations": annotations
+        });
+        std::fs::write(b.join("config.json"), spec.to_string()).expect("config.json");
+        b
+    }
+
+    fn create(&self, id: &str, annotations: serde_json::Value) -> Result<api::CreateTaskResponse, ShimError> {
+        let bundle = self.bundle(id, annotations);
+        let out = self.dir.path().join(format!("{id}.out"));
+        let req = api::CreateTaskRequest {
+            id: id.into(),
+            bundle: bundle.display().to_string(),
+            stdout: format!("file://{}", out.display()),
+            ..Default::default()
+        };
+        self.svc.inner.create(&req)
+    }
+
+    fn output(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.out"))).unwrap_or_default()
+    }
+
+    fn state(&self, id: &str, exec_id: &str) -> api::StateResponse {
+        let req = api::StateRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.svc.inner.state(&req).expect("state")
+    }
+
+    fn wait(&self, id: &str, exec_id: &str) -> u32 {
+        let req = api::WaitRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        self.svc.inner.wait(&req).expect("wait").exit_status
+    }
+
+    fn delete(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse, ShimError> {
+        self.svc.inner.delete(&api::DeleteRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() })
+    }
+
+    fn shared(&self) -> PathBuf {
+        self.svc.sandbox().expect("sandbox").shared.clone()
+    }
+}
+
+fn start(f: &Fixture, id: &str, exec_id: &str) -> u32 {
+    let req = api::StartRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+    f.svc.inner.start(&req).expect("start").pid
+}
+
+#[test]
+fn a_container_lifecycle_with_exec_pause_stats_and_kill() {
+    let Some(f) = fixture("a_container_lifecycle_with_exec_pause_stats_and_kill") else { return };
+    let created = f.create("c1", serde_json::json!({})).expect("create");
+    assert_eq!(created.pid, VMM_PID);
+    assert_eq!(f.launcher.count(), 1);
+    let shared = f.shared();
+    assert_eq!(std::fs::read_to_string(shared.join("c1/rootfs/bin/marker")).expect("bound rootfs"), "c1");
+    assert_eq!(f.state("c1", "").status.enum_value(), Ok(api::Status::CREATED));
+
+    assert_eq!(start(&f, "c1", ""), VMM_PID);
+    assert_eq!(f.state("c1", "").status.enum_value(), Ok(api::Status::RUNNING));
+    let wait_out = |name: &str, want: &str| {
+        let got = carapace_runtime_wait(|| (f.output(name) == want).then_some(()));
+        assert!(got.is_some(), "{name}: {:?}", f.output(name));
+    };
+    wait_out("c1", "out:c1");
+
+    // exec
+    let process = serde_json::json!({"args": ["echo", "x"], "cwd": "/"});
+    let out = f.dir.path().join("e1.out");
+    let exec = api::ExecProcessRequest {
+        id: "c1".into(),
+        exec_id: "e1".into(),
+        stdout: format!("file://{}", out.display()),
+        spec: Some(containerd_shim::protos::protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: process.to_string().into_bytes(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    f.svc.inner.exec(&exec).expect("exec");
+    assert!(matches!(f.svc.inner.exec(&exec), Err(ShimError::AlreadyExists(_))));
+    assert_eq!(f.state("c1", "e1").status.enum_value(), Ok(api::Status::CREATED));
+    start(&f, "c1", "e1");
+    wait_out("e1", "exec:e1");
+    f.launcher.guest(0).finish("c1", "e1", 0);
+    assert_eq!(f.wait("c1", "e1"), 0);
+    assert_eq!(f.delete("c1", "e1").expect("delete exec").exit_status, 0);
+    assert!(matches!(f.svc.inner.state(&api::StateRequest { id: "c1".into(), exec_id: "e1".into(), ..Default::default() }), Err(ShimError::NotFound(_))));
+
+    // pause, resume, pids, stats, update
+    f.svc.inner.pause(&api::PauseRequest { id: "c1".into(), ..Default::default() }, true).expect("pause");
+    assert_eq!(f.state("c1", "").status.enum_value(), Ok(api::Status::PAUSED));
+    f.svc.inner.pause(&api::PauseRequest { id: "c1".into(), ..Default::default() }, false).expect("resume");
+    assert_eq!(f.state("c1", "").status.enum_value(), Ok(api::Status::RUNNING));
+    let pids = f.svc.inner.pids(&api::PidsRequest { id: "c1".into(), ..Default::default() }).expect("pids");
+    assert_eq!(pids.processes.len(), 1);
+    let stats = f.svc.inner.stats(&api::StatsRequest { id: "c1".into(), ..Default::default() }).expect("stats");
+    let any = stats.stats.as_ref().expect("any");
+    assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
+    assert_eq!(Metrics::parse_from_bytes(&any.value).expect("metrics").memory.usage, 1 << 20);
+    let resources = containerd_shim::protos::protobuf::well_known_types::any::Any {
+        value: br#"{"memory":{"limit":1048576}}"#.to_vec(),
+        ..Default::default()
+    };
+    f.svc.inner.update(&api::UpdateTaskRequest { id: "c1".into(), resources: Some(resources).into(), ..Default::default() }).expect("update");
+
+    // A running container cannot be deleted; kill it, then it can.
+    assert!(matches!(f.delete("c1", ""), Err(ShimError::FailedPrecondition(_))));
+    f.svc.inner.kill(&api::KillRequest { id: "c1".into(), signal: 15, ..Default::default() }).expect("kill");
+    assert_eq!(f.wait("c1", ""), 143);
+    assert_eq!(f.state("c1", "").status.enum_value(), Ok(api::Status::STOPPED));
+    assert!(matches!(
+        f.svc.inner.kill(&api::KillRequest { id: "c1".into(), signal: 9, ..Default::default() }),
+        Err(ShimError::NotFound(_))
+    ));
+    let deleted = f.delete("c1", "").expect("delete");
+    assert_eq!((deleted.exit_status, deleted.pid), (143, VMM_PID));
+
+    // The last container gone, the VM is stopped and the share is empty.
+    assert!(f.launcher.stopped(0));
+    assert!(f.svc.sandbox().is_none());
+    assert!(!shared.exists(), "the sandbox directory is left");
+    assert_eq!(std::fs::read_to_string(f.dir.path().join("bundles/c1/rootfs/bin/marker")).expect("bundle intact"), "c1");
+    assert_eq!(
+        f.events.topics(),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/paused",
+            "/tasks/resumed",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+    f.svc.inner.shutdown(&api::ShutdownRequest::default());
+    f.exit.wait();
+}
+
+/// Polls for up to 10 s.
+fn carapace_runtime_wait<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..1000 {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn containers_of_one_pod_share_one_vm_until_the_last_is_deleted() {
+    let Some(f) = fixture("containers_of_one_pod_share_one_vm_until_the_last_is_deleted") else { return };
+    let pause = serde_json::json!({pod::CONTAINER_TYPE: "sandbox", pod::SANDBOX_ID: "pod1", pod::MEMORY_MIB: "384"});
+    let app = serde_json::json!({pod::CONTAINER_TYPE: "container", pod::SANDBOX_ID: "pod1"});
+    f.create("pod1", pause).expect("create sandbox");
+    f.create("app", app).expect("create app");
+    assert_eq!(f.launcher.count(), 1, "one VM per pod");
+    assert_eq!(f.launcher.launched.lock().expect("l")[0].2.mem_mib, 384);
+    let shared = f.shared();
+    assert_eq!(std::fs::read_to_string(shared.join("pod1/rootfs/bin/marker")).expect("pause rootfs"), "pod1");
+    assert_eq!(std::fs::read_to_string(shared.join("app/rootfs/bin/marker")).expect("app rootfs"), "app");
+    assert!(matches!(f.create("app", serde_json::json!({})), Err(ShimError::AlreadyExists(_))));
+
+    // Never started: Delete kills and removes it.
+    let d = f.delete("app", "").expect("delete app");
+    assert_eq!(d.exit_status, 137);
+    assert!(!f.launcher.stopped(0), "the VM stopped with a container left");
+    assert!(!shared.join("app").exists());
+    f.delete("pod1", "").expect("delete sandbox");
+    assert!(f.launcher.stopped(0));
+    let calls = f.launcher.guest(0).calls.lock().expect("calls").clone();
+    assert_eq!(calls.iter().filter(|c| *c == "CreateSandbox").count(), 1);
+}
+
+#[test]
+fn failed_creates_leave_nothing() {
+    let Some(f) = fixture("failed_creates_leave_nothing") else { return };
+    // A bundle whose rootfs is missing: refused before any VM boots.
+    let b = f.bundle("norootfs", serde_json::json!({}));
+    std::fs::remove_dir_all(b.join("rootfs")).expect("rm rootfs");
+    let req = api::CreateTaskRequest { id: "norootfs".into(), bundle: b.display().to_string(), ..Default::default() };
+    let err = f.svc.inner.create(&req).expect_err("missing rootfs");
+    assert_eq!(err.code(), ttrpc::Code::INVALID_ARGUMENT, "{err}");
+    assert!(err.to_string().contains("root.path"), "{err}");
+    assert_eq!(f.launcher.count(), 0);
+
+    // The agent refuses the spec: the VM booted for it is stopped again.
+    let err = f.create("bad1", serde_json::json!({})).expect_err("agent refuses");
+    assert_eq!(err.code(), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(err.to_string().contains("process.args"), "{err}");
+    assert_eq!(f.launcher.count(), 1);
+    assert!(f.launcher.stopped(0));
+    assert!(f.svc.sandbox().is_none());
+    let state = f.dir.path().join("state");
+    let left: Vec<_> = std::fs::read_dir(&state).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "left: {left:?}");
+    assert!(f.svc.container_ids().is_empty());
+    assert!(f.events.topics().is_empty());
+    // Unknown ids are NOT_FOUND.
+    assert!(matches!(f.svc.inner.wait(&api::WaitRequest { id: "nope".into(), ..Default::default() }), Err(ShimError::NotFound(_))));
+}
+
+#[test]
+fn oom_kills_are_published_before_the_exit() {
+    let Some(f) = fixture("oom_kills_are_published_before_the_exit") else { return };
+    f.create("oom1", serde_json::json!({})).expect("create");
+    start(&f, "oom1", "");
+    f.launcher.guest(0).finish("oom1", "", 137);
+    assert_eq!(f.wait("oom1", ""), 137);
+    let topics = carapace_runtime_wait(|| {
+        let t = f.events.topics();
+        t.contains(&"/tasks/exit").then_some(t)
+    })
+    .expect("exit published");
+    assert_eq!(topics, ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"]);
+    f.delete("oom1", "").expect("delete");
+}
