@@ -19,7 +19,7 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use fuse_backend_rs::Error as FuseError;
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
@@ -66,7 +66,7 @@ fn drain_queue<F: FileSystem + Sync>(
             let len = handle_chain(server, mem, chain, stats);
             match queue.add_used(mem, head, len) {
                 Ok(()) => *used_any = true,
-                Err(e) => warn!("virtio-fs: cannot return descriptor {head}: {e}"),
+                Err(e) => crate::guest_warn!("virtio-fs: cannot return descriptor {head}: {e}"),
             }
         }
         if !queue.enable_notification(mem).map_err(FsError::Queue)? {
@@ -98,7 +98,7 @@ fn handle_chain<F: FileSystem + Sync>(
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
-            warn!("virtio-fs: dropping request with unreadable descriptors: {e}");
+            crate::guest_warn!("virtio-fs: dropping request with unreadable descriptors: {e}");
             stats.record(None);
             return 0;
         }
@@ -106,7 +106,7 @@ fn handle_chain<F: FileSystem + Sync>(
     let writer = match VirtioFsWriter::new(mem, chain) {
         Ok(w) => w,
         Err(e) => {
-            warn!("virtio-fs: dropping request with unwritable descriptors: {e}");
+            crate::guest_warn!("virtio-fs: dropping request with unwritable descriptors: {e}");
             stats.record(None);
             return 0;
         }
@@ -116,7 +116,7 @@ fn handle_chain<F: FileSystem + Sync>(
     let header: InHeader = match peek.read_obj() {
         Ok(h) => h,
         Err(e) => {
-            warn!("virtio-fs: dropping request without a complete header: {e}");
+            crate::guest_warn!("virtio-fs: dropping request without a complete header: {e}");
             stats.record(None);
             return 0;
         }
@@ -134,7 +134,7 @@ fn handle_chain<F: FileSystem + Sync>(
                 debug!("virtio-fs: bad request {} (no reply): {e}", header.opcode);
                 return 0;
             }
-            warn!(
+            crate::guest_warn!(
                 "virtio-fs: bad request {} (unique {}): {e}",
                 header.opcode, header.unique
             );
@@ -161,7 +161,7 @@ fn reply_error(mut writer: VirtioFsWriter<'_>, unique: u64, errno: i32) -> u32 {
     match writer.write_all(out.as_slice()) {
         Ok(()) => LEN,
         Err(e) => {
-            warn!("virtio-fs: no room for an error reply: {e}");
+            crate::guest_warn!("virtio-fs: no room for an error reply: {e}");
             0
         }
     }
