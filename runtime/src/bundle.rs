@@ -83,6 +83,13 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
             ));
         }
     }
+    if let Some(name) = spec.hostname() {
+        // The kernel's limit (HOST_NAME_MAX).
+        if name.len() > 64 {
+            return Err(field(config, "hostname", format!("{} bytes; at most 64", name.len())));
+        }
+    }
+    validate_hooks(config, spec)?;
     if let Some(process) = spec.process() {
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(field(config, "process.args", "must name at least the program to run"));
@@ -96,6 +103,37 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
         }
     }
     Ok(rootfs)
+}
+
+/// Host hooks must name an existing absolute program: found now, before a
+/// VM is booted, rather than halfway through `create`. Guest hooks
+/// (createContainer, startContainer) are resolved in the guest; they must
+/// be absolute.
+fn validate_hooks(config: &Path, spec: &Spec) -> Result<(), BundleError> {
+    let Some(hooks) = spec.hooks() else { return Ok(()) };
+    let host = [
+        ("hooks.prestart", hooks.prestart()),
+        ("hooks.createRuntime", hooks.create_runtime()),
+        ("hooks.poststart", hooks.poststart()),
+        ("hooks.poststop", hooks.poststop()),
+    ];
+    let guest = [("hooks.createContainer", hooks.create_container()), ("hooks.startContainer", hooks.start_container())];
+    let all = host.iter().map(|&(n, l)| (n, l, true)).chain(guest.iter().map(|&(n, l)| (n, l, false)));
+    for (name, list, on_host) in all {
+        for hook in list.iter().flatten() {
+            let path = hook.path();
+            if !path.is_absolute() {
+                return Err(field(config, name, format!("path {} is not absolute", path.display())));
+            }
+            if on_host && !path.is_file() {
+                return Err(field(config, name, format!("path {} does not exist", path.display())));
+            }
+            if hook.timeout().is_some_and(|t| t <= 0) {
+                return Err(field(config, name, format!("timeout {} is not positive", hook.timeout().unwrap_or(0))));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -134,6 +172,12 @@ mod tests {
         assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"tmp"}}"#)
             .contains("process.cwd"));
         assert!(err(r#"{"ociVersion":"1","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#).contains("root"));
+        let hook = |h: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"hooks":{h}}}"#);
+        assert!(err(&hook(r#"{"poststop":[{"path":"/nonexistent/hook"}]}"#)).contains("hooks.poststop: path /nonexistent/hook does not exist"));
+        assert!(err(&hook(r#"{"createRuntime":[{"path":"hook"}]}"#)).contains("hooks.createRuntime: path hook is not absolute"));
+        assert!(err(&hook(r#"{"prestart":[{"path":"/bin/sh","timeout":0}]}"#)).contains("timeout 0"));
+        let long = format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"hostname":"{}"}}"#, "h".repeat(65));
+        assert!(err(&long).contains("hostname: 65 bytes"));
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(Bundle::load(empty.path()).expect_err("no config").to_string().contains("config.json not found"));
     }

@@ -104,7 +104,9 @@ impl Cli {
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(!out.status.success(), "carapace {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!err.contains("panicked"), "carapace {args:?} panicked: {err}");
+        err
     }
 
     /// `state ID` as JSON.

@@ -258,6 +258,10 @@ fn bad_input_is_refused_and_leaves_nothing() {
         ("noargs", variant("noargs", &set("process.args", json!([]))), "process.args"),
         ("relcwd", variant("relcwd", &set("process.cwd", json!("tmp"))), "process.cwd"),
         ("wrongtype", variant("wrongtype", &set("process.args", json!("sh"))), "invalid config.json"),
+        ("nohook", variant("nohook", &set("hooks", json!({"createRuntime": [{"path": "/nonexistent/hook"}]}))), "hooks.createRuntime"),
+        ("relhook", variant("relhook", &set("hooks", json!({"poststart": [{"path": "bin/true"}]}))), "not absolute"),
+        ("hugehost", variant("hugehost", &set("hostname", json!("h".repeat(100_000)))), "hostname"),
+        ("hugeuid", variant("hugeuid", &set("process.user.uid", json!(1u64 << 40))), "invalid config.json"),
         ("escape", variant("escape", &|d| {
             std::os::unix::fs::symlink(outside.path(), d.join("rootfs")).expect("link");
             set("root.path", json!("rootfs"))(d);
