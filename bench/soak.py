@@ -176,12 +176,17 @@ def main():
         c("run", "--detach", "--bundle", sleep_b, "long")
         vmm = json.loads(c("state", "long").stdout)["pid"]
         warmup = min(5, a.execs)
+        # Settle before each measurement: a finished exec's vsock streams are
+        # closed by the VMM up to a couple of seconds later.
+        settle = 3
         for i in range(a.execs):
             if i == warmup:
+                time.sleep(settle)
                 rss0, fds0 = rss_kib(vmm), fds(vmm)
             r = c("exec", "long", "true", check=False)
             if r.returncode != 0:
                 failures.append(f"exec {i}: exit {r.returncode}: {r.stderr.strip()}")
+        time.sleep(settle)
         if a.execs <= warmup:
             rss0, fds0 = rss_kib(vmm), fds(vmm)
         rss1, fds1 = rss_kib(vmm), fds(vmm)
