@@ -36,7 +36,7 @@ build_all() {
     log "guest initramfs (the agent as /init)"
     bash "$repo/rootfs-image/build.sh" "$guest_dir/initramfs.cpio" >&2
     log "host binaries"
-    (cd "$repo" && cargo build --release -p carapace-vmm -p carapace-runtime >&2)
+    (cd "$repo" && cargo build --release -p carapace-vmm -p carapace-runtime -p carapace-shim >&2)
     export CARAPACE_BIN_DIR="$repo/target/release"
     export CARAPACE_KERNEL="$guest_dir/vmlinux"
     export CARAPACE_INITRAMFS="$guest_dir/initramfs.cpio"

@@ -11,7 +11,8 @@ build_all
 
 log "installing into $prefix"
 install -d "$prefix/bin" "$prefix/share/carapace"
-install -m 0755 "$repo/target/release/carapace" "$repo/target/release/carapace-vmm" "$prefix/bin/"
+install -m 0755 "$repo/target/release/carapace" "$repo/target/release/carapace-vmm" \
+    "$repo/target/release/containerd-shim-carapace-v2" "$prefix/bin/"
 install -m 0644 "$guest_dir/vmlinux" "$guest_dir/initramfs.cpio" "$prefix/share/carapace/"
 
 if [ "${1:-}" != "--no-demo" ]; then

@@ -25,7 +25,10 @@ pub fn metrics(s: &StatsContainerResponse) -> Metrics {
     let split = |k: &str| mem.stat.get(k).copied().unwrap_or_else(|| stat(&format!("{k}_anon")) + stat(&format!("{k}_file")));
 
     let mut m = Metrics::new();
-    m.pids = Some(PidsStat { current: pids.current, limit: pids.limit, ..Default::default() }).into();
+    // containerd's cgroups library reports pids.max "max" as 0, memory.max
+    // "max" as u64::MAX: do as it does.
+    let pids_limit = if pids.limit == u64::MAX { 0 } else { pids.limit };
+    m.pids = Some(PidsStat { current: pids.current, limit: pids_limit, ..Default::default() }).into();
     m.cpu = Some(CPUStat {
         usage_usec: cpu.usage_usec,
         user_usec: cpu.user_usec,
@@ -139,6 +142,9 @@ mod tests {
     fn empty_answer_gives_zeros() {
         let m = metrics(&StatsContainerResponse::new());
         assert_eq!(m.memory.usage, 0);
+        let mut s = StatsContainerResponse::new();
+        s.cgroup.mut_or_insert_default().pids = Some(PidsStats { current: 1, limit: u64::MAX, ..Default::default() }).into();
+        assert_eq!(metrics(&s).pids.limit, 0, "pids.max \"max\" is 0, as containerd reports it");
         assert!(m.io.usage.is_empty());
     }
 }

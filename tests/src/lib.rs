@@ -2,6 +2,7 @@
 //! assets `scripts/test.sh` built, and skipping where `/dev/kvm` is absent.
 
 pub mod cli;
+pub mod containerd;
 pub mod cpio;
 pub mod guest;
 
