@@ -25,7 +25,7 @@ use oci_spec::runtime::Process;
 use crate::assets::GuestAssets;
 use crate::bundle::Bundle;
 use crate::container::{agent_error, ContainerError, Ready, Runtime};
-use crate::sandbox::{self, GUEST_SHARE, SHARE_TAG};
+use crate::sandbox;
 use crate::state::{ContainerRecord, Status};
 use crate::stdio::{self, ConsolePty, HostIo, RawMode, Relay, StdioPorts};
 use crate::vm::{Vm, VmOptions};
@@ -268,18 +268,7 @@ fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Op
     let conn = vm.wait_for_agent(BOOT_TIMEOUT).map_err(|e| ContainerError::Create(e.to_string()))?;
     let agent = AgentClient::new(conn);
 
-    let mut req = agent::CreateSandboxRequest::new();
-    req.sandbox_id = id.into();
-    req.hostname = bundle.spec.hostname().clone().unwrap_or_else(|| "carapace".into());
-    let mut fs = agent::SharedFs::new();
-    fs.tag = SHARE_TAG.into();
-    fs.mount_point = GUEST_SHARE.into();
-    fs.options = vec!["nodev".into()];
-    req.shared_fs.push(fs);
-    let mut settings = agent::GuestSettings::new();
-    settings.wall_clock_unix_nano =
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    req.settings = Some(settings).into();
+    let req = sandbox::create_sandbox_request(id, bundle.spec.hostname().as_deref());
     agent.create_sandbox(crate::agent::ctx(), &req).map_err(|e| agent_error("CreateSandbox", e))?;
 
     let vmm_pid = vm.pid();

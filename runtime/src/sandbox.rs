@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use carapace_protocol::agent;
 use nix::mount::{mount, MsFlags};
 use oci_spec::runtime::{LinuxNamespace, Mount, Spec};
 
@@ -104,6 +105,24 @@ pub fn guest_view(id: &str, spec: &Spec, bundle_dir: &Path, rootfs: &Path) -> Gu
         spec.set_linux(Some(linux));
     }
     GuestView { spec, rootfs: guest_rootfs.to_string_lossy().into_owned(), binds }
+}
+
+/// The CreateSandbox request of a sandbox `id`: its share mounted at
+/// [`GUEST_SHARE`] (nodev: device nodes in a bundle are not the guest's),
+/// the guest's clock set from ours, and `hostname` (or "carapace").
+pub fn create_sandbox_request(id: &str, hostname: Option<&str>) -> agent::CreateSandboxRequest {
+    let mut req = agent::CreateSandboxRequest::new();
+    req.sandbox_id = id.into();
+    req.hostname = hostname.filter(|h| !h.is_empty()).unwrap_or("carapace").into();
+    let mut fs = agent::SharedFs::new();
+    fs.tag = SHARE_TAG.into();
+    fs.mount_point = GUEST_SHARE.into();
+    fs.options = vec!["nodev".into()];
+    req.shared_fs.push(fs);
+    let mut settings = agent::GuestSettings::new();
+    settings.wall_clock_unix_nano = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    req.settings = Some(settings).into();
+    req
 }
 
 /// The virtio-fs share of a sandbox whose shared directory is `dir`.
