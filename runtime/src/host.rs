@@ -141,13 +141,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("k");
         std::fs::write(&p, b"MZ not an elf at all, sorry").expect("write");
-        assert!(elf_kind(&p).unwrap_err().contains("not an ELF"));
+        assert!(elf_kind(&p).expect_err("text file").contains("not an ELF"));
         let mut elf = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0".to_vec();
         std::fs::write(&p, &elf).expect("write");
         assert!(elf_kind(&p).is_ok());
         elf[18] = 0xb7; // aarch64
         std::fs::write(&p, &elf).expect("write");
-        assert!(elf_kind(&p).unwrap_err().contains("x86_64"));
+        assert!(elf_kind(&p).expect_err("wrong machine").contains("x86_64"));
         assert!(elf_kind(&dir.path().join("missing")).is_err());
     }
 }
