@@ -272,3 +272,38 @@ fn two_containers_of_one_pod_share_one_vm_each_with_its_own_rootfs() {
     c.ctr_ok(&["containers", "delete", "pod1"]);
     assert_clean(&c, tmp.path());
 }
+
+#[test]
+fn an_oom_killed_container_is_reported_as_oom() {
+    let Some((tmp, c)) = setup("an_oom_killed_container_is_reported_as_oom") else { return };
+    let events_out = tmp.path().join("events.out");
+    let mut events =
+        c.ctr(&["events"]).stdout(File::create(&events_out).expect("events.out")).stderr(Stdio::null()).spawn().expect("ctr events");
+    // 48 MiB in one buffer under a 16 MiB limit (no swap in the guest).
+    let (code, out, err) = ctr_run(
+        &c,
+        tmp.path(),
+        "hog",
+        &[
+            "run", "--rm", "--runtime", RUNTIME, "--snapshotter", "native", "--memory-limit", "16777216", IMAGE, "hog", "dd",
+            "if=/dev/zero", "of=/dev/null", "bs=48M", "count=1",
+        ],
+    );
+    assert_eq!(code, Some(137), "an OOM-killed container exits 137: {out}{err}\n{}", c.log_tail());
+    let seen = wait_for(Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&events_out).unwrap_or_default();
+        text.contains("/tasks/delete").then_some(text)
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+    let text = seen.unwrap_or_else(|| std::fs::read_to_string(&events_out).unwrap_or_default());
+    let topics: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"hog\""))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+        .collect();
+    let oom = topics.iter().position(|t| *t == "/tasks/oom");
+    let exit = topics.iter().position(|t| *t == "/tasks/exit");
+    assert!(oom.is_some() && oom < exit, "TaskOOM must come before TaskExit: {topics:?}\n{text}");
+    assert_clean(&c, tmp.path());
+}
