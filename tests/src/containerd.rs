@@ -25,6 +25,30 @@ pub struct Containerd {
     pub namespace: String,
     /// The `carapace` CLI (what the runc shim is pointed at).
     pub carapace: PathBuf,
+    assets: Assets,
+}
+
+/// Starts containerd on `dir/config.toml`, its log appended to
+/// `dir/containerd.log`.
+fn spawn(dir: &Path, assets: &Assets) -> Child {
+    let log = File::options().create(true).append(true).open(dir.join("containerd.log")).expect("containerd.log");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![assets.bin_dir.clone()];
+    paths.extend(std::env::split_paths(&path));
+    // The shims and the runtime they start inherit this environment.
+    Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("PATH", std::env::join_paths(paths).expect("PATH"))
+        .env("CARAPACE_KERNEL", &assets.kernel)
+        .env("CARAPACE_INITRAMFS", &assets.initramfs)
+        .env("CARAPACE_BIN_DIR", &assets.bin_dir)
+        .env("CARAPACE_SHIM_ROOT", dir.join("carapace-shim"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("containerd (apt containerd; scripts/setup.sh installs it)")
 }
 
 impl Containerd {
@@ -61,37 +85,36 @@ disabled_plugins = [
   path = "{d}/opt"
 "#
         );
-        let config_path = dir.join("config.toml");
-        std::fs::write(&config_path, config).expect("containerd config");
-        let log = File::create(dir.join("containerd.log")).expect("containerd.log");
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let mut paths = vec![assets.bin_dir.clone()];
-        paths.extend(std::env::split_paths(&path));
-        // The shims and the runtime they start inherit this environment.
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config_path)
-            .env("PATH", std::env::join_paths(paths).expect("PATH"))
-            .env("CARAPACE_KERNEL", &assets.kernel)
-            .env("CARAPACE_INITRAMFS", &assets.initramfs)
-            .env("CARAPACE_BIN_DIR", &assets.bin_dir)
-            .env("CARAPACE_SHIM_ROOT", dir.join("carapace-shim"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("containerd (apt containerd; scripts/setup.sh installs it)");
+        std::fs::write(dir.join("config.toml"), config).expect("containerd config");
+        let child = spawn(dir, assets);
         let c = Self {
             child,
             dir: dir.to_path_buf(),
             namespace: format!("carapace-test-{}", std::process::id()),
             carapace: assets.bin("carapace"),
+            assets: assets.clone(),
         };
-        let up = wait_for(Duration::from_secs(60), || c.ctr(&["version"]).output().ok()?.status.success().then_some(()));
-        if up.is_none() {
-            panic!("containerd did not answer within 60 s:\n{}", c.log_tail());
-        }
+        c.wait_up();
         c
+    }
+
+    fn wait_up(&self) {
+        let up = wait_for(Duration::from_secs(60), || self.ctr(&["version"]).output().ok()?.status.success().then_some(()));
+        if up.is_none() {
+            panic!("containerd did not answer within 60 s:\n{}", self.log_tail());
+        }
+    }
+
+    /// Stops containerd (SIGTERM; its shims keep running) and starts it
+    /// again on the same config, root and state.
+    pub fn restart(&mut self) {
+        signal(self.child.id(), Signal::SIGTERM);
+        if wait_for(Duration::from_secs(30), || self.child.try_wait().ok().flatten()).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.child = spawn(&self.dir, &self.assets);
+        self.wait_up();
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -138,6 +161,19 @@ disabled_plugins = [
         let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         format!("--- containerd.log (tail) ---\n{}", lines[lines.len().saturating_sub(80)..].join("\n"))
+    }
+
+    /// A private containerd in a new temporary directory, with the busybox
+    /// image imported; for the carapace shim's tests (checks the shim is built).
+    pub fn with_busybox(assets: &Assets) -> (tempfile::TempDir, Containerd) {
+        assert!(
+            assets.bin("containerd-shim-carapace-v2").exists(),
+            "containerd-shim-carapace-v2 is missing: run `bash scripts/test.sh`, which builds it"
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let containerd = Containerd::start(&tmp.path().join("containerd"), assets);
+        containerd.import_busybox(tmp.path());
+        (tmp, containerd)
     }
 
     /// Builds the busybox image and imports it (native snapshotter).
@@ -205,6 +241,54 @@ impl Drop for Containerd {
         }
         let _ = std::fs::remove_dir(&root);
     }
+}
+
+/// `carapace-vmm` processes started for this containerd's sandboxes.
+pub fn vmms(c: &Containerd) -> Vec<u32> {
+    let root = c.shim_root().display().to_string();
+    processes_matching("carapace-vmm")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&root))
+        })
+        .collect()
+}
+
+/// Nothing of ours left: no VMM, no shim, no sandbox directory, no mount.
+pub fn assert_clean(c: &Containerd, tmp: &Path) {
+    let gone = wait_for(Duration::from_secs(60), || (vmms(c).is_empty() && c.shims().is_empty()).then_some(()));
+    assert!(gone.is_some(), "left: VMMs {:?}, shims {:?}\n{}", vmms(c), c.shims(), c.log_tail());
+    let left: Vec<_> = std::fs::read_dir(c.shim_root())
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left under the shim root: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let tmp_s = tmp.display().to_string();
+    assert!(!mounts.lines().any(|l| l.contains(&tmp_s)), "mounts under {tmp_s} left");
+}
+
+/// Runs `ctr` to completion with its output in files; (status, stdout, stderr).
+pub fn ctr_run(c: &Containerd, tmp: &Path, name: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let (out, err) = (tmp.join(format!("{name}.out")), tmp.join(format!("{name}.err")));
+    let mut child = c
+        .ctr(args)
+        .stdout(File::create(&out).expect("out"))
+        .stderr(File::create(&err).expect("err"))
+        .spawn()
+        .expect("ctr");
+    let status = wait_deadline(&mut child, crate::BOOT_DEADLINE * 2, &format!("ctr {args:?}"));
+    let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    (status.code(), read(&out), read(&err))
+}
+
+/// The task's status column in `ctr task ls`.
+pub fn task_status(c: &Containerd, id: &str) -> String {
+    c.ctr_ok(&["task", "ls"])
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Sends `sig` to `pid` (errors ignored).

@@ -8,12 +8,11 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use carapace_tests::containerd::{wait_deadline, Containerd, IMAGE};
-use carapace_tests::{kvm_available, processes_matching, wait_for, Assets, BOOT_DEADLINE};
+use carapace_tests::containerd::{assert_clean, ctr_run, task_status, vmms, wait_deadline, Containerd, IMAGE};
+use carapace_tests::{kvm_available, wait_for, Assets, BOOT_DEADLINE};
 
 const RUNTIME: &str = "io.containerd.carapace.v2";
 
@@ -21,63 +20,7 @@ fn setup(test: &str) -> Option<(tempfile::TempDir, Containerd)> {
     if !kvm_available(test) {
         return None;
     }
-    let assets = Assets::get();
-    assert!(
-        assets.bin("containerd-shim-carapace-v2").exists(),
-        "containerd-shim-carapace-v2 is missing: run `bash scripts/test.sh`, which builds it"
-    );
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let containerd = Containerd::start(&tmp.path().join("containerd"), &assets);
-    containerd.import_busybox(tmp.path());
-    Some((tmp, containerd))
-}
-
-/// `carapace-vmm` processes started for this containerd's sandboxes.
-fn vmms(c: &Containerd) -> Vec<u32> {
-    let root = c.shim_root().display().to_string();
-    processes_matching("carapace-vmm")
-        .into_iter()
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&root))
-        })
-        .collect()
-}
-
-/// Nothing of ours left: no VMM, no shim, no sandbox directory, no mount.
-fn assert_clean(c: &Containerd, tmp: &Path) {
-    let gone = wait_for(Duration::from_secs(60), || (vmms(c).is_empty() && c.shims().is_empty()).then_some(()));
-    assert!(gone.is_some(), "left: VMMs {:?}, shims {:?}\n{}", vmms(c), c.shims(), c.log_tail());
-    let left: Vec<_> = std::fs::read_dir(c.shim_root())
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left under the shim root: {left:?}");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let tmp_s = tmp.display().to_string();
-    assert!(!mounts.lines().any(|l| l.contains(&tmp_s)), "mounts under {tmp_s} left");
-}
-
-/// Runs `ctr` to completion with its output in files; (status, stdout, stderr).
-fn ctr_run(c: &Containerd, tmp: &Path, name: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let (out, err) = (tmp.join(format!("{name}.out")), tmp.join(format!("{name}.err")));
-    let mut child = c
-        .ctr(args)
-        .stdout(File::create(&out).expect("out"))
-        .stderr(File::create(&err).expect("err"))
-        .spawn()
-        .expect("ctr");
-    let status = wait_deadline(&mut child, BOOT_DEADLINE * 2, &format!("ctr {args:?}"));
-    let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-    (status.code(), read(&out), read(&err))
-}
-
-/// The task's status column in `ctr task ls`.
-fn task_status(c: &Containerd, id: &str) -> String {
-    c.ctr_ok(&["task", "ls"])
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or_default()
-        .to_string()
+    Some(Containerd::with_busybox(&Assets::get()))
 }
 
 #[test]
