@@ -61,6 +61,9 @@ fn ctr_run_rm_prints_the_output_and_returns_the_exit_code() {
         text.lines().any(|l| l.contains("/tasks/exit") && l.contains("\"exit_status\":3")),
         "TaskExit without the exit status:\n{text}"
     );
+    // The shim logs into containerd's log (the bundle's `log` FIFO).
+    let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
+    assert!(log.contains("serving the Task API") && log.contains("sandbox ready"), "no shim log in containerd's log\n{}", c.log_tail());
     assert!(c.ctr_ok(&["containers", "list", "--quiet"]).trim().is_empty(), "--rm left the container");
 }
 
