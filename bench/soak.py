@@ -192,7 +192,9 @@ def main():
         rss1, fds1 = rss_kib(vmm), fds(vmm)
         c("delete", "--force", "long")
         print(f"exec loop: {a.execs} execs; VMM RSS {rss0} -> {rss1} KiB, fds {fds0} -> {fds1}")
-        if fds1 > fds0:
+        # One fd of slack: a stream the VMM is still closing; a leak per
+        # exec shows as one fd per exec after the warm-up.
+        if fds1 > fds0 + 1:
             failures.append(f"the VMM's fds grew from {fds0} to {fds1} over the exec loop")
         if rss1 - rss0 > a.rss_slack_kib:
             failures.append(f"the VMM's RSS grew by {rss1 - rss0} KiB over the exec loop")
