@@ -17,7 +17,9 @@ pub fn busybox_rootfs(root: &Path) {
     }
     let busybox = root.join("bin/busybox");
     std::fs::copy("/bin/busybox", &busybox).expect("/bin/busybox (apt busybox-static)");
-    let list = Command::new(&busybox).arg("--list").output().expect("busybox --list");
+    // The host's copy: running the fresh one races with tests forking in
+    // other threads, whose children may hold its write fd (ETXTBSY).
+    let list = Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" {
             let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
