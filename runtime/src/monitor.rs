@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -507,8 +507,8 @@ pub fn spawn_detached_exec(
 }
 
 /// Reads and removes the process file of `_exec`.
-pub fn read_process_file(path: &PathBuf) -> Result<Process, ContainerError> {
-    let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.clone(), source })?;
+pub fn read_process_file(path: &Path) -> Result<Process, ContainerError> {
+    let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.to_path_buf(), source })?;
     let _ = std::fs::remove_file(path);
-    serde_json::from_slice(&text).map_err(|e| ContainerError::ProcessJson { path: path.clone(), msg: e.to_string() })
+    serde_json::from_slice(&text).map_err(|e| ContainerError::ProcessJson { path: path.to_path_buf(), msg: e.to_string() })
 }

@@ -5,7 +5,7 @@
 //! a `--console-socket`.
 
 use std::fs::File;
-use std::io::{IoSlice, Read, Write};
+use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -222,17 +222,7 @@ impl StdioPorts {
 fn spawn_output(listener: PortListener, mut sink: File) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let Ok(mut stream) = listener.accept() else { return };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sink.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        let _ = std::io::copy(&mut stream, &mut sink);
         let _ = sink.flush();
     })
 }
@@ -291,6 +281,7 @@ pub fn winsize(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn relays_output_in_order_and_input_to_eof() {

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use carapace_protocol::agent;
 use carapace_runtime::bundle::Bundle;
-use carapace_runtime::sandbox::{self, GUEST_SHARE, SHARE_TAG};
+use carapace_runtime::sandbox;
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
@@ -265,21 +265,7 @@ impl Inner {
         };
         let guest = vm.guest();
         let sb = Arc::new(Sandbox { id: sandbox_id.clone(), dir, shared, vm, guest });
-        let mut req = agent::CreateSandboxRequest::new();
-        req.sandbox_id = sandbox_id;
-        req.hostname = spec.hostname().clone().filter(|h| !h.is_empty()).unwrap_or_else(|| "carapace".into());
-        let mut fs = agent::SharedFs::new();
-        fs.tag = SHARE_TAG.into();
-        fs.mount_point = GUEST_SHARE.into();
-        fs.options = vec!["nodev".into()];
-        req.shared_fs.push(fs);
-        let mut settings = agent::GuestSettings::new();
-        settings.wall_clock_unix_nano = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .and_then(|d| i64::try_from(d.as_nanos()).ok())
-            .unwrap_or(0);
-        req.settings = Some(settings).into();
+        let req = sandbox::create_sandbox_request(&sandbox_id, spec.hostname().as_deref());
         if let Err(e) = sb.guest.create_sandbox(&req) {
             sb.stop();
             return Err(ShimError::agent("CreateSandbox", e));
