@@ -408,9 +408,7 @@ fn mark_stopped(record: &mut ContainerRecord, result: &Result<agent::WaitProcess
 
 /// Asks the guest to shut down; kills the VMM if it does not exit soon.
 fn stop_vm(vm: &mut Vm, agent: &AgentClient) {
-    let mut ctx = crate::agent::ctx();
-    ctx.timeout_nano = 10_000_000_000;
-    if agent.shutdown(ctx, &agent::ShutdownRequest::new()).is_ok() {
+    if crate::agent::shutdown_within(agent, Duration::from_secs(10)).is_ok() {
         if let Ok(Some(_)) = vm.wait_timeout(Duration::from_secs(20)) {
             return;
         }

@@ -85,8 +85,7 @@ impl Guest for AgentGuest {
         self.0.remove_container(ctx(), req)
     }
     fn shutdown(&self, timeout_secs: u64) -> ttrpc::Result<ShutdownResponse> {
-        let mut c = ctx();
-        c.timeout_nano = i64::try_from(timeout_secs.saturating_mul(1_000_000_000)).unwrap_or(i64::MAX);
-        self.0.shutdown(c, &ShutdownRequest::new())
+        carapace_runtime::agent::shutdown_within(&self.0, std::time::Duration::from_secs(timeout_secs))
+            .map(|()| ShutdownResponse::new())
     }
 }
