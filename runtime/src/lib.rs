@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod host;
 pub mod id;
 pub mod monitor;
+pub mod network;
 pub mod proc;
 pub mod sandbox;
 pub mod smoke;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use carapace_protocol::agent;
 use nix::mount::{mount, MsFlags};
-use oci_spec::runtime::{LinuxNamespace, Mount, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 
 use crate::vm::{CacheMode, FsConfig};
 
@@ -88,12 +88,15 @@ pub fn guest_view(id: &str, spec: &Spec, bundle_dir: &Path, rootfs: &Path) -> Gu
         spec.set_mounts(Some(out));
     }
     // Namespace paths name host namespaces, which the guest cannot join:
-    // the VM already isolates them, so the container gets fresh ones.
+    // the VM already isolates them, so the container gets fresh ones. A
+    // network namespace to join is the pod's (CNI's): its interfaces are
+    // the VM's (see `network`), so the container stays in the guest's.
     if let Some(linux) = spec.linux().clone() {
         let mut linux = linux;
         if let Some(ns) = linux.namespaces().clone() {
             let fresh: Vec<LinuxNamespace> = ns
                 .into_iter()
+                .filter(|n| !(n.typ() == LinuxNamespaceType::Network && n.path().is_some()))
                 .map(|n| {
                     let mut n = n;
                     n.set_path(None);
@@ -206,5 +209,7 @@ mod tests {
         );
         let ns = v.spec.linux().as_ref().and_then(|l| l.namespaces().clone()).expect("namespaces");
         assert!(ns.iter().all(|n| n.path().is_none()));
+        // The pod's network namespace is the guest's: not a fresh one.
+        assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network), "{ns:?}");
     }
 }
