@@ -128,6 +128,28 @@ pub fn create_sandbox_request(id: &str, hostname: Option<&str>) -> agent::Create
     req
 }
 
+/// The pod's DNS files: the sources of the spec's bind mounts on
+/// /etc/resolv.conf and /etc/hosts (what CRI gives a pod), for the guest's
+/// own /etc (at most 64 KiB each; unreadable ones are skipped, the bind
+/// mount still reaches the container).
+pub fn dns_files(spec: &Spec, bundle_dir: &Path, req: &mut agent::CreateSandboxRequest) {
+    const LIMIT: u64 = 64 * 1024;
+    for m in spec.mounts().as_deref().unwrap_or(&[]) {
+        let Some(source) = m.source() else { continue };
+        let source = bundle_dir.join(source);
+        let read = || -> Option<Vec<u8>> {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(&source).ok()?, LIMIT), &mut buf).ok()?;
+            Some(buf)
+        };
+        match m.destination().to_str() {
+            Some("/etc/resolv.conf") => req.resolv_conf = read().unwrap_or_default(),
+            Some("/etc/hosts") => req.hosts = read().unwrap_or_default(),
+            _ => {}
+        }
+    }
+}
+
 /// The virtio-fs share of a sandbox whose shared directory is `dir`.
 pub fn share(dir: &Path) -> FsConfig {
     FsConfig { tag: SHARE_TAG.into(), shared_dir: dir.to_path_buf(), read_only: false, cache: CacheMode::Auto }
@@ -176,6 +198,23 @@ mod tests {
 
     fn spec(json: serde_json::Value) -> Spec {
         serde_json::from_value(json).expect("spec")
+    }
+
+    #[test]
+    fn the_pods_dns_files_come_from_its_bind_mounts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("resolv"), "nameserver 10.0.0.10\n").expect("write");
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [
+                {"destination": "/etc/resolv.conf", "type": "bind", "source": "resolv", "options": ["rbind", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts", "options": ["rbind"]}
+            ]
+        }));
+        let mut req = agent::CreateSandboxRequest::new();
+        dns_files(&s, dir.path(), &mut req);
+        assert_eq!(req.resolv_conf, b"nameserver 10.0.0.10\n");
+        assert!(req.hosts.is_empty(), "an unreadable source is skipped");
     }
 
     #[test]

@@ -137,8 +137,9 @@ impl PodNetwork {
         self.endpoints.iter_mut().filter_map(|ep| Some((ep.tap.take()?, ep.mac, ep.mtu))).collect()
     }
 
-    /// Removes the redirects from the namespace's interfaces (and any tap
-    /// still there). Best effort: the namespace may be gone already.
+    /// Removes the redirects from the namespace's interfaces (dropping it
+    /// does too); the taps go with the VMM, their last holder. Best effort:
+    /// the namespace may be gone already.
     pub fn detach(&mut self) {
         self.endpoints.iter_mut().for_each(|ep| drop(ep.tap.take()));
         let endpoints = &self.endpoints;
@@ -151,6 +152,15 @@ impl PodNetwork {
         });
         if let Err(e) = done {
             tracing::debug!(error = %e, "pod network not detached");
+        }
+        self.endpoints.clear();
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        if !self.endpoints.is_empty() {
+            self.detach();
         }
     }
 }
