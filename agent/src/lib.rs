@@ -9,7 +9,8 @@
 //! - [`server`] and [`service`]: the ttrpc server and the Health and Agent
 //!   services;
 //! - [`container`]: OCI containers with libcontainer, their stdio streams
-//!   and exit statuses; [`sandbox`]: guest-wide setup;
+//!   and exit statuses; [`sandbox`]: guest-wide setup, with [`network`]
+//!   for the interfaces and routes;
 //! - [`shutdown`]: answering Shutdown, then rebooting the guest (or exiting
 //!   on the host).
 
@@ -18,6 +19,7 @@ pub mod container;
 pub mod error;
 pub mod init;
 pub mod logging;
+pub mod network;
 pub mod reaper;
 pub mod sandbox;
 pub mod server;

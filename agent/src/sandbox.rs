@@ -1,6 +1,6 @@
 //! CreateSandbox and DestroySandbox: the guest-wide setup before the first
-//! container (hostname, DNS files, the host's shared file systems,
-//! sysctls, the wall clock) and its undoing.
+//! container (hostname, DNS files, network interfaces and routes, the
+//! host's shared file systems, sysctls, the wall clock) and its undoing.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,8 @@ use std::sync::{Mutex, PoisonError};
 use carapace_protocol::agent;
 use nix::mount::MsFlags;
 use ttrpc::Code;
+
+use crate::network::{NetworkConfig, NetworkError};
 
 /// Why a sandbox call failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,8 @@ pub enum SandboxError {
         #[source]
         source: nix::Error,
     },
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 impl SandboxError {
@@ -38,6 +42,7 @@ impl SandboxError {
             Self::Invalid { .. } => Code::INVALID_ARGUMENT,
             Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Self::Io { .. } | Self::Mount { .. } => Code::INTERNAL,
+            Self::Network(e) => e.code(),
         }
     }
 
@@ -59,8 +64,8 @@ impl From<SandboxError> for ttrpc::Error {
 #[derive(Debug)]
 pub struct Sandbox {
     etc: PathBuf,
-    /// Whether to change the host-wide things (hostname, clock, mounts):
-    /// only in the guest, never when the agent serves on a host.
+    /// Whether to change the host-wide things (hostname, clock, network,
+    /// mounts): only in the guest, never when the agent serves on a host.
     guest: bool,
     mounted: Mutex<Option<Vec<PathBuf>>>,
 }
@@ -137,6 +142,7 @@ impl Sandbox {
                 }
             }
         }
+        let network = NetworkConfig::from_request(&req.interfaces, &req.routes)?;
 
         if !req.hostname.is_empty() {
             if self.guest {
@@ -150,6 +156,16 @@ impl Sandbox {
         }
         if !req.hosts.is_empty() {
             self.write_etc("hosts", &req.hosts)?;
+        }
+        // Before the mounts, which a failure here would leave behind, and
+        // before the sysctls, which may name the renamed devices
+        // (net.ipv6.conf.eth0.*).
+        if !network.is_empty() {
+            if self.guest {
+                network.apply()?;
+            } else {
+                tracing::warn!("not in a guest: the network is left as it is");
+            }
         }
 
         let mut done = Vec::new();
@@ -265,6 +281,25 @@ mod tests {
         assert_eq!(err.code(), Code::INVALID_ARGUMENT);
         assert!(err.to_string().contains("settings.log_level"), "{err}");
         assert!(!dir.path().join("etc/hostname").exists());
+    }
+
+    #[test]
+    fn refuses_bad_network_input_before_doing_anything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sandbox = Sandbox::new(dir.path().join("etc"), false);
+        let mut req = agent::CreateSandboxRequest::new();
+        req.hostname = "pod".into();
+        let mut route = agent::Route::new();
+        route.gateway = "10.0.0".into();
+        req.routes.push(route);
+        let err = sandbox.create(&req).expect_err("bad gateway");
+        assert_eq!(err.code(), Code::INVALID_ARGUMENT);
+        assert_eq!(err.to_string(), "routes[0].gateway \"10.0.0\": not an IP address");
+        assert!(!dir.path().join("etc/hostname").exists());
+
+        // Valid, but on a host the network is left alone.
+        req.routes[0].gateway = "10.0.0.1".into();
+        sandbox.create(&req).expect("create on a host");
     }
 
     #[test]
