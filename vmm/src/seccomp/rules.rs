@@ -105,11 +105,13 @@ pub(super) fn allowed(kind: ThreadKind) -> Rules {
         ThreadKind::Vcpu => vcpu(&mut rules),
         ThreadKind::Vsock => vsock(&mut rules),
         ThreadKind::Fs => fs(&mut rules),
+        ThreadKind::Net => net(&mut rules),
         ThreadKind::Spawner => {
             // Device threads start here and inherit this filter until they
             // install their own: the union of both, plus thread creation.
             vsock(&mut rules);
             fs(&mut rules);
+            net(&mut rules);
             spawner(&mut rules);
         }
     }
@@ -262,6 +264,14 @@ fn fs(rules: &mut Rules) {
             libc::SYS_capset,
         ],
     );
+}
+
+/// The net worker: its epoll loop (in `event_loop`: `read` of frames
+/// from the tap, epoll_ctl to stop and resume polling it) and `writev` of
+/// frames to the tap (in `common`). The tap was opened and configured
+/// before the VM ran; nothing is opened, created or ioctl'ed here.
+fn net(rules: &mut Rules) {
+    event_loop(rules);
 }
 
 /// The spawner: creating threads, which then confine themselves.
