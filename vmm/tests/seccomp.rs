@@ -24,7 +24,7 @@ const VMM: &str = env!("CARGO_BIN_EXE_carapace-vmm");
 
 #[test]
 fn forbidden_calls_kill_the_vmm() {
-    for kind in ["vmm", "vcpu", "vsock", "fs", "spawner"] {
+    for kind in ["vmm", "vcpu", "vsock", "fs", "net", "spawner"] {
         let out = Command::new(VMM).args(["--seccomp-selftest", kind]).output().expect("run carapace-vmm");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{kind}: {:?}\n{stderr}", out.status);

@@ -183,9 +183,8 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
             }
         };
         let worker = NetWorker::new(mem, interrupt, queues, backend, self.metrics.clone());
-        let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Net, "net".into(), move || {
-            worker.run(worker_kill)
-        })?;
+        let handle =
+            crate::seccomp::spawn(crate::seccomp::ThreadKind::Net, "net".into(), move || worker.run(worker_kill))?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
     }
@@ -532,7 +531,11 @@ impl<B: NetBackend> NetWorker<B> {
         let used = u32::try_from(n).ok().filter(|_| n as u64 <= capacity);
         let Some(used) = used else {
             NetMetrics::inc(&self.metrics.rx_dropped);
-            crate::guest_warn!(len = n - VNET_HDR_LEN, capacity, "net: dropping a frame larger than the guest's rx buffer");
+            crate::guest_warn!(
+                len = n - VNET_HDR_LEN,
+                capacity,
+                "net: dropping a frame larger than the guest's rx buffer"
+            );
             return None;
         };
         // virtio_net_hdr_v1: no flags, no GSO, one buffer.

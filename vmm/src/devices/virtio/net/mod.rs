@@ -46,6 +46,8 @@ mod tap;
 
 #[cfg(test)]
 pub mod test_utils;
+#[cfg(test)]
+mod tests;
 
 pub use device::Net;
 
@@ -178,7 +180,9 @@ impl NetConfig {
         match &self.tap {
             TapSource::Fd(fd) if *fd < 0 => Err(NetError::BadFd(*fd)),
             TapSource::Name(n) if n.is_empty() => Err(NetError::EmptyTapName),
-            TapSource::Name(n) if n.len() > defs::MAX_IFNAME_LEN || n.contains(['/', '\0', ' ', ':']) || n == "." || n == ".." => {
+            TapSource::Name(n)
+                if n.len() > defs::MAX_IFNAME_LEN || n.contains(['/', '\0', ' ', ':']) || n == "." || n == ".." =>
+            {
                 Err(NetError::BadTapName(n.clone()))
             }
             _ => Ok(()),

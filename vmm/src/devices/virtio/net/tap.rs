@@ -41,9 +41,7 @@ impl Tap {
             return Err(NetError::BadTapName(name.to_string()));
         }
         // SAFETY: the path is a NUL-terminated literal; the flags are valid.
-        let raw = unsafe {
-            libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        };
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
         if raw < 0 {
             return Err(NetError::OpenTun(io::Error::last_os_error()));
         }
@@ -120,6 +118,8 @@ impl Tap {
             NetError::ConfigureTap { what: format!("{} ({what})", self.name), source }
         };
         let raw = self.fd.as_raw_fd();
+        // 12: fits any int.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int from the valid pointer.
         if unsafe { libc::ioctl(raw, libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {

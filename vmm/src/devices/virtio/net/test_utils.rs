@@ -43,7 +43,12 @@ pub fn pair() -> (PairBackend, PairPeer) {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for the call to fill.
     let rc = unsafe {
-        libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
     };
     assert_eq!(rc, 0, "socketpair: {}", io::Error::last_os_error());
     // SAFETY: both fds were just created and are owned by nothing else.
@@ -305,10 +310,8 @@ impl TestGuest {
         let mut bounds = vec![0usize];
         bounds.extend(cuts.iter().copied().filter(|&c| c > 0 && c < bytes.len()));
         bounds.push(bytes.len());
-        let bufs: Vec<_> = bounds
-            .windows(2)
-            .map(|w| (addr.unchecked_add(w[0] as u64), (w[1] - w[0]) as u32, false))
-            .collect();
+        let bufs: Vec<_> =
+            bounds.windows(2).map(|w| (addr.unchecked_add(w[0] as u64), (w[1] - w[0]) as u32, false)).collect();
         self.add_chain(TXQ_INDEX, &bufs)
     }
 
