@@ -356,6 +356,35 @@ mod tests {
     }
 
     #[test]
+    fn net_devices_are_checked_before_the_vm() {
+        use crate::devices::virtio::net::MacAddr;
+        let d = tempfile::tempdir().unwrap();
+        let net = |tap: TapSource, last: u8, mtu: u32| NetConfig { tap, mac: MacAddr([2, 0, 0, 0, 0, last]), mtu };
+        let mut c = good(d.path());
+        c.net = vec![net(TapSource::Fd(3), 1, 1500), net(TapSource::Name("tap1".into()), 2, 9000)];
+        c.validate().unwrap();
+        // In JSON as the runtime writes it, and back.
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains(r#""net":[{"tap":{"fd":3},"mac":"02:00:00:00:00:01","mtu":1500}"#), "{text}");
+        assert_eq!(serde_json::from_str::<VmConfig>(&text).unwrap(), c);
+
+        let mut bad = c.clone();
+        bad.net[1].mac = bad.net[0].mac;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("MAC 02:00:00:00:00:01") && e.contains("more than one"), "{e}");
+        let mut bad = c.clone();
+        bad.net[1].tap = TapSource::Fd(3);
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("fd 3") && e.contains("more than one"), "{e}");
+        let mut bad = c.clone();
+        bad.net[0].mtu = 20;
+        assert!(bad.validate().unwrap_err().to_string().contains("mtu 20"));
+        let mut bad = c;
+        bad.net[0].mac = MacAddr([3, 0, 0, 0, 0, 1]);
+        assert!(bad.validate().unwrap_err().to_string().contains("03:00:00:00:00:01"));
+    }
+
+    #[test]
     fn fs_shares_are_checked_before_the_vm() {
         let d = tempfile::tempdir().unwrap();
         let share = |tag: &str, dir: PathBuf| FsConfig {
