@@ -404,6 +404,18 @@ mod tests {
             let mut vm = Vm::start(&assets, d.path(), &opts).expect("start");
             let agent = vm.wait_for_agent(Duration::from_secs(300));
             let log = std::fs::read_to_string(d.path().join("vmm.log")).unwrap_or_default();
+            // Without the terminal colours tracing puts in.
+            let mut plain = String::new();
+            let mut in_escape = false;
+            for c in log.chars() {
+                match (in_escape, c) {
+                    (false, '\u{1b}') => in_escape = true,
+                    (false, c) => plain.push(c),
+                    (true, 'm') => in_escape = false,
+                    (true, _) => {}
+                }
+            }
+            let log = plain;
             agent.unwrap_or_else(|e| panic!("{e}\nVMM log:\n{log}"));
             assert!(log.contains("device activated device=1"), "{log}");
             assert!(!log.contains("needs a reset"), "{log}");
