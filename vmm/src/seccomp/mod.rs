@@ -267,6 +267,17 @@ mod tests {
         }
     }
 
+    /// The net worker's one ioctl and the vsock worker's one are both in
+    /// the spawner's union (neither replaces the other).
+    #[test]
+    fn device_ioctls_add_up_in_the_spawner() {
+        let count = |kind| rules::allowed(kind).get(&libc::SYS_ioctl).map(Vec::len);
+        assert_eq!(count(ThreadKind::Net), Some(1));
+        assert_eq!(count(ThreadKind::Vsock), Some(1));
+        assert_eq!(count(ThreadKind::Spawner), Some(2));
+        assert_eq!(count(ThreadKind::Fs), None);
+    }
+
     /// A device thread starts under the spawner's filter and then adds its
     /// own: the spawner must allow all of it.
     #[test]

@@ -267,11 +267,14 @@ fn fs(rules: &mut Rules) {
 }
 
 /// The net worker: its epoll loop (in `event_loop`: `read` of frames
-/// from the tap, epoll_ctl to stop and resume polling it) and `writev` of
-/// frames to the tap (in `common`). The tap was opened and configured
-/// before the VM ran; nothing is opened, created or ioctl'ed here.
+/// from the tap, epoll_ctl to stop and resume polling it), `writev` of
+/// frames to the tap (in `common`), and turning the tap's offloads on and
+/// off for what the driver negotiated (TUNSETOFFLOAD, the only ioctl). The
+/// tap was opened and configured before the VM ran; nothing is opened here.
 fn net(rules: &mut Rules) {
     event_loop(rules);
+    // Added to, not replacing, what another kind allows (the spawner's union).
+    rules.entry(libc::SYS_ioctl).or_default().extend(arg_in(1, &[libc::TUNSETOFFLOAD]));
 }
 
 /// The spawner: creating threads, which then confine themselves.

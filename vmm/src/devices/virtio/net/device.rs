@@ -8,7 +8,11 @@ use std::thread::JoinHandle;
 use tracing::{error, info};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -18,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs::*;
 use super::metrics::NetMetrics;
 use super::tap::Tap;
-use super::{MacAddr, NetBackend, NetConfig, NetError, TxFrame};
+use super::{MacAddr, NetBackend, NetConfig, NetError, Offloads, TxFrame};
 use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
 
 /// The most spans a frame may be gathered from (Linux `IOV_MAX`, the
@@ -26,6 +30,45 @@ use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice
 const MAX_TX_IOVECS: usize = 1024;
 
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
+
+/// `virtio_net_hdr.flags`: the frame's checksum is partial (csum_start/offset).
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `virtio_net_hdr.flags`: the frame's checksum was verified.
+const HDR_F_DATA_VALID: u8 = 2;
+/// `virtio_net_hdr.gso_type` values.
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+
+fn has(features: u64, bit: u32) -> bool {
+    features & (1u64 << bit) != 0
+}
+
+/// What the guest may put in its tx headers, after the feature
+/// dependencies of virtio 1.2 5.1.3.1 (segmentation needs checksum offload).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TxOffloads {
+    csum: bool,
+    tso4: bool,
+    tso6: bool,
+}
+
+fn offloads(features: u64) -> (TxOffloads, Offloads) {
+    let csum = has(features, VIRTIO_NET_F_CSUM);
+    let guest_csum = has(features, VIRTIO_NET_F_GUEST_CSUM);
+    (
+        TxOffloads {
+            csum,
+            tso4: csum && has(features, VIRTIO_NET_F_HOST_TSO4),
+            tso6: csum && has(features, VIRTIO_NET_F_HOST_TSO6),
+        },
+        Offloads {
+            csum: guest_csum,
+            tso4: guest_csum && has(features, VIRTIO_NET_F_GUEST_TSO4),
+            tso6: guest_csum && has(features, VIRTIO_NET_F_GUEST_TSO6),
+        },
+    )
+}
 
 /// The virtio-net device, generic over its host backend.
 #[derive(Debug)]
@@ -69,7 +112,13 @@ impl<B: NetBackend + 'static> Net<B> {
                 | (1u64 << VIRTIO_RING_F_EVENT_IDX)
                 | (1u64 << VIRTIO_NET_F_MAC)
                 | (1u64 << VIRTIO_NET_F_MTU)
-                | (1u64 << VIRTIO_NET_F_STATUS),
+                | (1u64 << VIRTIO_NET_F_STATUS)
+                | (1u64 << VIRTIO_NET_F_CSUM)
+                | (1u64 << VIRTIO_NET_F_HOST_TSO4)
+                | (1u64 << VIRTIO_NET_F_HOST_TSO6)
+                | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
+                | (1u64 << VIRTIO_NET_F_GUEST_TSO4)
+                | (1u64 << VIRTIO_NET_F_GUEST_TSO6),
             acked_features: 0,
             backend: Some(backend),
             worker: None,
@@ -182,7 +231,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
                 return Err(e.into());
             }
         };
-        let worker = NetWorker::new(mem, interrupt, queues, backend, self.metrics.clone());
+        let worker = NetWorker::new(mem, interrupt, queues, backend, self.metrics.clone(), self.acked_features);
         let handle =
             crate::seccomp::spawn(crate::seccomp::ThreadKind::Net, "net".into(), move || worker.run(worker_kill))?;
         self.worker = Some(Worker { kill, handle });
@@ -253,6 +302,10 @@ enum BadTx {
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error("tx descriptor address overflows")]
     Overflow,
+    #[error("tx header asks for segmentation the driver did not negotiate (gso_type {0:#x})")]
+    Gso(u8),
+    #[error("tx header asks for segmentation into segments of 0 bytes")]
+    GsoSizeZero,
 }
 
 /// Why an rx chain was given back empty.
@@ -280,10 +333,12 @@ pub(crate) struct NetWorker<B> {
     rx_spans: Vec<(GuestAddress, usize)>,
     tx_iovecs: IovecBuf,
     tx_spans: Vec<(GuestAddress, usize)>,
-    /// The header written before every tx frame: no offloads were
-    /// negotiated, so whatever the guest put in its header means nothing
-    /// and is not passed on to the host kernel.
+    /// The header written before every tx frame: the guest's, checked,
+    /// or all zeros when no tx offload was negotiated (the guest's header
+    /// then means nothing and is not passed on to the host kernel).
     tx_hdr: Box<[u8; VNET_HDR_LEN]>,
+    tx_offloads: TxOffloads,
+    pub(crate) rx_offloads: Offloads,
     /// A queue was found corrupt: the device stopped (DEVICE_NEEDS_RESET).
     pub(crate) broken: bool,
 }
@@ -295,7 +350,9 @@ impl<B: NetBackend> NetWorker<B> {
         queues: Vec<ActiveQueue>,
         backend: B,
         metrics: Arc<NetMetrics>,
+        features: u64,
     ) -> Self {
+        let (tx_offloads, rx_offloads) = offloads(features);
         NetWorker {
             mem,
             interrupt,
@@ -307,6 +364,8 @@ impl<B: NetBackend> NetWorker<B> {
             tx_iovecs: IovecBuf::default(),
             tx_spans: Vec::new(),
             tx_hdr: Box::new([0; VNET_HDR_LEN]),
+            tx_offloads,
+            rx_offloads,
             broken: false,
         }
     }
@@ -358,7 +417,19 @@ impl<B: NetBackend> NetWorker<B> {
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let built = gather_tx(&self.mem, chain, &self.tx_hdr, &mut self.tx_iovecs.0, &mut self.tx_spans);
+                let mut guest_hdr = [0u8; VNET_HDR_LEN];
+                let built = gather_tx(
+                    &self.mem,
+                    chain,
+                    &self.tx_hdr,
+                    &mut guest_hdr,
+                    &mut self.tx_iovecs.0,
+                    &mut self.tx_spans,
+                )
+                .and_then(|len| {
+                    *self.tx_hdr = tx_header(&guest_hdr, self.tx_offloads)?;
+                    Ok(len)
+                });
                 match built {
                     Ok(len) => {
                         let frame = TxFrame {
@@ -519,15 +590,17 @@ impl<B: NetBackend> NetWorker<B> {
             crate::guest_warn!(len = n, "net: dropping a runt frame from the tap");
             return None;
         };
-        // Offloads are off on the tap, so it never hands us a partial
-        // checksum or a GSO super-frame; if it did, the guest (which
-        // negotiated neither) would get a corrupt frame.
-        let (flags, gso_type) = (frame[0], frame[1]);
-        if flags & 1 != 0 || gso_type != 0 {
+        // The tap was told what the guest accepts, so it should never hand
+        // over more; if it did, the guest would take a corrupt frame.
+        let Some(hdr) = rx_header(&frame[..VNET_HDR_LEN], self.rx_offloads) else {
             NetMetrics::inc(&self.metrics.rx_dropped);
-            crate::guest_warn!(flags, gso_type, "net: dropping an offloaded frame the guest cannot take");
+            crate::guest_warn!(
+                flags = frame[0],
+                gso_type = frame[1],
+                "net: dropping an offloaded frame the guest cannot take"
+            );
             return None;
-        }
+        };
         let used = u32::try_from(n).ok().filter(|_| n as u64 <= capacity);
         let Some(used) = used else {
             NetMetrics::inc(&self.metrics.rx_dropped);
@@ -538,9 +611,6 @@ impl<B: NetBackend> NetWorker<B> {
             );
             return None;
         };
-        // virtio_net_hdr_v1: no flags, no GSO, one buffer.
-        let mut hdr = [0u8; VNET_HDR_LEN];
-        hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
         let mut src: &[u8] = &hdr;
         let mut rest = &frame[VNET_HDR_LEN..];
         for &(addr, len) in &self.rx_spans {
@@ -582,13 +652,59 @@ impl<B: NetBackend> NetWorker<B> {
     }
 }
 
+/// The header to write before a tx frame whose guest header is `guest`.
+fn tx_header(guest: &[u8; VNET_HDR_LEN], allowed: TxOffloads) -> Result<[u8; VNET_HDR_LEN], BadTx> {
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    if !allowed.csum {
+        return Ok(hdr);
+    }
+    hdr[..10].copy_from_slice(&guest[..10]);
+    // NEEDS_CSUM is the only flag a driver sets.
+    hdr[0] &= HDR_F_NEEDS_CSUM;
+    match guest[1] {
+        GSO_NONE => {}
+        GSO_TCPV4 if allowed.tso4 => {}
+        GSO_TCPV6 if allowed.tso6 => {}
+        // UDP, the ECN bit (HOST_ECN is not offered), anything else.
+        other => return Err(BadTx::Gso(other)),
+    }
+    if guest[1] != GSO_NONE && u16::from_le_bytes([guest[4], guest[5]]) == 0 {
+        return Err(BadTx::GsoSizeZero);
+    }
+    Ok(hdr)
+}
+
+/// The header the guest gets for a host frame whose tap header is `tap`,
+/// or None if the frame needs an offload the guest did not accept.
+fn rx_header(tap: &[u8], allowed: Offloads) -> Option<[u8; VNET_HDR_LEN]> {
+    let (flags, gso_type) = (tap[0], tap[1]);
+    if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 || (flags & HDR_F_NEEDS_CSUM != 0 && !allowed.csum) {
+        return None;
+    }
+    match gso_type {
+        GSO_NONE => {}
+        GSO_TCPV4 if allowed.tso4 => {}
+        GSO_TCPV6 if allowed.tso6 => {}
+        _ => return None,
+    }
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    // DATA_VALID too is for a driver that negotiated GUEST_CSUM only.
+    if allowed.csum {
+        hdr[..10].copy_from_slice(&tap[..10]);
+    }
+    // One buffer per frame (no MRG_RXBUF).
+    hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
+    Some(hdr)
+}
+
 /// Walks a tx chain into `iovecs` (the device's header first, then the
-/// frame's bytes after the guest's header) and `spans`; returns the frame's
-/// length including the header.
+/// frame's bytes after the guest's header), `spans` and `guest_hdr`;
+/// returns the frame's length including the header.
 fn gather_tx<I: Iterator<Item = Descriptor>>(
     mem: &GuestMemoryMmap,
     chain: I,
     hdr: &[u8; VNET_HDR_LEN],
+    guest_hdr: &mut [u8; VNET_HDR_LEN],
     iovecs: &mut Vec<libc::iovec>,
     spans: &mut Vec<(GuestAddress, usize)>,
 ) -> Result<usize, BadTx> {
@@ -607,6 +723,10 @@ fn gather_tx<I: Iterator<Item = Descriptor>>(
             return Err(BadTx::TooLong(total));
         }
         let cut = skip.min(len);
+        if cut > 0 {
+            let at = VNET_HDR_LEN - skip;
+            mem.read_slice(&mut guest_hdr[at..at + cut], desc.addr())?;
+        }
         skip -= cut;
         let len = len - cut;
         if len == 0 {

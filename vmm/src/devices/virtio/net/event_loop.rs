@@ -10,13 +10,13 @@
 use std::io;
 use std::os::unix::io::AsRawFd;
 
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::defs::{RXQ_INDEX, TXQ_INDEX};
 use super::device::{NetWorker, RxState, TxState};
-use super::NetBackend;
+use super::{NetBackend, Offloads};
 
 const TOKEN_RXQ: u64 = 0;
 const TOKEN_TXQ: u64 = 1;
@@ -26,12 +26,27 @@ const TOKEN_KILL: u64 = 3;
 impl<B: NetBackend> NetWorker<B> {
     /// Runs until `kill` is signalled; gives the backend back.
     pub(crate) fn run(mut self, kill: EventFd) -> B {
+        let offloads = self.rx_offloads;
+        // Here rather than on the vCPU thread that activates the device:
+        // only this thread kind may make the ioctl.
+        if offloads != Offloads::default() {
+            if let Err(e) = self.backend.set_rx_offloads(offloads) {
+                // The tap then hands over whole frames only, which the guest takes too.
+                warn!("net: cannot turn the tap's offloads on: {e}");
+            }
+        }
         if let Err(e) = self.event_loop(&kill) {
             error!("net: worker stopped: {e}");
         }
         self.log_metrics();
         if self.broken {
             crate::devices::virtio::wait_for_kill(&kill);
+        }
+        // The next driver may negotiate less.
+        if offloads != Offloads::default() {
+            if let Err(e) = self.backend.set_rx_offloads(Offloads::default()) {
+                warn!("net: cannot turn the tap's offloads off: {e}");
+            }
         }
         self.backend
     }

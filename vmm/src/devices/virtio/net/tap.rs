@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tracing::debug;
 
 use super::defs::{MAX_IFNAME_LEN, VNET_HDR_LEN};
-use super::{NetBackend, NetError, TapSource, TxFrame};
+use super::{NetBackend, NetError, Offloads, TapSource, TxFrame};
 
 /// The flags a tap must have: Ethernet frames, no packet-info prefix, a
 /// virtio-net header.
@@ -152,6 +152,25 @@ impl NetBackend for Tap {
 
     fn poll_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    fn set_rx_offloads(&mut self, o: Offloads) -> io::Result<()> {
+        // Segmentation offloads need checksum offload (the tap refuses them alone).
+        let mut flags = 0;
+        if o.csum {
+            flags |= libc::TUN_F_CSUM;
+            if o.tso4 {
+                flags |= libc::TUN_F_TSO4;
+            }
+            if o.tso6 {
+                flags |= libc::TUN_F_TSO6;
+            }
+        }
+        // SAFETY: TUNSETOFFLOAD takes an integer argument.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

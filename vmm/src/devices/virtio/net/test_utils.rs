@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::defs::*;
 use super::tap::{read_fd, writev_fd};
-use super::{NetBackend, TxFrame};
+use super::{NetBackend, Offloads, TxFrame};
 use crate::devices::virtio::ActiveQueue;
 
 /// A backend over one end of a seqpacket socketpair; the test holds the
@@ -30,6 +30,8 @@ pub struct PairBackend {
     fd: OwnedFd,
     /// When set, every write fails with this errno (a tap that refuses frames).
     pub write_errno: Option<i32>,
+    /// Every `set_rx_offloads` call.
+    pub offloads: Vec<Offloads>,
 }
 
 /// The test's end of a [`PairBackend`]: the "host network".
@@ -53,7 +55,7 @@ pub fn pair() -> (PairBackend, PairPeer) {
     assert_eq!(rc, 0, "socketpair: {}", io::Error::last_os_error());
     // SAFETY: both fds were just created and are owned by nothing else.
     let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    (PairBackend { fd: a, write_errno: None }, PairPeer { fd: b })
+    (PairBackend { fd: a, write_errno: None, offloads: Vec::new() }, PairPeer { fd: b })
 }
 
 impl NetBackend for PairBackend {
@@ -70,6 +72,11 @@ impl NetBackend for PairBackend {
 
     fn poll_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    fn set_rx_offloads(&mut self, offloads: Offloads) -> io::Result<()> {
+        self.offloads.push(offloads);
+        Ok(())
     }
 }
 
