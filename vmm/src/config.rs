@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::fs::{self, FsConfig, FsError};
+use crate::devices::virtio::net::{NetConfig, NetError, TapSource};
 
 /// The smallest guest RAM we accept: the kernel image is loaded at 16 MiB
 /// and needs room to unpack itself and the initramfs.
@@ -100,6 +101,10 @@ pub struct VmConfig {
     /// virtio-fs devices, one host directory each, with distinct tags.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// virtio-net devices, one tap each, with distinct MACs (in this order
+    /// on the MMIO bus, after vsock and fs: the guest's eth0, eth1, ...).
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 /// Why a configuration was rejected.
@@ -107,6 +112,8 @@ pub struct VmConfig {
 pub enum ConfigError {
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("cannot read config file {path}: {source}")]
     ReadFile {
         path: PathBuf,
@@ -205,6 +212,7 @@ impl VmConfig {
         for f in &self.fs {
             f.validate()?;
         }
+        check_net(&self.net)?;
         Ok(())
     }
 
@@ -212,6 +220,24 @@ impl VmConfig {
     pub fn mem_bytes(&self) -> u64 {
         u64::from(self.mem_mib) << 20
     }
+}
+
+/// Checks every net device and that no two share a MAC, an fd or a tap name.
+fn check_net(net: &[NetConfig]) -> Result<(), NetError> {
+    let mut seen = std::collections::HashSet::new();
+    for n in net {
+        n.validate()?;
+        let tap = match &n.tap {
+            TapSource::Fd(fd) => format!("fd {fd}"),
+            TapSource::Name(name) => format!("tap {name:?}"),
+        };
+        for key in [format!("MAC {}", n.mac), tap] {
+            if !seen.insert(key.clone()) {
+                return Err(NetError::Duplicate(key));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `path` is a readable 64-bit little-endian x86_64 ELF executable.
@@ -325,7 +351,37 @@ mod tests {
             serial: SerialOutput::File(dir.join("console.log")),
             vsock: Some(VsockConfig { uds_path: dir.join("v.sock"), guest_cid: 3 }),
             fs: Vec::new(),
+            net: Vec::new(),
         }
+    }
+
+    #[test]
+    fn net_devices_are_checked_before_the_vm() {
+        use crate::devices::virtio::net::MacAddr;
+        let d = tempfile::tempdir().unwrap();
+        let net = |tap: TapSource, last: u8, mtu: u32| NetConfig { tap, mac: MacAddr([2, 0, 0, 0, 0, last]), mtu };
+        let mut c = good(d.path());
+        c.net = vec![net(TapSource::Fd(3), 1, 1500), net(TapSource::Name("tap1".into()), 2, 9000)];
+        c.validate().unwrap();
+        // In JSON as the runtime writes it, and back.
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains(r#""net":[{"tap":{"fd":3},"mac":"02:00:00:00:00:01","mtu":1500}"#), "{text}");
+        assert_eq!(serde_json::from_str::<VmConfig>(&text).unwrap(), c);
+
+        let mut bad = c.clone();
+        bad.net[1].mac = bad.net[0].mac;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("MAC 02:00:00:00:00:01") && e.contains("more than one"), "{e}");
+        let mut bad = c.clone();
+        bad.net[1].tap = TapSource::Fd(3);
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("fd 3") && e.contains("more than one"), "{e}");
+        let mut bad = c.clone();
+        bad.net[0].mtu = 20;
+        assert!(bad.validate().unwrap_err().to_string().contains("mtu 20"));
+        let mut bad = c;
+        bad.net[0].mac = MacAddr([3, 0, 0, 0, 0, 1]);
+        assert!(bad.validate().unwrap_err().to_string().contains("03:00:00:00:00:01"));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use anyhow::Context;
 use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use carapace_vmm::cmdline::HostKind;
 use carapace_vmm::devices::virtio::fs::FsConfig;
+use carapace_vmm::devices::virtio::net::NetConfig;
 use carapace_vmm::seccomp::{self, Filters, SeccompLevel, ThreadKind};
 use carapace_vmm::{SerialOutput, VmConfig, VmExit, Vmm, VsockConfig};
 use clap::Parser;
@@ -27,6 +28,8 @@ use clap::Parser;
 #[command(name = "carapace-vmm", version, about)]
 struct Cli {
     /// Read the whole VM config from this JSON file (excludes the other VM flags).
+    /// `--net` may be given with it: those devices come after the file's
+    /// (inherited tap fds are per process, so they do not belong in a file).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_mib", "serial", "vsock_uds", "cid", "fs"])]
     config: Option<PathBuf>,
     /// Uncompressed guest kernel (vmlinux ELF).
@@ -56,6 +59,12 @@ struct Cli {
     /// Share a host directory over virtio-fs: `TAG:DIR[:ro]` (repeatable).
     #[arg(long, value_name = "TAG:DIR[:ro]", value_parser = parse_fs)]
     fs: Vec<FsConfig>,
+    /// A virtio-net device on a tap (repeatable): `fd=N` uses an inherited,
+    /// open tap file (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR; the runtime's way),
+    /// `tap=NAME` creates or attaches to tap NAME in the VMM's network
+    /// namespace; `mtu` defaults to 1500.
+    #[arg(long, value_name = "fd=N|tap=NAME,mac=MAC[,mtu=M]", value_parser = parse_net)]
+    net: Vec<NetConfig>,
     /// Print the kernel command line this host gets (without device entries) and exit.
     #[arg(long)]
     print_cmdline: bool,
@@ -68,7 +77,7 @@ struct Cli {
     #[arg(long, hide = true, conflicts_with = "no_seccomp")]
     seccomp_log: bool,
     /// Install the filter of thread kind KIND (vmm, vcpu, vsock, fs,
-    /// spawner) on the main thread, then make a system call no VMM thread
+    /// net, spawner) on the main thread, then make a system call no VMM thread
     /// may make: the process must die of SIGSYS (a test hook).
     #[arg(long, hide = true, value_name = "KIND")]
     seccomp_selftest: Option<String>,
@@ -88,10 +97,16 @@ fn parse_fs(s: &str) -> Result<FsConfig, String> {
     Ok(FsConfig { tag: tag.into(), shared_dir: dir.into(), read_only, cache: Default::default() })
 }
 
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse().map_err(|e: carapace_vmm::devices::virtio::net::NetError| e.to_string())
+}
+
 impl Cli {
     fn into_config(self) -> Result<VmConfig, carapace_vmm::ConfigError> {
         if let Some(path) = self.config {
-            return VmConfig::from_file(&path);
+            let mut config = VmConfig::from_file(&path)?;
+            config.net.extend(self.net);
+            return Ok(config);
         }
         Ok(VmConfig {
             // clap guarantees --kernel when --config is absent.
@@ -106,6 +121,7 @@ impl Cli {
                 _ => None,
             },
             fs: self.fs,
+            net: self.net,
         })
     }
 }

@@ -25,6 +25,7 @@ use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::legacy::{open_sink, SerialDevice, SerialError, I8042};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmEvent, VmExit};
@@ -145,6 +146,13 @@ impl Vmm {
             .iter()
             .map(|f| Fs::new(f.clone()).map_err(ConfigError::Fs))
             .collect::<Result<Vec<_>, _>>()?;
+        // Taps are opened (or inherited ones checked) before the guest
+        // exists: a bad fd or name fails the start, not the guest's boot.
+        let nets = config
+            .net
+            .iter()
+            .map(|n| Net::new(n).map_err(ConfigError::Net))
+            .collect::<Result<Vec<_>, _>>()?;
         info!(?host, "host KVM kind");
 
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
@@ -187,6 +195,9 @@ impl Vmm {
         }
         for share in shares {
             vmm.add_virtio_device(Box::new(share))?;
+        }
+        for net in nets {
+            vmm.add_virtio_device(Box::new(net))?;
         }
         vmm.cmdline = cmdline::build(vmm.host, &vmm.slots, &config.cmdline)?;
         info!(cmdline = %vmm.cmdline, "kernel command line");
@@ -520,6 +531,7 @@ mod tests {
             serial: SerialOutput::File(dir.join("console.log")),
             vsock: None,
             fs: Vec::new(),
+            net: Vec::new(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! | [`ThreadKind::Vcpu`] | `vcpu<N>` | `KVM_RUN` and the device emulation behind MMIO/PIO exits: serial output, virtio-mmio registers, device activation and reset |
 //! | [`ThreadKind::Vsock`] | `vsock` | the vsock device's event loop: epoll, the Unix sockets of the hybrid-vsock backend |
 //! | [`ThreadKind::Fs`] | `fs-<tag>` | the virtio-fs device's event loop: the passthrough file system's file operations on the share |
+//! | [`ThreadKind::Net`] | `net` | a virtio-net device's event loop: reads and writes on its (already open) tap |
 //! | [`ThreadKind::Spawner`] | `spawner` | starts device threads on request (see below) |
 //!
 //! Why a spawner: a thread inherits its creator's filter, and filters only
@@ -52,14 +53,16 @@ pub enum ThreadKind {
     Vsock,
     /// A virtio-fs device's worker.
     Fs,
+    /// A virtio-net device's worker.
+    Net,
     /// The thread that starts device workers.
     Spawner,
 }
 
 impl ThreadKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ThreadKind; 5] =
-        [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Vsock, ThreadKind::Fs, ThreadKind::Spawner];
+    pub const ALL: [ThreadKind; 6] =
+        [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Vsock, ThreadKind::Fs, ThreadKind::Net, ThreadKind::Spawner];
 
     /// The kind's name (as `--seccomp-selftest` takes it).
     pub fn name(self) -> &'static str {
@@ -68,6 +71,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Vsock => "vsock",
             ThreadKind::Fs => "fs",
+            ThreadKind::Net => "net",
             ThreadKind::Spawner => "spawner",
         }
     }
@@ -83,7 +87,8 @@ impl ThreadKind {
             ThreadKind::Vcpu => 1,
             ThreadKind::Vsock => 2,
             ThreadKind::Fs => 3,
-            ThreadKind::Spawner => 4,
+            ThreadKind::Net => 4,
+            ThreadKind::Spawner => 5,
         }
     }
 }
@@ -262,12 +267,23 @@ mod tests {
         }
     }
 
+    /// The net worker's one ioctl and the vsock worker's one are both in
+    /// the spawner's union (neither replaces the other).
+    #[test]
+    fn device_ioctls_add_up_in_the_spawner() {
+        let count = |kind| rules::allowed(kind).get(&libc::SYS_ioctl).map(Vec::len);
+        assert_eq!(count(ThreadKind::Net), Some(1));
+        assert_eq!(count(ThreadKind::Vsock), Some(1));
+        assert_eq!(count(ThreadKind::Spawner), Some(2));
+        assert_eq!(count(ThreadKind::Fs), None);
+    }
+
     /// A device thread starts under the spawner's filter and then adds its
     /// own: the spawner must allow all of it.
     #[test]
     fn the_spawner_allows_what_device_threads_do() {
         let spawner = rules::allowed(ThreadKind::Spawner);
-        for kind in [ThreadKind::Vsock, ThreadKind::Fs] {
+        for kind in [ThreadKind::Vsock, ThreadKind::Fs, ThreadKind::Net] {
             for call in rules::allowed(kind).keys() {
                 assert!(spawner.contains_key(call), "{kind} needs syscall {call}, the spawner lacks it");
             }

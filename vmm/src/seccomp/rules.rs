@@ -105,11 +105,13 @@ pub(super) fn allowed(kind: ThreadKind) -> Rules {
         ThreadKind::Vcpu => vcpu(&mut rules),
         ThreadKind::Vsock => vsock(&mut rules),
         ThreadKind::Fs => fs(&mut rules),
+        ThreadKind::Net => net(&mut rules),
         ThreadKind::Spawner => {
             // Device threads start here and inherit this filter until they
             // install their own: the union of both, plus thread creation.
             vsock(&mut rules);
             fs(&mut rules);
+            net(&mut rules);
             spawner(&mut rules);
         }
     }
@@ -262,6 +264,17 @@ fn fs(rules: &mut Rules) {
             libc::SYS_capset,
         ],
     );
+}
+
+/// The net worker: its epoll loop (in `event_loop`: `read` of frames
+/// from the tap, epoll_ctl to stop and resume polling it), `writev` of
+/// frames to the tap (in `common`), and turning the tap's offloads on and
+/// off for what the driver negotiated (TUNSETOFFLOAD, the only ioctl). The
+/// tap was opened and configured before the VM ran; nothing is opened here.
+fn net(rules: &mut Rules) {
+    event_loop(rules);
+    // Added to, not replacing, what another kind allows (the spawner's union).
+    rules.entry(libc::SYS_ioctl).or_default().extend(arg_in(1, &[libc::TUNSETOFFLOAD]));
 }
 
 /// The spawner: creating threads, which then confine themselves.

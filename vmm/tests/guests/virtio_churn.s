@@ -49,6 +49,16 @@
     # fs: the same (a fresh FUSE server is built on reset).
     bringup 0xd0001000, 2, 0x410000
     mov dword ptr [rbx+0x70], 0
+    # net: the same (the tap stays open across the reset).
+    bringup 0xd0002000, 2, 0x420000
+    mov dword ptr [rbx+0x70], 0
+    # net with a corrupt tx available index: broken, parked, reset.
+    mov word ptr [0x421102], 0x1000
+    bringup 0xd0002000, 2, 0x420000
+    mov ecx, 2000000
+4:  dec ecx
+    jnz 4b
+    mov dword ptr [rbx+0x70], 0
     # vsock again with a corrupt tx available index: the worker marks the
     # device broken and parks; then the reset stops it.
     mov word ptr [0x401102], 0x1000

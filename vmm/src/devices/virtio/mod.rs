@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 /// virtio-mmio InterruptStatus bit: the device used buffers.
@@ -108,7 +109,7 @@ pub struct ActiveQueue {
 
 /// What every virtio device offers its transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (e.g. 19 for vsock, 26 for fs).
+    /// The virtio device ID (e.g. 1 for net, 19 for vsock, 26 for fs).
     fn device_type(&self) -> u32;
     /// The maximum size of each of the device's queues; its length is the queue count.
     fn queue_max_sizes(&self) -> &[u16];
