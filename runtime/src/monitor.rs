@@ -28,6 +28,7 @@ use crate::container::{agent_error, ContainerError, Ready, Runtime};
 use crate::sandbox;
 use crate::state::{ContainerRecord, Status};
 use crate::stdio::{self, ConsolePty, HostIo, RawMode, Relay, StdioPorts};
+use crate::network::{self, PodNetwork};
 use crate::vm::{Vm, VmOptions};
 use crate::{hooks, proc};
 
@@ -219,13 +220,14 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
             return 1;
         }
     };
-    let Started { mut vm, agent, session, ready: r } = started;
+    let Started { mut vm, agent, session, ready: r, network } = started;
     detach_stdio();
     if !report(&mut ready, &r) {
         // `create` is gone before it saw the container: nobody will start
         // or delete it through us, so do not leave a VM running.
         tracing::warn!("create went away; stopping the sandbox");
         stop_vm(&mut vm, &agent);
+        drop(network);
         return 1;
     }
     wait_events(&agent, id, "", tx.clone());
@@ -237,6 +239,7 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
         record_stopped(rt, id, &result, &rx);
     }
     stop_vm(&mut vm, &agent);
+    drop(network);
     code
 }
 
@@ -249,6 +252,8 @@ struct Started {
     agent: AgentClient,
     session: Session,
     ready: Ready,
+    /// Dropped after the VM stops: removes the redirects to its taps.
+    network: Option<PodNetwork>,
 }
 
 /// Everything `create` does before it returns: the share, the VM, the
@@ -264,11 +269,24 @@ fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Op
     let assets = GuestAssets::locate().map_err(|e| ContainerError::Create(e.to_string()))?;
     let mut opts = vm_options(&bundle.spec);
     opts.fs.push(sandbox::share(&shared));
+    let mut network = match network::netns_path(&bundle.spec) {
+        Some(path) => Some(network::attach(&path).map_err(|e| ContainerError::Create(e.to_string()))?),
+        None => None,
+    };
+    if let Some(n) = network.as_mut() {
+        opts.net = n.take_taps();
+    }
     let mut vm = Vm::start_owned(&assets, &dir, &opts).map_err(|e| ContainerError::Create(e.to_string()))?;
+    // Only the VMM holds the taps from here on.
+    opts.net.clear();
     let conn = vm.wait_for_agent(BOOT_TIMEOUT).map_err(|e| ContainerError::Create(e.to_string()))?;
     let agent = AgentClient::new(conn);
 
-    let req = sandbox::create_sandbox_request(id, bundle.spec.hostname().as_deref());
+    let mut req = sandbox::create_sandbox_request(id, bundle.spec.hostname().as_deref());
+    sandbox::dns_files(&bundle.spec, &bundle.dir, &mut req);
+    if let Some(n) = &network {
+        n.describe(&mut req);
+    }
     agent.create_sandbox(crate::agent::ctx(), &req).map_err(|e| agent_error("CreateSandbox", e))?;
 
     let vmm_pid = vm.pid();
@@ -298,7 +316,7 @@ fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Op
         guest_pid: created.pid,
         error: None,
     };
-    Ok(Started { vm, agent, session, ready })
+    Ok(Started { vm, agent, session, ready, network })
 }
 
 /// VM size: annotations `io.carapace.vcpus` and `io.carapace.memory_mib`

@@ -3,6 +3,7 @@
 
 use carapace_runtime::assets::AssetError;
 use carapace_runtime::bundle::BundleError;
+use carapace_runtime::network::NetworkError;
 use carapace_runtime::sandbox::SandboxError;
 use carapace_runtime::vm::VmError;
 
@@ -34,6 +35,8 @@ pub enum ShimError {
     Assets(#[from] AssetError),
     #[error("sandbox share: {0}")]
     Share(#[from] SandboxError),
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
@@ -65,6 +68,8 @@ impl ShimError {
             Self::Agent { code: Some(code), .. } => *code,
             Self::Agent { code: None, .. } => ttrpc::Code::UNAVAILABLE,
             Self::Assets(_) => ttrpc::Code::FAILED_PRECONDITION,
+            Self::Network(NetworkError::Namespace { .. }) => ttrpc::Code::INVALID_ARGUMENT,
+            Self::Network(_) => ttrpc::Code::INTERNAL,
             Self::Vm(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => {
                 ttrpc::Code::INTERNAL
             }

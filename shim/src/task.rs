@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use carapace_protocol::agent;
 use carapace_runtime::bundle::Bundle;
+use carapace_runtime::network::{self, PodNetwork};
 use carapace_runtime::sandbox;
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
@@ -28,7 +29,6 @@ use containerd_shim::protos::events::task::{
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::ExitSignal;
-use oci_spec::runtime::Spec;
 use ttrpc::TtrpcContext;
 
 use crate::container::Container;
@@ -66,12 +66,16 @@ pub struct Sandbox {
     pub shared: PathBuf,
     vm: Box<dyn SandboxVm>,
     guest: Arc<dyn Guest>,
+    /// The pod's network namespace wired to the VM, if the spec named one.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 impl Sandbox {
     fn stop(&self) {
         let _span = tracing::info_span!("stop_sandbox", sandbox = %self.id).entered();
         self.vm.stop();
+        // The VMM held the taps: now the redirects can go too.
+        drop(lock(&self.network).take());
         rootfs::remove_sandbox_dir(&self.dir);
     }
 }
@@ -192,7 +196,7 @@ impl Inner {
         if lock(&self.containers).contains_key(&req.id) {
             return Err(ShimError::AlreadyExists(format!("container {} already exists", req.id)));
         }
-        let (sb, booted) = self.ensure_sandbox(&mut slot, &req.id, &bundle.spec)?;
+        let (sb, booted) = self.ensure_sandbox(&mut slot, &req.id, &bundle)?;
         let c = match self.create_container(&sb, req, &bundle, mounted) {
             Ok(c) => c,
             Err(e) => {
@@ -236,8 +240,9 @@ impl Inner {
         &self,
         slot: &mut Option<Arc<Sandbox>>,
         container_id: &str,
-        spec: &Spec,
+        bundle: &Bundle,
     ) -> Result<(Arc<Sandbox>, bool), ShimError> {
+        let spec = &bundle.spec;
         if let Some(sb) = slot {
             return Ok((sb.clone(), false));
         }
@@ -256,6 +261,16 @@ impl Inner {
         let _ = std::fs::write(dir.join("shim.pid"), std::process::id().to_string());
         let mut opts = pod::vm_options(spec);
         opts.fs.push(sandbox::share(&shared));
+        let mut network = match network::netns_path(spec).map(|p| network::attach(&p)).transpose() {
+            Ok(n) => n,
+            Err(e) => {
+                rootfs::remove_sandbox_dir(&dir);
+                return Err(e.into());
+            }
+        };
+        if let Some(n) = network.as_mut() {
+            opts.net = n.take_taps();
+        }
         let vm = match self.launcher.launch(&dir, &opts) {
             Ok(vm) => vm,
             Err(e) => {
@@ -263,9 +278,15 @@ impl Inner {
                 return Err(e);
             }
         };
+        // Only the VMM holds the taps from here on.
+        opts.net.clear();
+        let mut req = sandbox::create_sandbox_request(&sandbox_id, spec.hostname().as_deref());
+        sandbox::dns_files(spec, &bundle.dir, &mut req);
+        if let Some(n) = &network {
+            n.describe(&mut req);
+        }
         let guest = vm.guest();
-        let sb = Arc::new(Sandbox { id: sandbox_id.clone(), dir, shared, vm, guest });
-        let req = sandbox::create_sandbox_request(&sandbox_id, spec.hostname().as_deref());
+        let sb = Arc::new(Sandbox { id: sandbox_id.clone(), dir, shared, vm, guest, network: Mutex::new(network) });
         if let Err(e) = sb.guest.create_sandbox(&req) {
             sb.stop();
             return Err(ShimError::agent("CreateSandbox", e));

@@ -137,7 +137,7 @@ fn run_guest(a: &Args, base: &Path) -> Result<(BTreeMap<String, Results>, Vec<St
     let fs = shares(base)?;
     let vm_dir = base.join("vm");
     std::fs::create_dir_all(&vm_dir)?;
-    let opts = VmOptions { vcpus: 1, mem_mib: a.mem_mib, extra_cmdline: String::new(), fs: fs.clone() };
+    let opts = VmOptions { vcpus: 1, mem_mib: a.mem_mib, fs: fs.clone(), ..VmOptions::default() };
     let boot = Instant::now();
     let mut vm = Vm::start(&guest_assets, &vm_dir, &opts)?;
     let conn = vm.wait_for_agent(BOOT_DEADLINE)?;

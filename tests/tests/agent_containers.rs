@@ -414,7 +414,7 @@ fn containers_in_a_microvm() {
     // reach the console (see `step`). More with e.g.
     // CARAPACE_E2E_CMDLINE="CARAPACE_AGENT_LOG=debug".
     let extra_cmdline = format!("ignore_loglevel {}", std::env::var("CARAPACE_E2E_CMDLINE").unwrap_or_default());
-    let mut vm = Vm::start(&guest_assets, &vm_dir, &VmOptions { vcpus: 1, mem_mib: 384, extra_cmdline, fs })
+    let mut vm = Vm::start(&guest_assets, &vm_dir, &VmOptions { vcpus: 1, mem_mib: 384, extra_cmdline, fs, ..VmOptions::default() })
         .expect("start the VM");
     let console_path = Vm::console_path(&vm_dir);
     let _console = ConsoleOnPanic(console_path.clone());

@@ -296,7 +296,7 @@ fn shares_are_root_and_volumes_and_keep_the_guest_inside() {
     ];
     // ignore_loglevel: the kernel's reports of faulting user processes
     // reach the console (see `step`).
-    let opts = VmOptions { vcpus: 1, mem_mib: 256, extra_cmdline: "ignore_loglevel".into(), fs };
+    let opts = VmOptions { vcpus: 1, mem_mib: 256, extra_cmdline: "ignore_loglevel".into(), fs, ..VmOptions::default() };
     let mut vm = Vm::start(&guest_assets, &vm_dir, &opts).expect("start the VM");
     let console = Vm::console_path(&vm_dir);
     let _console = ConsoleOnPanic(console.clone());

@@ -19,6 +19,7 @@ use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use carapace_protocol::agent;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
@@ -30,6 +31,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use self::netlink::Netlink;
+use crate::vm::NetDevice;
 
 /// Taps are named this and their index among the pod's interfaces.
 const TAP_PREFIX: &str = "cptap";
@@ -132,9 +134,13 @@ impl PodNetwork {
         req.routes.extend(self.routes.iter().cloned());
     }
 
-    /// Takes the taps' files (for the VMM), with each device's MAC and MTU.
-    pub fn take_taps(&mut self) -> Vec<(OwnedFd, [u8; 6], u32)> {
-        self.endpoints.iter_mut().filter_map(|ep| Some((ep.tap.take()?, ep.mac, ep.mtu))).collect()
+    /// The VM's network devices: the taps (taken from here) with each
+    /// interface's MAC and MTU.
+    pub fn take_taps(&mut self) -> Vec<NetDevice> {
+        self.endpoints
+            .iter_mut()
+            .filter_map(|ep| Some(NetDevice { tap: Arc::new(ep.tap.take()?), mac: ep.mac, mtu: ep.mtu }))
+            .collect()
     }
 
     /// Removes the redirects from the namespace's interfaces (dropping it

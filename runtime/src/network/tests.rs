@@ -101,7 +101,9 @@ fn a_pod_namespace_is_wired_to_a_tap_and_unwired_on_detach() {
     // A frame sent to the pod's address arrives on the tap (the ARP request
     // for 10.200.0.2), behind the tap's 10-byte virtio-net header.
     let taps = net.take_taps();
-    let mut tap = std::fs::File::from(taps.into_iter().next().expect("tap").0);
+    let dev = taps.into_iter().next().expect("tap");
+    assert_eq!((format_mac(&dev.mac), dev.mtu), (mac.clone(), 1400));
+    let mut tap = std::fs::File::from(std::sync::Arc::into_inner(dev.tap).expect("the only holder"));
     nix::fcntl::fcntl(&tap, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).expect("nonblock");
     let send = "import socket; socket.socket(2, 2).sendto(b'x', ('10.200.0.2', 9))";
     sh(&["ip", "netns", "exec", &bridge.0, "python3", "-c", send]);
