@@ -214,6 +214,14 @@ fn configures_interfaces_and_routes_in_a_private_netns() {
             (Some("fd00::1"), Some("eth0"))
         );
 
+        // A gateway on no subnet of the guest: the kernel refuses.
+        let err = network::configure(&[], &[route("10.50.0.0/16", "10.99.0.1", "", 0)]).expect_err("unreachable");
+        assert_eq!(
+            err.to_string(),
+            "routes[0] (10.50.0.0/16 via 10.99.0.1): Network is unreachable"
+        );
+        assert_eq!(err.code(), ttrpc::Code::INTERNAL);
+
         // The same again: the devices are found by MAC under their new
         // names, and the first address already there is the error.
         let err = network::configure(&interfaces, &routes).expect_err("addresses exist");
