@@ -16,6 +16,12 @@ use serde_json::Value;
 const MAC_A: &str = "02:00:00:c0:ff:0a";
 const MAC_B: &str = "02:00:00:c0:ff:0b";
 
+/// This build's agent, or the one `CARAPACE_AGENT_BIN` names (e.g. the
+/// static build that goes into the initramfs).
+fn agent_bin() -> String {
+    std::env::var("CARAPACE_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_carapace-agent").to_string())
+}
+
 fn ip_bin() -> Option<&'static str> {
     ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
         .into_iter()
@@ -214,6 +220,14 @@ fn configures_interfaces_and_routes_in_a_private_netns() {
             (Some("fd00::1"), Some("eth0"))
         );
 
+        // A gateway on no subnet of the guest: the kernel refuses.
+        let err = network::configure(&[], &[route("10.50.0.0/16", "10.99.0.1", "", 0)]).expect_err("unreachable");
+        assert_eq!(
+            err.to_string(),
+            "routes[0] (10.50.0.0/16 via 10.99.0.1): Network is unreachable"
+        );
+        assert_eq!(err.code(), ttrpc::Code::INTERNAL);
+
         // The same again: the devices are found by MAC under their new
         // names, and the first address already there is the error.
         let err = network::configure(&interfaces, &routes).expect_err("addresses exist");
@@ -314,4 +328,115 @@ fn create_sandbox_configures_only_in_a_guest() {
         assert!(ip(&["route", "show"]).contains("default via 10.88.0.1 dev eth0"));
         guest.destroy(0).expect("destroy");
     });
+}
+
+/// The whole path: the agent binary as PID 1 of new PID, mount and network
+/// namespaces (its "guest"), CreateSandbox over ttrpc, the result seen
+/// from outside with nsenter.
+#[test]
+fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    if !can_run("create_sandbox_over_ttrpc_configures_the_agents_namespace") {
+        return;
+    }
+    let (Some(unshare), Some(nsenter)) = (
+        ["/usr/bin/unshare", "/bin/unshare"]
+            .into_iter()
+            .find(|p| Path::new(p).exists()),
+        ["/usr/bin/nsenter", "/bin/nsenter"]
+            .into_iter()
+            .find(|p| Path::new(p).exists()),
+    ) else {
+        eprintln!("SKIP: needs unshare and nsenter (util-linux)");
+        return;
+    };
+    // Not under /tmp or /run: the agent mounts tmpfs there in its namespace.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    let mut child = Command::new(unshare)
+        // --kill-child: the agent goes with unshare if the test fails.
+        .args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--propagation",
+            "private",
+            "--net",
+        ])
+        .arg(agent_bin())
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start unshare");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().expect("stdout");
+    let unshare_pid = child.id();
+    let _child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the agent's first line");
+    assert!(line.contains("serving on unix://"), "{line:?}");
+    let children = std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+        .expect("unshare's children");
+    let agent_pid = children.split_whitespace().next().expect("the agent's pid").to_string();
+    let netns = format!("--net=/proc/{agent_pid}/ns/net");
+    let in_guest = |args: &[&str]| -> String {
+        let out = Command::new(nsenter)
+            .arg(&netns)
+            .arg(ip_bin().expect("ip"))
+            .args(args)
+            .output()
+            .expect("nsenter");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    in_guest(&[
+        "link", "add", "veth-a", "address", MAC_A, "type", "veth", "peer", "name", "veth-ap",
+    ]);
+    in_guest(&["link", "set", "veth-ap", "up"]);
+
+    let conn = carapace_protocol::client::connect_unix(&sock).expect("connect");
+    let agent = carapace_protocol::AgentClient::new(conn);
+    let ctx = || ttrpc::context::with_timeout(10_000_000_000);
+    let mut req = agent::CreateSandboxRequest::new();
+    req.sandbox_id = "net".into();
+    req.interfaces
+        .push(interface("02:00:00:00:00:99", "eth0", &[("10.88.0.5", 16)], 0));
+    let err = agent.create_sandbox(ctx(), &req).expect_err("unknown MAC");
+    assert_eq!(
+        carapace_protocol::rpc_code(&err),
+        Some(ttrpc::Code::INVALID_ARGUMENT),
+        "{err:?}"
+    );
+    assert!(format!("{err:?}").contains("interfaces[0].mac"), "{err:?}");
+
+    req.interfaces[0].mac = MAC_A.into();
+    req.routes.push(route("", "10.88.0.1", "", 0));
+    agent.create_sandbox(ctx(), &req).expect("CreateSandbox");
+    let addrs: Value = serde_json::from_str(&in_guest(&["-j", "addr", "show"])).expect("json");
+    assert!(has_flag(link(&addrs, "lo"), "UP"));
+    assert_eq!(addresses(link(&addrs, "eth0")), ["10.88.0.5/16"]);
+    assert!(in_guest(&["route", "show"]).contains("default via 10.88.0.1 dev eth0"));
+    let _ = agent.shutdown(ctx(), &agent::ShutdownRequest::new());
 }

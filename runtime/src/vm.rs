@@ -418,6 +418,9 @@ mod tests {
             let log = plain;
             agent.unwrap_or_else(|e| panic!("{e}\nVMM log:\n{log}"));
             assert!(log.contains("device activated device=1"), "{log}");
+            for line in log.lines().filter(|l| l.contains("net:")) {
+                eprintln!("{line}");
+            }
             assert!(!log.contains("needs a reset"), "{log}");
             vm.kill();
         })

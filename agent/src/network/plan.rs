@@ -120,9 +120,32 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
                 value: device.clone(),
             })?),
         };
-        requests.push(add_route(route, oif, format!("routes[{i}]")));
+        requests.push(add_route(route, oif, format!("routes[{i}] ({})", describe(route))));
     }
     Ok(requests)
+}
+
+/// A route as `ip route` shows it, for errors.
+fn describe(route: &RouteConfig) -> String {
+    let d = route.destination;
+    let mut out = if d.prefix_len == 0 {
+        "default".to_string()
+    } else {
+        format!("{}/{}", d.address, d.prefix_len)
+    };
+    if let Some(gateway) = route.gateway {
+        out += &format!(" via {gateway}");
+    }
+    if let Some(device) = &route.device {
+        out += &format!(" dev {device}");
+    }
+    if let Some(source) = route.source {
+        out += &format!(" src {source}");
+    }
+    if route.scope != 0 {
+        out += &format!(" scope {}", route.scope);
+    }
+    out
 }
 
 fn family(address: IpAddr) -> AddressFamily {
@@ -358,7 +381,8 @@ mod tests {
         assert_eq!(requests[0].item, "lo: bringing it up");
         assert_eq!(requests[2].item, "interfaces[0].name \"net0\" (renaming eth0)");
         assert_eq!(requests[5].item, "interfaces[0].addresses[1]");
-        assert_eq!(requests[10].item, "routes[2]");
+        assert_eq!(requests[8].item, "routes[0] (default via 10.88.0.1)");
+        assert_eq!(requests[10].item, "routes[2] (10.98.0.0/16 dev eth1)");
         let RouteNetlinkMessage::NewAddress(v4) = &requests[4].message else {
             panic!("not an address")
         };

@@ -232,6 +232,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
             }
         };
         let worker = NetWorker::new(mem, interrupt, queues, backend, self.metrics.clone(), self.acked_features);
+        tracing::debug!(features = format_args!("{:#x}", self.acked_features), "net: activating");
         let handle =
             crate::seccomp::spawn(crate::seccomp::ThreadKind::Net, "net".into(), move || worker.run(worker_kill))?;
         self.worker = Some(Worker { kill, handle });
