@@ -46,11 +46,87 @@ impl Bundle {
             }
             Err(source) => return Err(BundleError::Read { path: config, source }),
         };
-        let spec: Spec = serde_json::from_slice(&text)
-            .map_err(|e| BundleError::Parse { path: config.clone(), msg: e.to_string() })?;
+        let spec: Spec = serde_json::from_slice(&text).map_err(|e| {
+            // A value of the wrong type or range: say which field it is.
+            let at = (e.classify() == serde_json::error::Category::Data)
+                .then(|| json_path_at(&text, e.line(), e.column()))
+                .flatten();
+            let msg = at.map_or_else(|| e.to_string(), |field| format!("{field}: {e}"));
+            BundleError::Parse { path: config.clone(), msg }
+        })?;
         let rootfs = validate(&config, &dir, &spec)?;
         Ok(Self { dir, spec, rootfs })
     }
+}
+
+/// The dotted path (`process.user.uid`, `mounts[1].options`) of the JSON
+/// value that ends at `line`:`column` (1-based, as serde_json reports a data
+/// error), found by scanning the text up to there. None at the top level.
+fn json_path_at(text: &[u8], line: usize, column: usize) -> Option<String> {
+    enum Frame {
+        Object { key: Option<String>, want_key: bool },
+        Array(usize),
+    }
+    let line_start = if line <= 1 {
+        0
+    } else {
+        text.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(line - 2).map(|(i, _)| i + 1)?
+    };
+    let end = (line_start + column).min(text.len());
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut string: Option<Vec<u8>> = None;
+    let mut escaped = false;
+    for &b in &text[..end] {
+        if let Some(buf) = string.as_mut() {
+            if escaped {
+                escaped = false;
+                buf.push(b);
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                let s = String::from_utf8_lossy(buf).into_owned();
+                string = None;
+                if let Some(Frame::Object { key, want_key: want_key @ true }) = stack.last_mut() {
+                    *key = Some(s);
+                    *want_key = false;
+                }
+            } else {
+                buf.push(b);
+            }
+            continue;
+        }
+        match b {
+            b'"' => string = Some(Vec::new()),
+            b'{' => stack.push(Frame::Object { key: None, want_key: true }),
+            b'[' => stack.push(Frame::Array(0)),
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object { key, want_key }) => {
+                    *key = None;
+                    *want_key = true;
+                }
+                Some(Frame::Array(i)) => *i += 1,
+                None => {}
+            },
+            _ => {}
+        }
+    }
+    let mut path = String::new();
+    for f in &stack {
+        match f {
+            Frame::Object { key: Some(k), .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+            }
+            Frame::Object { key: None, .. } => break,
+            Frame::Array(i) => path.push_str(&format!("[{i}]")),
+        }
+    }
+    (!path.is_empty()).then_some(path)
 }
 
 fn field(path: &Path, field: &'static str, msg: impl Into<String>) -> BundleError {
@@ -180,6 +256,29 @@ mod tests {
         assert!(err(&long).contains("hostname: 65 bytes"));
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(Bundle::load(empty.path()).expect_err("no config").to_string().contains("config.json not found"));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_field() {
+        let wrong = |process: &str, linux: &str| {
+            err(&format!(
+                "{{\"ociVersion\":\"1\",\"root\":{{\"path\":\"rootfs\"}},\n\"process\":{process},\n\"linux\":{linux}}}"
+            ))
+        };
+        let good_process = r#"{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}"#;
+        let e = wrong(r#"{"user":{"uid":0,"gid":0},"args":"sh","cwd":"/"}"#, "{}");
+        assert!(e.contains("invalid config.json: process.args: invalid type: string \"sh\""), "{e}");
+        let e = wrong(r#"{"user":{"uid":1099511627776,"gid":0},"args":["sh"],"cwd":"/"}"#, "{}");
+        assert!(e.contains("process.user.uid: invalid value: integer `1099511627776`"), "{e}");
+        let e = wrong(good_process, r#"{"resources":{"memory":{"limit":"lots"}}}"#);
+        assert!(e.contains("linux.resources.memory.limit: invalid type: string \"lots\""), "{e}");
+        let e = wrong(good_process, r#"{"uidMappings":[{"containerID":0,"hostID":0,"size":1},{"containerID":"x"}]}"#);
+        assert!(e.contains("linux.uidMappings[1].containerID: invalid type"), "{e}");
+        // Keys with escapes and commas inside strings do not confuse it.
+        let text = br#"{"a\"b,":{"c":[1,"x,y",{"d":5"#;
+        assert_eq!(json_path_at(text, 1, text.len()).as_deref(), Some(r#"a"b,.c[2].d"#));
+        // Syntax errors are not data errors: no field.
+        assert!(err("{\"ociVersion\": ").contains("invalid config.json: EOF"));
     }
 
     #[test]
