@@ -20,6 +20,13 @@ pub enum BundleError {
     Field { path: PathBuf, field: &'static str, msg: String },
 }
 
+/// Annotation that sets the VM's vCPUs, and the values it may take.
+pub const VCPUS_ANNOTATION: &str = "io.carapace.vcpus";
+pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
+/// Annotation that sets the VM's memory in MiB, and the values it may take.
+pub const MEMORY_MIB_ANNOTATION: &str = "io.carapace.memory_mib";
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=256 * 1024;
+
 /// A loaded, validated bundle.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -166,6 +173,7 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
         }
     }
     validate_hooks(config, spec)?;
+    validate_vm_size(config, spec)?;
     if let Some(process) = spec.process() {
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(field(config, "process.args", "must name at least the program to run"));
@@ -179,6 +187,28 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
         }
     }
     Ok(rootfs)
+}
+
+/// The VM size annotations: a value that is not a number in range is
+/// refused, not ignored (the VM would boot with a size nobody asked for).
+fn validate_vm_size(config: &Path, spec: &Spec) -> Result<(), BundleError> {
+    let Some(annotations) = spec.annotations() else { return Ok(()) };
+    let checks = [
+        ("annotations.io.carapace.vcpus", VCPUS_ANNOTATION, VCPUS_RANGE, "vCPUs"),
+        ("annotations.io.carapace.memory_mib", MEMORY_MIB_ANNOTATION, MEMORY_MIB_RANGE, "MiB"),
+    ];
+    for (name, key, range, unit) in checks {
+        let Some(value) = annotations.get(key) else { continue };
+        if !value.parse::<u32>().is_ok_and(|n| range.contains(&n)) {
+            let shown: String = value.chars().take(32).collect();
+            return Err(field(
+                config,
+                name,
+                format!("{shown:?} is not a number of {unit} from {} to {}", range.start(), range.end()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Host hooks must name an existing absolute program: found now, before a
@@ -252,6 +282,13 @@ mod tests {
         assert!(err(&hook(r#"{"poststop":[{"path":"/nonexistent/hook"}]}"#)).contains("hooks.poststop: path /nonexistent/hook does not exist"));
         assert!(err(&hook(r#"{"createRuntime":[{"path":"hook"}]}"#)).contains("hooks.createRuntime: path hook is not absolute"));
         assert!(err(&hook(r#"{"prestart":[{"path":"/bin/sh","timeout":0}]}"#)).contains("timeout 0"));
+        let sized = |k: &str, v: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"annotations":{{"{k}":"{v}"}}}}"#);
+        assert!(err(&sized(VCPUS_ANNOTATION, "100000")).contains("annotations.io.carapace.vcpus: \"100000\" is not a number of vCPUs from 1 to 64"));
+        assert!(err(&sized(VCPUS_ANNOTATION, "0")).contains("vCPUs from 1"));
+        assert!(err(&sized(MEMORY_MIB_ANNOTATION, "1000000000000")).contains("annotations.io.carapace.memory_mib"));
+        assert!(err(&sized(MEMORY_MIB_ANNOTATION, "lots")).contains("\"lots\" is not a number of MiB"));
+        let dir = bundle(&sized(MEMORY_MIB_ANNOTATION, "300"));
+        assert!(Bundle::load(dir.path()).is_ok(), "an in-range size is fine");
         let long = format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"hostname":"{}"}}"#, "h".repeat(65));
         assert!(err(&long).contains("hostname: 65 bytes"));
         let empty = tempfile::tempdir().expect("tempdir");
