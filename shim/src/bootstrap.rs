@@ -93,6 +93,11 @@ fn check_ids(namespace: &str, id: &str, sandbox: &str) -> Result<(), BootstrapEr
     check(pod::SANDBOX_ID, sandbox)
 }
 
+/// containerd's ttrpc address, where events go.
+fn ttrpc_address() -> Result<String, BootstrapError> {
+    std::env::var(TTRPC_ADDRESS).ok().filter(|a| !a.is_empty()).ok_or(BootstrapError::NoTtrpcAddress)
+}
+
 fn read_stdin() -> Vec<u8> {
     let stdin = std::io::stdin();
     let mut input = Vec::new();
@@ -117,7 +122,7 @@ pub fn start(flags: &Flags) -> Result<(), BootstrapError> {
             id: flags.id.clone(),
             publish_binary: flags.publish_binary.clone(),
             address: flags.address.clone(),
-            ttrpc_address: std::env::var(TTRPC_ADDRESS).unwrap_or_default(),
+            ttrpc_address: ttrpc_address()?,
             namespace: flags.namespace.clone(),
             debug: flags.debug,
             ..Default::default()
@@ -184,6 +189,17 @@ fn init_logging(debug: bool) {
         .try_init();
 }
 
+/// The serving shim's stderr is /dev/null (`spawn` gives it that): a panic
+/// is logged, so that it reaches containerd's log.
+fn log_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        tracing::error!("thread '{thread}' panicked: {info}");
+        default(info);
+    }));
+}
+
 /// Binds the shim's socket. `Ok(None)`: a live shim already serves it.
 fn listen(socket: &str) -> Result<Option<UnixListener>, BootstrapError> {
     let path = Path::new(socket.strip_prefix("unix://").unwrap_or(socket));
@@ -218,13 +234,15 @@ pub fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     rootfs::private_mount_namespace()?;
     let _ = nix::unistd::setsid();
     init_logging(flags.debug);
+    log_panics();
+    // Checked before the socket exists: a shim that cannot serve leaves none.
+    let ttrpc_address = ttrpc_address()?;
     let Some(listener) = listen(&flags.socket)? else {
         // Another shim serves this sandbox: `start` returns its address.
         containerd_shim::synchronous::util::write_address(&flags.socket)?;
         signal_started();
         return Ok(());
     };
-    let ttrpc_address = std::env::var(TTRPC_ADDRESS).map_err(|_| BootstrapError::NoTtrpcAddress)?;
     let _span = tracing::info_span!("shim", namespace = %flags.namespace, id = %flags.id).entered();
     let events = Arc::new(RemoteEvents::new(ttrpc_address, flags.namespace.clone()));
     let exit = Arc::new(ExitSignal::default());
