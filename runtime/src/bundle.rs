@@ -20,6 +20,13 @@ pub enum BundleError {
     Field { path: PathBuf, field: &'static str, msg: String },
 }
 
+/// Annotation that sets the VM's vCPUs, and the values it may take.
+pub const VCPUS_ANNOTATION: &str = "io.carapace.vcpus";
+pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
+/// Annotation that sets the VM's memory in MiB, and the values it may take.
+pub const MEMORY_MIB_ANNOTATION: &str = "io.carapace.memory_mib";
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=256 * 1024;
+
 /// A loaded, validated bundle.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -46,11 +53,87 @@ impl Bundle {
             }
             Err(source) => return Err(BundleError::Read { path: config, source }),
         };
-        let spec: Spec = serde_json::from_slice(&text)
-            .map_err(|e| BundleError::Parse { path: config.clone(), msg: e.to_string() })?;
+        let spec: Spec = serde_json::from_slice(&text).map_err(|e| {
+            // A value of the wrong type or range: say which field it is.
+            let at = (e.classify() == serde_json::error::Category::Data)
+                .then(|| json_path_at(&text, e.line(), e.column()))
+                .flatten();
+            let msg = at.map_or_else(|| e.to_string(), |field| format!("{field}: {e}"));
+            BundleError::Parse { path: config.clone(), msg }
+        })?;
         let rootfs = validate(&config, &dir, &spec)?;
         Ok(Self { dir, spec, rootfs })
     }
+}
+
+/// The dotted path (`process.user.uid`, `mounts[1].options`) of the JSON
+/// value that ends at `line`:`column` (1-based, as serde_json reports a data
+/// error), found by scanning the text up to there. None at the top level.
+fn json_path_at(text: &[u8], line: usize, column: usize) -> Option<String> {
+    enum Frame {
+        Object { key: Option<String>, want_key: bool },
+        Array(usize),
+    }
+    let line_start = if line <= 1 {
+        0
+    } else {
+        text.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(line - 2).map(|(i, _)| i + 1)?
+    };
+    let end = (line_start + column).min(text.len());
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut string: Option<Vec<u8>> = None;
+    let mut escaped = false;
+    for &b in &text[..end] {
+        if let Some(buf) = string.as_mut() {
+            if escaped {
+                escaped = false;
+                buf.push(b);
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                let s = String::from_utf8_lossy(buf).into_owned();
+                string = None;
+                if let Some(Frame::Object { key, want_key: want_key @ true }) = stack.last_mut() {
+                    *key = Some(s);
+                    *want_key = false;
+                }
+            } else {
+                buf.push(b);
+            }
+            continue;
+        }
+        match b {
+            b'"' => string = Some(Vec::new()),
+            b'{' => stack.push(Frame::Object { key: None, want_key: true }),
+            b'[' => stack.push(Frame::Array(0)),
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object { key, want_key }) => {
+                    *key = None;
+                    *want_key = true;
+                }
+                Some(Frame::Array(i)) => *i += 1,
+                None => {}
+            },
+            _ => {}
+        }
+    }
+    let mut path = String::new();
+    for f in &stack {
+        match f {
+            Frame::Object { key: Some(k), .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+            }
+            Frame::Object { key: None, .. } => break,
+            Frame::Array(i) => path.push_str(&format!("[{i}]")),
+        }
+    }
+    (!path.is_empty()).then_some(path)
 }
 
 fn field(path: &Path, field: &'static str, msg: impl Into<String>) -> BundleError {
@@ -90,6 +173,7 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
         }
     }
     validate_hooks(config, spec)?;
+    validate_vm_size(config, spec)?;
     if let Some(process) = spec.process() {
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(field(config, "process.args", "must name at least the program to run"));
@@ -103,6 +187,28 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
         }
     }
     Ok(rootfs)
+}
+
+/// The VM size annotations: a value that is not a number in range is
+/// refused, not ignored (the VM would boot with a size nobody asked for).
+fn validate_vm_size(config: &Path, spec: &Spec) -> Result<(), BundleError> {
+    let Some(annotations) = spec.annotations() else { return Ok(()) };
+    let checks = [
+        ("annotations.io.carapace.vcpus", VCPUS_ANNOTATION, VCPUS_RANGE, "vCPUs"),
+        ("annotations.io.carapace.memory_mib", MEMORY_MIB_ANNOTATION, MEMORY_MIB_RANGE, "MiB"),
+    ];
+    for (name, key, range, unit) in checks {
+        let Some(value) = annotations.get(key) else { continue };
+        if !value.parse::<u32>().is_ok_and(|n| range.contains(&n)) {
+            let shown: String = value.chars().take(32).collect();
+            return Err(field(
+                config,
+                name,
+                format!("{shown:?} is not a number of {unit} from {} to {}", range.start(), range.end()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Host hooks must name an existing absolute program: found now, before a
@@ -176,10 +282,40 @@ mod tests {
         assert!(err(&hook(r#"{"poststop":[{"path":"/nonexistent/hook"}]}"#)).contains("hooks.poststop: path /nonexistent/hook does not exist"));
         assert!(err(&hook(r#"{"createRuntime":[{"path":"hook"}]}"#)).contains("hooks.createRuntime: path hook is not absolute"));
         assert!(err(&hook(r#"{"prestart":[{"path":"/bin/sh","timeout":0}]}"#)).contains("timeout 0"));
+        let sized = |k: &str, v: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"annotations":{{"{k}":"{v}"}}}}"#);
+        assert!(err(&sized(VCPUS_ANNOTATION, "100000")).contains("annotations.io.carapace.vcpus: \"100000\" is not a number of vCPUs from 1 to 64"));
+        assert!(err(&sized(VCPUS_ANNOTATION, "0")).contains("vCPUs from 1"));
+        assert!(err(&sized(MEMORY_MIB_ANNOTATION, "1000000000000")).contains("annotations.io.carapace.memory_mib"));
+        assert!(err(&sized(MEMORY_MIB_ANNOTATION, "lots")).contains("\"lots\" is not a number of MiB"));
+        let dir = bundle(&sized(MEMORY_MIB_ANNOTATION, "300"));
+        assert!(Bundle::load(dir.path()).is_ok(), "an in-range size is fine");
         let long = format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"hostname":"{}"}}"#, "h".repeat(65));
         assert!(err(&long).contains("hostname: 65 bytes"));
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(Bundle::load(empty.path()).expect_err("no config").to_string().contains("config.json not found"));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_field() {
+        let wrong = |process: &str, linux: &str| {
+            err(&format!(
+                "{{\"ociVersion\":\"1\",\"root\":{{\"path\":\"rootfs\"}},\n\"process\":{process},\n\"linux\":{linux}}}"
+            ))
+        };
+        let good_process = r#"{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}"#;
+        let e = wrong(r#"{"user":{"uid":0,"gid":0},"args":"sh","cwd":"/"}"#, "{}");
+        assert!(e.contains("invalid config.json: process.args: invalid type: string \"sh\""), "{e}");
+        let e = wrong(r#"{"user":{"uid":1099511627776,"gid":0},"args":["sh"],"cwd":"/"}"#, "{}");
+        assert!(e.contains("process.user.uid: invalid value: integer `1099511627776`"), "{e}");
+        let e = wrong(good_process, r#"{"resources":{"memory":{"limit":"lots"}}}"#);
+        assert!(e.contains("linux.resources.memory.limit: invalid type: string \"lots\""), "{e}");
+        let e = wrong(good_process, r#"{"uidMappings":[{"containerID":0,"hostID":0,"size":1},{"containerID":"x"}]}"#);
+        assert!(e.contains("linux.uidMappings[1].containerID: invalid type"), "{e}");
+        // Keys with escapes and commas inside strings do not confuse it.
+        let text = br#"{"a\"b,":{"c":[1,"x,y",{"d":5"#;
+        assert_eq!(json_path_at(text, 1, text.len()).as_deref(), Some(r#"a"b,.c[2].d"#));
+        // Syntax errors are not data errors: no field.
+        assert!(err("{\"ociVersion\": ").contains("invalid config.json: EOF"));
     }
 
     #[test]

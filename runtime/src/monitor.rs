@@ -340,11 +340,14 @@ pub fn vm_options(spec: &oci_spec::runtime::Spec) -> VmOptions {
         }
     }
     let annotations = spec.annotations().clone().unwrap_or_default();
-    if let Some(n) = annotations.get("io.carapace.vcpus").and_then(|v| v.parse::<u8>().ok()) {
-        opts.vcpus = n.clamp(1, 64);
+    // Bundle::load refused values outside these ranges.
+    use crate::bundle::{MEMORY_MIB_ANNOTATION, MEMORY_MIB_RANGE, VCPUS_ANNOTATION, VCPUS_RANGE};
+    if let Some(n) = annotations.get(VCPUS_ANNOTATION).and_then(|v| v.parse::<u32>().ok()) {
+        let n = n.clamp(*VCPUS_RANGE.start(), *VCPUS_RANGE.end());
+        opts.vcpus = u8::try_from(n).unwrap_or(1);
     }
-    if let Some(m) = annotations.get("io.carapace.memory_mib").and_then(|v| v.parse::<u32>().ok()) {
-        opts.mem_mib = m.clamp(64, 256 * 1024);
+    if let Some(m) = annotations.get(MEMORY_MIB_ANNOTATION).and_then(|v| v.parse::<u32>().ok()) {
+        opts.mem_mib = m.clamp(*MEMORY_MIB_RANGE.start(), *MEMORY_MIB_RANGE.end());
     }
     opts
 }

@@ -60,6 +60,10 @@ pub enum BootstrapError {
     Rootfs(#[from] rootfs::RootfsError),
     #[error("{TTRPC_ADDRESS} is not set: containerd passes it to its shims")]
     NoTtrpcAddress,
+    /// An id, namespace or sandbox id that could name a path outside the
+    /// state root (containerd never sends one; a caller of the binary might).
+    #[error("{what}: {source}")]
+    BadId { what: &'static str, source: carapace_runtime::id::IdError },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BootstrapError {
@@ -78,6 +82,20 @@ fn bundle_dir(flags: &Flags) -> PathBuf {
     } else {
         PathBuf::from(&flags.bundle)
     }
+}
+
+/// The namespace, the container id and the sandbox id become the name of
+/// the sandbox's directory: each must be a plain name (no `/`, not `..`).
+fn check_ids(namespace: &str, id: &str, sandbox: &str) -> Result<(), BootstrapError> {
+    let check = |what, value| carapace_runtime::id::validate_id(value).map_err(|source| BootstrapError::BadId { what, source });
+    check("-namespace", namespace)?;
+    check("-id", id)?;
+    check(pod::SANDBOX_ID, sandbox)
+}
+
+/// containerd's ttrpc address, where events go.
+fn ttrpc_address() -> Result<String, BootstrapError> {
+    std::env::var(TTRPC_ADDRESS).ok().filter(|a| !a.is_empty()).ok_or(BootstrapError::NoTtrpcAddress)
 }
 
 fn read_stdin() -> Vec<u8> {
@@ -104,7 +122,7 @@ pub fn start(flags: &Flags) -> Result<(), BootstrapError> {
             id: flags.id.clone(),
             publish_binary: flags.publish_binary.clone(),
             address: flags.address.clone(),
-            ttrpc_address: std::env::var(TTRPC_ADDRESS).unwrap_or_default(),
+            ttrpc_address: ttrpc_address()?,
             namespace: flags.namespace.clone(),
             debug: flags.debug,
             ..Default::default()
@@ -112,6 +130,7 @@ pub fn start(flags: &Flags) -> Result<(), BootstrapError> {
     };
     let spec = Spec::load(bundle_dir(flags).join("config.json")).ok();
     let grouping = pod::sandbox_id(&opts.id, spec.as_ref());
+    check_ids(&opts.namespace, &opts.id, &grouping)?;
     let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
     containerd_shim::synchronous::util::write_address(&address)?;
     let reply = if bootstrap {
@@ -136,6 +155,7 @@ pub fn start(flags: &Flags) -> Result<(), BootstrapError> {
 pub fn delete(flags: &Flags) -> Result<(), BootstrapError> {
     let spec = Spec::load(bundle_dir(flags).join("config.json")).ok();
     let grouping = pod::sandbox_id(&flags.id, spec.as_ref());
+    check_ids(&flags.namespace, &flags.id, &grouping)?;
     let key = format!("{}-{grouping}", flags.namespace);
     let dir = state_root().join(carapace_runtime::state::dir_name(&key));
     let owner_alive = std::fs::read_to_string(dir.join("shim.pid"))
@@ -167,6 +187,17 @@ fn init_logging(debug: bool) {
         .with_ansi(false)
         .with_writer(Mutex::new(fifo))
         .try_init();
+}
+
+/// The serving shim's stderr is /dev/null (`spawn` gives it that): a panic
+/// is logged, so that it reaches containerd's log.
+fn log_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        tracing::error!("thread '{thread}' panicked: {info}");
+        default(info);
+    }));
 }
 
 /// Binds the shim's socket. `Ok(None)`: a live shim already serves it.
@@ -203,13 +234,15 @@ pub fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     rootfs::private_mount_namespace()?;
     let _ = nix::unistd::setsid();
     init_logging(flags.debug);
+    log_panics();
+    // Checked before the socket exists: a shim that cannot serve leaves none.
+    let ttrpc_address = ttrpc_address()?;
     let Some(listener) = listen(&flags.socket)? else {
         // Another shim serves this sandbox: `start` returns its address.
         containerd_shim::synchronous::util::write_address(&flags.socket)?;
         signal_started();
         return Ok(());
     };
-    let ttrpc_address = std::env::var(TTRPC_ADDRESS).map_err(|_| BootstrapError::NoTtrpcAddress)?;
     let _span = tracing::info_span!("shim", namespace = %flags.namespace, id = %flags.id).entered();
     let events = Arc::new(RemoteEvents::new(ttrpc_address, flags.namespace.clone()));
     let exit = Arc::new(ExitSignal::default());
@@ -265,6 +298,22 @@ mod tests {
         let v2: Vec<String> = v3.keys().map(|k| k.replacen(V3_PREFIX, V2_PREFIX, 1)).collect();
         assert!(v2.iter().any(|k| k == "/containerd.task.v2.Task/Create"));
         assert!(v2.iter().all(|k| k.starts_with(V2_PREFIX)));
+    }
+
+    #[test]
+    fn ids_that_could_leave_the_state_root_are_refused() {
+        assert!(check_ids("default", "c1", "pod1").is_ok());
+        for (ns, id, sb, want) in [
+            ("default", "../x", "pod1", "-id: invalid container id"),
+            ("default", "c1", "a/../../etc", "io.kubernetes.cri.sandbox-id: invalid container id"),
+            ("a/b", "c1", "c1", "-namespace: invalid container id"),
+            ("default", "..", "..", "-id: invalid container id \"..\": it must not be"),
+        ] {
+            let e = check_ids(ns, id, sb).expect_err(id).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let long = "x".repeat(1025);
+        assert!(check_ids("default", &long, &long).expect_err("long").to_string().contains("1025 bytes"));
     }
 
     #[test]

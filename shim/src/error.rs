@@ -63,7 +63,9 @@ impl ShimError {
             Self::NotFound(_) => ttrpc::Code::NOT_FOUND,
             Self::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
             Self::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
-            Self::InvalidArgument(_) | Self::Bundle(_) => ttrpc::Code::INVALID_ARGUMENT,
+            Self::InvalidArgument(_) | Self::Bundle(_) | Self::Rootfs(RootfsError::Symlink { .. }) => {
+                ttrpc::Code::INVALID_ARGUMENT
+            }
             Self::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
             Self::Agent { code: Some(code), .. } => *code,
             Self::Agent { code: None, .. } => ttrpc::Code::UNAVAILABLE,

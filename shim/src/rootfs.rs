@@ -19,6 +19,8 @@ pub enum RootfsError {
     Create { path: PathBuf, source: std::io::Error },
     #[error("rootfs mount {index}: options too long ({len} bytes)")]
     OptionsTooLong { index: usize, len: usize },
+    #[error("rootfs: {path} is a symlink (to {dest}); containerd's rootfs is not mounted through a link")]
+    Symlink { path: PathBuf, dest: PathBuf },
     #[error("cannot make the shim's mount namespace: {0}")]
     Namespace(nix::Error),
 }
@@ -93,8 +95,13 @@ const MAX_DATA: usize = 4096;
 
 /// Mounts containerd's `mounts` on `target` in order (normally one: the
 /// snapshot). A read-only bind is remounted read-only, as mount(8) does.
-/// On failure, what was mounted is undone.
+/// On failure, what was mounted is undone. A `target` that is a symlink is
+/// refused: mount(2) would follow it, anywhere on the host (`rootfs -> /`).
 pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), RootfsError> {
+    if target.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+        let dest = std::fs::read_link(target).unwrap_or_default();
+        return Err(RootfsError::Symlink { path: target.to_path_buf(), dest });
+    }
     std::fs::create_dir_all(target).map_err(|source| RootfsError::Create { path: target.to_path_buf(), source })?;
     for (index, m) in mounts.iter().enumerate() {
         if let Err(e) = mount_one(index, m, target) {
@@ -243,6 +250,16 @@ mod tests {
         let o = opts(&["ro", "rw", "rprivate"]);
         assert_eq!(o.flags, MsFlags::empty());
         assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+    }
+
+    #[test]
+    fn a_symlinked_target_is_refused_before_anything_is_mounted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("rootfs");
+        std::os::unix::fs::symlink("/", &target).expect("symlink");
+        let m = Mount { type_: "bind".into(), source: "/nonexistent".into(), options: vec!["rbind".into()], ..Default::default() };
+        let e = mount_all(&[m], &target).expect_err("symlink").to_string();
+        assert!(e.contains("is a symlink (to /)"), "{e}");
     }
 
     #[test]

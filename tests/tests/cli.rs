@@ -257,11 +257,13 @@ fn bad_input_is_refused_and_leaves_nothing() {
         ("norootfs", variant("norootfs", &set("root.path", json!("rootfs"))), "root.path"),
         ("noargs", variant("noargs", &set("process.args", json!([]))), "process.args"),
         ("relcwd", variant("relcwd", &set("process.cwd", json!("tmp"))), "process.cwd"),
-        ("wrongtype", variant("wrongtype", &set("process.args", json!("sh"))), "invalid config.json"),
+        ("wrongtype", variant("wrongtype", &set("process.args", json!("sh"))), "invalid config.json: process.args: invalid type"),
         ("nohook", variant("nohook", &set("hooks", json!({"createRuntime": [{"path": "/nonexistent/hook"}]}))), "hooks.createRuntime"),
         ("relhook", variant("relhook", &set("hooks", json!({"poststart": [{"path": "bin/true"}]}))), "not absolute"),
         ("hugehost", variant("hugehost", &set("hostname", json!("h".repeat(100_000)))), "hostname"),
-        ("hugeuid", variant("hugeuid", &set("process.user.uid", json!(1u64 << 40))), "invalid config.json"),
+        ("hugeuid", variant("hugeuid", &set("process.user.uid", json!(1u64 << 40))), "invalid config.json: process.user.uid"),
+        ("hugemem", variant("hugemem", &set("annotations", json!({"io.carapace.memory_mib": "1000000000000"}))), "annotations.io.carapace.memory_mib"),
+        ("hugecpus", variant("hugecpus", &set("annotations", json!({"io.carapace.vcpus": "100000"}))), "annotations.io.carapace.vcpus"),
         ("escape", variant("escape", &|d| {
             std::os::unix::fs::symlink(outside.path(), d.join("rootfs")).expect("link");
             set("root.path", json!("rootfs"))(d);
