@@ -5,6 +5,7 @@ pub mod cli;
 pub mod containerd;
 pub mod cpio;
 pub mod guest;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

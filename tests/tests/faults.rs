@@ -1,11 +1,13 @@
 //! Issue 7, faults at lifecycle steps: the CLI killed during create, the
 //! VMM killed while the container runs, the guest's PID 1 going away. Each
 //! time the state reads `stopped` with a reason (or the create is gone), and
-//! `delete` leaves nothing: no process, mount, socket or state directory.
+//! `delete` leaves nothing: no process, mount, socket or state directory,
+//! and no tap in the pod network namespace the sleeper joins.
 
 use std::time::Duration;
 
 use carapace_tests::cli::{bundle, Cli};
+use carapace_tests::netns::PodNetns;
 use carapace_tests::{kvm_available, processes_matching, wait_for, BOOT_DEADLINE};
 use serde_json::json;
 
@@ -23,9 +25,17 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let cli = Cli::new(&tmp.path().join("root"));
+    let netns = PodNetns::create("faults");
     let sleeper = bundle(&cli, &tmp.path().join("sleeper"), |s| {
         s["process"]["args"] = json!(["sleep", "100000"]);
+        let ns = s["linux"]["namespaces"].as_array_mut().expect("namespaces");
+        ns.retain(|n| n["type"] != "network");
+        ns.push(json!({"type": "network", "path": netns.path()}));
     });
+    let no_tap = || {
+        let links = netns.links();
+        assert!(!links.contains("cptap"), "a tap left in the pod's netns:\n{links}");
+    };
     let b = sleeper.display().to_string();
 
     // 1. `create` killed while the VM boots: delete stops the half-made sandbox.
@@ -39,6 +49,7 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
     assert!(status == "creating" || status == "stopped", "{status}");
     cli.ok(&["delete", "--force", "f1"]);
     cli.assert_nothing_left();
+    no_tap();
 
     // 2. The VMM killed under a running container: stopped, with a reason.
     cli.ok_detached(&["run", "--detach", "--bundle", &b, "f2"]);
@@ -49,6 +60,8 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
     assert!(reason.contains("VM"), "stop reason: {reason:?}");
     cli.ok(&["delete", "f2"]);
     cli.assert_nothing_left();
+    no_tap();
+    assert!(!netns.eth0_filters().contains("mirred"), "the redirect outlived the VM");
 
     // 3. The guest's PID 1 (the agent) goes away: a container sharing its pid
     // namespace sends it SIGTERM, the agent stops and the VM with it.
@@ -80,4 +93,5 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
     );
     cli.ok(&["delete", "f4"]);
     cli.assert_nothing_left();
+    no_tap();
 }

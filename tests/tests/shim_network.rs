@@ -6,58 +6,13 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use carapace_tests::containerd::{assert_clean, ctr_run, task_status, vmms, Containerd, IMAGE};
+use carapace_tests::netns::{PodNetns, HOST_IP, POD_IP};
 use carapace_tests::{kvm_available, Assets, BOOT_DEADLINE};
 
 const RUNTIME: &str = "io.containerd.carapace.v2";
-const HOST_IP: &str = "10.231.0.1";
-const POD_IP: &str = "10.231.0.2";
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// What CNI's bridge plugin would have made: bridge `cpbr<pid>` with the
-/// gateway address, a veth from it into netns `cp-pod-<pid>` as eth0.
-/// Removed on drop.
-struct PodNetns {
-    name: String,
-    bridge: String,
-}
-
-impl PodNetns {
-    fn create() -> Self {
-        let tag = std::process::id() % 100_000;
-        let (name, bridge, host_end) = (format!("cp-pod-{tag}"), format!("cpbr{tag}"), format!("cpv{tag}"));
-        let ns = Self { name, bridge };
-        ip(&["netns", "add", &ns.name]);
-        ip(&["link", "add", &ns.bridge, "type", "bridge"]);
-        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &ns.bridge]);
-        ip(&["link", "set", &ns.bridge, "up"]);
-        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
-        ip(&["link", "set", &host_end, "master", &ns.bridge, "up"]);
-        ip(&["-n", &ns.name, "addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"]);
-        ip(&["-n", &ns.name, "link", "set", "eth0", "up"]);
-        ip(&["-n", &ns.name, "route", "add", "default", "via", HOST_IP]);
-        ns
-    }
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.name)
-    }
-}
-
-impl Drop for PodNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
-    }
-}
-
 /// GET / from `addr`, retried until `deadline` (the VM is still booting).
 fn http_get(addr: &str, deadline: Instant) -> Result<String, String> {
     let mut last = String::new();
@@ -86,7 +41,7 @@ fn a_pod_in_a_cni_style_netns_answers_on_its_address() {
         return;
     }
     let (tmp, c) = Containerd::with_busybox(&Assets::get());
-    let netns = PodNetns::create();
+    let netns = PodNetns::create("pod");
     let with_ns = format!("network:{}", netns.path());
 
     // The pod serves a page with busybox httpd on its CNI address.
@@ -141,9 +96,8 @@ fn a_pod_in_a_cni_style_netns_answers_on_its_address() {
     c.ctr_ok(&["container", "delete", "web"]);
     assert_clean(&c, tmp.path());
     assert!(vmms(&c).is_empty());
-    let links = ip(&["-n", &netns.name, "link", "show"]);
+    let links = netns.links();
     assert!(!links.contains("cptap"), "tap left in the pod's netns:\n{links}");
-    let filters = Command::new("tc").args(["-n", &netns.name, "filter", "show", "dev", "eth0", "ingress"]).output().expect("tc");
-    let filters = String::from_utf8_lossy(&filters.stdout);
+    let filters = netns.eth0_filters();
     assert!(!filters.contains("mirred"), "redirect left on eth0:\n{filters}");
 }
