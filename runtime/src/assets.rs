@@ -51,12 +51,18 @@ impl GuestAssets {
         if !initramfs.is_file() {
             return Err(AssetError::InitramfsMissing(initramfs));
         }
-        let vmm = match (&config.vmm, env_path("CARAPACE_BIN_DIR")) {
-            (Some(vmm), None) if vmm.is_file() => vmm.clone(),
-            (Some(vmm), None) => return Err(AssetError::ConfiguredVmmMissing(vmm.clone())),
-            _ => locate_binary("carapace-vmm")?,
-        };
+        let vmm = locate_vmm(config)?;
         Ok(Self { kernel, initramfs, vmm })
+    }
+}
+
+/// The VMM binary: in `$CARAPACE_BIN_DIR` when that is set, else the
+/// config's `vmm`, else found by [`locate_binary`].
+pub fn locate_vmm(config: &Config) -> Result<PathBuf, AssetError> {
+    match (&config.vmm, env_path("CARAPACE_BIN_DIR")) {
+        (Some(vmm), None) if vmm.is_file() => Ok(vmm.clone()),
+        (Some(vmm), None) => Err(AssetError::ConfiguredVmmMissing(vmm.clone())),
+        _ => locate_binary("carapace-vmm"),
     }
 }
 
