@@ -213,9 +213,10 @@ def pss_kib(pid):
 
 
 def comm(pid):
+    """The program's name (comm would cut both shims to `containerd-shim`)."""
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0")[0].decode(errors="replace")) or "?"
     except OSError:
         return "?"
 
