@@ -14,6 +14,11 @@ install -d "$prefix/bin" "$prefix/share/carapace"
 install -m 0755 "$repo/target/release/carapace" "$repo/target/release/carapace-vmm" \
     "$repo/target/release/containerd-shim-carapace-v2" "$prefix/bin/"
 install -m 0644 "$guest_dir/vmlinux" "$guest_dir/initramfs.cpio" "$prefix/share/carapace/"
+# The example config sets nothing (every key commented out at its default);
+# an operator's own file is never replaced.
+if [ ! -e /etc/carapace/config.toml ]; then
+    install -D -m 0644 "$repo/config/config.toml" /etc/carapace/config.toml
+fi
 
 if [ "${1:-}" != "--no-demo" ]; then
     unset CARAPACE_KERNEL CARAPACE_INITRAMFS CARAPACE_BIN_DIR

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::assets::{self, GuestAssets};
+use crate::config::{self, Config};
 
 /// What kind of hardware virtualization the host's KVM offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +76,21 @@ pub fn check_host() -> Vec<CheckItem> {
         ),
         KvmKind::None => item(false, "kvm", "neither vmx/svm nor kvm_pvm found"),
     });
+    let config = match config::load(None) {
+        Ok(c) => {
+            let from = c.source.as_ref().map_or_else(|| "built-in defaults (no file)".to_string(), |p| p.display().to_string());
+            items.push(item(true, "config", from));
+            c
+        }
+        Err(e) => {
+            items.push(item(false, "config", e.to_string()));
+            Config::default()
+        }
+    };
+    // Same precedence as GuestAssets::locate_with: environment, config, default.
     let kernel = std::env::var_os("CARAPACE_KERNEL")
         .map(Into::into)
+        .or_else(|| config.kernel.clone())
         .unwrap_or_else(|| Path::new(assets::DEFAULT_ASSET_DIR).join("vmlinux"));
     items.push(match elf_kind(&kernel) {
         Ok(()) => item(true, "kernel", kernel.display().to_string()),
@@ -84,6 +98,7 @@ pub fn check_host() -> Vec<CheckItem> {
     });
     let initramfs = std::env::var_os("CARAPACE_INITRAMFS")
         .map(Into::into)
+        .or_else(|| config.initramfs.clone())
         .unwrap_or_else(|| Path::new(assets::DEFAULT_ASSET_DIR).join("initramfs.cpio"));
     items.push(match std::fs::metadata(&initramfs) {
         Ok(m) if m.is_file() => item(
@@ -94,7 +109,7 @@ pub fn check_host() -> Vec<CheckItem> {
         Ok(_) => item(false, "initramfs", format!("{}: not a file", initramfs.display())),
         Err(e) => item(false, "initramfs", format!("{}: {e}", initramfs.display())),
     });
-    items.push(match assets::locate_binary("carapace-vmm") {
+    items.push(match assets::locate_vmm(&config) {
         Ok(p) => item(true, "vmm", p.display().to_string()),
         Err(e) => item(false, "vmm", e.to_string()),
     });

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod assets;
 pub mod bundle;
+pub mod config;
 pub mod container;
 pub mod hooks;
 pub mod host;

@@ -24,6 +24,7 @@ use oci_spec::runtime::Process;
 
 use crate::assets::GuestAssets;
 use crate::bundle::Bundle;
+use crate::config::{self, Config};
 use crate::container::{agent_error, ContainerError, Ready, Runtime};
 use crate::sandbox;
 use crate::state::{ContainerRecord, Status};
@@ -260,15 +261,16 @@ struct Started {
 /// sandbox, createRuntime hooks, the container with its stdio.
 fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Option<&Path>) -> Result<Started, ContainerError> {
     let bundle = Bundle::load(bundle_dir)?;
+    let config = config::load(None).map_err(|e| ContainerError::Create(e.to_string()))?;
     let dir = rt.store.dir(id)?;
     let shared = dir.join("shared");
     std::fs::create_dir_all(&shared).map_err(|source| ContainerError::Io { path: shared.clone(), source })?;
     let view = sandbox::guest_view(id, &bundle.spec, &bundle.dir, &bundle.rootfs);
     sandbox::apply_binds(&shared, &view.binds).map_err(|e| ContainerError::Create(e.to_string()))?;
 
-    let assets = GuestAssets::locate().map_err(|e| ContainerError::Create(e.to_string()))?;
-    let mut opts = vm_options(&bundle.spec);
-    opts.fs.push(sandbox::share(&shared));
+    let assets = GuestAssets::locate_with(&config).map_err(|e| ContainerError::Create(e.to_string()))?;
+    let mut opts = vm_options_with(&bundle.spec, &config);
+    opts.fs.push(sandbox::share_with(&shared, &config));
     let mut network = match network::netns_path(&bundle.spec) {
         Some(path) => Some(network::attach(&path).map_err(|e| ContainerError::Create(e.to_string()))?),
         None => None,
@@ -279,7 +281,7 @@ fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Op
     let mut vm = Vm::start_owned(&assets, &dir, &opts).map_err(|e| ContainerError::Create(e.to_string()))?;
     // Only the VMM holds the taps from here on.
     opts.net.clear();
-    let conn = vm.wait_for_agent(BOOT_TIMEOUT).map_err(|e| ContainerError::Create(e.to_string()))?;
+    let conn = vm.wait_for_agent(config.boot_timeout()).map_err(|e| ContainerError::Create(e.to_string()))?;
     let agent = AgentClient::new(conn);
 
     let mut req = sandbox::create_sandbox_request(id, bundle.spec.hostname().as_deref());
@@ -319,24 +321,37 @@ fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Op
     Ok(Started { vm, agent, session, ready, network })
 }
 
+/// VM size with the built-in defaults (no config file); see [`vm_options_with`].
+pub fn vm_options(spec: &oci_spec::runtime::Spec) -> VmOptions {
+    vm_options_with(spec, &Config::default())
+}
+
 /// VM size: annotations `io.carapace.vcpus` and `io.carapace.memory_mib`
 /// win; otherwise the container's CPU quota (rounded up) and memory limit
-/// plus 128 MiB for the guest, at least 1 vCPU and 256 MiB.
-pub fn vm_options(spec: &oci_spec::runtime::Spec) -> VmOptions {
-    let mut opts = VmOptions::default();
+/// plus the config's `memory_overhead_mib` for the guest, at least the
+/// config's `default_vcpus` and `default_memory_mib` (1 and 256 unless
+/// configured), which a spec that asks for nothing gets. Also sets the
+/// config's kernel parameters.
+pub fn vm_options_with(spec: &oci_spec::runtime::Spec, config: &Config) -> VmOptions {
+    let mut opts = VmOptions {
+        vcpus: config.default_vcpus,
+        mem_mib: config.default_memory_mib,
+        extra_cmdline: config.kernel_params.clone(),
+        ..VmOptions::default()
+    };
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
     if let Some(cpu) = resources.as_ref().and_then(|r| r.cpu().clone()) {
         if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
             if quota > 0 && period > 0 {
                 let n = u64::try_from(quota).unwrap_or(0).div_ceil(period);
-                opts.vcpus = u8::try_from(n.clamp(1, 16)).unwrap_or(1);
+                opts.vcpus = u8::try_from(n.clamp(1, 16)).unwrap_or(1).max(config.default_vcpus);
             }
         }
     }
     if let Some(limit) = resources.as_ref().and_then(|r| *r.memory()).and_then(|m| m.limit()) {
         if limit > 0 {
-            let mib = u32::try_from(limit / (1024 * 1024) + 128).unwrap_or(u32::MAX);
-            opts.mem_mib = mib.clamp(256, 16 * 1024);
+            let mib = u32::try_from(limit / (1024 * 1024)).unwrap_or(u32::MAX).saturating_add(config.memory_overhead_mib);
+            opts.mem_mib = mib.min(16 * 1024).max(config.default_memory_mib);
         }
     }
     let annotations = spec.annotations().clone().unwrap_or_default();

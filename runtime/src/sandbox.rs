@@ -155,6 +155,11 @@ pub fn share(dir: &Path) -> FsConfig {
     FsConfig { tag: SHARE_TAG.into(), shared_dir: dir.to_path_buf(), read_only: false, cache: CacheMode::Auto }
 }
 
+/// [`share`] with the config's cache mode (`shared_fs_cache`).
+pub fn share_with(dir: &Path, config: &crate::config::Config) -> FsConfig {
+    FsConfig { cache: config.shared_fs_cache, ..share(dir) }
+}
+
 /// Moves the calling process into a mount namespace of its own whose mounts
 /// do not propagate back, so that the binds of [`apply_binds`] are seen by
 /// it and its children (the VMM) only. Call before any thread is started:

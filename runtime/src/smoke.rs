@@ -12,12 +12,14 @@ use crate::vm::{Vm, VmOptions};
 /// Boots a VM in a temporary directory, checks Health and Version, shuts the
 /// guest down and waits for the VMM to exit; returns a one-line report.
 pub fn boot_and_ping() -> anyhow::Result<String> {
-    let assets = GuestAssets::locate()?;
+    let config = crate::config::load(None)?;
+    let assets = GuestAssets::locate_with(&config)?;
     let dir = tempfile_dir()?;
     let result = (|| {
         let start = Instant::now();
-        let mut vm = Vm::start(&assets, &dir, &VmOptions::default())?;
-        let client = vm.wait_for_agent(Duration::from_secs(300))?;
+        let opts = VmOptions { extra_cmdline: config.kernel_params.clone(), ..VmOptions::default() };
+        let mut vm = Vm::start(&assets, &dir, &opts)?;
+        let client = vm.wait_for_agent(config.boot_timeout())?;
         let booted = start.elapsed();
         let health = HealthClient::new(client.clone());
         let version = health

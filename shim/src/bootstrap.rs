@@ -27,11 +27,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use containerd_shim::bootstrap::{BootstrapParams, BootstrapResult};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim_sync::create_task;
 use containerd_shim::{ExitSignal, Flags, StartOpts};
 use oci_spec::runtime::Spec;
 
+use crate::config::{self, ConfigSource};
 use crate::events::{self, RemoteEvents};
 use crate::task::{TaskConfig, TaskService};
 use crate::vm::MicroVmLauncher;
@@ -111,7 +113,7 @@ fn read_stdin() -> Vec<u8> {
 pub fn start(flags: &Flags) -> Result<(), BootstrapError> {
     let input = read_stdin();
     // containerd 2.3+ sends BootstrapParams; older ones flags, environment
-    // and (maybe) runtime options, which we do not use.
+    // and (maybe) the runtime options.
     let params = BootstrapParams::parse_from_bytes(&input)
         .ok()
         .filter(|p| p.instance_id == flags.id && p.namespace == flags.namespace && !p.containerd_ttrpc_address.is_empty());
@@ -131,7 +133,12 @@ pub fn start(flags: &Flags) -> Result<(), BootstrapError> {
     let spec = Spec::load(bundle_dir(flags).join("config.json")).ok();
     let grouping = pod::sandbox_id(&opts.id, spec.as_ref());
     check_ids(&opts.namespace, &opts.id, &grouping)?;
-    let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+    // The daemon logs from its start: it gets the options' config file
+    // (Create reads it again from the request) as its own CARAPACE_CONFIG.
+    let config_path = if bootstrap { None } else { Any::parse_from_bytes(&input).ok().as_ref().and_then(config::config_path) };
+    let config_env = config_path.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let vars: Vec<(&str, &str)> = config_env.iter().map(|p| (carapace_runtime::config::ENV, p.as_str())).collect();
+    let (_pid, address) = containerd_shim::spawn(opts, &grouping, vars)?;
     containerd_shim::synchronous::util::write_address(&address)?;
     let reply = if bootstrap {
         BootstrapResult {
@@ -176,10 +183,12 @@ pub fn delete(flags: &Flags) -> Result<(), BootstrapError> {
 }
 
 /// Logs (tracing) go to the `log` FIFO containerd reads in the bundle
-/// directory (our cwd), or nowhere; `CARAPACE_SHIM_LOG` sets the filter.
-fn init_logging(debug: bool) {
+/// directory (our cwd), or nowhere. The filter: `CARAPACE_SHIM_LOG`, else
+/// the config's `log_level`, else `debug` or `info` as containerd's
+/// `-debug` says.
+fn init_logging(debug: bool, config_level: Option<&str>) {
     let default = if debug { "debug" } else { "info" };
-    let filter = std::env::var("CARAPACE_SHIM_LOG").unwrap_or_else(|_| default.to_string());
+    let filter = std::env::var("CARAPACE_SHIM_LOG").unwrap_or_else(|_| config_level.unwrap_or(default).to_string());
     // Non-blocking: a containerd that stops reading must not stall the shim.
     let Ok(fifo) = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open("log") else { return };
     let _ = tracing_subscriber::fmt()
@@ -233,7 +242,14 @@ pub fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     // First, before any thread exists: the share's binds must be ours only.
     rootfs::private_mount_namespace()?;
     let _ = nix::unistd::setsid();
-    init_logging(flags.debug);
+    let config_source = ConfigSource::from_env();
+    // Only for the log level: each sandbox boot reads the file again, and a
+    // broken one fails that Create with the reason.
+    let config = config_source.load(None);
+    init_logging(flags.debug, config.as_ref().ok().and_then(|c| c.log_level.as_deref()));
+    if let Err(e) = &config {
+        tracing::warn!(error = %e, "the configuration file is refused; Create will fail until it is fixed");
+    }
     log_panics();
     // Checked before the socket exists: a shim that cannot serve leaves none.
     let ttrpc_address = ttrpc_address()?;
@@ -246,7 +262,7 @@ pub fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     let _span = tracing::info_span!("shim", namespace = %flags.namespace, id = %flags.id).entered();
     let events = Arc::new(RemoteEvents::new(ttrpc_address, flags.namespace.clone()));
     let exit = Arc::new(ExitSignal::default());
-    let cfg = TaskConfig { namespace: flags.namespace.clone(), state_root: state_root() };
+    let cfg = TaskConfig { namespace: flags.namespace.clone(), state_root: state_root(), config: config_source };
     let service: Arc<dyn containerd_shim::Task + Send + Sync> =
         Arc::new(TaskService::new(cfg, Box::new(MicroVmLauncher), events, exit.clone()));
     let v3 = create_task(service.clone());

@@ -4,6 +4,7 @@
 use carapace_runtime::assets::AssetError;
 use carapace_runtime::bundle::BundleError;
 use carapace_runtime::network::NetworkError;
+use carapace_runtime::config::ConfigError;
 use carapace_runtime::sandbox::SandboxError;
 use carapace_runtime::vm::VmError;
 
@@ -33,6 +34,8 @@ pub enum ShimError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Assets(#[from] AssetError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("sandbox share: {0}")]
     Share(#[from] SandboxError),
     #[error("pod network: {0}")]
@@ -69,7 +72,7 @@ impl ShimError {
             Self::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
             Self::Agent { code: Some(code), .. } => *code,
             Self::Agent { code: None, .. } => ttrpc::Code::UNAVAILABLE,
-            Self::Assets(_) => ttrpc::Code::FAILED_PRECONDITION,
+            Self::Assets(_) | Self::Config(_) => ttrpc::Code::FAILED_PRECONDITION,
             Self::Network(NetworkError::Namespace { .. }) => ttrpc::Code::INVALID_ARGUMENT,
             Self::Network(_) => ttrpc::Code::INTERNAL,
             Self::Vm(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => {

@@ -15,11 +15,13 @@
 //!   boots sandboxes and the [`events::EventSink`] that reaches containerd,
 //!   so that it is tested without a VM.
 //! - [`container`], [`process`]: the state of containers and processes.
+//! - [`config`]: which configuration file a sandbox boots with.
 //! - [`io`]: stdio relays; [`rootfs`]: containerd's rootfs mounts and the
 //!   share; [`stats`]: cgroup v2 metrics in containerd's format;
 //!   [`pod`]: CRI annotations and VM sizing; [`guest`]: the agent calls.
 
 pub mod bootstrap;
+pub mod config;
 pub mod container;
 pub mod error;
 pub mod events;

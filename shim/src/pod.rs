@@ -1,6 +1,7 @@
 //! Pods: the CRI annotations that group containers into one sandbox (one
 //! shim, one VM), and the size of that VM.
 
+use carapace_runtime::config::Config;
 use carapace_runtime::vm::VmOptions;
 use oci_spec::runtime::Spec;
 
@@ -16,8 +17,6 @@ pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 pub const VCPUS: &str = "io.carapace.vcpus";
 pub const MEMORY_MIB: &str = "io.carapace.memory_mib";
 
-/// Guest memory added to a pod's memory limit for the guest kernel and agent.
-pub const GUEST_OVERHEAD_MIB: u64 = 128;
 
 fn annotation<'a>(spec: Option<&'a Spec>, key: &str) -> Option<&'a str> {
     spec?.annotations().as_ref()?.get(key).map(String::as_str)
@@ -38,13 +37,15 @@ pub fn is_sandbox(spec: Option<&Spec>) -> bool {
     annotation(spec, CONTAINER_TYPE) == Some("sandbox")
 }
 
-/// The size of the VM the first container of a sandbox boots: 1 vCPU and
-/// 256 MiB unless the spec asks for more. In order of precedence:
+/// The size of the VM the first container of a sandbox boots: the config's
+/// `default_vcpus` and `default_memory_mib` (1 vCPU and 256 MiB unless
+/// configured) unless the spec asks for more. In order of precedence:
 /// `io.carapace.vcpus` / `io.carapace.memory_mib`; the pod's resources
-/// (`io.kubernetes.cri.sandbox-cpu-quota`/`-period`, `-memory`, plus
-/// [`GUEST_OVERHEAD_MIB`]); the spec's own CPU quota and memory limit.
-pub fn vm_options(spec: &Spec) -> VmOptions {
-    let mut opts = carapace_runtime::monitor::vm_options(spec);
+/// (`io.kubernetes.cri.sandbox-cpu-quota`/`-period`, `-memory`, plus the
+/// config's `memory_overhead_mib`); the spec's own CPU quota and memory
+/// limit. The config's kernel parameters come along.
+pub fn vm_options(spec: &Spec, config: &Config) -> VmOptions {
+    let mut opts = carapace_runtime::monitor::vm_options_with(spec, config);
     let get = |k| annotation(Some(spec), k);
     if get(VCPUS).is_none() {
         let quota = get(SANDBOX_CPU_QUOTA).and_then(|v| v.parse::<i64>().ok());
@@ -52,14 +53,14 @@ pub fn vm_options(spec: &Spec) -> VmOptions {
         if let (Some(quota), Some(period)) = (quota, period) {
             if quota > 0 && period > 0 {
                 let n = u64::try_from(quota).unwrap_or(0).div_ceil(period).clamp(1, 16);
-                opts.vcpus = u8::try_from(n).unwrap_or(1);
+                opts.vcpus = u8::try_from(n).unwrap_or(1).max(config.default_vcpus);
             }
         }
     }
     if get(MEMORY_MIB).is_none() {
         if let Some(bytes) = get(SANDBOX_MEMORY).and_then(|v| v.parse::<u64>().ok()).filter(|b| *b > 0) {
-            let mib = (bytes / (1024 * 1024) + GUEST_OVERHEAD_MIB).clamp(256, 16 * 1024);
-            opts.mem_mib = u32::try_from(mib).unwrap_or(256);
+            let mib = (bytes / (1024 * 1024) + u64::from(config.memory_overhead_mib)).min(16 * 1024);
+            opts.mem_mib = u32::try_from(mib).unwrap_or(16 * 1024).max(config.default_memory_mib);
         }
     }
     opts
@@ -94,25 +95,53 @@ mod tests {
 
     #[test]
     fn vm_size_default_pod_resources_and_overrides() {
-        let plain = vm_options(&spec(serde_json::json!({}), serde_json::json!({})));
+        let plain = vm_options(&spec(serde_json::json!({}), serde_json::json!({})), &Config::default());
         assert_eq!((plain.vcpus, plain.mem_mib), (1, 256));
 
         let pod = vm_options(&spec(
             serde_json::json!({SANDBOX_CPU_QUOTA: "250000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "536870912"}),
             serde_json::json!({}),
-        ));
+        ), &Config::default());
         assert_eq!((pod.vcpus, pod.mem_mib), (3, 512 + 128));
 
         let own = vm_options(&spec(
             serde_json::json!({VCPUS: "2", MEMORY_MIB: "300", SANDBOX_CPU_QUOTA: "900000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "1073741824"}),
             serde_json::json!({}),
-        ));
+        ), &Config::default());
         assert_eq!((own.vcpus, own.mem_mib), (2, 300));
 
         let limits = vm_options(&spec(
             serde_json::json!({}),
             serde_json::json!({"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 268435456}}),
-        ));
+        ), &Config::default());
         assert_eq!((limits.vcpus, limits.mem_mib), (2, 256 + 128));
+    }
+
+    #[test]
+    fn vm_size_follows_the_config() {
+        let config = Config {
+            default_vcpus: 2,
+            default_memory_mib: 512,
+            memory_overhead_mib: 64,
+            kernel_params: "loglevel=7".into(),
+            ..Config::default()
+        };
+        let plain = vm_options(&spec(serde_json::json!({}), serde_json::json!({})), &config);
+        assert_eq!((plain.vcpus, plain.mem_mib, plain.extra_cmdline.as_str()), (2, 512, "loglevel=7"));
+        // Limits below the defaults get the defaults; above, the limit plus
+        // the configured overhead.
+        let small = vm_options(
+            &spec(serde_json::json!({}), serde_json::json!({"cpu": {"quota": 50000, "period": 100000}, "memory": {"limit": 67108864}})),
+            &config,
+        );
+        assert_eq!((small.vcpus, small.mem_mib), (2, 512));
+        let pod = vm_options(
+            &spec(serde_json::json!({SANDBOX_CPU_QUOTA: "300000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "1073741824"}), serde_json::json!({})),
+            &config,
+        );
+        assert_eq!((pod.vcpus, pod.mem_mib), (3, 1024 + 64));
+        // The annotations still win, below the defaults too.
+        let own = vm_options(&spec(serde_json::json!({VCPUS: "1", MEMORY_MIB: "128"}), serde_json::json!({})), &config);
+        assert_eq!((own.vcpus, own.mem_mib), (1, 128));
     }
 }

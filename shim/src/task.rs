@@ -26,11 +26,13 @@ use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
     TaskStart,
 };
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::ExitSignal;
 use ttrpc::TtrpcContext;
 
+use crate::config::ConfigSource;
 use crate::container::Container;
 use crate::error::ShimError;
 use crate::events::{self, topics, EventSink};
@@ -56,6 +58,9 @@ pub struct TaskConfig {
     /// Directory of sandbox VMs (sockets, logs, the share); short, as Unix
     /// socket paths live in it.
     pub state_root: PathBuf,
+    /// The configuration file a sandbox boots with unless the Create's
+    /// runtime options name another.
+    pub config: ConfigSource,
 }
 
 /// A running sandbox VM and its share.
@@ -196,7 +201,7 @@ impl Inner {
         if lock(&self.containers).contains_key(&req.id) {
             return Err(ShimError::AlreadyExists(format!("container {} already exists", req.id)));
         }
-        let (sb, booted) = self.ensure_sandbox(&mut slot, &req.id, &bundle)?;
+        let (sb, booted) = self.ensure_sandbox(&mut slot, &req.id, &bundle, req.options.as_ref())?;
         let c = match self.create_container(&sb, req, &bundle, mounted) {
             Ok(c) => c,
             Err(e) => {
@@ -234,18 +239,24 @@ impl Inner {
         Ok(api::CreateTaskResponse { pid, ..Default::default() })
     }
 
-    /// The sandbox, booted for `spec`'s pod if there is none yet; true if
-    /// this call booted it.
+    /// The sandbox, booted for `spec`'s pod if there is none yet (with the
+    /// configuration the runtime `options` or the shim name); true if this
+    /// call booted it.
     fn ensure_sandbox(
         &self,
         slot: &mut Option<Arc<Sandbox>>,
         container_id: &str,
         bundle: &Bundle,
+        options: Option<&Any>,
     ) -> Result<(Arc<Sandbox>, bool), ShimError> {
         let spec = &bundle.spec;
         if let Some(sb) = slot {
             return Ok((sb.clone(), false));
         }
+        // Read at each boot, not at shim start: a fixed file applies to the
+        // next sandbox, and a broken one fails this Create, before anything
+        // exists, instead of a shim that cannot start.
+        let config = self.cfg.config.load(options)?;
         let sandbox_id = pod::sandbox_id(container_id, Some(spec));
         carapace_runtime::id::validate_id(&sandbox_id)
             .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", pod::SANDBOX_ID)))?;
@@ -259,8 +270,8 @@ impl Inner {
         let shared = dir.join("shared");
         std::fs::create_dir_all(&shared).map_err(|e| ShimError::Internal(format!("{}: {e}", shared.display())))?;
         let _ = std::fs::write(dir.join("shim.pid"), std::process::id().to_string());
-        let mut opts = pod::vm_options(spec);
-        opts.fs.push(sandbox::share(&shared));
+        let mut opts = pod::vm_options(spec, &config);
+        opts.fs.push(sandbox::share_with(&shared, &config));
         let mut network = match network::netns_path(spec).map(|p| network::attach(&p)).transpose() {
             Ok(n) => n,
             Err(e) => {
@@ -271,7 +282,7 @@ impl Inner {
         if let Some(n) = network.as_mut() {
             opts.net = n.take_taps();
         }
-        let vm = match self.launcher.launch(&dir, &opts) {
+        let vm = match self.launcher.launch(&dir, &config, &opts) {
             Ok(vm) => vm,
             Err(e) => {
                 rootfs::remove_sandbox_dir(&dir);
@@ -291,7 +302,7 @@ impl Inner {
             sb.stop();
             return Err(ShimError::agent("CreateSandbox", e));
         }
-        tracing::info!(vmm_pid = sb.vm.pid(), vcpus = opts.vcpus, mem_mib = opts.mem_mib, "sandbox ready");
+        tracing::info!(vmm_pid = sb.vm.pid(), vcpus = opts.vcpus, mem_mib = opts.mem_mib, config = ?config.source, "sandbox ready");
         *slot = Some(sb.clone());
         Ok((sb, true))
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use carapace_protocol::AgentClient;
 use carapace_runtime::assets::GuestAssets;
-use carapace_runtime::monitor::BOOT_TIMEOUT;
+use carapace_runtime::config::Config;
 use carapace_runtime::vm::{Vm, VmOptions};
 
 use crate::error::ShimError;
@@ -36,8 +36,9 @@ pub trait SandboxVm: Send + Sync + std::fmt::Debug {
 /// Boots sandbox VMs.
 pub trait Launcher: Send + Sync {
     /// Boots a VM whose files live in `dir` (which exists and is private to
-    /// it) and returns once its agent answers.
-    fn launch(&self, dir: &Path, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError>;
+    /// it) from the assets `config` names, and returns once its agent
+    /// answers.
+    fn launch(&self, dir: &Path, config: &Config, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError>;
 }
 
 /// The real thing: `carapace-vmm` with the installed guest assets.
@@ -48,8 +49,9 @@ type Ready = Result<(u32, AgentGuest), ShimError>;
 
 impl Launcher for MicroVmLauncher {
     #[tracing::instrument(name = "boot", skip_all, fields(dir = %dir.display(), vcpus = opts.vcpus, mem_mib = opts.mem_mib))]
-    fn launch(&self, dir: &Path, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError> {
-        let assets = GuestAssets::locate()?;
+    fn launch(&self, dir: &Path, config: &Config, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError> {
+        let assets = GuestAssets::locate_with(config)?;
+        let boot_timeout = config.boot_timeout();
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -62,7 +64,7 @@ impl Launcher for MicroVmLauncher {
             .name("vm-owner".into())
             .spawn(move || {
                 let _span = span.enter();
-                own_vm(&assets, &dir_owned, &opts, &ready_tx, &stop_rx);
+                own_vm(&assets, &dir_owned, &opts, boot_timeout, &ready_tx, &stop_rx);
                 drop(done_tx);
             })
             .map_err(|e| ShimError::Internal(format!("cannot start the VM owner thread: {e}")))?;
@@ -82,7 +84,7 @@ impl Launcher for MicroVmLauncher {
 
 /// Body of the VM owner thread: boot, report, wait for the stop order (or
 /// for the sandbox handle to be dropped), stop.
-fn own_vm(assets: &GuestAssets, dir: &Path, opts: &VmOptions, ready: &Sender<Ready>, stop: &Receiver<()>) {
+fn own_vm(assets: &GuestAssets, dir: &Path, opts: &VmOptions, boot_timeout: Duration, ready: &Sender<Ready>, stop: &Receiver<()>) {
     let mut vm = match Vm::start_owned(assets, dir, opts) {
         Ok(vm) => vm,
         Err(e) => {
@@ -90,7 +92,7 @@ fn own_vm(assets: &GuestAssets, dir: &Path, opts: &VmOptions, ready: &Sender<Rea
             return;
         }
     };
-    let conn = match vm.wait_for_agent(BOOT_TIMEOUT) {
+    let conn = match vm.wait_for_agent(boot_timeout) {
         Ok(c) => c,
         Err(e) => {
             let _ = ready.send(Err(e.into()));

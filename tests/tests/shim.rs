@@ -2,7 +2,8 @@
 //! containerd (Debian's 1.6, private, see `carapace_tests::containerd`),
 //! driven with `ctr --runtime io.containerd.carapace.v2`: run with output
 //! and exit code, exec with and without a terminal, pause/resume, metrics,
-//! kill/delete leaving nothing, and two containers of one pod in one VM.
+//! kill/delete leaving nothing, a config file from the runtime options, and
+//! two containers of one pod in one VM.
 //! Each test boots one VM (tens of seconds on a kvm_pvm host).
 
 use std::fs::File;
@@ -103,11 +104,40 @@ fn ctr_on_pty(c: &Containerd, p: &Pty, args: &[&str]) -> (Child, std::thread::Jo
 fn a_running_task_exec_with_and_without_a_tty_pause_resume_metrics_kill_delete() {
     let Some((tmp, c)) = setup("a_running_task_exec_with_and_without_a_tty_pause_resume_metrics_kill_delete") else { return };
     let id = "svc";
-    let (code, out, err) =
-        ctr_run(&c, tmp.path(), "run-d", &["run", "-d", "--runtime", RUNTIME, "--snapshotter", "native", IMAGE, id, "sleep", "100000"]);
+    // The config file named by the runtime options (`ConfigPath`, what the
+    // CRI plugin sends for `options`): a broken one fails the run before
+    // any VM boots, naming the file and the key...
+    let bad = tmp.path().join("bad-config.toml");
+    std::fs::write(&bad, "default_vcpus = 1\ndefault_memory = 384\n").expect("bad config");
+    let bad_path = bad.display().to_string();
+    let (code, out, err) = ctr_run(
+        &c,
+        tmp.path(),
+        "run-bad",
+        &["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", &bad_path, "--snapshotter", "native", IMAGE, "badcfg", "true"],
+    );
+    assert_ne!(code, Some(0), "a broken config file must fail the run: {out}{err}");
+    assert!(err.contains(&bad_path) && err.contains("default_memory"), "the error must name the file and the key: {err}");
+    let _ = c.ctr(&["containers", "delete", "badcfg"]).output();
+    assert_clean(&c, tmp.path());
+    // ... and a good one sizes the VM.
+    let good = tmp.path().join("config.toml");
+    std::fs::write(&good, "default_memory_mib = 384\n").expect("config");
+    let good_path = good.display().to_string();
+    let (code, out, err) = ctr_run(
+        &c,
+        tmp.path(),
+        "run-d",
+        &["run", "-d", "--runtime", RUNTIME, "--runtime-config-path", &good_path, "--snapshotter", "native", IMAGE, id, "sleep", "100000"],
+    );
     assert_eq!(code, Some(0), "ctr run -d: {out}{err}\n{}", c.log_tail());
     assert_eq!(task_status(&c, id), "RUNNING");
     assert_eq!(vmms(&c).len(), 1, "one VMM for the task");
+    let (code, out, err) = ctr_run(&c, tmp.path(), "meminfo", &["task", "exec", "--exec-id", "mem", id, "head", "-n1", "/proc/meminfo"]);
+    let kib: u64 = out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // MemTotal is the guest's RAM less the kernel's own: above the 256 MiB
+    // default only if the config file was read.
+    assert!(code == Some(0) && kib > 300 * 1024 && kib <= 384 * 1024, "guest MemTotal {kib} KiB: {out}{err}\n{}", c.log_tail());
 
     // exec without a terminal: output and exit code
     let (code, out, err) =

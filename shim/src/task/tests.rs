@@ -12,7 +12,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use carapace_protocol::agent::*;
-use carapace_runtime::vm::VmOptions;
+use carapace_runtime::config::{Config, Origin};
+use carapace_runtime::vm::{CacheMode, VmOptions};
 use containerd_shim::protos::api;
 use containerd_shim::protos::cgroups_v2::metrics::Metrics;
 use containerd_shim::protos::protobuf::Message;
@@ -229,7 +230,7 @@ struct FakeLauncher {
 }
 
 impl Launcher for Arc<FakeLauncher> {
-    fn launch(&self, dir: &Path, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError> {
+    fn launch(&self, dir: &Path, _config: &Config, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError> {
         assert!(opts.fs.iter().any(|f| f.shared_dir == dir.join("shared")), "the share is {:?}", opts.fs);
         let uds = dir.join("vsock.sock");
         let guest = Arc::new(FakeGuest::new(uds.clone()));
@@ -273,7 +274,9 @@ fn fixture(test: &str) -> Option<Fixture> {
     let launcher = Arc::new(FakeLauncher::default());
     let events = Arc::new(EventLog::default());
     let exit = Arc::new(ExitSignal::default());
-    let cfg = TaskConfig { namespace: "test".into(), state_root: dir.path().join("state") };
+    // A missing default file: the built-in defaults, whatever the host has.
+    let config = ConfigSource { path: dir.path().join("config.toml"), origin: Origin::Default };
+    let cfg = TaskConfig { namespace: "test".into(), state_root: dir.path().join("state"), config };
     let svc = TaskService::new(cfg, Box::new(launcher.clone()), events.clone(), exit.clone());
     Some(Fixture { svc, launcher, events, exit, dir })
 }
@@ -491,6 +494,51 @@ fn failed_creates_leave_nothing() {
     assert!(f.events.topics().is_empty());
     // Unknown ids are NOT_FOUND.
     assert!(matches!(f.svc.inner.wait(&api::WaitRequest { id: "nope".into(), ..Default::default() }), Err(ShimError::NotFound(_))));
+}
+
+#[test]
+fn the_config_file_sizes_the_vm_and_a_bad_one_fails_create() {
+    let Some(f) = fixture("the_config_file_sizes_the_vm_and_a_bad_one_fails_create") else { return };
+    let create = |id: &str, config: &Path| {
+        let b = f.bundle(id, serde_json::json!({}));
+        let req = api::CreateTaskRequest {
+            id: id.into(),
+            bundle: b.display().to_string(),
+            options: Some(crate::config::runtime_options(&config.display().to_string())).into(),
+            ..Default::default()
+        };
+        f.svc.inner.create(&req)
+    };
+    let state = f.dir.path().join("state");
+    let left = || -> Vec<PathBuf> {
+        std::fs::read_dir(&state).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default()
+    };
+
+    // Refused before anything exists: no VM, no sandbox directory, no event.
+    let bad = f.dir.path().join("bad.toml");
+    std::fs::write(&bad, "default_vcpus = 1
+default_memory = 512
+").expect("write");
+    let err = create("c1", &bad).expect_err("unknown key");
+    assert_eq!(err.code(), ttrpc::Code::FAILED_PRECONDITION, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&bad.display().to_string()) && msg.contains("default_memory"), "{msg}");
+    let err = create("c1", &f.dir.path().join("missing.toml")).expect_err("named and missing");
+    assert!(err.to_string().contains("missing.toml"), "{err}");
+    assert_eq!(f.launcher.count(), 0);
+    assert!(left().is_empty(), "left: {:?}", left());
+    assert!(f.svc.container_ids().is_empty() && f.events.topics().is_empty());
+
+    // A good one sizes the VM and sets the share's cache mode.
+    let good = f.dir.path().join("good.toml");
+    std::fs::write(&good, "default_memory_mib = 384
+shared_fs_cache = \"none\"\nkernel_params = \"quiet\"\n").expect("write");
+    create("c1", &good).expect("create");
+    let opts = f.launcher.launched.lock().expect("launched")[0].2.clone();
+    assert_eq!((opts.vcpus, opts.mem_mib, opts.extra_cmdline.as_str()), (1, 384, "quiet"));
+    assert!(opts.fs.iter().all(|fs| fs.cache == CacheMode::None), "{:?}", opts.fs);
+    f.delete("c1", "").expect("delete");
+    assert!(f.launcher.stopped(0));
 }
 
 #[test]
