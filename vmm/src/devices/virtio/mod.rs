@@ -135,6 +135,20 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// A driver's read of `data.len()` bytes at `offset` of a device's config
+/// space `cfg`: bytes past its end read as 0, and a read that starts past
+/// it is a guest mistake worth a (rate-limited) warning naming `device`.
+pub(crate) fn read_config_space(device: &str, cfg: &[u8], offset: u64, data: &mut [u8]) {
+    let Some(start) = usize::try_from(offset).ok().filter(|o| *o < cfg.len()) else {
+        crate::guest_warn!(offset, device, "config read out of range");
+        data.fill(0);
+        return;
+    };
+    let n = data.len().min(cfg.len() - start);
+    data[..n].copy_from_slice(&cfg[start..start + n]);
+    data[n..].fill(0);
+}
+
 /// Blocks until `kill` is signalled (a broken device waits for its reset).
 pub(crate) fn wait_for_kill(kill: &EventFd) {
     let mut pfd = libc::pollfd { fd: std::os::unix::io::AsRawFd::as_raw_fd(kill), events: libc::POLLIN, revents: 0 };

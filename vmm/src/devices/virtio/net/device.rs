@@ -191,15 +191,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config_space();
-        let Some(start) = usize::try_from(offset).ok().filter(|o| *o < cfg.len()) else {
-            crate::guest_warn!(offset, "net: config read out of range");
-            data.fill(0);
-            return;
-        };
-        let n = data.len().min(cfg.len() - start);
-        data[..n].copy_from_slice(&cfg[start..start + n]);
-        data[n..].fill(0);
+        crate::devices::virtio::read_config_space("net", &self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -117,15 +117,7 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.guest_cid.to_le_bytes();
-        let Some(start) = usize::try_from(offset).ok().filter(|o| *o < cfg.len()) else {
-            crate::guest_warn!(offset, "vsock: config read out of range");
-            data.fill(0);
-            return;
-        };
-        let n = data.len().min(cfg.len() - start);
-        data[..n].copy_from_slice(&cfg[start..start + n]);
-        data[n..].fill(0);
+        crate::devices::virtio::read_config_space("vsock", &self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
