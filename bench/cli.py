@@ -27,14 +27,14 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import REPO, asset_path, pss_kib
 
 
 def asset(env, default):
-    path = os.environ.get(env) or os.path.join(REPO, default)
-    if not os.path.exists(path):
-        sys.exit(f"bench: {path} missing (run scripts/setup.sh or set {env})")
-    return path
+    try:
+        return asset_path(env, default)
+    except FileNotFoundError as e:
+        sys.exit(f"bench: {e}")
 
 
 class Runtime:
@@ -100,14 +100,6 @@ def busybox_bundle(path, args):
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
     return path
-
-
-def pss_kib(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
 def run_round(rt, bundle, cid):

@@ -37,7 +37,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _common
+from _common import REPO
+
 CARAPACE = "io.containerd.carapace.v2"
 RUNC = "io.containerd.runc.v2"
 IMAGE = "docker.io/library/carapace-bench-busybox:latest"
@@ -49,10 +51,10 @@ class BenchError(Exception):
 
 
 def asset(env, default):
-    path = os.environ.get(env) or os.path.join(REPO, default)
-    if not os.path.exists(path):
-        raise BenchError(f"{path} missing (run scripts/setup.sh or set {env})")
-    return path
+    try:
+        return _common.asset_path(env, default)
+    except FileNotFoundError as e:
+        raise BenchError(str(e)) from None
 
 
 def run(args, timeout, **kw):
@@ -205,11 +207,10 @@ def descendants(pid):
 
 
 def pss_kib(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    raise BenchError(f"no Pss in /proc/{pid}/smaps_rollup")
+    try:
+        return _common.pss_kib(pid)
+    except RuntimeError as e:
+        raise BenchError(str(e)) from None
 
 
 def comm(pid):

@@ -26,14 +26,14 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import REPO, asset_path
 
 
 def asset(env, default):
-    path = os.environ.get(env) or os.path.join(REPO, default)
-    if not os.path.exists(path):
-        sys.exit(f"soak: {path} missing (run scripts/setup.sh or set {env})")
-    return path
+    try:
+        return asset_path(env, default)
+    except FileNotFoundError as e:
+        sys.exit(f"soak: {e}")
 
 
 def busybox_bundle(carapace, env, path, args):
