@@ -2,12 +2,13 @@
 //! process and exec'd processes.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use carapace_runtime::sandbox::HostBind;
 use containerd_shim::protos::types::mount::Mount;
+use oci_spec::runtime::{Hooks, Spec};
 
 use crate::error::ShimError;
 use crate::process::Process;
@@ -23,6 +24,10 @@ pub struct Container {
     /// What is bound into the sandbox's share for this container.
     pub binds: Vec<HostBind>,
     pub init: Arc<Process>,
+    /// The spec's OCI hooks; those that run on the host run in the shim.
+    pub hooks: Hooks,
+    /// The spec's annotations, for the hooks' state.
+    pub annotations: HashMap<String, String>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
 }
@@ -43,9 +48,23 @@ impl Container {
             mounted_rootfs,
             binds,
             init,
+            hooks: Hooks::default(),
+            annotations: HashMap::new(),
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
         }
+    }
+
+    /// With the spec's hooks and annotations.
+    pub fn with_spec(mut self, spec: &Spec) -> Self {
+        self.hooks = spec.hooks().clone().unwrap_or_default();
+        self.annotations = spec.annotations().clone().unwrap_or_default();
+        self
+    }
+
+    /// The OCI state its host hooks read; see [`hook_state`].
+    pub fn hook_state(&self, status: &str, pid: u32) -> serde_json::Value {
+        hook_state(&self.id, &self.bundle, &self.annotations, status, pid)
     }
 
     fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
@@ -87,4 +106,17 @@ impl Container {
     pub fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
     }
+}
+
+/// The OCI state a host hook reads on stdin; `pid` is the VMM's (the
+/// container's processes live in the guest).
+pub fn hook_state(id: &str, bundle: &Path, annotations: &HashMap<String, String>, status: &str, pid: u32) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.2.0",
+        "id": id,
+        "status": status,
+        "pid": pid,
+        "bundle": bundle,
+        "annotations": annotations,
+    })
 }

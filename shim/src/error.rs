@@ -3,6 +3,7 @@
 
 use carapace_runtime::assets::AssetError;
 use carapace_runtime::bundle::BundleError;
+use carapace_runtime::hooks::HookError;
 use carapace_runtime::network::NetworkError;
 use carapace_runtime::config::ConfigError;
 use carapace_runtime::sandbox::SandboxError;
@@ -41,6 +42,8 @@ pub enum ShimError {
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
     #[error(transparent)]
+    Hook(#[from] HookError),
+    #[error(transparent)]
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
     Io(#[from] IoError),
@@ -72,7 +75,7 @@ impl ShimError {
             Self::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
             Self::Agent { code: Some(code), .. } => *code,
             Self::Agent { code: None, .. } => ttrpc::Code::UNAVAILABLE,
-            Self::Assets(_) | Self::Config(_) => ttrpc::Code::FAILED_PRECONDITION,
+            Self::Assets(_) | Self::Config(_) | Self::Hook(_) => ttrpc::Code::FAILED_PRECONDITION,
             Self::Network(NetworkError::Namespace { .. }) => ttrpc::Code::INVALID_ARGUMENT,
             Self::Network(_) => ttrpc::Code::INTERNAL,
             Self::Vm(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => {

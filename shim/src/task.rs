@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use carapace_protocol::agent;
 use carapace_runtime::bundle::Bundle;
+use carapace_runtime::hooks;
 use carapace_runtime::network::{self, PodNetwork};
 use carapace_runtime::sandbox;
 use containerd_shim::protos::api;
@@ -33,7 +34,7 @@ use containerd_shim::ExitSignal;
 use ttrpc::TtrpcContext;
 
 use crate::config::ConfigSource;
-use crate::container::Container;
+use crate::container::{self, Container};
 use crate::error::ShimError;
 use crate::events::{self, topics, EventSink};
 use crate::guest::Guest;
@@ -320,6 +321,17 @@ impl Inner {
             return Err(e.into());
         }
         let undo = || rootfs::remove_binds(&sb.shared, &view.binds);
+        // Host hooks run before the container exists in the guest, as runc
+        // runs them before pivot_root: a failure fails Create.
+        let hooks = bundle.spec.hooks().clone().unwrap_or_default();
+        let annotations = bundle.spec.annotations().clone().unwrap_or_default();
+        let state = container::hook_state(&req.id, &bundle.dir, &annotations, "creating", sb.vm.pid());
+        let ran = hooks::run("prestart", hooks.prestart().as_deref().unwrap_or(&[]), &state)
+            .and_then(|()| hooks::run("createRuntime", hooks.create_runtime().as_deref().unwrap_or(&[]), &state));
+        if let Err(e) = ran {
+            undo();
+            return Err(e.into());
+        }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -345,7 +357,9 @@ impl Inner {
         let init = Arc::new(Process::new(&req.id, "", stdio, Vec::new()));
         init.set_guest(resp.pid, relay, Status::Created);
         tracing::info!(guest_pid = resp.pid, "container created");
-        Ok(Arc::new(Container::new(&req.id, bundle.dir.clone(), req.rootfs.clone(), mounted, view.binds, init)))
+        Ok(Arc::new(
+            Container::new(&req.id, bundle.dir.clone(), req.rootfs.clone(), mounted, view.binds, init).with_spec(&bundle.spec),
+        ))
     }
 
     /// Waits for `p` in a thread: its exit is recorded (waking Wait) and
@@ -406,9 +420,13 @@ impl Inner {
             let mut sreq = agent::StartContainerRequest::new();
             sreq.container_id = req.id.clone();
             agent_call("StartContainer", e.sb.guest.start_container(&sreq))?;
-            let _order = lock(&self.containers);
-            p.set_running();
-            self.publish(topics::TASK_START_EVENT_TOPIC, TaskStart { container_id: req.id.clone(), pid, ..Default::default() });
+            {
+                let _order = lock(&self.containers);
+                p.set_running();
+                self.publish(topics::TASK_START_EVENT_TOPIC, TaskStart { container_id: req.id.clone(), pid, ..Default::default() });
+            }
+            let hooks = e.c.hooks.poststart().as_deref().unwrap_or(&[]);
+            hooks::run_warn("poststart", hooks, &e.c.hook_state("running", pid));
         } else {
             if e.c.init.status() != Status::Running {
                 return Err(ShimError::FailedPrecondition(format!("container {} is not running", req.id)));
@@ -473,6 +491,7 @@ impl Inner {
             // Gone already, or the VM is: nothing left in the guest.
             tracing::warn!(error = %err, "RemoveContainer");
         }
+        hooks::run_warn("poststop", e.c.hooks.poststop().as_deref().unwrap_or(&[]), &e.c.hook_state("stopped", 0));
         let exit = match init.exit() {
             Some(x) => Some(x),
             None => init.wait_timeout(REMOVE_WAIT).or_else(|| {

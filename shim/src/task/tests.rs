@@ -556,3 +556,55 @@ fn oom_kills_are_published_before_the_exit() {
     assert_eq!(topics, ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"]);
     f.delete("oom1", "").expect("delete");
 }
+
+#[test]
+fn host_hooks_run_in_order_with_the_state_and_a_failing_one_fails_create() {
+    let Some(f) = fixture("host_hooks_run_in_order_with_the_state_and_a_failing_one_fails_create") else { return };
+    let log = f.dir.path().join("hooks.log");
+    let hook = |kind: &str| {
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {kind} $(cat) >> {}", log.display())]})
+    };
+    let with_hooks = |id: &str, hooks: serde_json::Value| {
+        let b = f.bundle(id, serde_json::json!({"team": "a"}));
+        let path = b.join("config.json");
+        let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        spec["hooks"] = hooks;
+        std::fs::write(&path, spec.to_string()).expect("write");
+        api::CreateTaskRequest { id: id.into(), bundle: b.display().to_string(), ..Default::default() }
+    };
+
+    let req = with_hooks(
+        "h1",
+        serde_json::json!({
+            "prestart": [hook("prestart")], "createRuntime": [hook("createRuntime")],
+            "poststart": [hook("poststart")], "poststop": [hook("poststop")]
+        }),
+    );
+    f.svc.inner.create(&req).expect("create");
+    start(&f, "h1", "");
+    f.launcher.guest(0).finish("h1", "", 0);
+    assert_eq!(f.wait("h1", ""), 0);
+    f.delete("h1", "").expect("delete");
+
+    let text = std::fs::read_to_string(&log).expect("hooks ran");
+    let lines: Vec<(&str, serde_json::Value)> = text
+        .lines()
+        .map(|l| {
+            let (kind, state) = l.split_once(' ').expect("kind state");
+            (kind, serde_json::from_str(state).expect("state JSON on stdin"))
+        })
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, ["prestart", "createRuntime", "poststart", "poststop"]);
+    let statuses: Vec<&str> = lines.iter().map(|(_, s)| s["status"].as_str().unwrap_or_default()).collect();
+    assert_eq!(statuses, ["creating", "creating", "running", "stopped"]);
+    assert!(lines.iter().all(|(_, s)| s["id"] == "h1" && s["annotations"]["team"] == "a"), "{text}");
+    assert_eq!(lines[0].1["pid"], VMM_PID);
+
+    // A failing createRuntime hook fails Create; no container is left.
+    let req = with_hooks("h2", serde_json::json!({"createRuntime": [{"path": "/bin/false"}]}));
+    let err = f.svc.inner.create(&req).expect_err("failing hook");
+    assert_eq!(err.code(), ttrpc::Code::FAILED_PRECONDITION, "{err}");
+    assert!(err.to_string().contains("createRuntime hook /bin/false"), "{err}");
+    assert!(f.svc.container_ids().is_empty());
+}
