@@ -353,8 +353,10 @@ fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
         eprintln!("SKIP: needs unshare and nsenter (util-linux)");
         return;
     };
-    // Not under /tmp or /run: the agent mounts tmpfs there in its namespace.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    // Not under /tmp or /run (the agent mounts tmpfs there in its
+    // namespace), nor under the target dir, which may itself be in /tmp.
+    std::fs::create_dir_all("/var/tmp").expect("/var/tmp");
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let sock = dir.path().join("agent.sock");
     let mut child = Command::new(unshare)
         // --kill-child: the agent goes with unshare if the test fails.
