@@ -83,6 +83,19 @@ impl Interrupt {
         self.irqfd.write(1)
     }
 
+    /// After used buffers were added to `queue`: raises the vring interrupt
+    /// unless the driver asked not to be told (event index). An unreadable
+    /// ring gets the interrupt anyway; `device` names the failure's source.
+    pub(crate) fn signal_used(&self, device: &str, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        use virtio_queue::QueueT;
+        if matches!(queue.needs_notification(mem), Ok(false)) {
+            return;
+        }
+        if let Err(e) = self.trigger(VIRTIO_MMIO_INT_VRING) {
+            tracing::error!("{device}: cannot raise the interrupt: {e}");
+        }
+    }
+
     /// The current InterruptStatus register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)

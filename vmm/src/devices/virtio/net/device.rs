@@ -23,7 +23,7 @@ use super::defs::*;
 use super::metrics::NetMetrics;
 use super::tap::Tap;
 use super::{MacAddr, NetBackend, NetConfig, NetError, Offloads, TxFrame};
-use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
+use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 
 /// The most spans a frame may be gathered from (Linux `IOV_MAX`, the
 /// header's own included): more and `writev` would refuse it.
@@ -376,15 +376,7 @@ impl<B: NetBackend> NetWorker<B> {
     }
 
     fn signal_used(&mut self, index: usize) {
-        let q = &mut self.queues[index].queue;
-        match q.needs_notification(&self.mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
-                    error!("net: cannot raise the interrupt: {e}");
-                }
-            }
-        }
+        self.interrupt.signal_used("net", &mut self.queues[index].queue, &self.mem);
     }
 
     /// Sends every frame the guest queued on tx, until the queue is empty

@@ -18,7 +18,7 @@ use super::metrics::VsockMetrics;
 use super::packet::{read_tx_chain, RxBuffers, TxError, VsockPacket};
 use super::unix::VsockUnixBackend;
 use super::{VsockBackend, VsockError};
-use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
+use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 
 /// The virtio-vsock device, generic over its host backend.
 #[derive(Debug)]
@@ -223,15 +223,7 @@ impl<B: VsockBackend> VsockWorker<B> {
     }
 
     fn signal_used(&mut self, index: usize) {
-        let q = &mut self.queues[index].queue;
-        match q.needs_notification(&self.mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
-                    error!("vsock: cannot raise the interrupt: {e}");
-                }
-            }
-        }
+        self.interrupt.signal_used("vsock", &mut self.queues[index].queue, &self.mem);
     }
 
     /// Handles every packet the guest queued on tx. Returns whether any was.
