@@ -24,11 +24,31 @@ fn setup(test: &str) -> Option<(tempfile::TempDir, Containerd)> {
     Some(Containerd::with_busybox(&Assets::get()))
 }
 
+/// Waits (up to 30 s) until `ctr events`, writing to `out`, has seen the
+/// TaskDelete, stops it, and returns its text and the `/tasks/...` topics
+/// of container `id`, in order.
+fn task_topics(mut events: Child, out: &std::path::Path, id: &str) -> (String, Vec<String>) {
+    let seen = wait_for(Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        text.contains("/tasks/delete").then_some(text)
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+    let text = seen.unwrap_or_else(|| std::fs::read_to_string(out).unwrap_or_default());
+    let quoted = format!("\"{id}\"");
+    let topics = text
+        .lines()
+        .filter(|l| l.contains(&quoted))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")).map(str::to_string))
+        .collect();
+    (text, topics)
+}
+
 #[test]
 fn ctr_run_rm_prints_the_output_and_returns_the_exit_code() {
     let Some((tmp, c)) = setup("ctr_run_rm_prints_the_output_and_returns_the_exit_code") else { return };
     let events_out = tmp.path().join("events.out");
-    let mut events =
+    let events =
         c.ctr(&["events"]).stdout(File::create(&events_out).expect("events.out")).stderr(Stdio::null()).spawn().expect("ctr events");
     let (code, out, err) = ctr_run(
         &c,
@@ -45,18 +65,8 @@ fn ctr_run_rm_prints_the_output_and_returns_the_exit_code() {
     assert_clean(&c, tmp.path());
 
     // The shim's events reached containerd, in order.
-    let seen = wait_for(Duration::from_secs(30), || {
-        let text = std::fs::read_to_string(&events_out).unwrap_or_default();
-        text.contains("/tasks/delete").then_some(text)
-    });
-    let _ = events.kill();
-    let _ = events.wait();
-    let text = seen.unwrap_or_else(|| std::fs::read_to_string(&events_out).unwrap_or_default());
-    let topics: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("\"once\""))
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
-        .collect();
+    let (text, topics) = task_topics(events, &events_out, "once");
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     assert_eq!(topics, ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], "ctr events:\n{text}");
     assert!(
         text.lines().any(|l| l.contains("/tasks/exit") && l.contains("\"exit_status\":3")),
@@ -253,7 +263,7 @@ fn two_containers_of_one_pod_share_one_vm_each_with_its_own_rootfs() {
 fn an_oom_killed_container_is_reported_as_oom() {
     let Some((tmp, c)) = setup("an_oom_killed_container_is_reported_as_oom") else { return };
     let events_out = tmp.path().join("events.out");
-    let mut events =
+    let events =
         c.ctr(&["events"]).stdout(File::create(&events_out).expect("events.out")).stderr(Stdio::null()).spawn().expect("ctr events");
     // 48 MiB in one buffer under a 16 MiB limit (no swap in the guest).
     let (code, out, err) = ctr_run(
@@ -266,18 +276,8 @@ fn an_oom_killed_container_is_reported_as_oom() {
         ],
     );
     assert_eq!(code, Some(137), "an OOM-killed container exits 137: {out}{err}\n{}", c.log_tail());
-    let seen = wait_for(Duration::from_secs(30), || {
-        let text = std::fs::read_to_string(&events_out).unwrap_or_default();
-        text.contains("/tasks/delete").then_some(text)
-    });
-    let _ = events.kill();
-    let _ = events.wait();
-    let text = seen.unwrap_or_else(|| std::fs::read_to_string(&events_out).unwrap_or_default());
-    let topics: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("\"hog\""))
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
-        .collect();
+    let (text, topics) = task_topics(events, &events_out, "hog");
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     let oom = topics.iter().position(|t| *t == "/tasks/oom");
     let exit = topics.iter().position(|t| *t == "/tasks/exit");
     assert!(oom.is_some() && oom < exit, "TaskOOM must come before TaskExit: {topics:?}\n{text}");
