@@ -29,6 +29,7 @@ pub mod fuzzing;
 mod test_utils;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
