@@ -136,6 +136,8 @@ impl Vm {
             // Inherited fds are passed as `--net` arguments: a number in a
             // config file would outlive the process it means something in.
             net: Vec::new(),
+            snapshot_to: None,
+            restore_from: None,
         };
         let config_path = dir.join("vmm.json");
         let text = serde_json::to_vec_pretty(&config)

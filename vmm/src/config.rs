@@ -105,6 +105,16 @@ pub struct VmConfig {
     /// on the MMIO bus, after vsock and fs: the guest's eth0, eth1, ...).
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// A directory: on SIGUSR2 the VMM pauses the VM, writes a snapshot
+    /// there (`memory`, `state`) and exits with status 0.
+    #[serde(default)]
+    pub snapshot_to: Option<PathBuf>,
+    /// A snapshot directory to start from instead of booting: `kernel`,
+    /// `initramfs` and `cmdline` are then not loaded (and not checked);
+    /// the devices' backends come from this config and must have the
+    /// snapshot's shape.
+    #[serde(default)]
+    pub restore_from: Option<PathBuf>,
 }
 
 /// Why a configuration was rejected.
@@ -158,6 +168,8 @@ pub enum ConfigError {
     VsockDirMissing { path: PathBuf, dir: PathBuf },
     #[error("vsock uds_path {0} exists and is not a socket")]
     VsockNotSocket(PathBuf),
+    #[error("{field} {path} is not a directory")]
+    NotADirectory { field: &'static str, path: PathBuf },
     #[error("serial: output file path is empty")]
     EmptySerialPath,
     #[error("cmdline contains a control character (byte {0:#04x}); the kernel command line is one line of text")]
@@ -190,15 +202,17 @@ impl VmConfig {
         if let Some(b) = self.cmdline.bytes().find(|b| b.is_ascii_control()) {
             return Err(ConfigError::CmdlineControlChar(b));
         }
-        check_kernel(&self.kernel)?;
-        if let Some(initramfs) = &self.initramfs {
-            let meta = std::fs::metadata(initramfs)
-                .map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
-            if !meta.is_file() {
-                return Err(ConfigError::InitramfsNotFile { path: initramfs.clone() });
+        if let Some(dir) = &self.restore_from {
+            if !dir.is_dir() {
+                return Err(ConfigError::NotADirectory { field: "restore_from", path: dir.clone() });
             }
-            File::open(initramfs)
-                .map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
+        } else {
+            self.validate_boot_files()?;
+        }
+        if let Some(dir) = &self.snapshot_to {
+            if !dir.is_dir() {
+                return Err(ConfigError::NotADirectory { field: "snapshot_to", path: dir.clone() });
+            }
         }
         if let SerialOutput::File(p) = &self.serial {
             if p.as_os_str().is_empty() {
@@ -213,6 +227,21 @@ impl VmConfig {
             f.validate()?;
         }
         check_net(&self.net)?;
+        Ok(())
+    }
+
+    /// The kernel and initramfs a boot loads.
+    fn validate_boot_files(&self) -> Result<(), ConfigError> {
+        check_kernel(&self.kernel)?;
+        if let Some(initramfs) = &self.initramfs {
+            let meta = std::fs::metadata(initramfs)
+                .map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
+            if !meta.is_file() {
+                return Err(ConfigError::InitramfsNotFile { path: initramfs.clone() });
+            }
+            File::open(initramfs)
+                .map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
+        }
         Ok(())
     }
 
@@ -352,6 +381,8 @@ mod tests {
             vsock: Some(VsockConfig { uds_path: dir.join("v.sock"), guest_cid: 3 }),
             fs: Vec::new(),
             net: Vec::new(),
+            snapshot_to: None,
+            restore_from: None,
         }
     }
 

@@ -33,13 +33,18 @@ pub enum VmExit {
     VmmError { cpu: u8, reason: String },
     /// The VMM was asked to stop (SIGTERM, SIGINT, ...).
     Signal(i32),
+    /// The VM was paused and written to this snapshot directory.
+    Snapshotted(std::path::PathBuf),
+    /// A snapshot was asked for and could not be written.
+    SnapshotFailed(String),
 }
 
 impl VmExit {
     /// The process exit code for this end.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::GuestReset => EXIT_OK,
+            VmExit::GuestReset | VmExit::Snapshotted(_) => EXIT_OK,
+            VmExit::SnapshotFailed(_) => EXIT_VMM_ERROR,
             VmExit::TripleFault { .. } => EXIT_TRIPLE_FAULT,
             VmExit::KvmError { .. } => EXIT_KVM_ERROR,
             VmExit::VmmError { .. } => EXIT_VMM_ERROR,
@@ -56,6 +61,8 @@ impl std::fmt::Display for VmExit {
             VmExit::KvmError { cpu, reason } => write!(f, "KVM error on vCPU {cpu}: {reason}"),
             VmExit::VmmError { cpu, reason } => write!(f, "VMM error on vCPU {cpu}: {reason}"),
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
+            VmExit::Snapshotted(dir) => write!(f, "snapshot written to {}", dir.display()),
+            VmExit::SnapshotFailed(why) => write!(f, "snapshot failed: {why}"),
         }
     }
 }
@@ -67,6 +74,8 @@ pub enum VmEvent {
     Exit(VmExit),
     /// Print every vCPU's registers and code bytes to stderr (debugging aid).
     DumpVcpus,
+    /// Pause the VM, write a snapshot and end (SIGUSR2).
+    Snapshot,
 }
 
 /// Reports a [`VmExit`] (the first report wins) or asks for a vCPU dump.
@@ -95,6 +104,11 @@ impl ExitSender {
     /// reset methods, down to a triple fault).
     pub fn exiting(&self) -> bool {
         self.exiting.load(Ordering::SeqCst)
+    }
+
+    /// Asks for a snapshot (see [`crate::snapshot`]).
+    pub fn request_snapshot(&self) {
+        let _ = self.tx.send(VmEvent::Snapshot);
     }
 
     /// Asks every vCPU to describe itself on stderr, without stopping.

@@ -5,6 +5,9 @@
 //! (emulation failure etc., details on stderr), 5 VMM failure while
 //! running, 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP).
 //! SIGUSR1 prints every vCPU's registers and code bytes to stderr.
+//! SIGUSR2 with `--snapshot-to DIR` (or `snapshot_to`) pauses the VM, writes
+//! a snapshot to DIR and exits 0 (5 if the snapshot failed); without it,
+//! SIGUSR2 is logged and ignored. `--restore-from DIR` starts from one.
 //!
 //! The VMM confines each of its threads with a seccomp filter for its kind
 //! (see `carapace_vmm::seccomp`) before the guest runs; a system call
@@ -30,10 +33,10 @@ struct Cli {
     /// Read the whole VM config from this JSON file (excludes the other VM flags).
     /// `--net` may be given with it: those devices come after the file's
     /// (inherited tap fds are per process, so they do not belong in a file).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_mib", "serial", "vsock_uds", "cid", "fs"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_mib", "serial", "vsock_uds", "cid", "fs", "snapshot_to", "restore_from"])]
     config: Option<PathBuf>,
     /// Uncompressed guest kernel (vmlinux ELF).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "print_cmdline", "seccomp_selftest"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "print_cmdline", "seccomp_selftest", "restore_from"])]
     kernel: Option<PathBuf>,
     /// Initramfs (uncompressed cpio is fastest).
     #[arg(long, value_name = "PATH")]
@@ -65,6 +68,13 @@ struct Cli {
     /// namespace; `mtu` defaults to 1500.
     #[arg(long, value_name = "fd=N|tap=NAME,mac=MAC[,mtu=M]", value_parser = parse_net)]
     net: Vec<NetConfig>,
+    /// On SIGUSR2, pause the VM, write a snapshot into this directory and exit 0.
+    #[arg(long, value_name = "DIR")]
+    snapshot_to: Option<PathBuf>,
+    /// Start from the snapshot in this directory instead of booting
+    /// (--kernel is then not needed and not loaded).
+    #[arg(long, value_name = "DIR")]
+    restore_from: Option<PathBuf>,
     /// Print the kernel command line this host gets (without device entries) and exit.
     #[arg(long)]
     print_cmdline: bool,
@@ -122,12 +132,15 @@ impl Cli {
             },
             fs: self.fs,
             net: self.net,
+            snapshot_to: self.snapshot_to,
+            restore_from: self.restore_from,
         })
     }
 }
 
-/// The signals that stop the VM cleanly, and SIGUSR1 (dump the vCPUs).
-const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
+/// The signals that stop the VM cleanly, SIGUSR1 (dump the vCPUs) and
+/// SIGUSR2 (snapshot and exit, with `snapshot_to`).
+const STOP_SIGNALS: [libc::c_int; 5] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
 
 fn stop_sigset() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
@@ -173,6 +186,9 @@ fn spawn_signal_thread(exit: carapace_vmm::ExitSender, filters: Option<Arc<Filte
                 }
                 if sig == libc::SIGUSR1 {
                     exit.request_dump();
+                } else if sig == libc::SIGUSR2 {
+                    // The VM decides: without `snapshot_to` it logs and runs on.
+                    exit.request_snapshot();
                 } else {
                     tracing::info!(signal = sig, "stop requested");
                     exit.send(VmExit::Signal(sig));
@@ -215,7 +231,8 @@ fn run(config: VmConfig, filters: Option<Arc<Filters>>) -> anyhow::Result<i32> {
         VmExit::GuestReset => tracing::info!("{exit}"),
         // The vCPU that stopped already described the failure on stderr.
         VmExit::TripleFault { .. } | VmExit::KvmError { .. } | VmExit::VmmError { .. } => {}
-        VmExit::Signal(_) => eprintln!("carapace-vmm: {exit}"),
+        VmExit::Signal(_) | VmExit::SnapshotFailed(_) => eprintln!("carapace-vmm: {exit}"),
+        VmExit::Snapshotted(_) => tracing::info!("{exit}"),
     }
     Ok(exit.exit_code())
 }

@@ -40,6 +40,9 @@ pub struct VcpuShared {
     pub stop: Arc<AtomicBool>,
     /// Bumped by the VM's owner to ask for a state dump.
     pub dump_gen: Arc<AtomicU64>,
+    /// Set (before `stop`) when the vCPUs stop for a snapshot: each one
+    /// completes the I/O it exited for before handing its fd back.
+    pub pause: Arc<AtomicBool>,
 }
 
 /// A vCPU ready to run on its own thread.
@@ -73,8 +76,9 @@ impl Vcpu {
         Vcpu { id, fd, shared }
     }
 
-    /// Runs until the VM stops (reported through the exit channel) or `stop` is set.
-    pub fn run(mut self) {
+    /// Runs until the VM stops (reported through the exit channel) or `stop`
+    /// is set; gives the vCPU back (for a snapshot).
+    pub fn run(mut self) -> VcpuFd {
         let exit = self.shared.exit.clone();
         let stop = self.shared.stop.clone();
         let _guard = EndGuard { id: self.id, exit: &exit, stop: &stop };
@@ -83,7 +87,11 @@ impl Vcpu {
         loop {
             if stop.load(Ordering::SeqCst) || exit.exiting() {
                 debug!(cpu = self.id, "vCPU stopping");
-                return;
+                if self.shared.pause.load(Ordering::SeqCst) {
+                    crate::snapshot::vcpu::complete_pending_io(&mut self.fd, self.id);
+                }
+                drop(_guard);
+                return self.fd;
             }
             let gen = self.shared.dump_gen.load(Ordering::SeqCst);
             if gen != dumped {
@@ -102,13 +110,15 @@ impl Vcpu {
                 Next::Continue => {}
                 Next::Stop { exit, dump } => {
                     self.report(exit, dump, "");
-                    return;
+                    drop(_guard);
+                    return self.fd;
                 }
                 Next::InternalError => {
                     let detail = self.internal_error_detail();
                     let exit = VmExit::KvmError { cpu: self.id, reason: detail.clone() };
                     self.report(exit, true, &detail);
-                    return;
+                    drop(_guard);
+                    return self.fd;
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! stops every vCPU thread and drops the devices (the vsock device removes
 //! its socket then).
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -30,6 +31,7 @@ use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmEvent, VmExit};
 use crate::seccomp::{self, Filters, SeccompError, ThreadKind};
+use crate::snapshot::{self, DeviceShape, KvmVmState, Shape, SnapshotError, TransportState, VmState};
 use crate::vcpu::{Vcpu, VcpuShared};
 
 /// Offset of QueueNotify in a virtio-mmio window.
@@ -80,6 +82,8 @@ pub enum VmmError {
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("cannot start vCPU thread {cpu}: {source}")]
     SpawnVcpu {
         cpu: u8,
@@ -109,6 +113,37 @@ pub struct Vmm {
     /// The filters the VMM's threads confine themselves with while the VM
     /// runs (none: unconfined).
     seccomp: Option<Arc<Filters>>,
+    /// The UART (its registers go into a snapshot).
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The virtio-mmio transports, in bus order (for snapshots).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// What a snapshot of this VM must be restored into.
+    shape: Shape,
+    /// Where SIGUSR2 writes a snapshot.
+    snapshot_to: Option<PathBuf>,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST), read while the
+    /// VM is built.
+    msr_list: Vec<u32>,
+    /// The snapshot's device states, restored when the VM starts to run
+    /// (device workers start confined, through the seccomp spawner).
+    restore_devices: Option<Vec<TransportState>>,
+}
+
+/// The shape of the VM `config` describes on a `host` (see [`Shape`]).
+pub fn shape_of(config: &VmConfig, host: HostKind) -> Shape {
+    use virtio_bindings::virtio_ids::{VIRTIO_ID_FS, VIRTIO_ID_NET, VIRTIO_ID_VSOCK};
+    let mut devices = Vec::new();
+    // The order `build` puts them on the bus.
+    if config.vsock.is_some() {
+        devices.push(DeviceShape { device_type: VIRTIO_ID_VSOCK, tag: None });
+    }
+    for f in &config.fs {
+        devices.push(DeviceShape { device_type: VIRTIO_ID_FS, tag: Some(f.tag.clone()) });
+    }
+    for _ in &config.net {
+        devices.push(DeviceShape { device_type: VIRTIO_ID_NET, tag: None });
+    }
+    Shape { vcpus: config.vcpus, mem_mib: config.mem_mib, pvm: host == HostKind::Pvm, devices }
 }
 
 impl Vmm {
@@ -135,6 +170,26 @@ impl Vmm {
     }
 
     fn build(config: &VmConfig, host: HostKind) -> Result<Self, VmmError> {
+        // A snapshot that cannot be restored into this config is refused
+        // before anything is created.
+        let shape = shape_of(config, host);
+        let restore = match &config.restore_from {
+            Some(dir) => {
+                let _s = info_span!("read_snapshot").entered();
+                let state = snapshot::read_state(dir)?;
+                snapshot::check_shape(&state.shape, &shape)?;
+                if state.vcpus.len() != usize::from(config.vcpus) || state.devices.len() != shape.devices.len() {
+                    return Err(SnapshotError::ShapeMismatch {
+                        what: "state file".into(),
+                        snapshot: format!("{} vCPU and {} device states", state.vcpus.len(), state.devices.len()),
+                        config: format!("{} vCPUs and {} devices", config.vcpus, shape.devices.len()),
+                    }
+                    .into());
+                }
+                Some((dir.clone(), state))
+            }
+            None => None,
+        };
         // Host resources that can fail on user input come first: before any KVM work.
         let sink = open_sink(&config.serial)?;
         let vsock = match &config.vsock {
@@ -165,8 +220,16 @@ impl Vmm {
                 return Err(VmmError::MissingCap(name));
             }
         }
+        let msr_list = match &config.snapshot_to {
+            Some(_) => {
+                kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec()
+            }
+            None => Vec::new(),
+        };
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let mem = Self::create_memory(&vm, config)?;
+        // Memory slots before any vCPU: kvm_pvm's MSR_PVM_VCPU_STRUCT (restored
+        // with the MSRs) points into guest memory.
+        let mem = Self::create_memory(&vm, config, restore.as_ref().map(|(dir, _)| dir.as_path()))?;
         {
             let _s = info_span!("irqchip").entered();
             vm.set_tss_address(layout::KVM_TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -188,8 +251,14 @@ impl Vmm {
             exit_tx,
             exit_rx,
             seccomp: None,
+            serial: None,
+            transports: Vec::new(),
+            shape,
+            snapshot_to: config.snapshot_to.clone(),
+            msr_list,
+            restore_devices: None,
         };
-        vmm.add_legacy_devices(sink)?;
+        vmm.add_legacy_devices(sink, restore.as_ref().map(|(_, s)| &s.serial))?;
         if let Some(v) = vsock {
             vmm.add_virtio_device(Box::new(v))?;
         }
@@ -201,12 +270,104 @@ impl Vmm {
         }
         vmm.cmdline = cmdline::build(vmm.host, &vmm.slots, &config.cmdline)?;
         info!(cmdline = %vmm.cmdline, "kernel command line");
-        let entry = vmm.load_guest(config)?;
-        vmm.create_vcpus(config.vcpus, entry, config.mem_bytes())?;
+        match restore {
+            Some((dir, state)) => {
+                let _s = info_span!("restore", dir = %dir.display()).entered();
+                // Firecracker's order: the vCPUs, then the VM-wide state
+                // (the PIC/IOAPIC routing and the clock over vCPUs that
+                // exist), then the devices (at `run`): an interrupt a
+                // restored device raises must not be overwritten by the
+                // irqchip state restored after it.
+                vmm.restore_vcpus(&state)?;
+                vmm.restore_kvm_state(&state.kvm)?;
+                vmm.restore_devices = Some(state.devices);
+            }
+            None => {
+                let entry = vmm.load_guest(config)?;
+                vmm.create_vcpus(config.vcpus, entry, config.mem_bytes())?;
+            }
+        }
         Ok(vmm)
     }
 
-    fn create_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, VmmError> {
+    /// Fresh vCPUs with the snapshot's state: kvm_pvm sets the CPL from
+    /// SREGS only on a vCPU that never ran.
+    fn restore_vcpus(&mut self, state: &VmState) -> Result<(), VmmError> {
+        for (id, st) in (0u8..).zip(&state.vcpus) {
+            let fd = self.vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let skipped = snapshot::vcpu::restore(&fd, id, st)?;
+            if !skipped.is_empty() {
+                debug!(cpu = id, ?skipped, "MSRs this host refused, skipped");
+            }
+            self.vcpus.push(fd);
+        }
+        Ok(())
+    }
+
+    fn restore_kvm_state(&self, s: &KvmVmState) -> Result<(), VmmError> {
+        self.vm.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        // KVM_SET_CLOCK refuses KVM_CLOCK_TSC_STABLE (it reports, not sets, it).
+        let mut clock = s.clock;
+        clock.flags &= !kvm_bindings::KVM_CLOCK_TSC_STABLE;
+        self.vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
+    }
+
+    fn save_kvm_state(&self) -> Result<KvmVmState, SnapshotError> {
+        let kvm = |what| move |source| SnapshotError::Kvm { what, source };
+        let pit = self.vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
+        let clock = self.vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+        let chip = |id| {
+            let mut c = kvm_bindings::kvm_irqchip { chip_id: id, ..Default::default() };
+            self.vm.get_irqchip(&mut c).map(|()| c).map_err(kvm("KVM_GET_IRQCHIP"))
+        };
+        Ok(KvmVmState {
+            pit,
+            clock,
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Writes a snapshot of the stopped VM to `dir`: every vCPU thread has
+    /// ended (handing back its fd, I/O completed). Order as Firecracker
+    /// does it: the VM-wide KVM state, then each vCPU (KVM_GET_VCPU_EVENTS
+    /// is only safe with no vCPU running), then the devices (stopping their
+    /// workers, after which guest memory no longer changes), then memory.
+    fn take_snapshot(&self, dir: &Path, fds: Vec<Option<VcpuFd>>) -> Result<u64, SnapshotError> {
+        let started = Instant::now();
+        let mut vcpu_fds = Vec::new();
+        for (cpu, fd) in (0u8..).zip(fds) {
+            vcpu_fds.push(fd.ok_or(SnapshotError::VcpuNotStopped { cpu })?);
+        }
+        let kvm = self.save_kvm_state()?;
+        let mut vcpus = Vec::new();
+        for (cpu, fd) in (0u8..).zip(&vcpu_fds) {
+            vcpus.push(snapshot::vcpu::save(fd, cpu, &self.msr_list)?);
+        }
+        let mut devices = Vec::new();
+        for (index, t) in self.transports.iter().enumerate() {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            let device = self.shape.devices.get(index).map_or_else(String::new, DeviceShape::describe);
+            devices.push(t.save().map_err(|reason| SnapshotError::Device { index, device, reason })?);
+        }
+        let serial = match &self.serial {
+            Some(s) => s.lock().unwrap_or_else(|e| e.into_inner()).state().into(),
+            None => vm_superio::serial::SerialState::default().into(),
+        };
+        let state = VmState { shape: self.shape.clone(), vcpus, kvm, serial, devices };
+        // The state file last: a directory with a good state file is complete.
+        let written = snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        snapshot::write_state(dir, &state)?;
+        info!(dir = %dir.display(), memory_written = written, after = ?started.elapsed(), "snapshot written");
+        Ok(written)
+    }
+
+    fn create_memory(vm: &VmFd, config: &VmConfig, snapshot: Option<&Path>) -> Result<GuestMemoryMmap, VmmError> {
         let _s = info_span!("memory").entered();
         let mut ranges = Vec::new();
         for (addr, len) in layout::ram_regions(config.mem_bytes()) {
@@ -216,8 +377,11 @@ impl Vmm {
             })?;
             ranges.push((addr, len));
         }
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
-            .map_err(|source| VmmError::Memory { mib: config.mem_mib, source })?;
+        let mem = match snapshot {
+            Some(dir) => snapshot::map_memory(&dir.join(snapshot::MEMORY_FILE), &ranges, config.mem_mib)?,
+            None => GuestMemoryMmap::<()>::from_ranges(&ranges)
+                .map_err(|source| VmmError::Memory { mib: config.mem_mib, source })?,
+        };
         for (slot, region) in (0u32..).zip(mem.iter()) {
             let host = region.as_ptr();
             let region = kvm_userspace_memory_region {
@@ -235,10 +399,20 @@ impl Vmm {
         Ok(mem)
     }
 
-    fn add_legacy_devices(&mut self, sink: Box<dyn std::io::Write + Send>) -> Result<(), VmmError> {
+    fn add_legacy_devices(
+        &mut self,
+        sink: Box<dyn std::io::Write + Send>,
+        state: Option<&snapshot::SerialSnapshot>,
+    ) -> Result<(), VmmError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         self.vm.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, sink)));
+        let serial = match state {
+            Some(s) => SerialDevice::from_state(&s.into(), irq, sink)
+                .map_err(|reason| SnapshotError::Device { index: 0, device: "serial".into(), reason })?,
+            None => SerialDevice::new(irq, sink),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.serial = Some(serial.clone());
         self.pio.insert(u64::from(layout::SERIAL_PORT), 8, serial)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(self.exit_tx.clone())));
         self.pio.insert(u64::from(layout::I8042_PORT), I8042::PORTS, i8042)?;
@@ -262,7 +436,9 @@ impl Vmm {
                 warn!("virtio-mmio at {addr:#x}: no ioeventfd for queue {i} ({e}); notifications exit to the VMM");
             }
         }
-        self.mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
+        self.mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, transport)?;
         self.slots.push(MmioSlot { addr, gsi, size: layout::VIRTIO_MMIO_SIZE });
         Ok(())
     }
@@ -347,13 +523,24 @@ impl Vmm {
         let dump_gen = Arc::new(AtomicU64::new(0));
         let pio = Arc::new(std::mem::take(&mut self.pio));
         let mmio = Arc::new(std::mem::take(&mut self.mmio));
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut threads: Vec<JoinHandle<Option<VcpuFd>>> = Vec::new();
+        let pause = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let filters = self.seccomp.clone();
         if let Some(f) = &filters {
             // Before any thread of ours is confined: device threads start
             // there, confined to their own kind.
             seccomp::install_spawner(f.clone())?;
+        }
+        if let Some(states) = self.restore_devices.take() {
+            let _s = info_span!("restore_devices").entered();
+            for (index, (t, state)) in self.transports.iter().zip(&states).enumerate() {
+                let device = self.shape.devices.get(index).map_or_else(String::new, DeviceShape::describe);
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore(state)
+                    .map_err(|reason| SnapshotError::Device { index, device, reason })?;
+            }
         }
         // vCPUs enter KVM_RUN only once every thread is confined.
         let go = Arc::new(Gate::default());
@@ -364,6 +551,7 @@ impl Vmm {
             exit: self.exit_tx.clone(),
             stop: stop.clone(),
             dump_gen: dump_gen.clone(),
+            pause: pause.clone(),
         };
         for (id, fd) in (0u8..).zip(self.vcpus.drain(..)) {
             let vcpu = Vcpu::new(id, fd, shared.clone());
@@ -372,8 +560,11 @@ impl Vmm {
                 let confined = filters.as_ref().map_or(Ok(()), |f| f.apply(ThreadKind::Vcpu));
                 gate.wait();
                 match confined {
-                    Ok(()) => vcpu.run(),
-                    Err(e) => exit.send(VmExit::VmmError { cpu: id, reason: e.to_string() }),
+                    Ok(()) => Some(vcpu.run()),
+                    Err(e) => {
+                        exit.send(VmExit::VmmError { cpu: id, reason: e.to_string() });
+                        None
+                    }
                 }
             });
             match spawned {
@@ -382,7 +573,7 @@ impl Vmm {
                     // Release the threads already waiting; they stop at once.
                     stop.store(true, Ordering::SeqCst);
                     go.open();
-                    stop_vcpus(&stop, threads);
+                    let _ = stop_vcpus(&stop, threads);
                     drop(shared);
                     return Err(VmmError::SpawnVcpu { cpu: id, source });
                 }
@@ -396,24 +587,46 @@ impl Vmm {
         }
         go.open();
         if let Err(e) = confined {
-            stop_vcpus(&stop, threads);
+            let _ = stop_vcpus(&stop, threads);
             drop(shared);
             return Err(e.into());
         }
         info!(vcpus = threads.len(), seccomp = filters.is_some(), "guest running");
+        // None: stop for a snapshot.
         let exit = loop {
             // `self` holds a sender, so recv() cannot fail while we wait.
             match self.exit_rx.recv() {
-                Ok(VmEvent::Exit(e)) => break e,
+                Ok(VmEvent::Exit(e)) => break Some(e),
+                Ok(VmEvent::Snapshot) => {
+                    if self.snapshot_to.is_some() {
+                        break None;
+                    }
+                    warn!("snapshot requested (SIGUSR2), but the VM has no snapshot_to directory: ignored");
+                }
                 Ok(VmEvent::DumpVcpus) => {
                     dump_gen.fetch_add(1, Ordering::SeqCst);
                     kick_all(&threads);
                 }
-                Err(_) => break VmExit::VmmError { cpu: 0, reason: "exit channel closed".into() },
+                Err(_) => break Some(VmExit::VmmError { cpu: 0, reason: "exit channel closed".into() }),
             }
         };
-        info!(%exit, after = ?started.elapsed(), "VM stopping");
-        stop_vcpus(&stop, threads);
+        let exit = match (exit, &self.snapshot_to) {
+            (Some(exit), _) => {
+                info!(%exit, after = ?started.elapsed(), "VM stopping");
+                let _ = stop_vcpus(&stop, threads);
+                exit
+            }
+            (None, Some(dir)) => {
+                info!(after = ?started.elapsed(), "VM pausing for a snapshot");
+                pause.store(true, Ordering::SeqCst);
+                let fds = stop_vcpus(&stop, threads);
+                match self.take_snapshot(dir, fds) {
+                    Ok(_) => VmExit::Snapshotted(dir.clone()),
+                    Err(e) => VmExit::SnapshotFailed(e.to_string()),
+                }
+            }
+            (None, None) => VmExit::VmmError { cpu: 0, reason: "snapshot without a directory".into() },
+        };
         // Dropping the buses drops the devices (the vsock device removes its socket).
         drop(shared);
         drop(pio);
@@ -461,7 +674,7 @@ fn install_kick_handler() {
 
 /// Kicks every vCPU out of KVM_RUN a few times (a kick can land just
 /// before a thread enters KVM_RUN and be lost).
-fn kick_all(threads: &[JoinHandle<()>]) {
+fn kick_all<T>(threads: &[JoinHandle<T>]) {
     for _ in 0..3 {
         for t in threads.iter().filter(|t| !t.is_finished()) {
             let _ = t.kill(kick_signal());
@@ -470,10 +683,12 @@ fn kick_all(threads: &[JoinHandle<()>]) {
     }
 }
 
-/// Sets `stop` and kicks every vCPU out of KVM_RUN until its thread ends.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+/// Sets `stop` and kicks every vCPU out of KVM_RUN until its thread ends;
+/// returns each vCPU thread gave back (None: it did not stop).
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<Option<VcpuFd>>>) -> Vec<Option<VcpuFd>> {
     stop.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + STOP_TIMEOUT;
+    let mut fds = Vec::new();
     for t in threads {
         let name = t.thread().name().unwrap_or("vcpu").to_string();
         // A kick can land just before the thread enters KVM_RUN: repeat it.
@@ -485,13 +700,19 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
             std::thread::sleep(Duration::from_millis(2));
         }
         if t.is_finished() {
-            if t.join().is_err() {
-                warn!("{name} panicked");
+            match t.join() {
+                Ok(fd) => fds.push(fd),
+                Err(_) => {
+                    warn!("{name} panicked");
+                    fds.push(None);
+                }
             }
         } else {
             warn!("{name} did not stop within {STOP_TIMEOUT:?}; leaving it");
+            fds.push(None);
         }
     }
+    fds
 }
 
 #[cfg(test)]
@@ -532,6 +753,8 @@ mod tests {
             vsock: None,
             fs: Vec::new(),
             net: Vec::new(),
+            snapshot_to: None,
+            restore_from: None,
         }
     }
 

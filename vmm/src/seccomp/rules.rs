@@ -134,9 +134,43 @@ fn vmm(rules: &mut Rules) {
             libc::SYS_shutdown,
             // The signal thread.
             libc::SYS_rt_sigtimedwait,
+            // A snapshot's files (created with the flags below).
+            libc::SYS_pwrite64,
+            libc::SYS_ftruncate,
+            libc::SYS_fsync,
         ],
     );
+    // A snapshot: `File::create` of its two files, and reading the state
+    // of the stopped vCPUs and of the VM.
+    let create = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64;
+    rules.insert(libc::SYS_openat, arg_in(2, &[create]));
+    rules.insert(libc::SYS_ioctl, arg_in(1, &SNAPSHOT_IOCTLS));
 }
+
+const fn kvm_iow_r(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+
+/// The KVM ioctls of a snapshot (main thread, every vCPU stopped).
+const SNAPSHOT_IOCTLS: [u64; 13] = {
+    use kvm_bindings::*;
+    use std::mem::size_of;
+    [
+        kvm_ior(0x81, size_of::<kvm_regs>()),
+        kvm_ior(0x83, size_of::<kvm_sregs>()),
+        kvm_iow_r(0x88, size_of::<kvm_msrs>()),
+        kvm_iow_r(0x91, size_of::<kvm_cpuid2>()),
+        kvm_ior(0x8e, size_of::<kvm_lapic_state>()),
+        kvm_ior(0x98, size_of::<kvm_mp_state>()),
+        kvm_ior(0x9f, size_of::<kvm_vcpu_events>()),
+        kvm_ior(0xa1, size_of::<kvm_debugregs>()),
+        kvm_ior(0xa4, size_of::<kvm_xsave>()),
+        kvm_ior(0xa6, size_of::<kvm_xcrs>()),
+        kvm_iow_r(0x62, size_of::<kvm_irqchip>()),
+        kvm_ior(0x7c, size_of::<kvm_clock_data>()),
+        kvm_ior(0x9f, size_of::<kvm_pit_state2>()),
+    ]
+};
 
 /// `_IO(KVMIO, nr)` / `_IOR(KVMIO, nr, size)` as the kernel encodes them.
 const fn kvm_io(nr: u64) -> u64 {

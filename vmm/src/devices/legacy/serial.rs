@@ -68,6 +68,22 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice { serial: Serial::new(EventFdTrigger(irq), out), write_failed: false }
     }
+
+    /// A UART with the registers of a snapshot.
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let serial = Serial::from_state(state, EventFdTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial: cannot restore the UART: {e:?}"))?;
+        Ok(SerialDevice { serial, write_failed: false })
+    }
+
+    /// The UART's registers, for a snapshot.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
 }
 
 impl BusDevice for SerialDevice {

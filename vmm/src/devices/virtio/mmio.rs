@@ -38,12 +38,13 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueue, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
 use crate::devices::bus::BusDevice;
+use crate::snapshot::{QueueSnapshot, TransportState};
 
 /// "virt" in little-endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -388,6 +389,86 @@ impl MmioTransport {
                 self.needs_reset();
             }
         }
+    }
+
+    /// For a snapshot: stops the device for good and returns the
+    /// transport's registers with the queues as the device left them.
+    pub fn save(&mut self) -> Result<TransportState, String> {
+        let live = if self.device_activated { self.device.quiesce()? } else { None };
+        let queues = match live {
+            Some(live) => {
+                if live.len() != self.queues.iter().filter(|q| q.ready()).count() {
+                    return Err(format!("the device returned {} queues, {} were enabled", live.len(), self.queues.len()));
+                }
+                // The device got the ready queues, in order.
+                let mut live = live.into_iter();
+                self.queues
+                    .iter()
+                    .map(|q| if q.ready() { live.next().map_or_else(|| q.state(), |l| l.state()) } else { q.state() })
+                    .map(QueueSnapshot::from)
+                    .collect()
+            }
+            None => self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
+        };
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            shm_sel: self.shm_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.device_activated,
+            queues,
+        })
+    }
+
+    /// Restores the registers and queues of a snapshot onto this fresh
+    /// transport (whose device was built from the new config) and, if the
+    /// driver had activated the device, activates it again with them.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if state.device_type != self.device.device_type() {
+            return Err(format!("snapshot device type {}, config device type {}", state.device_type, self.device.device_type()));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(format!("snapshot has {} queues, the device {}", state.queues.len(), self.queues.len()));
+        }
+        for (i, (q, s)) in self.queues.iter_mut().zip(&state.queues).enumerate() {
+            if s.max_size != q.max_size() {
+                return Err(format!("queue {i}: snapshot max size {}, device {}", s.max_size, q.max_size()));
+            }
+            *q = Queue::try_from(QueueState::from(s)).map_err(|e| format!("queue {i}: {e}"))?;
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.shm_sel = state.shm_sel;
+        self.config_generation = state.config_generation;
+        self.status = state.status & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        if self.has(VIRTIO_CONFIG_S_FEATURES_OK) {
+            self.device.set_acked_features(self.driver_features);
+        }
+        self.interrupt.ack(u32::MAX);
+        if state.interrupt_status != 0 {
+            // The guest had not acknowledged it yet: raise it again (a
+            // spurious one is harmless, a lost one would stall the driver).
+            self.interrupt.trigger(state.interrupt_status).map_err(|e| format!("cannot raise the interrupt: {e}"))?;
+        }
+        if state.activated {
+            self.device.prepare_restore();
+            self.activate();
+            if !self.device_activated {
+                return Err("the device did not activate with the snapshot's queues".into());
+            }
+            // Whatever the driver queued just before the snapshot is looked at now.
+            for e in &self.queue_evts {
+                let _ = e.write(1);
+            }
+        }
+        Ok(())
     }
 
     /// Flags the device as broken and tells the driver.

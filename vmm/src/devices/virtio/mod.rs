@@ -142,6 +142,15 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError>;
+    /// For a snapshot: stops the running device for good and returns its
+    /// queues as its worker left them (`None`: it was not running). An
+    /// error says why this device's state cannot be snapshotted.
+    fn quiesce(&mut self) -> Result<Option<Vec<Queue>>, String> {
+        Ok(None)
+    }
+    /// The next [`activate`](Self::activate) resumes a snapshot: the queues
+    /// carry the indices of the VM the snapshot was taken of.
+    fn prepare_restore(&mut self) {}
     /// Stops the device after the driver wrote 0 to Status; returns false if it cannot be reset.
     fn reset(&mut self) -> bool {
         false

@@ -30,7 +30,7 @@ pub(crate) const AVAIL_FEATURES: u64 =
 /// A running worker thread and the eventfd that stops it.
 struct Worker {
     kill: EventFd,
-    handle: JoinHandle<RequestStats>,
+    handle: JoinHandle<(RequestStats, Vec<ActiveQueue>)>,
 }
 
 /// A virtio-fs device sharing one host directory.
@@ -147,18 +147,23 @@ impl Fs {
         self.worker.is_some()
     }
 
-    fn stop_worker(&mut self) {
+    /// Stops the worker; returns what it served and its queues.
+    fn stop_worker(&mut self) -> Option<(RequestStats, Vec<ActiveQueue>)> {
         if let Some(worker) = self.worker.take() {
             if let Err(e) = worker.kill.write(1) {
                 error!("virtio-fs {}: cannot stop the worker: {e}", self.config.tag);
-                return;
+                return None;
             }
             match worker.handle.join() {
                 // For benchmarks: CARAPACE_VMM_LOG=carapace_vmm::devices::virtio::fs=info.
-                Ok(stats) => info!("virtio-fs {}: served {stats}", self.config.tag),
+                Ok((stats, queues)) => {
+                    info!("virtio-fs {}: served {stats}", self.config.tag);
+                    return Some((stats, queues));
+                }
                 Err(_) => error!("virtio-fs {}: the worker panicked", self.config.tag),
             }
         }
+        None
     }
 }
 
@@ -259,8 +264,27 @@ impl VirtioDevice for Fs {
         Ok(())
     }
 
+    fn quiesce(&mut self) -> Result<Option<Vec<virtio_queue::Queue>>, String> {
+        if self.worker.is_none() {
+            return Ok(None);
+        }
+        let Some((stats, queues)) = self.stop_worker() else {
+            return Err("cannot stop the virtio-fs worker".into());
+        };
+        // A snapshot carries no FUSE state: a share the guest already
+        // mounted (any request served) would be broken after a restore.
+        if stats.total() != 0 {
+            return Err(format!(
+                "the guest already used share {:?} ({} FUSE requests); snapshot before mounting it",
+                self.config.tag,
+                stats.total()
+            ));
+        }
+        Ok(Some(queues.into_iter().map(|q| q.queue).collect()))
+    }
+
     fn reset(&mut self) -> bool {
-        self.stop_worker();
+        let _ = self.stop_worker();
         if self.worker.is_some() {
             return false;
         }
@@ -283,7 +307,7 @@ impl VirtioDevice for Fs {
 
 impl Drop for Fs {
     fn drop(&mut self) {
-        self.stop_worker();
+        let _ = self.stop_worker();
     }
 }
 

@@ -49,7 +49,7 @@ impl FsWorker {
     }
 
     /// Runs until `kill` is signalled; returns what it served.
-    pub(crate) fn run(mut self, kill: EventFd) -> RequestStats {
+    pub(crate) fn run(mut self, kill: EventFd) -> (RequestStats, Vec<ActiveQueue>) {
         isolate_umask();
         if let Err(e) = self.event_loop(&kill) {
             error!("virtio-fs: worker stopped: {e}");
@@ -57,7 +57,7 @@ impl FsWorker {
         if self.broken {
             crate::devices::virtio::wait_for_kill(&kill);
         }
-        self.stats
+        (self.stats, self.queues)
     }
 
     fn event_loop(&mut self, kill: &EventFd) -> io::Result<()> {

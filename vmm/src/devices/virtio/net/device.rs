@@ -86,7 +86,7 @@ pub struct Net<B: NetBackend + 'static = Tap> {
 #[derive(Debug)]
 struct Worker<B> {
     kill: EventFd,
-    handle: JoinHandle<B>,
+    handle: JoinHandle<(B, Vec<ActiveQueue>)>,
 }
 
 impl Net<Tap> {
@@ -160,16 +160,21 @@ impl<B: NetBackend + 'static> Net<B> {
     }
 
     /// Stops the worker and takes the backend back.
-    fn stop_worker(&mut self) {
+    /// Stops the worker and takes the backend back; returns its queues.
+    fn stop_worker(&mut self) -> Option<Vec<virtio_queue::Queue>> {
         if let Some(w) = self.worker.take() {
             if let Err(e) = w.kill.write(1) {
                 error!("net: cannot signal the worker to stop: {e}");
             }
             match w.handle.join() {
-                Ok(b) => self.backend = Some(b),
+                Ok((b, queues)) => {
+                    self.backend = Some(b);
+                    return Some(queues.into_iter().map(|q| q.queue).collect());
+                }
                 Err(_) => error!("net: worker thread panicked"),
             }
         }
+        None
     }
 }
 
@@ -231,8 +236,12 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         Ok(())
     }
 
+    fn quiesce(&mut self) -> Result<Option<Vec<virtio_queue::Queue>>, String> {
+        Ok(self.stop_worker())
+    }
+
     fn reset(&mut self) -> bool {
-        self.stop_worker();
+        let _ = self.stop_worker();
         if self.backend.is_some() {
             self.acked_features = 0;
             true
@@ -244,7 +253,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
 
 impl<B: NetBackend + 'static> Drop for Net<B> {
     fn drop(&mut self) {
-        self.stop_worker();
+        let _ = self.stop_worker();
     }
 }
 

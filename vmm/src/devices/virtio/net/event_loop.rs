@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs::{RXQ_INDEX, TXQ_INDEX};
 use super::device::{NetWorker, RxState, TxState};
 use super::{NetBackend, Offloads};
+use crate::devices::virtio::ActiveQueue;
 
 const TOKEN_RXQ: u64 = 0;
 const TOKEN_TXQ: u64 = 1;
@@ -25,7 +26,7 @@ const TOKEN_KILL: u64 = 3;
 
 impl<B: NetBackend> NetWorker<B> {
     /// Runs until `kill` is signalled; gives the backend back.
-    pub(crate) fn run(mut self, kill: EventFd) -> B {
+    pub(crate) fn run(mut self, kill: EventFd) -> (B, Vec<ActiveQueue>) {
         let offloads = self.rx_offloads;
         // Here rather than on the vCPU thread that activates the device:
         // only this thread kind may make the ioctl.
@@ -48,7 +49,7 @@ impl<B: NetBackend> NetWorker<B> {
                 warn!("net: cannot turn the tap's offloads off: {e}");
             }
         }
-        self.backend
+        (self.backend, self.queues)
     }
 
     fn event_loop(&mut self, kill: &EventFd) -> io::Result<()> {

@@ -9,7 +9,7 @@ use tracing::error;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,12 +30,15 @@ pub struct Vsock<B: VsockBackend + 'static = VsockUnixBackend> {
     backend: Option<B>,
     worker: Option<Worker<B>>,
     metrics: Arc<VsockMetrics>,
+    /// The next activation restores a snapshot: the worker starts by
+    /// sending VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+    restoring: bool,
 }
 
 #[derive(Debug)]
 struct Worker<B> {
     kill: EventFd,
-    handle: JoinHandle<B>,
+    handle: JoinHandle<(B, Vec<ActiveQueue>)>,
 }
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
@@ -62,6 +65,7 @@ impl<B: VsockBackend + 'static> Vsock<B> {
             backend: Some(backend),
             worker: None,
             metrics: Arc::default(),
+            restoring: false,
         }
     }
 
@@ -85,17 +89,21 @@ impl<B: VsockBackend + 'static> Vsock<B> {
         self.worker.is_some()
     }
 
-    /// Stops the worker and takes the backend back.
-    fn stop_worker(&mut self) {
+    /// Stops the worker and takes the backend back; returns its queues.
+    fn stop_worker(&mut self) -> Option<Vec<Queue>> {
         if let Some(w) = self.worker.take() {
             if let Err(e) = w.kill.write(1) {
                 error!("vsock: cannot signal the worker to stop: {e}");
             }
             match w.handle.join() {
-                Ok(b) => self.backend = Some(b),
+                Ok((b, queues)) => {
+                    self.backend = Some(b);
+                    return Some(queues.into_iter().map(|q| q.queue).collect());
+                }
                 Err(_) => error!("vsock: worker thread panicked"),
             }
         }
+        None
     }
 }
 
@@ -147,12 +155,27 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
                 return Err(e.into());
             }
         };
-        let worker = VsockWorker::new(mem, interrupt, queues, backend, self.metrics.clone());
+        let mut worker = VsockWorker::new(mem, interrupt, queues, backend, self.metrics.clone());
+        worker.send_transport_reset = std::mem::take(&mut self.restoring);
         let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Vsock, "vsock".into(), move || {
             worker.run(worker_kill)
         })?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
+    }
+
+    fn quiesce(&mut self) -> Result<Option<Vec<Queue>>, String> {
+        let queues = self.stop_worker();
+        // Host connections do not survive a snapshot: the restored VM's
+        // guest is told so by a transport reset event.
+        if let Some(b) = self.backend.as_mut() {
+            b.reset();
+        }
+        Ok(queues)
+    }
+
+    fn prepare_restore(&mut self) {
+        self.restoring = true;
     }
 
     fn reset(&mut self) -> bool {
@@ -170,7 +193,7 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
 
 impl<B: VsockBackend + 'static> Drop for Vsock<B> {
     fn drop(&mut self) {
-        self.stop_worker();
+        let _ = self.stop_worker();
     }
 }
 
@@ -186,6 +209,8 @@ pub(crate) struct VsockWorker<B> {
     rx_bufs: RxBuffers,
     /// A queue was found corrupt: the device stopped (DEVICE_NEEDS_RESET).
     pub(crate) broken: bool,
+    /// A transport reset event is still to be sent (after a restore).
+    pub(crate) send_transport_reset: bool,
 }
 
 impl<B: VsockBackend> VsockWorker<B> {
@@ -205,7 +230,43 @@ impl<B: VsockBackend> VsockWorker<B> {
             pkt: VsockPacket { hdr: Default::default(), data: Vec::with_capacity(MAX_PKT_BUF_SIZE) },
             rx_bufs: RxBuffers::default(),
             broken: false,
+            send_transport_reset: false,
         }
+    }
+
+    /// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the next event-queue
+    /// buffer: the guest drops every connection it had (they belonged to
+    /// the VM the snapshot was taken of), keeps its listening sockets, and
+    /// re-reads its CID. Returns whether it was sent (false: no buffer yet;
+    /// retried when the driver adds one).
+    pub(crate) fn process_evq(&mut self) -> bool {
+        use vm_memory::Bytes;
+        let q = &mut self.queues[EVQ_INDEX].queue;
+        let chain = match q.iter(&self.mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => {
+                self.queue_broken(EVQ_INDEX, &e);
+                return true;
+            }
+        };
+        let Some(mut chain) = chain else { return false };
+        let head = chain.head_index();
+        let mut used = 0;
+        if let Some(desc) = chain.find(|d| d.is_write_only() && d.len() >= 4) {
+            // struct virtio_vsock_event { le32 id; }, id 0 = TRANSPORT_RESET.
+            if self.mem.write_obj(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le(), desc.addr()).is_ok() {
+                used = 4;
+            }
+        }
+        if used == 0 {
+            crate::guest_warn!("vsock: event buffer unusable for the transport reset");
+        }
+        if let Err(e) = self.queues[EVQ_INDEX].queue.add_used(&self.mem, head, used) {
+            crate::guest_warn!("vsock: evq add_used: {e}");
+        }
+        self.signal_used(EVQ_INDEX);
+        tracing::debug!("vsock: transport reset event sent");
+        true
     }
 
     /// A queue is unusable (the driver corrupted its available index, or

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs::{EVQ_INDEX, RXQ_INDEX, TXQ_INDEX};
 use super::device::VsockWorker;
 use super::VsockBackend;
+use crate::devices::virtio::ActiveQueue;
 
 const TOKEN_RXQ: u64 = 0;
 const TOKEN_TXQ: u64 = 1;
@@ -21,8 +22,9 @@ const TOKEN_BACKEND: u64 = 3;
 const TOKEN_KILL: u64 = 4;
 
 impl<B: VsockBackend> VsockWorker<B> {
-    /// Runs until `kill` is signalled; gives the backend back.
-    pub(crate) fn run(mut self, kill: EventFd) -> B {
+    /// Runs until `kill` is signalled; gives the backend and the queues
+    /// (where the device stands in them, for a snapshot) back.
+    pub(crate) fn run(mut self, kill: EventFd) -> (B, Vec<ActiveQueue>) {
         if let Err(e) = self.event_loop(&kill) {
             error!("vsock: worker stopped: {e}");
         }
@@ -32,7 +34,7 @@ impl<B: VsockBackend> VsockWorker<B> {
             self.backend.reset();
             crate::devices::virtio::wait_for_kill(&kill);
         }
-        self.backend
+        (self.backend, self.queues)
     }
 
     fn event_loop(&mut self, kill: &EventFd) -> io::Result<()> {
@@ -46,6 +48,9 @@ impl<B: VsockBackend> VsockWorker<B> {
             add(fd, TOKEN_BACKEND)?;
         }
 
+        if self.send_transport_reset {
+            self.send_transport_reset = !self.process_evq();
+        }
         // The guest may have queued packets before we started polling.
         self.process_tx();
         self.process_rx();
@@ -79,9 +84,14 @@ impl<B: VsockBackend> VsockWorker<B> {
                     }
                     TOKEN_RXQ => drain(&self.queues[RXQ_INDEX].notify),
                     TOKEN_TXQ => drain(&self.queues[TXQ_INDEX].notify),
-                    // The device never uses event-queue buffers (no transport
-                    // reset events without live migration).
-                    TOKEN_EVQ => drain(&self.queues[EVQ_INDEX].notify),
+                    // Event-queue buffers are used only for the transport
+                    // reset after a restore (a snapshot's connections are gone).
+                    TOKEN_EVQ => {
+                        drain(&self.queues[EVQ_INDEX].notify);
+                        if self.send_transport_reset {
+                            self.send_transport_reset = !self.process_evq();
+                        }
+                    }
                     TOKEN_BACKEND => self.backend.process_host_events(),
                     _ => {}
                 }

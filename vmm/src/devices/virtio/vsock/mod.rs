@@ -57,6 +57,8 @@ pub mod defs {
     pub const TXQ_INDEX: usize = 1;
     /// Index of the event queue.
     pub const EVQ_INDEX: usize = 2;
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the one event type.
+    pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
     /// Size of each of the three queues.
     pub const QUEUE_SIZE: u16 = 256;
 
