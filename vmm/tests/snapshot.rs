@@ -172,6 +172,23 @@ fn snapshot_then_two_restores_answer_the_agent() {
     assert!(allocated < memory.len() / 4, "memory file is not sparse: {allocated} of {} bytes allocated", memory.len());
     assert!(std::fs::metadata(snap.join("state")).unwrap().len() > 0);
 
+    // One restore alone: the figure to compare with the cold boot.
+    let alone = {
+        let dir = d.path().join("alone");
+        std::fs::create_dir_all(dir.join("share")).unwrap();
+        let mut vm = Vmm::start(
+            &args(
+                &[("--vsock-uds", &dir.join("v.sock")), ("--serial", &dir.join("console.log")), ("--restore-from", &snap)],
+                &["--cid", "3", "--fs", &fs_arg(&dir)],
+            ),
+            &dir,
+        );
+        let took = vm.wait_for_agent(&dir.join("v.sock"), RESTORE_TIMEOUT);
+        vm.signal(libc::SIGTERM);
+        vm.wait(Duration::from_secs(30));
+        took
+    };
+
     // Two restores at once, each with its own socket and share.
     let mut vms = Vec::new();
     for name in ["a", "b"] {
@@ -195,7 +212,10 @@ fn snapshot_then_two_restores_answer_the_agent() {
         vm.wait_for_agent(&dir.join("v.sock"), RESTORE_TIMEOUT);
         assert!(vm.child.as_mut().unwrap().try_wait().unwrap().is_none(), "{}", vm.log());
     }
-    eprintln!("VMM start to agent answer: cold {cold_answer:.2?}, restored {:.2?} and {:.2?} (two at once)", restored[0], restored[1]);
+    eprintln!(
+        "VMM start to agent answer: cold {cold_answer:.2?}; restored {alone:.2?} alone, {:.2?} and {:.2?} two at once",
+        restored[0], restored[1]
+    );
     for (vm, _) in &mut vms {
         vm.signal(libc::SIGTERM);
         vm.wait(Duration::from_secs(30));
