@@ -221,9 +221,7 @@ impl Vmm {
             }
         }
         let msr_list = match &config.snapshot_to {
-            Some(_) => {
-                kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec()
-            }
+            Some(_) => kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec(),
             None => Vec::new(),
         };
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -407,8 +405,11 @@ impl Vmm {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         self.vm.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
         let serial = match state {
-            Some(s) => SerialDevice::from_state(&s.into(), irq, sink)
-                .map_err(|reason| SnapshotError::Device { index: 0, device: "serial".into(), reason })?,
+            Some(s) => SerialDevice::from_state(&s.into(), irq, sink).map_err(|reason| SnapshotError::Device {
+                index: 0,
+                device: "serial".into(),
+                reason,
+            })?,
             None => SerialDevice::new(irq, sink),
         };
         let serial = Arc::new(Mutex::new(serial));
@@ -536,10 +537,8 @@ impl Vmm {
             let _s = info_span!("restore_devices").entered();
             for (index, (t, state)) in self.transports.iter().zip(&states).enumerate() {
                 let device = self.shape.devices.get(index).map_or_else(String::new, DeviceShape::describe);
-                t.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .restore(state)
-                    .map_err(|reason| SnapshotError::Device { index, device, reason })?;
+                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+                t.restore(state).map_err(|reason| SnapshotError::Device { index, device, reason })?;
             }
         }
         // vCPUs enter KVM_RUN only once every thread is confined.

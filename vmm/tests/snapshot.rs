@@ -178,7 +178,11 @@ fn snapshot_then_two_restores_answer_the_agent() {
         std::fs::create_dir_all(dir.join("share")).unwrap();
         let mut vm = Vmm::start(
             &args(
-                &[("--vsock-uds", &dir.join("v.sock")), ("--serial", &dir.join("console.log")), ("--restore-from", &snap)],
+                &[
+                    ("--vsock-uds", &dir.join("v.sock")),
+                    ("--serial", &dir.join("console.log")),
+                    ("--restore-from", &snap),
+                ],
                 &["--cid", "3", "--fs", &fs_arg(&dir)],
             ),
             &dir,
@@ -196,7 +200,11 @@ fn snapshot_then_two_restores_answer_the_agent() {
         std::fs::create_dir_all(dir.join("share")).unwrap();
         let vm = Vmm::start(
             &args(
-                &[("--vsock-uds", &dir.join("v.sock")), ("--serial", &dir.join("console.log")), ("--restore-from", &snap)],
+                &[
+                    ("--vsock-uds", &dir.join("v.sock")),
+                    ("--serial", &dir.join("console.log")),
+                    ("--restore-from", &snap),
+                ],
                 &["--cid", "3", "--fs", &fs_arg(&dir)],
             ),
             &dir,
@@ -276,7 +284,10 @@ fn sigusr2_without_snapshot_to_is_ignored_and_bad_snapshots_are_refused() {
     assert!(vm.wait(Duration::from_secs(30)).success(), "{}", vm.log());
     let restore = |extra: &[&str]| {
         let out = Command::new(VMM)
-            .args(args(&[("--kernel", &kernel), ("--serial", &d.path().join("c2.log")), ("--restore-from", &snap)], extra))
+            .args(args(
+                &[("--kernel", &kernel), ("--serial", &d.path().join("c2.log")), ("--restore-from", &snap)],
+                extra,
+            ))
             .output()
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 pub mod state;
@@ -145,8 +145,9 @@ pub fn decode_state(bytes: &[u8], path: &Path) -> Result<VmState, SnapshotError>
     if stored != computed {
         return Err(SnapshotError::Checksum { path: path_buf(), stored, computed });
     }
-    let (state, used) = bincode::serde::decode_from_slice::<VmState, _>(&bytes[HEADER_LEN..end], bincode::config::standard())
-        .map_err(|source| SnapshotError::Decode { path: path_buf(), source })?;
+    let (state, used) =
+        bincode::serde::decode_from_slice::<VmState, _>(&bytes[HEADER_LEN..end], bincode::config::standard())
+            .map_err(|source| SnapshotError::Decode { path: path_buf(), source })?;
     if used != end - HEADER_LEN {
         return Err(SnapshotError::TrailingBytes { path: path_buf(), extra: (end - HEADER_LEN - used) as u64 });
     }
@@ -167,7 +168,8 @@ pub fn write_state(dir: &Path, state: &VmState) -> Result<(), SnapshotError> {
 /// Reads and checks `dir/state`.
 pub fn read_state(dir: &Path) -> Result<VmState, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&path).map_err(|source| SnapshotError::Io { what: "state", path: path.clone(), source })?;
+    let bytes =
+        std::fs::read(&path).map_err(|source| SnapshotError::Io { what: "state", path: path.clone(), source })?;
     decode_state(&bytes, &path)
 }
 
@@ -264,7 +266,11 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotE
 /// length; the file holds them one after the other), copy-on-write: the
 /// guest's writes go to private pages and never reach the file, which is
 /// opened read-only.
-pub fn map_memory(path: &Path, ranges: &[(GuestAddress, usize)], mem_mib: u32) -> Result<GuestMemoryMmap, SnapshotError> {
+pub fn map_memory(
+    path: &Path,
+    ranges: &[(GuestAddress, usize)],
+    mem_mib: u32,
+) -> Result<GuestMemoryMmap, SnapshotError> {
     let io = |source| SnapshotError::Io { what: "memory", path: path.to_path_buf(), source };
     let file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
@@ -277,13 +283,14 @@ pub fn map_memory(path: &Path, ranges: &[(GuestAddress, usize)], mem_mib: u32) -
     let mut regions = Vec::new();
     let mut off = 0u64;
     for &(addr, size) in ranges {
-        let region = MmapRegionBuilder::new_with_bitmap(size, <() as NewBitmap>::with_len(size))
+        let region = MmapRegionBuilder::<()>::new(size)
             .with_file_offset(FileOffset::from_arc(file.clone(), off))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| map_err(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, addr).ok_or_else(|| map_err(format!("region at {addr:#x?} overflows")))?;
+        let region =
+            GuestRegionMmap::new(region, addr).ok_or_else(|| map_err(format!("region at {addr:#x?} overflows")))?;
         regions.push(region);
         off += size as u64;
     }

@@ -151,7 +151,9 @@ fn wrong_version_is_refused_naming_both() {
     let mut bytes = encode_state(&vm_state()).unwrap();
     bytes[8..12].copy_from_slice(&(STATE_VERSION + 1).to_le_bytes());
     let e = decode_state(&bytes, Path::new("/t/state")).unwrap_err();
-    assert!(matches!(e, SnapshotError::WrongVersion { found, expected, .. } if found == STATE_VERSION + 1 && expected == STATE_VERSION));
+    assert!(
+        matches!(e, SnapshotError::WrongVersion { found, expected, .. } if found == STATE_VERSION + 1 && expected == STATE_VERSION)
+    );
     let msg = e.to_string();
     assert!(msg.contains(&format!("version {}", STATE_VERSION + 1)) && msg.contains("/t/state"), "{msg}");
 }
@@ -173,11 +175,15 @@ fn a_payload_that_does_not_decode_is_refused() {
 #[test]
 fn wrong_shape_is_refused_naming_the_difference() {
     check_shape(&shape(), &shape()).unwrap();
-    let cases: Vec<(Box<dyn Fn(&mut Shape)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut Shape)>;
+    let cases: Vec<(Change, &str)> = vec![
         (Box::new(|s| s.vcpus = 1), "vcpus: the snapshot has 2, the config 1"),
         (Box::new(|s| s.mem_mib = 512), "mem_mib: the snapshot has 256, the config 512"),
         (Box::new(|s| s.pvm = false), "host kind"),
-        (Box::new(|s| s.devices.pop().map(|_| ()).unwrap()), "virtio devices: the snapshot has [vsock, fs \"root\"], the config [vsock]"),
+        (
+            Box::new(|s| s.devices.pop().map(|_| ()).unwrap()),
+            "virtio devices: the snapshot has [vsock, fs \"root\"], the config [vsock]",
+        ),
         (Box::new(|s| s.devices[1].tag = Some("other".into())), "fs \"other\""),
         (Box::new(|s| s.devices.swap(0, 1)), "[fs \"root\", vsock]"),
         (Box::new(|s| s.devices.push(DeviceShape { device_type: 1, tag: None })), "net"),
@@ -357,7 +363,10 @@ fn save_reads_mp_state_first_and_vcpu_events_last() {
     let calls = fake.calls.borrow();
     assert_eq!(calls.first(), Some(&"KVM_GET_MP_STATE"));
     assert_eq!(calls.last(), Some(&"KVM_GET_VCPU_EVENTS"));
-    assert_eq!(s.msrs.iter().map(|m| (m.index, m.data)).collect::<Vec<_>>(), [(0x10, 0x20), (0x6e0, 0x20), (0xc000_0082, 0x1_8000_0104)]);
+    assert_eq!(
+        s.msrs.iter().map(|m| (m.index, m.data)).collect::<Vec<_>>(),
+        [(0x10, 0x20), (0x6e0, 0x20), (0xc000_0082, 0x1_8000_0104)]
+    );
 }
 
 #[test]

@@ -397,8 +397,9 @@ impl MmioTransport {
         let live = if self.device_activated { self.device.quiesce()? } else { None };
         let queues = match live {
             Some(live) => {
-                if live.len() != self.queues.iter().filter(|q| q.ready()).count() {
-                    return Err(format!("the device returned {} queues, {} were enabled", live.len(), self.queues.len()));
+                let enabled = self.queues.iter().filter(|q| q.ready()).count();
+                if live.len() != enabled {
+                    return Err(format!("the device returned {} queues, {enabled} were enabled", live.len()));
                 }
                 // The device got the ready queues, in order.
                 let mut live = live.into_iter();
@@ -430,7 +431,8 @@ impl MmioTransport {
     /// driver had activated the device, activates it again with them.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
         if state.device_type != self.device.device_type() {
-            return Err(format!("snapshot device type {}, config device type {}", state.device_type, self.device.device_type()));
+            let config = self.device.device_type();
+            return Err(format!("snapshot device type {}, config device type {config}", state.device_type));
         }
         if state.queues.len() != self.queues.len() {
             return Err(format!("snapshot has {} queues, the device {}", state.queues.len(), self.queues.len()));
