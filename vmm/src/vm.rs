@@ -294,9 +294,7 @@ impl Vmm {
         for (id, st) in (0u8..).zip(&state.vcpus) {
             let fd = self.vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let skipped = snapshot::vcpu::restore(&fd, id, st)?;
-            if !skipped.is_empty() {
-                debug!(cpu = id, ?skipped, "MSRs this host refused, skipped");
-            }
+            debug!(cpu = id, msrs = st.msrs.len(), ?skipped, "vCPU restored (MSRs this host refused: skipped)");
             self.vcpus.push(fd);
         }
         Ok(())

@@ -138,9 +138,7 @@ pub fn save<V: VcpuOps>(vcpu: &V, cpu: u8, msr_list: &[u32]) -> Result<VcpuState
     let cpuid = vcpu.get_cpuid().map_err(kvm("KVM_GET_CPUID2"))?;
     let wanted = msr_list.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
     let (mut msrs, skipped) = msrs_skipping_refused(cpu, "read", wanted, |chunk| vcpu.get_msrs(chunk))?;
-    if !skipped.is_empty() {
-        debug!(cpu, ?skipped, "MSRs not saved");
-    }
+    debug!(cpu, saved = msrs.len(), ?skipped, "MSRs read (skipped: refused by this host)");
     fix_zero_tsc_deadline(&mut msrs);
     let vcpu_events = vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState { cpuid, mp_state, regs, sregs, xsave, xcrs, debug_regs, lapic, msrs, vcpu_events })

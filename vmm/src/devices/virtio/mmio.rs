@@ -401,12 +401,21 @@ impl MmioTransport {
                 if live.len() != enabled {
                     return Err(format!("the device returned {} queues, {enabled} were enabled", live.len()));
                 }
-                // The device got the ready queues, in order.
+                // The device got the ready queues, in order; the driver's
+                // configuration is the transport's, the positions the worker's.
                 let mut live = live.into_iter();
                 self.queues
                     .iter()
-                    .map(|q| if q.ready() { live.next().map_or_else(|| q.state(), |l| l.state()) } else { q.state() })
-                    .map(QueueSnapshot::from)
+                    .map(|q| {
+                        let mut snap = QueueSnapshot::from(q.state());
+                        if q.ready() {
+                            if let Some(l) = live.next() {
+                                snap.next_avail = l.next_avail();
+                                snap.next_used = l.next_used();
+                            }
+                        }
+                        snap
+                    })
                     .collect()
             }
             None => self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
@@ -572,6 +581,9 @@ mod tests {
         activations: Vec<Vec<(u16, bool)>>,
         resets: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
+        /// (next_avail, next_used) of each queue handed over, per activation.
+        positions: Vec<Vec<(u16, u16)>>,
+        prepared_restore: bool,
     }
 
     struct DummyDevice {
@@ -613,8 +625,28 @@ mod tests {
                 return Err(ActivateError::BadConfig("no".into()));
             }
             let qs = queues.iter().map(|q| (q.queue.size(), q.queue.event_idx_enabled())).collect();
-            self.rec.lock().expect("lock").activations.push(qs);
+            let pos = queues.iter().map(|q| (q.queue.next_avail(), q.queue.next_used())).collect();
+            let mut rec = self.rec.lock().expect("lock");
+            rec.activations.push(qs);
+            rec.positions.push(pos);
             Ok(())
+        }
+        /// As if the worker had used 5 buffers of queue 0 and 1 of queue 1.
+        fn quiesce(&mut self) -> Result<Option<Vec<Queue>>, String> {
+            let rec = self.rec.lock().expect("lock");
+            let Some(last) = rec.activations.last() else { return Ok(None) };
+            let mut out = Vec::new();
+            for (i, (size, _)) in last.iter().enumerate() {
+                let mut q = Queue::new(*size).map_err(|e| e.to_string())?;
+                let n = if i == 0 { 5 } else { 1 };
+                q.set_next_avail(n);
+                q.set_next_used(n);
+                out.push(q);
+            }
+            Ok(Some(out))
+        }
+        fn prepare_restore(&mut self) {
+            self.rec.lock().expect("lock").prepared_restore = true;
         }
         fn reset(&mut self) -> bool {
             self.rec.lock().expect("lock").resets += 1;
@@ -1085,5 +1117,61 @@ mod tests {
 
     fn mem_of(f: &Fixture) -> GuestMemoryMmap {
         f.mem.clone()
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn save_and_restore_carry_registers_and_live_queue_positions() {
+        let mut f = fixture();
+        let features = V1 | (1 << VIRTIO_RING_F_EVENT_IDX);
+        assert!(negotiate(&mut f.t, features));
+        setup_queue(&mut f.t, &f.mem, 0, 0x1000, 16);
+        setup_queue(&mut f.t, &f.mem, 1, 0x4000, 8);
+        wr(&mut f.t, VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert!(f.t.is_activated());
+        f.t.interrupt().trigger(1).unwrap();
+        let state = f.t.save().unwrap();
+        assert!(state.activated);
+        assert_eq!(state.driver_features, features);
+        assert_eq!(state.interrupt_status, 1);
+        assert_eq!((state.queues[0].next_avail, state.queues[1].next_used), (5, 1), "the worker's positions");
+        assert_eq!((state.queues[0].size, state.queues[1].size), (16, 8));
+        assert!(state.queues.iter().all(|q| q.ready));
+
+        // A fresh transport and device (the new config's backend) take it.
+        let mut g = fixture();
+        g.t.restore(&state).unwrap();
+        assert!(g.t.is_activated());
+        assert_eq!(rd(&mut g.t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
+        assert_eq!(rd(&mut g.t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        let rec = g.rec.lock().unwrap();
+        assert!(rec.prepared_restore);
+        assert_eq!(rec.acked, Some(features));
+        assert_eq!(rec.activations, vec![vec![(16, true), (8, true)]]);
+        assert_eq!(rec.positions, vec![vec![(5, 5), (1, 1)]]);
+        drop(rec);
+        // The restored queues cannot be reconfigured behind the driver's back.
+        wr(&mut g.t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        wr(&mut g.t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        assert_eq!(g.t.save().unwrap().queues[0].size, 16);
+
+        // A device that was never activated restores inactive.
+        let mut h = fixture();
+        assert!(negotiate(&mut h.t, features));
+        let idle = h.t.save().unwrap();
+        assert!(!idle.activated);
+        let mut i = fixture();
+        i.t.restore(&idle).unwrap();
+        assert!(!i.t.is_activated());
+        assert_eq!(rd(&mut i.t, VIRTIO_MMIO_STATUS), ACK | DRV | FOK);
+
+        // Another shape of queue is refused.
+        let mut bad = state.clone();
+        bad.queues[0].max_size = 64;
+        let e = fixture().t.restore(&bad).unwrap_err();
+        assert!(e.contains("queue 0") && e.contains("max size"), "{e}");
+        let mut bad = state;
+        bad.device_type = 19;
+        assert!(fixture().t.restore(&bad).unwrap_err().contains("device type 19"));
     }
 }

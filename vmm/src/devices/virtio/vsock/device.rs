@@ -835,4 +835,19 @@ mod tests {
         assert!(!path.exists());
         assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
     }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn transport_reset_event_waits_for_an_event_buffer() {
+        let (mut g, mut w, irq) = worker();
+        // No event buffer yet: not sent, retried later.
+        assert!(!w.process_evq());
+        let buf = GuestAddress(0x300_0000);
+        g.mem.write_obj(0xffff_ffffu32, buf).unwrap();
+        let head = g.add_chain(EVQ_INDEX, &[(buf, 8, true)]);
+        assert!(w.process_evq());
+        assert_eq!(g.take_used(EVQ_INDEX), [(head, 4)]);
+        assert_eq!(g.mem.read_obj::<u32>(buf).unwrap(), VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+        assert_ne!(irq.status() & crate::devices::virtio::VIRTIO_MMIO_INT_VRING, 0);
+    }
 }
