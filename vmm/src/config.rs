@@ -437,6 +437,29 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_directories_are_checked_and_a_restore_needs_no_kernel() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = good(d.path());
+        c.kernel = d.path().join("no-such-vmlinux");
+        c.initramfs = None;
+        c.restore_from = Some(d.path().to_path_buf());
+        c.snapshot_to = Some(d.path().to_path_buf());
+        c.validate().unwrap();
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&text).unwrap(), c);
+        c.restore_from = Some(d.path().join("missing"));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("restore_from") && e.contains("missing"), "{e}");
+        c.restore_from = None;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("no-such-vmlinux"), "{e}");
+        let mut c = good(d.path());
+        c.snapshot_to = Some(c.kernel.clone());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("snapshot_to") && e.contains("not a directory"), "{e}");
+    }
+
+    #[test]
     fn accepts_a_good_config() {
         let d = tempfile::tempdir().unwrap();
         good(d.path()).validate().unwrap();

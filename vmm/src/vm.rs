@@ -357,8 +357,13 @@ impl Vmm {
         };
         let state = VmState { shape: self.shape.clone(), vcpus, kvm, serial, devices };
         // The state file last: a directory with a good state file is complete.
-        let written = snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
-        snapshot::write_state(dir, &state)?;
+        let written = snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))
+            .and_then(|written| snapshot::write_state(dir, &state).map(|()| written))
+            .inspect_err(|_| {
+                // Nothing half-written is left for a restore to trip on.
+                let _ = std::fs::remove_file(dir.join(snapshot::MEMORY_FILE));
+                let _ = std::fs::remove_file(dir.join(snapshot::STATE_FILE));
+            })?;
         info!(dir = %dir.display(), memory_written = written, after = ?started.elapsed(), "snapshot written");
         Ok(written)
     }
