@@ -3,7 +3,8 @@
 //! Health.Check over hybrid vsock, SIGUSR2 writes a snapshot (exit 0, a
 //! sparse memory file), then two VMMs restored from it at once, each with
 //! its own vsock socket and shared directory, answer the agent call too.
-//! A snapshot of another shape is refused, naming the difference.
+//! After the restore each mounts its own share (CreateSandbox). A snapshot
+//! of another shape is refused, naming the difference.
 //!
 //! Needs /dev/kvm, root (virtio-fs) and the guest assets (CARAPACE_KERNEL,
 //! CARAPACE_INITRAMFS, default `build/guest/`); skips without them, fails
@@ -85,6 +86,11 @@ impl Vmm {
     /// Waits for the agent's Health.Check over the hybrid vsock socket;
     /// returns the time since the VMM started.
     fn wait_for_agent(&mut self, uds: &Path, timeout: Duration) -> Duration {
+        self.agent(uds, timeout).0
+    }
+
+    /// [`wait_for_agent`](Self::wait_for_agent), with the connected client.
+    fn agent(&mut self, uds: &Path, timeout: Duration) -> (Duration, ttrpc::Client) {
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -92,8 +98,8 @@ impl Vmm {
             }
             let left = end.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "the agent did not answer within {timeout:?}\n{}", self.log());
-            if carapace_protocol::client::wait_for_agent(uds, left.min(Duration::from_secs(10))).is_ok() {
-                return self.started.elapsed();
+            if let Ok(c) = carapace_protocol::client::wait_for_agent(uds, left.min(Duration::from_secs(10))) {
+                return (self.started.elapsed(), c);
             }
         }
     }
@@ -215,9 +221,22 @@ fn snapshot_then_two_restores_answer_the_agent() {
     for (vm, dir) in &mut vms {
         restored.push(vm.wait_for_agent(&dir.join("v.sock"), RESTORE_TIMEOUT));
     }
-    // Still serving after the first answer (not a one-off).
+    // Each mounts its own share: virtio-fs was re-activated on the new
+    // directory (the template never mounted it: no FUSE state in a snapshot).
     for (vm, dir) in &mut vms {
-        vm.wait_for_agent(&dir.join("v.sock"), RESTORE_TIMEOUT);
+        let (_, client) = vm.agent(&dir.join("v.sock"), RESTORE_TIMEOUT);
+        let mut req = carapace_protocol::agent::CreateSandboxRequest::new();
+        req.sandbox_id = dir.file_name().unwrap().to_string_lossy().into_owned();
+        req.hostname = "restored".into();
+        let mut fs = carapace_protocol::agent::SharedFs::new();
+        fs.tag = "root".into();
+        fs.mount_point = "/run/share".into();
+        req.shared_fs.push(fs);
+        let agent = carapace_protocol::AgentClient::new(client);
+        let ctx = ttrpc::context::with_timeout(60_000_000_000);
+        if let Err(e) = agent.create_sandbox(ctx, &req) {
+            panic!("CreateSandbox (mounting the share) after the restore: {e:?}\n{}", vm.log());
+        }
         assert!(vm.child.as_mut().unwrap().try_wait().unwrap().is_none(), "{}", vm.log());
     }
     eprintln!(
