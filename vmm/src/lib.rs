@@ -15,6 +15,9 @@
 //!
 //! or as the `carapace-vmm` binary (`--config vm.json`, or flags); its exit
 //! codes are the `EXIT_*` constants in [`exit`].
+//!
+//! A running VM can be written to a snapshot and later started from it
+//! (`snapshot_to` / `restore_from` in [`VmConfig`]; see [`snapshot`]).
 
 pub mod arch;
 pub mod bus;
