@@ -330,26 +330,29 @@ impl Vmm {
     }
 
     /// Writes a snapshot of the stopped VM to `dir`: every vCPU thread has
-    /// ended (handing back its fd, I/O completed). Order as Firecracker
-    /// does it: the VM-wide KVM state, then each vCPU (KVM_GET_VCPU_EVENTS
-    /// is only safe with no vCPU running), then the devices (stopping their
-    /// workers, after which guest memory no longer changes), then memory.
+    /// ended (handing back its fd, I/O completed). First the devices stop
+    /// (their workers run on their own threads, unlike Firecracker's, and
+    /// could still use buffers and raise interrupts): from then on neither
+    /// guest memory nor the interrupt controllers change. Then, as
+    /// Firecracker does it, the VM-wide KVM state and each vCPU
+    /// (KVM_GET_VCPU_EVENTS is only safe with no vCPU running); memory and
+    /// the state file last.
     fn take_snapshot(&self, dir: &Path, fds: Vec<Option<VcpuFd>>) -> Result<u64, SnapshotError> {
         let started = Instant::now();
         let mut vcpu_fds = Vec::new();
         for (cpu, fd) in (0u8..).zip(fds) {
             vcpu_fds.push(fd.ok_or(SnapshotError::VcpuNotStopped { cpu })?);
         }
-        let kvm = self.save_kvm_state()?;
-        let mut vcpus = Vec::new();
-        for (cpu, fd) in (0u8..).zip(&vcpu_fds) {
-            vcpus.push(snapshot::vcpu::save(fd, cpu, &self.msr_list)?);
-        }
         let mut devices = Vec::new();
         for (index, t) in self.transports.iter().enumerate() {
             let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
             let device = self.shape.devices.get(index).map_or_else(String::new, DeviceShape::describe);
             devices.push(t.save().map_err(|reason| SnapshotError::Device { index, device, reason })?);
+        }
+        let kvm = self.save_kvm_state()?;
+        let mut vcpus = Vec::new();
+        for (cpu, fd) in (0u8..).zip(&vcpu_fds) {
+            vcpus.push(snapshot::vcpu::save(fd, cpu, &self.msr_list)?);
         }
         let serial = match &self.serial {
             Some(s) => s.lock().unwrap_or_else(|e| e.into_inner()).state().into(),
