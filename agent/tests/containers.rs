@@ -1030,3 +1030,41 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let err = a.remove("ghost", false).expect_err("ghost");
     assert_eq!(rpc_code(&err), Some(ttrpc::Code::NOT_FOUND));
 }
+
+#[test]
+fn a_process_without_path_starts_from_an_absolute_program() {
+    if !can_run("a_process_without_path_starts_from_an_absolute_program") {
+        return;
+    }
+    let a = Agent::start();
+    // As runc: no PATH needed when args[0] has a '/' (pause images).
+    let mut spec = base_spec(&a.rootfs, &["/bin/cat", "/proc/self/environ"]);
+    spec["process"]["env"] = json!(["HOME=/root"]);
+    let out = a.run("nopath", &spec);
+    assert_eq!((out.exit_code, out.stdout.as_str()), (0, "HOME=/root\0"), "{out:?}");
+
+    // A bare name without PATH: refused, naming args[0]; nothing left.
+    let mut spec = base_spec(&a.rootfs, &["true"]);
+    spec["process"]["env"] = json!(["HOME=/root"]);
+    let err = a.create("barename", &spec, &a.streams(false, false)).expect_err("no PATH");
+    let message = format!("{err:?}");
+    assert!(message.contains("process.args[0] \\\"true\\\": not found"), "{message}");
+    assert!(message.contains("no PATH"), "{message}");
+    wait_until(|| std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", a.pid())).is_ok_and(|c| c.trim().is_empty()));
+    a.assert_nothing_left("barename");
+
+    // ExecProcess follows the same rule.
+    let streams = a.streams(false, false);
+    a.create("holder", &base_spec(&a.rootfs, &["sleep", "100"]), &streams).expect("create");
+    a.start_container("holder");
+    let mut streams = a.streams(false, false);
+    let process = json!({"args": ["/bin/echo", "exec-ok"], "cwd": "/", "env": [], "user": {"uid": 0, "gid": 0}});
+    a.exec("holder", "e1", &process, false, &streams).expect("exec without PATH");
+    assert_eq!(a.wait("holder", "e1").exit_code, 0);
+    assert_eq!(streams.stdout(), b"exec-ok\n");
+    let process = json!({"args": ["echo"], "cwd": "/", "env": [], "user": {"uid": 0, "gid": 0}});
+    let err = a.exec("holder", "e2", &process, false, &a.streams(false, false)).expect_err("bare exec");
+    assert!(format!("{err:?}").contains("\\\"echo\\\": not found"), "{err:?}");
+    a.remove("holder", true).expect("remove");
+    a.assert_nothing_left("holder");
+}
