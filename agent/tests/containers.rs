@@ -1068,3 +1068,37 @@ fn a_process_without_path_starts_from_an_absolute_program() {
     a.remove("holder", true).expect("remove");
     a.assert_nothing_left("holder");
 }
+
+#[test]
+fn terminals_work_with_cri_length_ids() {
+    if !can_run("terminals_work_with_cri_length_ids") {
+        return;
+    }
+    let a = Agent::start();
+    // CRI ids are 64 hex characters: console sockets must not be named
+    // after them (a Unix socket path has 108 bytes).
+    let id = "c".repeat(60);
+    let exec_id = "e".repeat(64);
+    let mut streams = a.streams(false, false);
+    let mut spec = base_spec(&a.rootfs, &["sh", "-c", "tty; sleep 100"]);
+    spec["process"]["terminal"] = json!(true);
+    a.create(&id, &spec, &streams).expect("create with a terminal");
+    assert!(a.cid(&id).len() >= 64);
+    a.start_container(&id);
+
+    let mut exec_streams = a.streams(true, false);
+    let process = json!({"args": ["sh", "-c", "tty; read x; echo got=$x"], "cwd": "/", "env": ["PATH=/bin"],
+        "user": {"uid": 0, "gid": 0}});
+    a.exec(&id, &exec_id, &process, true, &exec_streams).expect("exec -it with a 64-character id");
+    let mut stdin = exec_streams.stdin();
+    stdin.write_all(b"yes\n").expect("write");
+    assert_eq!(a.wait(&id, &exec_id).exit_code, 0);
+    let out = String::from_utf8_lossy(&exec_streams.stdout()).replace('\r', "");
+    assert!(out.contains("/dev/pts/") && out.contains("got=yes"), "{out:?}");
+    let tty_dir = a.state.join("tty");
+    let left: Vec<_> = std::fs::read_dir(&tty_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "console sockets left: {left:?}");
+    a.remove(&id, true).expect("remove");
+    assert!(String::from_utf8_lossy(&streams.stdout()).contains("/dev/pts/0"));
+    a.assert_nothing_left(&id);
+}

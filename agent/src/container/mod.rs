@@ -21,10 +21,12 @@
 //! directory and `oom_score_adj` while it builds a container.
 //!
 //! State on disk, under the agent's state directory: `bundles/<id>/`
-//! (config.json as libcontainer reads it, exec process files, console
-//! sockets) and `containers/<id>/` (libcontainer's state).
+//! (config.json as libcontainer reads it, exec process files),
+//! `containers/<id>/` (libcontainer's state) and `tty/<n>.sock` (console
+//! sockets, [`console`]: short paths whatever the ids).
 
 pub mod cgroup;
+pub mod console;
 pub mod executor;
 pub mod process;
 pub mod spec;
@@ -32,8 +34,7 @@ pub mod stdio;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -48,6 +49,7 @@ use nix::unistd::Pid;
 use ttrpc::Code;
 
 use self::cgroup::Cgroup;
+use self::console::{ConsoleListener, ConsoleSockets};
 use self::executor::AgentExecutor;
 use self::process::Process;
 use self::spec::SpecError;
@@ -104,7 +106,7 @@ impl ContainerError {
         }
     }
 
-    fn io(what: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
         Self::Io {
             what: what.into(),
             source,
@@ -228,6 +230,7 @@ pub struct ContainerManager {
     /// Ids being created (not in `containers` yet).
     creating: Mutex<HashSet<String>>,
     controllers: OnceLock<Vec<String>>,
+    consoles: ConsoleSockets,
 }
 
 /// Frees a reserved id when creation ends, whichever way.
@@ -295,71 +298,6 @@ fn unmount_new_under(rootfs: &Path, before: &HashSet<PathBuf>) {
     }
 }
 
-/// A Unix socket libcontainer sends a terminal's pty master to.
-struct ConsoleListener {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl ConsoleListener {
-    fn bind(path: PathBuf) -> Result<Self> {
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| ContainerError::io(format!("binding {}", path.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| ContainerError::io("console socket", e))?;
-        Ok(Self { listener, path })
-    }
-
-    /// The pty master: the container connected (in libcontainer's build)
-    /// and sent it before the build returned.
-    fn receive_master(&self) -> Result<OwnedFd> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-        let (stream, _) = self.listener.accept().map_err(|e| {
-            ContainerError::io("the container did not connect its console socket", e)
-        })?;
-        stream
-            .set_nonblocking(false)
-            .map_err(|e| ContainerError::io("console socket", e))?;
-        let mut buf = [0u8; 256];
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| ContainerError::io("receiving the pty master", e.into()))?;
-        let cmsgs = msg
-            .cmsgs()
-            .map_err(|e| ContainerError::io("receiving the pty master", e.into()))?;
-        for cmsg in cmsgs {
-            if let ControlMessageOwned::ScmRights(fds) = cmsg {
-                if let Some(&fd) = fds.first() {
-                    for &extra in &fds[1..] {
-                        let _ = nix::unistd::close(extra);
-                    }
-                    // SAFETY: the kernel just installed fd in our table for
-                    // us (SCM_RIGHTS); nothing else owns it.
-                    return Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-                }
-            }
-        }
-        Err(ContainerError::io(
-            "receiving the pty master",
-            io::Error::other("no descriptor in the message"),
-        ))
-    }
-}
-
-impl Drop for ConsoleListener {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// What libcontainer changes in the agent's own process while it builds a
 /// container (`oom_score_adj`, dumpable), put back afterwards.
 struct SelfState {
@@ -395,11 +333,12 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 impl ContainerManager {
     pub fn new(config: ManagerConfig, reaper: Arc<Reaper>) -> Self {
         Self {
-            config,
             reaper,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
+            consoles: ConsoleSockets::new(&config.state_dir),
             controllers: OnceLock::new(),
+            config,
         }
     }
 
@@ -539,7 +478,7 @@ impl ContainerManager {
             stdio::prepare(&self.config.dialer, ports, terminal)?
         };
         let console = if terminal {
-            Some(ConsoleListener::bind(bundle.join("console.sock"))?)
+            Some(self.consoles.bind()?)
         } else {
             None
         };
@@ -552,7 +491,7 @@ impl ContainerManager {
                 .with_stderr(child.stderr);
         }
         if let Some(console) = &console {
-            builder = builder.with_console_socket(Some(console.path.clone()));
+            builder = builder.with_console_socket(Some(console.path().to_path_buf()));
         }
         let init_builder = builder
             .as_init(bundle)
@@ -692,7 +631,7 @@ impl ContainerManager {
         let result = (|| {
             let (pending, child) = stdio::prepare(&self.config.dialer, ports, req.terminal)?;
             let console = if req.terminal {
-                Some(ConsoleListener::bind(c.bundle.join(format!("console-{exec_id}.sock")))?)
+                Some(self.consoles.bind()?)
             } else {
                 None
             };
@@ -704,7 +643,7 @@ impl ContainerManager {
                     .with_stderr(child.stderr);
             }
             if let Some(console) = &console {
-                builder = builder.with_console_socket(Some(console.path.clone()));
+                builder = builder.with_console_socket(Some(console.path().to_path_buf()));
             }
             let tenant = builder
                 .as_tenant()
