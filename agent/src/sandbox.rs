@@ -206,9 +206,6 @@ impl Sandbox {
                     message,
                 })?;
             }
-            if settings.shared_pid_namespace {
-                tracing::warn!("shared_pid_namespace is not supported yet; containers get their own");
-            }
         }
         *mounted = Some(done);
 

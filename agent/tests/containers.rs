@@ -1102,3 +1102,81 @@ fn terminals_work_with_cri_length_ids() {
     assert!(String::from_utf8_lossy(&streams.stdout()).contains("/dev/pts/0"));
     a.assert_nothing_left(&id);
 }
+
+#[test]
+fn pod_containers_join_the_sandbox_containers_namespaces() {
+    if !can_run("pod_containers_join_the_sandbox_containers_namespaces") {
+        return;
+    }
+    let a = Agent::start();
+    let streams = a.streams(false, false);
+    let mut pause = base_spec(&a.rootfs, &["sleep", "100"]);
+    pause["hostname"] = json!("the-pod");
+    a.create("pause", &pause, &streams).expect("create pause");
+    a.start_container("pause");
+
+    let create_joining = |id: &str, script: &str, joins: &[(&str, &str)], streams: &Streams| {
+        let mut spec = base_spec(&a.rootfs, &["sh", "-c", script]);
+        spec["hostname"] = json!("ignored-when-joined");
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = a.cid(id);
+        req.oci_spec_json = serde_json::to_vec(&spec).expect("json");
+        req.stdio = Some(streams.ports.clone()).into();
+        for (typ, target) in joins {
+            req.join_namespaces.insert((*typ).into(), a.cid(target));
+        }
+        a.client.create_container(ctx(), &req).map(|r| r.pid)
+    };
+
+    // IPC, UTS and PID of the pause container: a SysV segment made in the
+    // pod is seen, the pod's hostname, PID 1 is the pause process.
+    let mut streams = a.streams(false, true);
+    let script = "for t in ipc uts pid; do readlink /proc/self/ns/$t; done; hostname; cat /proc/1/comm";
+    create_joining("member", script, &[("ipc", "pause"), ("uts", "pause"), ("pid", "pause")], &streams)
+        .expect("create joining");
+    a.start_container("member");
+    assert_eq!(a.wait("member", "").exit_code, 0);
+    let out = String::from_utf8_lossy(&streams.stdout()).into_owned();
+    let pause_pid = {
+        let mut req = agent::ListProcessesRequest::new();
+        req.container_id = a.cid("pause");
+        a.client.list_processes(ctx(), &req).expect("pids").pids[0]
+    };
+    let ns = |t: &str| std::fs::read_link(format!("/proc/{pause_pid}/ns/{t}")).expect("readlink").display().to_string();
+    let want = format!("{}\n{}\n{}\nthe-pod\nsleep\n", ns("ipc"), ns("uts"), ns("pid"));
+    assert_eq!(out, want, "stderr: {}", String::from_utf8_lossy(&streams.stderr()));
+    a.remove("member", false).expect("remove member");
+
+    a.remove("pause", true).expect("remove pause");
+    a.assert_nothing_left("pause");
+
+    // Unknown type or container: INVALID_ARGUMENT naming it, nothing left.
+    for (joins, named) in [
+        (&[("network", "pause")][..], "join_namespaces[\\\"network\\\"]"),
+        (&[("ipc", "ghost")][..], "container \\\""),
+    ] {
+        let err = create_joining("bad", "true", joins, &a.streams(false, false)).expect_err("refused");
+        assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
+        assert!(format!("{err:?}").contains(named), "{err:?}");
+        a.assert_nothing_left("bad");
+    }
+}
+
+#[test]
+fn a_shared_pid_namespace_puts_the_first_container_at_pid_1() {
+    if !can_run("a_shared_pid_namespace_puts_the_first_container_at_pid_1") {
+        return;
+    }
+    let a = Agent::start();
+    let mut sandbox = agent::CreateSandboxRequest::new();
+    sandbox.sandbox_id = "pod".into();
+    sandbox.settings.mut_or_insert_default().shared_pid_namespace = true;
+    a.client.create_sandbox(ctx(), &sandbox).expect("CreateSandbox");
+    let streams = a.streams(false, false);
+    a.create("first", &base_spec(&a.rootfs, &["sleep", "100"]), &streams).expect("create first");
+    a.start_container("first");
+    let out = a.sh("second", "cat /proc/1/comm", |_| {});
+    assert_eq!(out, "sleep\n");
+    a.remove("first", true).expect("remove");
+    a.assert_nothing_left("first");
+}

@@ -101,6 +101,8 @@ mod tests {
         stdio.stdin_port = 0;
         stdio.stdout_port = 5001;
         stdio.stderr_port = 5002;
+        create.join_namespaces.insert("ipc".into(), "pause".into());
+        create.join_namespaces.insert("pid".into(), "pause".into());
         round_trip(&create);
 
         let mut wait = agent::WaitProcessResponse::new();

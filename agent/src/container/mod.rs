@@ -27,6 +27,7 @@
 
 pub mod cgroup;
 pub mod console;
+pub mod namespaces;
 pub mod executor;
 pub mod process;
 pub mod spec;
@@ -231,6 +232,17 @@ pub struct ContainerManager {
     creating: Mutex<HashSet<String>>,
     controllers: OnceLock<Vec<String>>,
     consoles: ConsoleSockets,
+    /// The sandbox's containers share one PID namespace
+    /// (`GuestSettings.shared_pid_namespace`): the id of the container
+    /// whose namespace the others join, once there is one.
+    shared_pid: Mutex<SharedPid>,
+}
+
+/// `GuestSettings.shared_pid_namespace`, and who holds that namespace.
+#[derive(Debug, Default)]
+struct SharedPid {
+    enabled: bool,
+    holder: Option<String>,
 }
 
 /// Frees a reserved id when creation ends, whichever way.
@@ -337,6 +349,7 @@ impl ContainerManager {
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
             consoles: ConsoleSockets::new(&config.state_dir),
+            shared_pid: Mutex::new(SharedPid::default()),
             controllers: OnceLock::new(),
             config,
         }
@@ -355,6 +368,44 @@ impl ContainerManager {
             .get(id)
             .cloned()
             .ok_or_else(|| ContainerError::NotFound(id.to_string()))
+    }
+
+    /// From now on the containers share one PID namespace: the first
+    /// created with a PID namespace of its own keeps it, and later ones
+    /// that ask for their own join it instead (unless CreateContainer's
+    /// `join_namespaces` names another).
+    pub fn share_pid_namespace(&self) {
+        lock(&self.shared_pid).enabled = true;
+    }
+
+    /// The namespaces a new container enters: `join_namespaces`, and the
+    /// shared PID namespace (see [`Self::share_pid_namespace`]). Also
+    /// whether the new container becomes the holder of the shared one.
+    fn namespace_joins(
+        &self,
+        req: &agent::CreateContainerRequest,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(Vec<namespaces::Join>, bool)> {
+        let lookup = |id: &str| {
+            self.get(id).ok().map(|c| namespaces::JoinTarget {
+                pid: c.init.pid(),
+                exited: c.init.has_exited(),
+            })
+        };
+        let mut joins = namespaces::resolve(&req.join_namespaces, Path::new("/proc"), lookup)?;
+        let shared = lock(&self.shared_pid);
+        let mut holds = false;
+        let explicit = joins.iter().any(|j| j.typ == oci_spec::runtime::LinuxNamespaceType::Pid);
+        if shared.enabled && !explicit && namespaces::wants_new_pid_namespace(spec) {
+            match shared.holder.as_deref().and_then(|h| lookup(h).filter(|t| !t.exited)) {
+                Some(target) => joins.push(namespaces::Join {
+                    typ: oci_spec::runtime::LinuxNamespaceType::Pid,
+                    path: PathBuf::from(format!("/proc/{}/ns/pid", target.pid)),
+                }),
+                None => holds = true,
+            }
+        }
+        Ok((joins, holds))
     }
 
     /// How many containers exist.
@@ -407,6 +458,8 @@ impl ContainerManager {
         };
 
         let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
+        let (joins, holds_shared_pid) = self.namespace_joins(req, &spec)?;
+        namespaces::apply(&mut spec, &joins)?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         if let Some(resources) = &resources {
             self.check_controllers(resources, "linux.resources")?;
@@ -442,6 +495,9 @@ impl ContainerManager {
             Ok(container) => {
                 let pid = container.init.pid();
                 lock(&self.containers).insert(id.to_string(), Arc::new(container));
+                if holds_shared_pid {
+                    lock(&self.shared_pid).holder = Some(id.to_string());
+                }
                 tracing::info!(pid, "container created");
                 u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
             }
