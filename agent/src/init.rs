@@ -315,76 +315,8 @@ pub fn ensure_console_stdio() -> Result<(), InitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
 
-    /// Records every call; fails the ones it is told to.
-    #[derive(Default)]
-    struct FakeSyscall {
-        calls: RefCell<Vec<String>>,
-        files: HashMap<&'static str, &'static str>,
-        fail_mounts: Vec<(&'static str, nix::Error)>,
-        refuse_writes: Vec<&'static str>,
-    }
-
-    impl Syscall for FakeSyscall {
-        fn mount(
-            &self,
-            source: &str,
-            target: &Path,
-            fstype: &str,
-            flags: MsFlags,
-            data: Option<&str>,
-        ) -> nix::Result<()> {
-            self.calls.borrow_mut().push(format!(
-                "mount {source} {} {fstype} {:#x} {}",
-                target.display(),
-                flags.bits(),
-                data.unwrap_or("-")
-            ));
-            match self
-                .fail_mounts
-                .iter()
-                .find(|(t, _)| Path::new(t) == target)
-            {
-                Some((_, e)) => Err(*e),
-                None => Ok(()),
-            }
-        }
-
-        fn mkdir(&self, path: &Path, mode: u32) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("mkdir {} {mode:o}", path.display()));
-            Ok(())
-        }
-
-        fn read_file(&self, path: &Path, buf: &mut [u8]) -> io::Result<usize> {
-            self.calls
-                .borrow_mut()
-                .push(format!("read {}", path.display()));
-            let content = path
-                .to_str()
-                .and_then(|p| self.files.get(p))
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-            let n = content.len().min(buf.len());
-            buf[..n].copy_from_slice(&content.as_bytes()[..n]);
-            Ok(n)
-        }
-
-        fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-            let data = String::from_utf8_lossy(data).into_owned();
-            self.calls
-                .borrow_mut()
-                .push(format!("write {} {data}", path.display()));
-            let refused = !self.refuse_writes.is_empty()
-                && (data.contains(' ') || self.refuse_writes.contains(&data.as_str()));
-            if refused {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            }
-            Ok(())
-        }
-    }
+    use crate::sys::test_utils::RecordingSyscall as FakeSyscall;
 
     fn controllers_fake() -> FakeSyscall {
         let mut fake = FakeSyscall::default();
@@ -400,7 +332,7 @@ mod tests {
         let fake = controllers_fake();
         let errors = setup(&fake);
         assert!(errors.is_empty(), "{errors:?}");
-        let calls = fake.calls.borrow();
+        let calls = fake.calls();
         let expected = [
             "mount proc /proc proc 0xe -",
             "mount sysfs /sys sysfs 0xe -",
@@ -426,8 +358,7 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(matches!(errors[0], InitError::Mount { target: "/sys", .. }));
         assert!(fake
-            .calls
-            .borrow()
+            .calls()
             .iter()
             .any(|c| c.starts_with("mount tmpfs /tmp")));
     }
@@ -441,7 +372,7 @@ mod tests {
             InitError::Controllers { controllers, .. } => assert_eq!(controllers, "+cpuset"),
             other => panic!("unexpected {other:?}"),
         }
-        let calls = fake.calls.borrow();
+        let calls = fake.calls();
         assert_eq!(calls.len(), 2 + 5, "{calls:?}");
         assert_eq!(
             calls[6],
@@ -454,7 +385,7 @@ mod tests {
         let mut fake = FakeSyscall::default();
         fake.files.insert("/sys/fs/cgroup/cgroup.controllers", "\n");
         enable_controllers(&fake, Path::new(CGROUP_ROOT)).expect("nothing to do");
-        assert_eq!(fake.calls.borrow().len(), 1);
+        assert_eq!(fake.calls().len(), 1);
     }
 
     #[test]
