@@ -107,39 +107,34 @@ pub const MOUNTS: &[MountSpec] = &[
 /// A step of guest setup that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("creating {}: {source}", path.display())]
+    #[error("creating {}: {cause}", path.display())]
     Mkdir {
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("mounting {fstype} on {target}: {source}")]
+    #[error("mounting {fstype} on {target}: {cause}")]
     Mount {
         fstype: &'static str,
         target: &'static str,
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("enabling cgroup controllers {controllers:?}: {source}")]
+    #[error("enabling cgroup controllers {controllers:?}: {cause}")]
     Controllers {
         controllers: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("making the root pivotable ({step}): {source}")]
+    #[error("making the root pivotable ({step}): {cause}")]
     Pivotable {
         step: &'static str,
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
     #[error("opening /dev/console for stdio: {0}")]
-    Console(#[source] nix::Error),
+    Console(nix::Error),
 }
 
 /// statfs magic numbers of the file systems an initramfs root can be.
@@ -158,14 +153,14 @@ const ROOT_BIND: &str = "/.carapace-root";
 pub fn make_root_pivotable() -> Result<(), InitError> {
     let fs = nix::sys::statfs::statfs("/").map_err(|source| InitError::Pivotable {
         step: "statfs /",
-        source,
+        cause: source,
     })?;
     #[allow(clippy::unnecessary_cast, reason = "the field's type differs between libcs")]
     let magic = fs.filesystem_type().0 as i64;
     if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
         return Ok(());
     }
-    let step = |step: &'static str| move |source| InitError::Pivotable { step, source };
+    let step = |step: &'static str| move |source| InitError::Pivotable { step, cause: source };
     match nix::unistd::mkdir(ROOT_BIND, Mode::from_bits_truncate(0o755)) {
         Ok(()) | Err(nix::Error::EEXIST) => {}
         Err(e) => return Err(step("mkdir")(e)),
@@ -209,7 +204,7 @@ pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
                 Err(source) => {
                     errors.push(InitError::Mkdir {
                         path: target.to_owned(),
-                        source,
+                        cause: source,
                     });
                     continue;
                 }
@@ -222,7 +217,7 @@ pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
             Err(source) => errors.push(InitError::Mount {
                 fstype: m.fstype,
                 target: m.target,
-                source,
+                cause: source,
             }),
         }
     }
@@ -238,7 +233,7 @@ pub fn enable_controllers(sys: &dyn Syscall, root: &Path) -> Result<(), InitErro
     let mut buf = [0u8; 512];
     let n = sys
         .read_file(&path, &mut buf)
-        .map_err(|source| InitError::Read { path, source })?;
+        .map_err(|source| InitError::Read { path, cause: source })?;
     let available = String::from_utf8_lossy(&buf[..n]);
     let request = subtree_control_request(&available);
     if request.is_empty() {
@@ -264,7 +259,7 @@ pub fn enable_controllers(sys: &dyn Syscall, root: &Path) -> Result<(), InitErro
     } else {
         Err(InitError::Controllers {
             controllers: refused.join(" "),
-            source: last_error,
+            cause: last_error,
         })
     }
 }

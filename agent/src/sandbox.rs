@@ -27,18 +27,16 @@ pub enum SandboxError {
     Invalid { field: String, message: String },
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         what: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("mounting {tag:?} on {}: {source}", target.display())]
+    #[error("mounting {tag:?} on {}: {cause}", target.display())]
     Mount {
         tag: String,
         target: PathBuf,
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
     #[error(transparent)]
     Network(#[from] NetworkError),
@@ -57,7 +55,7 @@ impl SandboxError {
     fn io(what: impl Into<String>, source: io::Error) -> Self {
         Self::Io {
             what: what.into(),
-            source,
+            cause: source,
         }
     }
 }
@@ -216,7 +214,7 @@ impl Sandbox {
                 return Err(SandboxError::Mount {
                     tag: fs.tag.clone(),
                     target,
-                    source,
+                    cause: source,
                 });
             }
             tracing::info!(tag = %fs.tag, target = %target.display(), "shared file system mounted");

@@ -64,7 +64,7 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
     #[error("invalid argument: {0}")]
-    InvalidSpec(#[from] SpecError),
+    InvalidSpec(SpecError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("container {0:?} not found")]
@@ -78,7 +78,7 @@ pub enum ContainerError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("stdio: {0}")]
-    Stdio(#[from] StdioError),
+    Stdio(StdioError),
     /// libcontainer failed; `invalid` when it judged the input.
     #[error("{step}: {message}")]
     Libcontainer {
@@ -86,11 +86,10 @@ pub enum ContainerError {
         message: String,
         invalid: bool,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         what: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -110,7 +109,7 @@ impl ContainerError {
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
         Self::Io {
             what: what.into(),
-            source,
+            cause: source,
         }
     }
 
@@ -155,6 +154,20 @@ impl ContainerError {
             message,
             invalid,
         }
+    }
+}
+
+// By hand, not `#[from]` (which would also make the inner error the
+// source): the message already prints it, and a cause is printed once.
+impl From<SpecError> for ContainerError {
+    fn from(e: SpecError) -> Self {
+        Self::InvalidSpec(e)
+    }
+}
+
+impl From<StdioError> for ContainerError {
+    fn from(e: StdioError) -> Self {
+        Self::Stdio(e)
     }
 }
 
@@ -1004,6 +1017,30 @@ mod tests {
         }
         let invalid = ContainerError::from(SpecError::new("linux.namespaces[1].type", "unknown"));
         assert!(invalid.to_string().contains("linux.namespaces[1].type"));
+    }
+
+    /// The whole chain as `{:#}`-style printers show it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            out.push_str(": ");
+            out.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        out
+    }
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let cases = [
+            ContainerError::io("binding x", io::Error::other("boom")),
+            ContainerError::from(StdioError::DevNull(io::Error::other("boom"))),
+            ContainerError::from(SpecError::new("process.args", "boom")),
+        ];
+        for e in cases {
+            assert_eq!(chain(&e).matches("boom").count(), 1, "{}", chain(&e));
+        }
     }
 
     #[test]
