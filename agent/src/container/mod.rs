@@ -27,26 +27,36 @@
 
 pub mod cgroup;
 pub mod console;
-pub mod namespaces;
 pub mod executor;
+pub mod mountinfo;
+pub mod namespaces;
 pub mod process;
 pub mod spec;
 pub mod stdio;
 
+// One file a verb (youki's shape): each adds its call to ContainerManager.
+mod container_close_stdin;
+mod container_create;
+mod container_exec;
+mod container_list_processes;
+mod container_pause;
+mod container_remove;
+mod container_resize;
+mod container_resume;
+mod container_signal;
+mod container_start;
+mod container_stats;
+mod container_update;
+mod container_wait;
+
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
 
-use carapace_protocol::agent;
-use libcgroups::common::CgroupManager;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as LcContainer;
 use libcontainer::syscall::syscall::SyscallType;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use ttrpc::Code;
 
 use self::cgroup::Cgroup;
@@ -56,9 +66,6 @@ use self::process::Process;
 use self::spec::SpecError;
 use self::stdio::{Dialer, StdioError, StdioPorts};
 use crate::reaper::{Reaper, Registry};
-
-/// How long RemoveContainer waits for killed processes to go.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a container call failed.
 #[derive(Debug, thiserror::Error)]
@@ -258,18 +265,6 @@ struct SharedPid {
     holder: Option<String>,
 }
 
-/// Frees a reserved id when creation ends, whichever way.
-struct Reservation<'a> {
-    manager: &'a ContainerManager,
-    id: String,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        lock(&self.manager.creating).remove(&self.id);
-    }
-}
-
 /// The container ids (and exec ids) libcontainer accepts, which are also
 /// safe as file names.
 fn check_id(field: &str, id: &str) -> Result<()> {
@@ -286,40 +281,6 @@ fn check_id(field: &str, id: &str) -> Result<()> {
         Err(ContainerError::InvalidArgument(format!(
             "{field}: {id:?} is not a valid id (1-128 of [A-Za-z0-9_+.-])"
         )))
-    }
-}
-
-/// The mount points of this mount namespace.
-fn mount_points() -> HashSet<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .map(|p| PathBuf::from(unescape_mountinfo(p)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-/// Unmounts (lazily, deepest first) what is mounted under `rootfs` now and
-/// was not in `before`.
-fn unmount_new_under(rootfs: &Path, before: &HashSet<PathBuf>) {
-    let mut new: Vec<PathBuf> = mount_points()
-        .into_iter()
-        .filter(|p| p.starts_with(rootfs) && !before.contains(p))
-        .collect();
-    new.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in new {
-        if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %p.display(), error = %e, "unmounting a container mount");
-        }
     }
 }
 
@@ -383,44 +344,6 @@ impl ContainerManager {
             .ok_or_else(|| ContainerError::NotFound(id.to_string()))
     }
 
-    /// From now on the containers share one PID namespace: the first
-    /// created with a PID namespace of its own keeps it, and later ones
-    /// that ask for their own join it instead (unless CreateContainer's
-    /// `join_namespaces` names another).
-    pub fn share_pid_namespace(&self) {
-        lock(&self.shared_pid).enabled = true;
-    }
-
-    /// The namespaces a new container enters: `join_namespaces`, and the
-    /// shared PID namespace (see [`Self::share_pid_namespace`]). Also
-    /// whether the new container becomes the holder of the shared one.
-    fn namespace_joins(
-        &self,
-        req: &agent::CreateContainerRequest,
-        spec: &oci_spec::runtime::Spec,
-    ) -> Result<(Vec<namespaces::Join>, bool)> {
-        let lookup = |id: &str| {
-            self.get(id).ok().map(|c| namespaces::JoinTarget {
-                pid: c.init.pid(),
-                exited: c.init.has_exited(),
-            })
-        };
-        let mut joins = namespaces::resolve(&req.join_namespaces, Path::new("/proc"), lookup)?;
-        let shared = lock(&self.shared_pid);
-        let mut holds = false;
-        let explicit = joins.iter().any(|j| j.typ == oci_spec::runtime::LinuxNamespaceType::Pid);
-        if shared.enabled && !explicit && namespaces::wants_new_pid_namespace(spec) {
-            match shared.holder.as_deref().and_then(|h| lookup(h).filter(|t| !t.exited)) {
-                Some(target) => joins.push(namespaces::Join {
-                    typ: oci_spec::runtime::LinuxNamespaceType::Pid,
-                    path: PathBuf::from(format!("/proc/{}/ns/pid", target.pid)),
-                }),
-                None => holds = true,
-            }
-        }
-        Ok((joins, holds))
-    }
-
     /// How many containers exist.
     pub fn count(&self) -> usize {
         lock(&self.containers).len() + lock(&self.creating).len()
@@ -451,538 +374,6 @@ impl ContainerManager {
             .with_root_path(root)
             .map(|b| b.with_executor(AgentExecutor))
             .map_err(|e| ContainerError::libcontainer("state directory", &e))
-    }
-
-    /// CreateContainer.
-    pub fn create(&self, req: &agent::CreateContainerRequest) -> Result<u32> {
-        let id = req.container_id.as_str();
-        check_id("container_id", id)?;
-        let _span = tracing::info_span!("create_container", id).entered();
-        {
-            let containers = lock(&self.containers);
-            let mut creating = lock(&self.creating);
-            if containers.contains_key(id) || !creating.insert(id.to_string()) {
-                return Err(ContainerError::AlreadyExists(format!("container {id:?}")));
-            }
-        }
-        let _reservation = Reservation {
-            manager: self,
-            id: id.to_string(),
-        };
-
-        let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
-        let (joins, holds_shared_pid) = self.namespace_joins(req, &spec)?;
-        namespaces::apply(&mut spec, &joins)?;
-        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-        if let Some(resources) = &resources {
-            self.check_controllers(resources, "linux.resources")?;
-        }
-        spec::prepare_for_libcontainer(&mut spec, id, &rootfs, &self.config.default_env);
-        let cgroup = Cgroup::new(&self.config.cgroup_root, &spec::cgroup_path(&spec, id));
-        if cgroup.exists() {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "linux.cgroupsPath: the cgroup {} already exists",
-                cgroup.dir().display()
-            )));
-        }
-        let bundle = self.bundles_dir().join(id);
-        if self.libcontainer_root().join(id).exists() || bundle.exists() {
-            return Err(ContainerError::AlreadyExists(format!(
-                "state of container {id:?} (left by an earlier container)"
-            )));
-        }
-        let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
-
-        let cleanup = |mounts_before: &Option<HashSet<PathBuf>>| {
-            if let Some(before) = mounts_before {
-                unmount_new_under(&rootfs, before);
-            }
-            if let Err(e) = cgroup.remove() {
-                tracing::warn!(error = %e, "removing the cgroup of a failed container");
-            }
-            let _ = std::fs::remove_dir_all(self.libcontainer_root().join(id));
-            let _ = std::fs::remove_dir_all(&bundle);
-        };
-        let result = self.create_in(id, &spec, resources.as_ref(), &rootfs, &bundle, &cgroup, mounts_before.clone(), req);
-        match result {
-            Ok(container) => {
-                let pid = container.init.pid();
-                lock(&self.containers).insert(id.to_string(), Arc::new(container));
-                if holds_shared_pid {
-                    lock(&self.shared_pid).holder = Some(id.to_string());
-                }
-                tracing::info!(pid, "container created");
-                u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "creating the container failed; cleaning up");
-                cleanup(&mounts_before);
-                Err(e)
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn create_in(
-        &self,
-        id: &str,
-        spec: &oci_spec::runtime::Spec,
-        resources: Option<&oci_spec::runtime::LinuxResources>,
-        rootfs: &Path,
-        bundle: &Path,
-        cgroup: &Cgroup,
-        mounts_before: Option<HashSet<PathBuf>>,
-        req: &agent::CreateContainerRequest,
-    ) -> Result<Container> {
-        std::fs::create_dir_all(bundle)
-            .map_err(|e| ContainerError::io(format!("creating {}", bundle.display()), e))?;
-        write_json(&bundle.join("config.json"), spec)?;
-
-        let process = spec.process().as_ref();
-        let terminal = process.and_then(|p| p.terminal()).unwrap_or(false);
-        let console_size = process.and_then(|p| p.console_size()).map(|b| (b.height(), b.width()));
-        let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
-        let (pending, child) = {
-            let _span = tracing::debug_span!("stdio").entered();
-            stdio::prepare(&self.config.dialer, ports, terminal)?
-        };
-        let console = if terminal {
-            Some(self.consoles.bind()?)
-        } else {
-            None
-        };
-
-        let mut builder = self.builder(id)?;
-        if let Some(child) = child {
-            builder = builder
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr);
-        }
-        if let Some(console) = &console {
-            builder = builder.with_console_socket(Some(console.path().to_path_buf()));
-        }
-        let init_builder = builder
-            .as_init(bundle)
-            .with_systemd(false)
-            .with_detach(true);
-
-        let saved = SelfState::save(process.and_then(|p| p.oom_score_adj()).is_some());
-        let mut registry = self.reaper.registry();
-        let built = {
-            let _span = tracing::debug_span!("libcontainer_build").entered();
-            init_builder.build()
-        };
-        saved.restore();
-        let lc = built.map_err(|e| ContainerError::libcontainer("creating the container", &e))?;
-        if let Some(resources) = resources {
-            if let Err(e) = cgroup.fix_libcgroups(resources) {
-                if let Some(pid) = lc.pid() {
-                    let _ = kill(Pid::from_raw(pid.as_raw()), Signal::SIGKILL);
-                }
-                return Err(ContainerError::io("linux.resources", e));
-            }
-        }
-        let pid = lc
-            .pid()
-            .map(|p| p.as_raw())
-            .ok_or_else(|| ContainerError::FailedPrecondition("libcontainer reported no init pid".into()))?;
-        let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, id, cgroup);
-        drop(registry);
-        let init = match started {
-            Ok(init) => init,
-            Err(e) => {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                return Err(e);
-            }
-        };
-        Ok(Container {
-            id: id.to_string(),
-            bundle: bundle.to_path_buf(),
-            cgroup: cgroup.clone(),
-            mounts_before,
-            rootfs: rootfs.to_path_buf(),
-            init,
-            inner: Mutex::new(Inner {
-                lc,
-                started: false,
-                execs: HashMap::new(),
-            }),
-        })
-    }
-
-    /// With the registry held: receives the pty master (terminal), starts
-    /// the copiers and registers the exit waiter of `pid`.
-    #[allow(clippy::too_many_arguments)]
-    fn start_process_io(
-        &self,
-        registry: &mut Registry,
-        pid: i32,
-        pending: stdio::PendingIo,
-        console: Option<&ConsoleListener>,
-        console_size: Option<(u64, u64)>,
-        name: &str,
-        cgroup: &Cgroup,
-    ) -> Result<Arc<Process>> {
-        let master = match console {
-            Some(console) => {
-                let master = console.receive_master()?;
-                if let Some((rows, cols)) = console_size {
-                    stdio::set_winsize(
-                        master.as_fd(),
-                        u16::try_from(rows).unwrap_or(u16::MAX),
-                        u16::try_from(cols).unwrap_or(u16::MAX),
-                    )?;
-                }
-                Some(master)
-            }
-            None => None,
-        };
-        let io = pending.start(name, master)?;
-        let process = Arc::new(Process::new(pid, io, cgroup.oom_kills()));
-        let waiter = process.clone();
-        registry.on_exit(pid, Box::new(move |exit| waiter.record_exit(exit)));
-        Ok(process)
-    }
-
-    /// StartContainer.
-    pub fn start(&self, id: &str) -> Result<u32> {
-        let c = self.get(id)?;
-        let _span = tracing::info_span!("start_container", id).entered();
-        let mut inner = lock(&c.inner);
-        if inner.started {
-            return Err(ContainerError::FailedPrecondition(format!("container {id:?} is already started")));
-        }
-        if c.init.has_exited() {
-            return Err(ContainerError::FailedPrecondition(format!("container {id:?} has stopped")));
-        }
-        c.init.set_oom_baseline(c.cgroup.oom_kills());
-        {
-            let _registry = self.reaper.registry();
-            inner
-                .lc
-                .start()
-                .map_err(|e| ContainerError::libcontainer("starting the container", &e))?;
-        }
-        inner.started = true;
-        drop(inner);
-        let pid = u32::try_from(c.init.pid()).map_err(|_| ContainerError::InvalidArgument("pid".into()))?;
-        wait_for_exec(pid, || c.init.has_exited());
-        Ok(pid)
-    }
-
-    /// ExecProcess.
-    pub fn exec(&self, req: &agent::ExecProcessRequest) -> Result<u32> {
-        let id = req.container_id.as_str();
-        let exec_id = req.exec_id.as_str();
-        check_id("exec_id", exec_id)?;
-        let c = self.get(id)?;
-        let _span = tracing::info_span!("exec_process", id, exec_id).entered();
-        let mut process = spec::parse_process(&req.process_json)?;
-        process.set_terminal(Some(req.terminal));
-        spec::normalize_process(&mut process);
-        spec::ensure_home(&mut process, &c.rootfs);
-        spec::add_default_env(&mut process, &self.config.default_env);
-        let console_size = process.console_size().map(|b| (b.height(), b.width()));
-
-        let mut inner = lock(&c.inner);
-        if !inner.started || c.init.has_exited() {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} is not running"
-            )));
-        }
-        if inner.execs.contains_key(exec_id) {
-            return Err(ContainerError::AlreadyExists(format!("process {exec_id:?} in container {id:?}")));
-        }
-        let process_file = c.bundle.join(format!("exec-{exec_id}.json"));
-        write_json(&process_file, &process)?;
-        let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
-        let result = (|| {
-            let (pending, child) = stdio::prepare(&self.config.dialer, ports, req.terminal)?;
-            let console = if req.terminal {
-                Some(self.consoles.bind()?)
-            } else {
-                None
-            };
-            let mut builder = self.builder(id)?;
-            if let Some(child) = child {
-                builder = builder
-                    .with_stdin(child.stdin)
-                    .with_stdout(child.stdout)
-                    .with_stderr(child.stderr);
-            }
-            if let Some(console) = &console {
-                builder = builder.with_console_socket(Some(console.path().to_path_buf()));
-            }
-            let tenant = builder
-                .as_tenant()
-                .with_process(Some(process_file.clone()))
-                .with_detach(true);
-            let saved = SelfState::save(process.oom_score_adj().is_some());
-            let mut registry = self.reaper.registry();
-            let built = {
-                let _span = tracing::debug_span!("libcontainer_exec").entered();
-                tenant.build()
-            };
-            saved.restore();
-            let pid = built
-                .map_err(|e| ContainerError::libcontainer("executing the process", &e))?
-                .as_raw();
-            let name = format!("{id}/{exec_id}");
-            let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, &name, &c.cgroup);
-            if started.is_err() {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            started
-        })();
-        let _ = std::fs::remove_file(&process_file);
-        let process = result?;
-        let pid = process.pid();
-        inner.execs.insert(exec_id.to_string(), process);
-        tracing::info!(pid, "process started");
-        u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
-    }
-
-    /// SignalProcess.
-    pub fn signal(&self, req: &agent::SignalProcessRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        let signal = i32::try_from(req.signal)
-            .ok()
-            .and_then(|n| Signal::try_from(n).ok())
-            .ok_or_else(|| ContainerError::InvalidArgument(format!("signal: {} is not a signal", req.signal)))?;
-        let _span = tracing::debug_span!("signal_process", id = %req.container_id, exec_id = %req.exec_id, %signal).entered();
-        if req.all {
-            return self.signal_all(&c, signal);
-        }
-        let process = c.process(&req.exec_id)?;
-        if process.has_exited() {
-            return Err(ContainerError::ProcessExited {
-                id: c.id.clone(),
-                exec_id: req.exec_id.clone(),
-            });
-        }
-        match kill(Pid::from_raw(process.pid()), signal) {
-            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
-            Err(e) => Err(ContainerError::io("kill", e.into())),
-        }
-    }
-
-    fn signal_all(&self, c: &Container, signal: Signal) -> Result<()> {
-        let pids = c
-            .cgroup
-            .pids()
-            .map_err(|e| ContainerError::io(format!("reading {}", c.cgroup.dir().display()), e))?;
-        for pid in pids {
-            let Ok(pid) = i32::try_from(pid) else { continue };
-            match kill(Pid::from_raw(pid), signal) {
-                Ok(()) | Err(nix::Error::ESRCH) => {}
-                Err(e) => return Err(ContainerError::io(format!("kill {pid}"), e.into())),
-            }
-        }
-        Ok(())
-    }
-
-    /// WaitProcess: blocks until the process has exited and its output has
-    /// been drained to the host.
-    pub fn wait(&self, req: &agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse> {
-        let c = self.get(&req.container_id)?;
-        let process = c.process(&req.exec_id)?;
-        let record = process.wait();
-        let oom = process.oom_killed(|| c.cgroup.oom_kills());
-        let mut resp = agent::WaitProcessResponse::new();
-        resp.exit_code = record.exit.exit_code();
-        resp.signal = record.exit.signal();
-        resp.oom_killed = oom;
-        resp.exited_at_unix_nano = record.at_unix_nano;
-        resp.pid = u32::try_from(record.exit.pid).unwrap_or(0);
-        Ok(resp)
-    }
-
-    /// ResizeTty.
-    pub fn resize(&self, req: &agent::ResizeTtyRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        let process = c.process(&req.exec_id)?;
-        let rows = u16::try_from(req.rows).map_err(|_| ContainerError::InvalidArgument("rows: too large".into()))?;
-        let cols = u16::try_from(req.cols).map_err(|_| ContainerError::InvalidArgument("cols: too large".into()))?;
-        if process.io().resize(rows, cols)? {
-            Ok(())
-        } else {
-            Err(ContainerError::FailedPrecondition(format!(
-                "process {:?} of container {:?} has no terminal",
-                req.exec_id, req.container_id
-            )))
-        }
-    }
-
-    /// CloseStdin.
-    pub fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        c.process(&req.exec_id)?.io().close_stdin();
-        Ok(())
-    }
-
-    /// StatsContainer.
-    pub fn stats(&self, id: &str) -> Result<agent::StatsContainerResponse> {
-        let c = self.get(id)?;
-        let mut resp = agent::StatsContainerResponse::new();
-        resp.cgroup = Some(c.cgroup.stats()).into();
-        resp.timestamp_unix_nano = process::now_unix_nano();
-        Ok(resp)
-    }
-
-    /// ListProcesses.
-    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        let c = self.get(id)?;
-        c.cgroup
-            .pids()
-            .map_err(|e| ContainerError::io(format!("reading {}", c.cgroup.dir().display()), e))
-    }
-
-    /// UpdateContainer.
-    pub fn update(&self, req: &agent::UpdateContainerRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        let resources = spec::parse_resources(&req.resources_json)?;
-        self.check_controllers(&resources, "resources_json")?;
-        let cgroup_path = Path::new("/").join(
-            c.cgroup
-                .dir()
-                .strip_prefix(&self.config.cgroup_root)
-                .unwrap_or(c.cgroup.dir()),
-        );
-        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
-            cgroup_path,
-            systemd_cgroup: false,
-            container_name: c.id.clone(),
-        })
-        .map_err(|e| ContainerError::FailedPrecondition(format!("cgroup: {e}")))?;
-        manager
-            .apply(&libcgroups::common::ControllerOpt {
-                resources: &spec::resources_for_libcgroups(&resources),
-                disable_oom_killer: false,
-                oom_score_adj: None,
-                freezer_state: None,
-            })
-            .map_err(|e| ContainerError::Libcontainer {
-                step: "updating resources",
-                message: e.to_string(),
-                invalid: false,
-            })?;
-        c.cgroup
-            .fix_libcgroups(&resources)
-            .map_err(|e| ContainerError::io("resources_json", e))
-    }
-
-    /// PauseContainer.
-    pub fn pause(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        let mut inner = lock(&c.inner);
-        inner
-            .lc
-            .pause()
-            .map_err(|e| ContainerError::libcontainer("pausing", &e))
-    }
-
-    /// ResumeContainer.
-    pub fn resume(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        let mut inner = lock(&c.inner);
-        inner
-            .lc
-            .resume()
-            .map_err(|e| ContainerError::libcontainer("resuming", &e))
-    }
-
-    /// RemoveContainer.
-    pub fn remove(&self, id: &str, force: bool) -> Result<()> {
-        let c = self.get(id)?;
-        let _span = tracing::info_span!("remove_container", id, force).entered();
-        let mut inner = lock(&c.inner);
-        if inner.started && !c.init.has_exited() && !force {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} is running; stop it first or remove with force"
-            )));
-        }
-        // Whatever still runs goes: the init (and with it a PID namespace),
-        // then anything left in the cgroup (exec'd processes without one).
-        let deadline = Instant::now() + KILL_TIMEOUT;
-        loop {
-            let mut left = c.cgroup.pids().unwrap_or_default();
-            if !c.init.has_exited() {
-                left.push(u32::try_from(c.init.pid()).unwrap_or(0));
-            }
-            left.retain(|&p| p != 0);
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(ContainerError::FailedPrecondition(format!(
-                    "container {id:?}: processes {left:?} did not die within {KILL_TIMEOUT:?}"
-                )));
-            }
-            // Frozen processes die of SIGKILL too (cgroup v2).
-            for pid in left {
-                if let Ok(pid) = i32::try_from(pid) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        {
-            let _registry = self.reaper.registry();
-            if let Err(e) = inner.lc.delete(true) {
-                tracing::warn!(error = %e, "libcontainer delete; cleaning up by hand");
-            }
-        }
-        if let Some(before) = &c.mounts_before {
-            unmount_new_under(&c.rootfs, before);
-        }
-        let mut problems = Vec::new();
-        if let Err(e) = c.cgroup.remove() {
-            problems.push(format!("removing {}: {e}", c.cgroup.dir().display()));
-        }
-        for dir in [self.libcontainer_root().join(id), c.bundle.clone()] {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("removing {}: {e}", dir.display())),
-            }
-        }
-        inner.execs.clear();
-        drop(inner);
-        lock(&self.containers).remove(id);
-        if problems.is_empty() {
-            tracing::info!("container removed");
-            Ok(())
-        } else {
-            Err(ContainerError::io(
-                "removing the container",
-                io::Error::other(problems.join("; ")),
-            ))
-        }
-    }
-}
-
-/// How long StartContainer waits for the init to run its startContainer
-/// hooks and exec the user's program.
-const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Waits until process `pid` runs another program than this one (the
-/// container's init has run the startContainer hooks and exec'd the user
-/// process), or it exited, or [`EXEC_WAIT`] passed. StartContainer returns
-/// only then, so that the runtime's poststart hooks come after the process
-/// started, as the OCI spec orders them.
-fn wait_for_exec(pid: u32, exited: impl Fn() -> bool) {
-    use std::os::unix::fs::MetadataExt;
-    let ours = std::fs::metadata("/proc/self/exe").map(|m| (m.dev(), m.ino())).ok();
-    let start = std::time::Instant::now();
-    while start.elapsed() < EXEC_WAIT && !exited() {
-        match std::fs::metadata(format!("/proc/{pid}/exe")).map(|m| (m.dev(), m.ino())) {
-            Ok(exe) if Some(exe) != ours => return,
-            Ok(_) => {}
-            // Gone, or not readable any more: nothing left to wait for.
-            Err(_) => return,
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -1066,11 +457,6 @@ mod tests {
             let err = check_id("container_id", bad).expect_err(bad);
             assert!(err.to_string().contains("container_id"), "{err}");
         }
-    }
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\011c"), "/a b\tc");
     }
 }
 
