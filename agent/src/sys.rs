@@ -58,6 +58,9 @@ pub trait Syscall: Send + Sync {
 
     /// Sets CLOCK_REALTIME (nanoseconds since the Unix epoch).
     fn set_realtime(&self, unix_nano: i64) -> io::Result<()>;
+
+    /// kill(2).
+    fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> nix::Result<()>;
 }
 
 /// ioctl numbers from linux/random.h: `_IOW('R', 0x03, int[2])` and
@@ -171,6 +174,10 @@ impl Syscall for LinuxSyscall {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> nix::Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
     }
 }
 
@@ -288,6 +295,11 @@ pub mod test_utils {
 
         fn set_realtime(&self, unix_nano: i64) -> io::Result<()> {
             self.record(format!("set_realtime {unix_nano}"));
+            Ok(())
+        }
+
+        fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> nix::Result<()> {
+            self.record(format!("kill {pid} {signal}"));
             Ok(())
         }
     }

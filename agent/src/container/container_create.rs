@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use carapace_protocol::agent;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use super::mountinfo::{mount_points, unmount_new_under};
 use super::*;
@@ -112,7 +111,7 @@ impl ContainerManager {
 
         let cleanup = |mounts_before: &Option<HashSet<PathBuf>>| {
             if let Some(before) = mounts_before {
-                unmount_new_under(&rootfs, before);
+                unmount_new_under(self.sys.as_ref(), &rootfs, before);
             }
             if let Err(e) = cgroup.remove() {
                 tracing::warn!(error = %e, "removing the cgroup of a failed container");
@@ -206,7 +205,7 @@ impl ContainerManager {
         if let Some(resources) = resources {
             if let Err(e) = cgroup.fix_libcgroups(resources) {
                 if let Some(pid) = lc.pid() {
-                    let _ = kill(Pid::from_raw(pid.as_raw()), Signal::SIGKILL);
+                    let _ = self.sys.kill(pid.as_raw(), Signal::SIGKILL);
                 }
                 return Err(ContainerError::io("linux.resources", e));
             }
@@ -227,7 +226,7 @@ impl ContainerManager {
         let init = match started {
             Ok(init) => init,
             Err(e) => {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = self.sys.kill(pid, Signal::SIGKILL);
                 return Err(e);
             }
         };
@@ -278,5 +277,119 @@ impl ContainerManager {
         let waiter = process.clone();
         registry.on_exit(pid, Box::new(move |exit| waiter.record_exit(exit)));
         Ok(process)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{add_container, manager};
+    use super::*;
+
+    fn request(dir: &Path, id: &str) -> agent::CreateContainerRequest {
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).expect("rootfs");
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": rootfs},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]}
+        });
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = serde_json::to_vec(&spec).expect("json");
+        req
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_anything_is_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, sys) = manager(dir.path());
+        add_container(&m, "pause", 100, true, &[]);
+        let cases: Vec<(agent::CreateContainerRequest, ttrpc::Code, &str)> = vec![
+            (
+                request(dir.path(), "a/b"),
+                ttrpc::Code::INVALID_ARGUMENT,
+                "container_id",
+            ),
+            (
+                request(dir.path(), "pause"),
+                ttrpc::Code::ALREADY_EXISTS,
+                "pause",
+            ),
+            (
+                {
+                    let mut r = request(dir.path(), "c1");
+                    r.join_namespaces.insert("ipc".into(), "ghost".into());
+                    r
+                },
+                ttrpc::Code::INVALID_ARGUMENT,
+                "join_namespaces[\"ipc\"]: container \"ghost\" not found",
+            ),
+            (
+                {
+                    let mut r = request(dir.path(), "c1");
+                    r.join_namespaces.insert("net".into(), "pause".into());
+                    r
+                },
+                ttrpc::Code::INVALID_ARGUMENT,
+                "join_namespaces[\"net\"]",
+            ),
+            (
+                {
+                    let mut r = request(dir.path(), "c1");
+                    r.oci_spec_json = b"{}".to_vec();
+                    r
+                },
+                ttrpc::Code::INVALID_ARGUMENT,
+                "ociVersion",
+            ),
+        ];
+        for (req, code, named) in cases {
+            let err = m.create(&req).expect_err(named);
+            assert_eq!(err.code(), code, "{err}");
+            assert!(err.to_string().contains(named), "{err} lacks {named}");
+        }
+        assert!(!m.bundles_dir().join("c1").exists());
+        assert!(!m.config.cgroup_root.join("carapace/c1").exists());
+        assert_eq!(m.count(), 1);
+        assert!(sys.calls().is_empty());
+    }
+
+    #[test]
+    fn a_shared_pid_namespace_is_joined_after_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, _sys) = manager(dir.path());
+        let req = request(dir.path(), "c2");
+        let (spec, _) = spec::parse_spec(&req.oci_spec_json, "").expect("spec");
+        // Not shared: nothing to join, nobody holds it.
+        assert_eq!(
+            m.namespace_joins(&req, &spec).expect("joins"),
+            (vec![], false)
+        );
+        m.share_pid_namespace();
+        // The first container keeps its own, and holds it for the others.
+        assert_eq!(
+            m.namespace_joins(&req, &spec).expect("joins"),
+            (vec![], true)
+        );
+        add_container(&m, "first", 321, true, &[]);
+        lock(&m.shared_pid).holder = Some("first".into());
+        let (joins, holds) = m.namespace_joins(&req, &spec).expect("joins");
+        assert!(!holds);
+        assert_eq!(
+            joins,
+            [namespaces::Join {
+                typ: oci_spec::runtime::LinuxNamespaceType::Pid,
+                path: "/proc/321/ns/pid".into()
+            }]
+        );
+        // An explicit join wins.
+        let mut explicit = req.clone();
+        add_container(&m, "pause", 99, true, &[]);
+        explicit
+            .join_namespaces
+            .insert("pid".into(), "pause".into());
+        let (joins, _) = m.namespace_joins(&explicit, &spec).expect("joins");
+        assert_eq!(joins[0].path, PathBuf::from("/proc/99/ns/pid"));
     }
 }

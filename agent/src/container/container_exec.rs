@@ -1,8 +1,7 @@
 //! ExecProcess: another process in a running container.
 
 use carapace_protocol::agent;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use super::*;
 
@@ -77,7 +76,7 @@ impl ContainerManager {
                 &c.cgroup,
             );
             if started.is_err() {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = self.sys.kill(pid, Signal::SIGKILL);
             }
             started
         })();
@@ -87,5 +86,48 @@ impl ContainerManager {
         inner.execs.insert(exec_id.to_string(), process);
         tracing::info!(pid, "process started");
         u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{add_container, manager, process};
+    use super::*;
+
+    fn request(id: &str, exec_id: &str) -> agent::ExecProcessRequest {
+        let mut req = agent::ExecProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.process_json =
+            br#"{"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#.to_vec();
+        req
+    }
+
+    #[test]
+    fn refused_before_anything_is_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, sys) = manager(dir.path());
+        add_container(&m, "created", 10, false, &[]);
+        let err = m.exec(&request("created", "e1")).expect_err("not running");
+        assert_eq!(err.code(), ttrpc::Code::FAILED_PRECONDITION);
+        let c = add_container(&m, "running", 11, true, &[]);
+        lock(&c.inner).execs.insert("e1".into(), process(12));
+        let err = m.exec(&request("running", "e1")).expect_err("duplicate");
+        assert_eq!(err.code(), ttrpc::Code::ALREADY_EXISTS);
+        let err = m.exec(&request("running", "a/b")).expect_err("bad id");
+        assert!(err.to_string().contains("exec_id"), "{err}");
+        let mut bad = request("running", "e2");
+        bad.process_json = br#"{"args": [], "cwd": "/"}"#.to_vec();
+        let err = m.exec(&bad).expect_err("no args");
+        assert!(err.to_string().contains("process.args"), "{err}");
+        assert_eq!(
+            m.exec(&request("ghost", "e1")).expect_err("unknown").code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert!(sys.calls().is_empty());
+        let left: Vec<_> = std::fs::read_dir(m.bundles_dir().join("running"))
+            .expect("bundle")
+            .collect();
+        assert!(left.is_empty(), "no process file left: {left:?}");
     }
 }

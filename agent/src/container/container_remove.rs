@@ -3,8 +3,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use super::mountinfo::unmount_new_under;
 use super::*;
@@ -43,7 +42,7 @@ impl ContainerManager {
             // Frozen processes die of SIGKILL too (cgroup v2).
             for pid in left {
                 if let Ok(pid) = i32::try_from(pid) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = self.sys.kill(pid, Signal::SIGKILL);
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -55,7 +54,7 @@ impl ContainerManager {
             }
         }
         if let Some(before) = &c.mounts_before {
-            unmount_new_under(&c.rootfs, before);
+            unmount_new_under(self.sys.as_ref(), &c.rootfs, before);
         }
         let mut problems = Vec::new();
         if let Err(e) = c.cgroup.remove() {

@@ -23,3 +23,25 @@ impl ContainerManager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{add_container, manager};
+    use super::*;
+
+    #[test]
+    fn a_process_without_a_terminal_is_not_resized() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, _sys) = manager(dir.path());
+        add_container(&m, "c1", 5, true, &[]);
+        let mut req = agent::ResizeTtyRequest::new();
+        req.container_id = "c1".into();
+        req.rows = 24;
+        req.cols = 80;
+        let err = m.resize(&req).expect_err("no tty");
+        assert_eq!(err.code(), ttrpc::Code::FAILED_PRECONDITION);
+        req.rows = 70_000;
+        let err = m.resize(&req).expect_err("too large");
+        assert!(err.to_string().contains("rows"), "{err}");
+    }
+}

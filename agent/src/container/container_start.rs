@@ -60,3 +60,26 @@ fn wait_for_exec(pid: u32, exited: impl Fn() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{add_container, exit, manager};
+
+    #[test]
+    fn only_a_created_running_init_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, _sys) = manager(dir.path());
+        add_container(&m, "started", 10, true, &[]);
+        let err = m.start("started").expect_err("twice");
+        assert_eq!(err.code(), ttrpc::Code::FAILED_PRECONDITION);
+        assert!(err.to_string().contains("already started"), "{err}");
+        let c = add_container(&m, "dead", 11, false, &[]);
+        exit(&c.init, 1);
+        let err = m.start("dead").expect_err("stopped");
+        assert!(err.to_string().contains("has stopped"), "{err}");
+        assert_eq!(
+            m.start("ghost").expect_err("unknown").code(),
+            ttrpc::Code::NOT_FOUND
+        );
+    }
+}

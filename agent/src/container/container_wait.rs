@@ -21,3 +21,30 @@ impl ContainerManager {
         Ok(resp)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{add_container, exit, manager};
+    use super::*;
+
+    #[test]
+    fn answers_the_recorded_exit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, _sys) = manager(dir.path());
+        let c = add_container(&m, "c1", 77, true, &[]);
+        exit(&c.init, 3);
+        let mut req = agent::WaitProcessRequest::new();
+        req.container_id = "c1".into();
+        let resp = m.wait(&req).expect("wait");
+        assert_eq!(
+            (resp.exit_code, resp.signal, resp.pid, resp.oom_killed),
+            (3, 0, 77, false)
+        );
+        assert!(resp.exited_at_unix_nano > 0);
+        req.exec_id = "e9".into();
+        assert_eq!(
+            m.wait(&req).expect_err("no exec").code(),
+            ttrpc::Code::NOT_FOUND
+        );
+    }
+}

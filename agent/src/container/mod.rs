@@ -48,6 +48,8 @@ mod container_start;
 mod container_stats;
 mod container_update;
 mod container_wait;
+#[cfg(test)]
+mod test_utils;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -66,6 +68,7 @@ use self::process::Process;
 use self::spec::SpecError;
 use self::stdio::{Dialer, StdioError, StdioPorts};
 use crate::reaper::{Reaper, Registry};
+use crate::sys::{LinuxSyscall, Syscall};
 
 /// Why a container call failed.
 #[derive(Debug, thiserror::Error)]
@@ -243,9 +246,10 @@ impl Container {
 }
 
 /// Every container of the guest.
-#[derive(Debug)]
 pub struct ContainerManager {
     config: ManagerConfig,
+    /// Signals and unmounts go through it (tests record them).
+    sys: Arc<dyn Syscall>,
     reaper: Arc<Reaper>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Ids being created (not in `containers` yet).
@@ -256,6 +260,15 @@ pub struct ContainerManager {
     /// (`GuestSettings.shared_pid_namespace`): the id of the container
     /// whose namespace the others join, once there is one.
     shared_pid: Mutex<SharedPid>,
+}
+
+impl std::fmt::Debug for ContainerManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerManager")
+            .field("config", &self.config)
+            .field("containers", &self.containers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `GuestSettings.shared_pid_namespace`, and who holds that namespace.
@@ -318,7 +331,13 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 
 impl ContainerManager {
     pub fn new(config: ManagerConfig, reaper: Arc<Reaper>) -> Self {
+        Self::with_syscall(config, reaper, Arc::new(LinuxSyscall))
+    }
+
+    /// With signals and unmounts made through `sys`.
+    pub fn with_syscall(config: ManagerConfig, reaper: Arc<Reaper>, sys: Arc<dyn Syscall>) -> Self {
         Self {
+            sys,
             reaper,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
