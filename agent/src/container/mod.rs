@@ -8,7 +8,19 @@
 //! - [`process`]: a process's exit status (from the agent's reaper) and the
 //!   wait for it;
 //! - [`cgroup`]: statistics, OOM kills and processes from cgroup v2 files;
-//! - [`executor`]: the exec at the end of libcontainer's init.
+//! - [`executor`]: the exec at the end of libcontainer's init (and runc's
+//!   lookup of the program);
+//! - [`console`]: the sockets a terminal's pty master comes back on;
+//! - [`namespaces`]: the namespaces a container joins (its pod's);
+//! - [`mountinfo`]: the mount table, and undoing a container's mounts;
+//! - one file a verb, each adding its call to [`ContainerManager`]:
+//!   `container_create.rs`, `container_start.rs`, `container_exec.rs`,
+//!   `container_signal.rs`, `container_wait.rs`, `container_resize.rs`,
+//!   `container_close_stdin.rs`, `container_stats.rs`,
+//!   `container_list_processes.rs`, `container_update.rs`,
+//!   `container_pause.rs`, `container_resume.rs`, `container_remove.rs`.
+//!   Signals and unmounts go through [`crate::sys::Syscall`]; the verbs'
+//!   unit tests run without root (`test_utils.rs`).
 //!
 //! libcontainer forks: the agent's process clones an intermediate process,
 //! which clones the container's init as the agent's child (`CLONE_PARENT`)
@@ -26,8 +38,8 @@
 //! sockets, [`console`]: short paths whatever the ids).
 
 pub mod cgroup;
-mod error;
 pub mod console;
+mod error;
 pub mod executor;
 pub mod mountinfo;
 pub mod namespaces;
