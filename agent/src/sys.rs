@@ -2,7 +2,7 @@
 //! the order and arguments of guest setup (PID 1's mounts, CreateSandbox's
 //! entropy, clock, hostname, shared file systems and sysctls) can be
 //! checked in unit tests without root and without a VM
-//! ([`test_utils::RecordingSyscall`]).
+//! (`test_utils::RecordingSyscall`, under `cfg(test)`).
 //!
 //! Every call here is a real system call in the guest, where each costs
 //! ~0.6 ms: implementations do exactly one syscall per step where they can
