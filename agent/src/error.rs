@@ -10,7 +10,7 @@ pub enum AgentError {
     Unimplemented(&'static str),
     /// The shutdown could not be set in motion.
     #[error("starting the shutdown: {0}")]
-    Shutdown(#[source] nix::Error),
+    Shutdown(nix::Error),
 }
 
 impl AgentError {

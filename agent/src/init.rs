@@ -107,39 +107,34 @@ pub const MOUNTS: &[MountSpec] = &[
 /// A step of guest setup that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("creating {}: {source}", path.display())]
+    #[error("creating {}: {cause}", path.display())]
     Mkdir {
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("mounting {fstype} on {target}: {source}")]
+    #[error("mounting {fstype} on {target}: {cause}")]
     Mount {
         fstype: &'static str,
         target: &'static str,
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}: {cause}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("enabling cgroup controllers {controllers:?}: {source}")]
+    #[error("enabling cgroup controllers {controllers:?}: {cause}")]
     Controllers {
         controllers: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("making the root pivotable ({step}): {source}")]
+    #[error("making the root pivotable ({step}): {cause}")]
     Pivotable {
         step: &'static str,
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
     #[error("opening /dev/console for stdio: {0}")]
-    Console(#[source] nix::Error),
+    Console(nix::Error),
 }
 
 /// statfs magic numbers of the file systems an initramfs root can be.
@@ -158,14 +153,14 @@ const ROOT_BIND: &str = "/.carapace-root";
 pub fn make_root_pivotable() -> Result<(), InitError> {
     let fs = nix::sys::statfs::statfs("/").map_err(|source| InitError::Pivotable {
         step: "statfs /",
-        source,
+        cause: source,
     })?;
     #[allow(clippy::unnecessary_cast, reason = "the field's type differs between libcs")]
     let magic = fs.filesystem_type().0 as i64;
     if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
         return Ok(());
     }
-    let step = |step: &'static str| move |source| InitError::Pivotable { step, source };
+    let step = |step: &'static str| move |source| InitError::Pivotable { step, cause: source };
     match nix::unistd::mkdir(ROOT_BIND, Mode::from_bits_truncate(0o755)) {
         Ok(()) | Err(nix::Error::EEXIST) => {}
         Err(e) => return Err(step("mkdir")(e)),
@@ -209,7 +204,7 @@ pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
                 Err(source) => {
                     errors.push(InitError::Mkdir {
                         path: target.to_owned(),
-                        source,
+                        cause: source,
                     });
                     continue;
                 }
@@ -222,7 +217,7 @@ pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
             Err(source) => errors.push(InitError::Mount {
                 fstype: m.fstype,
                 target: m.target,
-                source,
+                cause: source,
             }),
         }
     }
@@ -238,7 +233,7 @@ pub fn enable_controllers(sys: &dyn Syscall, root: &Path) -> Result<(), InitErro
     let mut buf = [0u8; 512];
     let n = sys
         .read_file(&path, &mut buf)
-        .map_err(|source| InitError::Read { path, source })?;
+        .map_err(|source| InitError::Read { path, cause: source })?;
     let available = String::from_utf8_lossy(&buf[..n]);
     let request = subtree_control_request(&available);
     if request.is_empty() {
@@ -264,7 +259,7 @@ pub fn enable_controllers(sys: &dyn Syscall, root: &Path) -> Result<(), InitErro
     } else {
         Err(InitError::Controllers {
             controllers: refused.join(" "),
-            source: last_error,
+            cause: last_error,
         })
     }
 }
@@ -315,76 +310,8 @@ pub fn ensure_console_stdio() -> Result<(), InitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
 
-    /// Records every call; fails the ones it is told to.
-    #[derive(Default)]
-    struct FakeSyscall {
-        calls: RefCell<Vec<String>>,
-        files: HashMap<&'static str, &'static str>,
-        fail_mounts: Vec<(&'static str, nix::Error)>,
-        refuse_writes: Vec<&'static str>,
-    }
-
-    impl Syscall for FakeSyscall {
-        fn mount(
-            &self,
-            source: &str,
-            target: &Path,
-            fstype: &str,
-            flags: MsFlags,
-            data: Option<&str>,
-        ) -> nix::Result<()> {
-            self.calls.borrow_mut().push(format!(
-                "mount {source} {} {fstype} {:#x} {}",
-                target.display(),
-                flags.bits(),
-                data.unwrap_or("-")
-            ));
-            match self
-                .fail_mounts
-                .iter()
-                .find(|(t, _)| Path::new(t) == target)
-            {
-                Some((_, e)) => Err(*e),
-                None => Ok(()),
-            }
-        }
-
-        fn mkdir(&self, path: &Path, mode: u32) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(format!("mkdir {} {mode:o}", path.display()));
-            Ok(())
-        }
-
-        fn read_file(&self, path: &Path, buf: &mut [u8]) -> io::Result<usize> {
-            self.calls
-                .borrow_mut()
-                .push(format!("read {}", path.display()));
-            let content = path
-                .to_str()
-                .and_then(|p| self.files.get(p))
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-            let n = content.len().min(buf.len());
-            buf[..n].copy_from_slice(&content.as_bytes()[..n]);
-            Ok(n)
-        }
-
-        fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-            let data = String::from_utf8_lossy(data).into_owned();
-            self.calls
-                .borrow_mut()
-                .push(format!("write {} {data}", path.display()));
-            let refused = !self.refuse_writes.is_empty()
-                && (data.contains(' ') || self.refuse_writes.contains(&data.as_str()));
-            if refused {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            }
-            Ok(())
-        }
-    }
+    use crate::sys::test_utils::RecordingSyscall as FakeSyscall;
 
     fn controllers_fake() -> FakeSyscall {
         let mut fake = FakeSyscall::default();
@@ -400,7 +327,7 @@ mod tests {
         let fake = controllers_fake();
         let errors = setup(&fake);
         assert!(errors.is_empty(), "{errors:?}");
-        let calls = fake.calls.borrow();
+        let calls = fake.calls();
         let expected = [
             "mount proc /proc proc 0xe -",
             "mount sysfs /sys sysfs 0xe -",
@@ -426,8 +353,7 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(matches!(errors[0], InitError::Mount { target: "/sys", .. }));
         assert!(fake
-            .calls
-            .borrow()
+            .calls()
             .iter()
             .any(|c| c.starts_with("mount tmpfs /tmp")));
     }
@@ -441,7 +367,7 @@ mod tests {
             InitError::Controllers { controllers, .. } => assert_eq!(controllers, "+cpuset"),
             other => panic!("unexpected {other:?}"),
         }
-        let calls = fake.calls.borrow();
+        let calls = fake.calls();
         assert_eq!(calls.len(), 2 + 5, "{calls:?}");
         assert_eq!(
             calls[6],
@@ -454,7 +380,7 @@ mod tests {
         let mut fake = FakeSyscall::default();
         fake.files.insert("/sys/fs/cgroup/cgroup.controllers", "\n");
         enable_controllers(&fake, Path::new(CGROUP_ROOT)).expect("nothing to do");
-        assert_eq!(fake.calls.borrow().len(), 1);
+        assert_eq!(fake.calls().len(), 1);
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! - [`server`] and [`service`]: the ttrpc server and the Health and Agent
 //!   services;
 //! - [`container`]: OCI containers with libcontainer, their stdio streams
-//!   and exit statuses; [`sandbox`]: guest-wide setup, with [`network`]
-//!   for the interfaces and routes;
+//!   and exit statuses; [`sandbox`]: guest-wide setup (entropy and clock
+//!   first), with [`network`] for the interfaces and routes;
+//! - [`sys`]: the system calls of setup, signals and unmounts behind a
+//!   trait, recorded in unit tests;
 //! - [`shutdown`]: answering Shutdown, then rebooting the guest (or exiting
 //!   on the host).
 

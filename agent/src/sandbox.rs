@@ -1,16 +1,24 @@
 //! CreateSandbox and DestroySandbox: the guest-wide setup before the first
-//! container (hostname, DNS files, network interfaces and routes, the
-//! host's shared file systems, sysctls, the wall clock) and its undoing.
+//! container (fresh entropy and the host's time first, then hostname, DNS
+//! files, network interfaces and routes, the host's shared file systems,
+//! sysctls) and its undoing. The system calls go through the
+//! [`Syscall`] seam, so the order is unit-tested without root.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use carapace_protocol::agent;
 use nix::mount::MsFlags;
 use ttrpc::Code;
 
 use crate::network::{NetworkConfig, NetworkError};
+use crate::sys::{LinuxSyscall, Syscall};
+
+/// How much entropy CreateSandbox takes (bytes): at least a CRNG seed's
+/// worth (128 bits), at most what one RNDADDENTROPY should carry.
+pub const ENTROPY_MIN: usize = 16;
+pub const ENTROPY_MAX: usize = 4096;
 
 /// Why a sandbox call failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,18 +27,16 @@ pub enum SandboxError {
     Invalid { field: String, message: String },
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         what: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("mounting {tag:?} on {}: {source}", target.display())]
+    #[error("mounting {tag:?} on {}: {cause}", target.display())]
     Mount {
         tag: String,
         target: PathBuf,
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
     #[error(transparent)]
     Network(#[from] NetworkError),
@@ -49,7 +55,7 @@ impl SandboxError {
     fn io(what: impl Into<String>, source: io::Error) -> Self {
         Self::Io {
             what: what.into(),
-            source,
+            cause: source,
         }
     }
 }
@@ -61,13 +67,23 @@ impl From<SandboxError> for ttrpc::Error {
 }
 
 /// Where /etc lives (the guest's own; tests point elsewhere).
-#[derive(Debug)]
 pub struct Sandbox {
     etc: PathBuf,
-    /// Whether to change the host-wide things (hostname, clock, network,
-    /// mounts): only in the guest, never when the agent serves on a host.
+    /// Whether to change the host-wide things (entropy, clock, hostname,
+    /// network, mounts, sysctls): only in the guest, never when the agent
+    /// serves on a host.
     guest: bool,
+    sys: Arc<dyn Syscall>,
     mounted: Mutex<Option<Vec<PathBuf>>>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("etc", &self.etc)
+            .field("guest", &self.guest)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Mount options of mount(8) -o: flags, and the rest as data.
@@ -97,9 +113,15 @@ pub fn mount_options(options: &[String]) -> (MsFlags, String) {
 
 impl Sandbox {
     pub fn new(etc: PathBuf, guest: bool) -> Self {
+        Self::with_syscall(etc, guest, Arc::new(LinuxSyscall))
+    }
+
+    /// With the system calls made through `sys` (tests record them).
+    pub fn with_syscall(etc: PathBuf, guest: bool, sys: Arc<dyn Syscall>) -> Self {
         Self {
             etc,
             guest,
+            sys,
             mounted: Mutex::new(None),
         }
     }
@@ -110,6 +132,12 @@ impl Sandbox {
         let mut mounted = self.mounted.lock().unwrap_or_else(PoisonError::into_inner);
         if mounted.is_some() {
             return Err(SandboxError::FailedPrecondition("the sandbox already exists".into()));
+        }
+        let host_time = check_fresh_state(req)?;
+        // Before anything else: until now this guest may share its random
+        // state and clock with every VM restored from the same snapshot.
+        if self.guest {
+            self.refresh(&req.entropy, host_time)?;
         }
         for (i, fs) in req.shared_fs.iter().enumerate() {
             if fs.tag.is_empty() {
@@ -146,7 +174,8 @@ impl Sandbox {
 
         if !req.hostname.is_empty() {
             if self.guest {
-                nix::unistd::sethostname(&req.hostname)
+                self.sys
+                    .sethostname(&req.hostname)
                     .map_err(|e| SandboxError::io("sethostname", e.into()))?;
             }
             self.write_etc("hostname", format!("{}\n", req.hostname).as_bytes())?;
@@ -168,23 +197,24 @@ impl Sandbox {
             }
         }
 
-        let mut done = Vec::new();
+        let mut done: Vec<PathBuf> = Vec::new();
         for fs in &req.shared_fs {
             let target = PathBuf::from(&fs.mount_point);
-            std::fs::create_dir_all(&target)
+            self.sys
+                .mkdir_all(&target)
                 .map_err(|e| SandboxError::io(format!("creating {}", target.display()), e))?;
             let fstype = if fs.fs_type.is_empty() { "virtiofs" } else { fs.fs_type.as_str() };
             let (flags, data) = mount_options(&fs.options);
             let data = (!data.is_empty()).then_some(data.as_str());
-            let result = nix::mount::mount(Some(fs.tag.as_str()), &target, Some(fstype), flags, data);
+            let result = self.sys.mount(&fs.tag, &target, fstype, flags, data);
             if let Err(source) = result {
                 for t in done.iter().rev() {
-                    let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+                    let _ = self.sys.umount(t);
                 }
                 return Err(SandboxError::Mount {
                     tag: fs.tag.clone(),
                     target,
-                    source,
+                    cause: source,
                 });
             }
             tracing::info!(tag = %fs.tag, target = %target.display(), "shared file system mounted");
@@ -194,20 +224,22 @@ impl Sandbox {
         if let Some(settings) = req.settings.as_ref() {
             for (key, value) in &settings.sysctls {
                 let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-                std::fs::write(&path, value.as_bytes())
+                self.sys
+                    .write_file(&path, value.as_bytes())
                     .map_err(|e| SandboxError::io(format!("sysctl {key}"), e))?;
             }
-            if settings.wall_clock_unix_nano != 0 && self.guest {
-                set_clock(settings.wall_clock_unix_nano)?;
+            // The older way to pass the host's time (host_time_unix_ns,
+            // set first, supersedes it).
+            if settings.wall_clock_unix_nano != 0 && req.host_time_unix_ns == 0 && self.guest {
+                self.sys
+                    .set_realtime(settings.wall_clock_unix_nano)
+                    .map_err(|e| SandboxError::io("setting the wall clock", e))?;
             }
             if !settings.log_level.is_empty() {
                 crate::logging::set_level(&settings.log_level).map_err(|message| SandboxError::Invalid {
                     field: "settings.log_level".into(),
                     message,
                 })?;
-            }
-            if settings.shared_pid_namespace {
-                tracing::warn!("shared_pid_namespace is not supported yet; containers get their own");
             }
         }
         *mounted = Some(done);
@@ -231,7 +263,7 @@ impl Sandbox {
             return Ok(());
         };
         for t in targets.iter().rev() {
-            if let Err(e) = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH) {
+            if let Err(e) = self.sys.umount(t) {
                 tracing::warn!(target = %t.display(), error = %e, "unmounting a shared file system");
             }
         }
@@ -246,22 +278,133 @@ impl Sandbox {
     }
 }
 
-fn set_clock(unix_nano: i64) -> Result<(), SandboxError> {
-    let ts = libc::timespec {
-        tv_sec: unix_nano.div_euclid(1_000_000_000),
-        tv_nsec: unix_nano.rem_euclid(1_000_000_000),
-    };
-    // SAFETY: clock_settime reads the timespec we pass by valid pointer.
-    let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
-    if rc != 0 {
-        return Err(SandboxError::io("setting the wall clock", io::Error::last_os_error()));
+/// Checks the entropy's size and the host time's range; returns the time
+/// as CLOCK_REALTIME takes it (0 = leave the clock).
+fn check_fresh_state(req: &agent::CreateSandboxRequest) -> Result<i64, SandboxError> {
+    let n = req.entropy.len();
+    if n != 0 && !(ENTROPY_MIN..=ENTROPY_MAX).contains(&n) {
+        return Err(SandboxError::Invalid {
+            field: "entropy".into(),
+            message: format!("{n} bytes (want {ENTROPY_MIN} to {ENTROPY_MAX})"),
+        });
     }
-    Ok(())
+    i64::try_from(req.host_time_unix_ns).map_err(|_| SandboxError::Invalid {
+        field: "host_time_unix_ns".into(),
+        message: format!("{} is past what the clock can hold", req.host_time_unix_ns),
+    })
+}
+
+impl Sandbox {
+    /// Mixes the host's entropy into the pool (credited), reseeds the CRNG
+    /// with it, then sets the wall clock to the host's.
+    fn refresh(&self, entropy: &[u8], host_time: i64) -> Result<(), SandboxError> {
+        if entropy.is_empty() {
+            tracing::warn!("no entropy from the host: the guest's random state is the one it booted (or was restored) with");
+        } else {
+            self.sys
+                .add_entropy(entropy)
+                .map_err(|e| SandboxError::io("adding the host's entropy (RNDADDENTROPY)", e))?;
+            self.sys
+                .reseed_crng()
+                .map_err(|e| SandboxError::io("reseeding the CRNG (RNDRESEEDCRNG)", e))?;
+        }
+        if host_time != 0 {
+            self.sys
+                .set_realtime(host_time)
+                .map_err(|e| SandboxError::io("setting the wall clock", e))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::sys::test_utils::RecordingSyscall;
+
+    fn guest(dir: &Path) -> (Sandbox, Arc<RecordingSyscall>) {
+        let sys = Arc::new(RecordingSyscall::default());
+        (Sandbox::with_syscall(dir.join("etc"), true, sys.clone()), sys)
+    }
+
+    #[test]
+    fn entropy_and_host_time_come_before_anything_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sandbox, sys) = guest(dir.path());
+        let mut req = agent::CreateSandboxRequest::new();
+        req.hostname = "pod".into();
+        req.entropy = vec![0x5a; 64];
+        req.host_time_unix_ns = 1_700_000_000_000_000_001;
+        let mut fs = agent::SharedFs::new();
+        fs.tag = "carapace".into();
+        fs.mount_point = "/run/carapace/shared".into();
+        fs.options = vec!["nodev".into()];
+        req.shared_fs.push(fs);
+        let settings = req.settings.mut_or_insert_default();
+        settings.sysctls.insert("kernel.shm_rmid_forced".into(), "1".into());
+        settings.wall_clock_unix_nano = 5;
+        sandbox.create(&req).expect("create");
+        assert_eq!(
+            *sys.calls(),
+            [
+                "add_entropy 64 bytes",
+                "reseed_crng",
+                "set_realtime 1700000000000000001",
+                "sethostname pod",
+                "mkdir -p /run/carapace/shared",
+                "mount carapace /run/carapace/shared virtiofs 0x4 -",
+                "write /proc/sys/kernel/shm_rmid_forced 1",
+            ]
+        );
+        sandbox.destroy(0).expect("destroy");
+        assert_eq!(sys.calls().last().map(String::as_str), Some("umount /run/carapace/shared"));
+    }
+
+    #[test]
+    fn entropy_of_a_wrong_size_is_refused_before_anything() {
+        for n in [1, ENTROPY_MIN - 1, ENTROPY_MAX + 1] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (sandbox, sys) = guest(dir.path());
+            let mut req = agent::CreateSandboxRequest::new();
+            req.hostname = "pod".into();
+            req.entropy = vec![1; n];
+            let err = sandbox.create(&req).expect_err("bad size");
+            assert_eq!(err.code(), Code::INVALID_ARGUMENT);
+            assert!(err.to_string().contains(&format!("entropy: {n} bytes")), "{err}");
+            assert!(sys.calls().is_empty(), "{:?}", sys.calls());
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sandbox, sys) = guest(dir.path());
+        let mut req = agent::CreateSandboxRequest::new();
+        req.host_time_unix_ns = u64::MAX;
+        let err = sandbox.create(&req).expect_err("time");
+        assert!(err.to_string().contains("host_time_unix_ns"), "{err}");
+        assert!(sys.calls().is_empty());
+    }
+
+    #[test]
+    fn without_new_fields_the_old_clock_setting_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (sandbox, sys) = guest(dir.path());
+        let mut req = agent::CreateSandboxRequest::new();
+        req.settings.mut_or_insert_default().wall_clock_unix_nano = 42;
+        sandbox.create(&req).expect("create");
+        assert_eq!(*sys.calls(), ["set_realtime 42"]);
+    }
+
+    #[test]
+    fn on_a_host_nothing_host_wide_is_touched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sys = Arc::new(RecordingSyscall::default());
+        let sandbox = Sandbox::with_syscall(dir.path().join("etc"), false, sys.clone());
+        let mut req = agent::CreateSandboxRequest::new();
+        req.hostname = "pod".into();
+        req.entropy = vec![1; 32];
+        req.host_time_unix_ns = 7;
+        sandbox.create(&req).expect("create");
+        assert!(sys.calls().is_empty(), "{:?}", sys.calls());
+    }
 
     #[test]
     fn options_split_into_flags_and_data() {

@@ -21,20 +21,18 @@ const THREADS_MAX: usize = 3;
 pub enum ServerError {
     #[error("unsupported listen address {0:?} (want vsock://<cid>:<port> or unix://<path>)")]
     Address(String),
-    #[error("removing the stale socket {}: {source}", path.display())]
+    #[error("removing the stale socket {}: {cause}", path.display())]
     StaleSocket {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("binding {address}: {source}")]
+    #[error("binding {address}: {cause}")]
     Bind {
         address: String,
-        #[source]
-        source: ttrpc::Error,
+        cause: ttrpc::Error,
     },
     #[error("starting the ttrpc server: {0}")]
-    Start(#[source] ttrpc::Error),
+    Start(ttrpc::Error),
 }
 
 /// Where the server listens.
@@ -118,7 +116,7 @@ pub fn start(
         .bind(&address.to_ttrpc())
         .map_err(|source| ServerError::Bind {
             address: address.to_ttrpc(),
-            source,
+            cause: source,
         })?
         .set_thread_count_min(THREADS_MIN)
         .set_thread_count_default(THREADS_DEFAULT)
@@ -138,7 +136,7 @@ fn remove_stale_socket(path: &PathBuf) -> Result<(), ServerError> {
         Ok(meta) if meta.file_type().is_socket() => {
             std::fs::remove_file(path).map_err(|source| ServerError::StaleSocket {
                 path: path.clone(),
-                source,
+                cause: source,
             })
         }
         // Not a socket: leave it, bind will say EADDRINUSE.

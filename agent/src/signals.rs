@@ -25,11 +25,11 @@ pub enum Event {
 #[derive(Debug, thiserror::Error)]
 pub enum SignalError {
     #[error("blocking signals: {0}")]
-    Block(#[source] nix::Error),
+    Block(nix::Error),
     #[error("creating the signalfd: {0}")]
-    SignalFd(#[source] nix::Error),
+    SignalFd(nix::Error),
     #[error("reading the signalfd: {0}")]
-    Read(#[source] nix::Error),
+    Read(nix::Error),
 }
 
 fn handled_set() -> SigSet {

@@ -1030,3 +1030,153 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let err = a.remove("ghost", false).expect_err("ghost");
     assert_eq!(rpc_code(&err), Some(ttrpc::Code::NOT_FOUND));
 }
+
+#[test]
+fn a_process_without_path_starts_from_an_absolute_program() {
+    if !can_run("a_process_without_path_starts_from_an_absolute_program") {
+        return;
+    }
+    let a = Agent::start();
+    // As runc: no PATH needed when args[0] has a '/' (pause images).
+    let mut spec = base_spec(&a.rootfs, &["/bin/cat", "/proc/self/environ"]);
+    spec["process"]["env"] = json!(["HOME=/root"]);
+    let out = a.run("nopath", &spec);
+    assert_eq!((out.exit_code, out.stdout.as_str()), (0, "HOME=/root\0"), "{out:?}");
+
+    // A bare name without PATH: refused, naming args[0]; nothing left.
+    let mut spec = base_spec(&a.rootfs, &["true"]);
+    spec["process"]["env"] = json!(["HOME=/root"]);
+    let err = a.create("barename", &spec, &a.streams(false, false)).expect_err("no PATH");
+    let message = format!("{err:?}");
+    assert!(message.contains("process.args[0] \\\"true\\\": not found"), "{message}");
+    assert!(message.contains("no PATH"), "{message}");
+    wait_until(|| std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", a.pid())).is_ok_and(|c| c.trim().is_empty()));
+    a.assert_nothing_left("barename");
+
+    // ExecProcess follows the same rule.
+    let streams = a.streams(false, false);
+    a.create("holder", &base_spec(&a.rootfs, &["sleep", "100"]), &streams).expect("create");
+    a.start_container("holder");
+    let mut streams = a.streams(false, false);
+    let process = json!({"args": ["/bin/echo", "exec-ok"], "cwd": "/", "env": [], "user": {"uid": 0, "gid": 0}});
+    a.exec("holder", "e1", &process, false, &streams).expect("exec without PATH");
+    assert_eq!(a.wait("holder", "e1").exit_code, 0);
+    assert_eq!(streams.stdout(), b"exec-ok\n");
+    let process = json!({"args": ["echo"], "cwd": "/", "env": [], "user": {"uid": 0, "gid": 0}});
+    let err = a.exec("holder", "e2", &process, false, &a.streams(false, false)).expect_err("bare exec");
+    assert!(format!("{err:?}").contains("\\\"echo\\\": not found"), "{err:?}");
+    a.remove("holder", true).expect("remove");
+    a.assert_nothing_left("holder");
+}
+
+#[test]
+fn terminals_work_with_cri_length_ids() {
+    if !can_run("terminals_work_with_cri_length_ids") {
+        return;
+    }
+    let a = Agent::start();
+    // CRI ids are 64 hex characters: console sockets must not be named
+    // after them (a Unix socket path has 108 bytes).
+    let id = "c".repeat(60);
+    let exec_id = "e".repeat(64);
+    let mut streams = a.streams(false, false);
+    let mut spec = base_spec(&a.rootfs, &["sh", "-c", "tty; sleep 100"]);
+    spec["process"]["terminal"] = json!(true);
+    a.create(&id, &spec, &streams).expect("create with a terminal");
+    assert!(a.cid(&id).len() >= 64);
+    a.start_container(&id);
+
+    let mut exec_streams = a.streams(true, false);
+    let process = json!({"args": ["sh", "-c", "tty; read x; echo got=$x"], "cwd": "/", "env": ["PATH=/bin"],
+        "user": {"uid": 0, "gid": 0}});
+    a.exec(&id, &exec_id, &process, true, &exec_streams).expect("exec -it with a 64-character id");
+    let mut stdin = exec_streams.stdin();
+    stdin.write_all(b"yes\n").expect("write");
+    assert_eq!(a.wait(&id, &exec_id).exit_code, 0);
+    let out = String::from_utf8_lossy(&exec_streams.stdout()).replace('\r', "");
+    assert!(out.contains("/dev/pts/") && out.contains("got=yes"), "{out:?}");
+    let tty_dir = a.state.join("tty");
+    let left: Vec<_> = std::fs::read_dir(&tty_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "console sockets left: {left:?}");
+    a.remove(&id, true).expect("remove");
+    assert!(String::from_utf8_lossy(&streams.stdout()).contains("/dev/pts/0"));
+    a.assert_nothing_left(&id);
+}
+
+#[test]
+fn pod_containers_join_the_sandbox_containers_namespaces() {
+    if !can_run("pod_containers_join_the_sandbox_containers_namespaces") {
+        return;
+    }
+    let a = Agent::start();
+    let streams = a.streams(false, false);
+    let mut pause = base_spec(&a.rootfs, &["sleep", "100"]);
+    pause["hostname"] = json!("the-pod");
+    a.create("pause", &pause, &streams).expect("create pause");
+    a.start_container("pause");
+
+    let create_joining = |id: &str, script: &str, joins: &[(&str, &str)], streams: &Streams| {
+        let mut spec = base_spec(&a.rootfs, &["sh", "-c", script]);
+        spec["hostname"] = json!("ignored-when-joined");
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = a.cid(id);
+        req.oci_spec_json = serde_json::to_vec(&spec).expect("json");
+        req.stdio = Some(streams.ports.clone()).into();
+        for (typ, target) in joins {
+            req.join_namespaces.insert((*typ).into(), a.cid(target));
+        }
+        a.client.create_container(ctx(), &req).map(|r| r.pid)
+    };
+
+    // IPC, UTS and PID of the pause container: a SysV segment made in the
+    // pod is seen, the pod's hostname, PID 1 is the pause process.
+    let mut streams = a.streams(false, true);
+    let script = "for t in ipc uts pid; do readlink /proc/self/ns/$t; done; hostname; cat /proc/1/comm";
+    create_joining("member", script, &[("ipc", "pause"), ("uts", "pause"), ("pid", "pause")], &streams)
+        .expect("create joining");
+    a.start_container("member");
+    assert_eq!(a.wait("member", "").exit_code, 0);
+    let out = String::from_utf8_lossy(&streams.stdout()).into_owned();
+    let pause_pid = {
+        let mut req = agent::ListProcessesRequest::new();
+        req.container_id = a.cid("pause");
+        a.client.list_processes(ctx(), &req).expect("pids").pids[0]
+    };
+    let ns = |t: &str| std::fs::read_link(format!("/proc/{pause_pid}/ns/{t}")).expect("readlink").display().to_string();
+    let want = format!("{}\n{}\n{}\nthe-pod\nsleep\n", ns("ipc"), ns("uts"), ns("pid"));
+    assert_eq!(out, want, "stderr: {}", String::from_utf8_lossy(&streams.stderr()));
+    a.remove("member", false).expect("remove member");
+
+    a.remove("pause", true).expect("remove pause");
+    a.assert_nothing_left("pause");
+
+    // Unknown type or container: INVALID_ARGUMENT naming it, nothing left.
+    for (joins, named) in [
+        (&[("network", "pause")][..], "join_namespaces[\\\"network\\\"]"),
+        (&[("ipc", "ghost")][..], "container \\\""),
+    ] {
+        let err = create_joining("bad", "true", joins, &a.streams(false, false)).expect_err("refused");
+        assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
+        assert!(format!("{err:?}").contains(named), "{err:?}");
+        a.assert_nothing_left("bad");
+    }
+}
+
+#[test]
+fn a_shared_pid_namespace_puts_the_first_container_at_pid_1() {
+    if !can_run("a_shared_pid_namespace_puts_the_first_container_at_pid_1") {
+        return;
+    }
+    let a = Agent::start();
+    let mut sandbox = agent::CreateSandboxRequest::new();
+    sandbox.sandbox_id = "pod".into();
+    sandbox.settings.mut_or_insert_default().shared_pid_namespace = true;
+    a.client.create_sandbox(ctx(), &sandbox).expect("CreateSandbox");
+    let streams = a.streams(false, false);
+    a.create("first", &base_spec(&a.rootfs, &["sleep", "100"]), &streams).expect("create first");
+    a.start_container("first");
+    let out = a.sh("second", "cat /proc/1/comm", |_| {});
+    assert_eq!(out, "sleep\n");
+    a.remove("first", true).expect("remove");
+    a.assert_nothing_left("first");
+}

@@ -442,3 +442,27 @@ fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
     assert!(in_guest(&["route", "show"]).contains("default via 10.88.0.1 dev eth0"));
     let _ = agent.shutdown(ctx(), &agent::ShutdownRequest::new());
 }
+
+#[test]
+fn a_device_found_by_device_mac_takes_the_sandboxs_mac() {
+    if !can_run("a_device_found_by_device_mac_takes_the_sandboxs_mac") {
+        return;
+    }
+    in_new_netns(|| {
+        // As after a snapshot restore: the device presents the template's
+        // MAC (MAC_A) and must become this sandbox's (MAC_B).
+        veth("tmpl0", MAC_A);
+        ip(&["link", "set", "tmpl0", "up"]);
+        let mut iface = interface(MAC_B, "eth0", &[("10.77.0.2", 24)], 0);
+        iface.device_mac = MAC_A.into();
+        NetworkConfig::from_request(&[iface], &[])
+            .expect("valid")
+            .apply()
+            .expect("apply");
+        let addrs = ip_json(&["addr"]);
+        let eth0 = link(&addrs, "eth0");
+        assert_eq!(eth0["address"], MAC_B, "{eth0:#}");
+        assert!(has_flag(eth0, "UP"), "{eth0:#}");
+        assert_eq!(addresses(eth0), ["10.77.0.2/24"]);
+    });
+}

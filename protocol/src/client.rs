@@ -50,22 +50,20 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The Unix socket could not be connected.
-    #[error("connecting to {}: {source}", path.display())]
+    #[error("connecting to {}: {cause}", path.display())]
     Connect {
         /// The socket path.
         path: PathBuf,
         /// What `connect(2)` said.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// Writing the request or reading the answer of the handshake failed.
-    #[error("hybrid vsock handshake for port {port}: {source}")]
+    #[error("hybrid vsock handshake for port {port}: {cause}")]
     HandshakeIo {
         /// The guest port asked for.
         port: u32,
         /// The I/O error (a timeout shows as `WouldBlock`/`TimedOut`).
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The VMM closed the connection instead of answering: typically
     /// nothing listens on that guest port yet.
@@ -84,7 +82,7 @@ pub enum ClientError {
     },
     /// The ttrpc client could not be set up on the connected stream.
     #[error("setting up the ttrpc client: {0}")]
-    Ttrpc(#[source] ttrpc::Error),
+    Ttrpc(ttrpc::Error),
     /// The agent answered `Health.Check` with something else than SERVING.
     #[error("the agent is not serving (status {0:?})")]
     NotServing(ServingStatus),
@@ -94,7 +92,6 @@ pub enum ClientError {
         /// How long it tried.
         waited: Duration,
         /// The error of the last attempt.
-        #[source]
         last: Box<ClientError>,
     },
 }
@@ -105,7 +102,7 @@ pub fn connect_unix(path: impl AsRef<Path>) -> Result<ttrpc::Client, ClientError
     let path = path.as_ref();
     let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
         path: path.to_owned(),
-        source,
+        cause: source,
     })?;
     client_from_stream(stream)
 }
@@ -127,7 +124,7 @@ pub fn hybrid_vsock_handshake<S: Read + Write>(
     stream: &mut S,
     port: u32,
 ) -> Result<u32, ClientError> {
-    let io_err = |source| ClientError::HandshakeIo { port, source };
+    let io_err = |source| ClientError::HandshakeIo { port, cause: source };
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(io_err)?;
@@ -171,9 +168,9 @@ pub fn connect_hybrid_vsock_stream(
     let uds = uds.as_ref();
     let mut stream = UnixStream::connect(uds).map_err(|source| ClientError::Connect {
         path: uds.to_owned(),
-        source,
+        cause: source,
     })?;
-    let io_err = |source| ClientError::HandshakeIo { port, source };
+    let io_err = |source| ClientError::HandshakeIo { port, cause: source };
     // A zero Duration is refused by set_*_timeout: treat it as "tiny".
     let timeout = Some(timeout.max(Duration::from_millis(1)));
     stream.set_read_timeout(timeout).map_err(io_err)?;
@@ -240,6 +237,25 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
     use std::thread;
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let inner = ClientError::Connect {
+            path: "/x.sock".into(),
+            cause: io::Error::other("refused"),
+        };
+        let e = ClientError::Timeout {
+            waited: Duration::from_secs(1),
+            last: Box::new(inner),
+        };
+        let mut text = e.to_string();
+        let mut next = std::error::Error::source(&e);
+        while let Some(cause) = next {
+            text.push_str(&format!(": {cause}"));
+            next = cause.source();
+        }
+        assert_eq!(text.matches("refused").count(), 1, "{text}");
+    }
 
     /// A fake VMM socket: accepts one connection, checks the request line,
     /// answers `answer` and then `extra` in the same write, and returns

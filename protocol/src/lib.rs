@@ -91,6 +91,12 @@ mod tests {
             .insert("net.ipv4.ip_forward".into(), "1".into());
         settings.wall_clock_unix_nano = 1_700_000_000_000_000_000;
         settings.shared_pid_namespace = true;
+        sandbox.entropy = vec![7; 64];
+        sandbox.host_time_unix_ns = 1_700_000_000_123_456_789;
+        let mut iface = agent::Interface::new();
+        iface.mac = "02:00:00:00:00:02".into();
+        iface.device_mac = "02:00:00:00:00:01".into();
+        sandbox.interfaces.push(iface);
         round_trip(&sandbox);
 
         let mut create = agent::CreateContainerRequest::new();
@@ -101,6 +107,8 @@ mod tests {
         stdio.stdin_port = 0;
         stdio.stdout_port = 5001;
         stdio.stderr_port = 5002;
+        create.join_namespaces.insert("ipc".into(), "pause".into());
+        create.join_namespaces.insert("pid".into(), "pause".into());
         round_trip(&create);
 
         let mut wait = agent::WaitProcessResponse::new();

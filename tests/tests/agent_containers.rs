@@ -388,6 +388,64 @@ fn tty_step(g: &Guest) -> Result<(), String> {
     Ok(())
 }
 
+/// CRI-length (64-character) ids.
+const POD_PAUSE: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+const POD_MEMBER: &str = "f9e8d7c6b5a4938271605f4e3d2c1b0af9e8d7c6b5a4938271605f4e3d2c1b0a";
+
+fn pod_step(g: &Guest) -> Result<(), String> {
+    // A pause container without PATH (absolute args[0]), as pause images
+    // are; the host's time is the guest's.
+    let mut pause = spec(&["/bin/sleep", "1000"]);
+    pause["process"]["env"] = json!(["HOME=/"]);
+    pause["hostname"] = json!("the-pod");
+    let streams = g.streams(false);
+    g.create(POD_PAUSE, &pause, &streams).map_err(|e| format!("create pause: {e:?}"))?;
+    g.start(POD_PAUSE)?;
+
+    // A member joins its IPC, UTS and PID namespaces.
+    let script = "echo pid1=$(cat /proc/1/comm); echo host=$(hostname); echo now=$(date +%s)";
+    let mut req = agent::CreateContainerRequest::new();
+    req.container_id = POD_MEMBER.into();
+    req.oci_spec_json = serde_json::to_vec(&spec(&["sh", "-c", script])).expect("json");
+    let mut member_streams = g.streams(false);
+    req.stdio = Some(member_streams.ports.clone()).into();
+    for typ in ["ipc", "uts", "pid"] {
+        req.join_namespaces.insert(typ.into(), POD_PAUSE.into());
+    }
+    rpc("CreateContainer (joining)", g.agent.create_container(ctx(), &req))?;
+    g.start(POD_MEMBER)?;
+    let w = g.wait(POD_MEMBER, "")?;
+    let out = member_streams.stdout();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    check!(w.exit_code == 0, "member: {w:?} {out:?}");
+    check!(field(&out, "pid1=") == "sleep" && field(&out, "host=") == "the-pod", "member: {out:?}");
+    let guest_now: u64 = field(&out, "now=").parse().map_err(|_| format!("now: {out:?}"))?;
+    check!(guest_now.abs_diff(host_now) <= 5, "guest time {guest_now}, host {host_now}");
+    g.remove(POD_MEMBER)?;
+
+    // exec -t with a 64-character exec id (the console socket's path must
+    // not grow with the ids).
+    let exec_id = "e".repeat(64);
+    let mut exec_streams = g.streams(false);
+    let mut req = agent::ExecProcessRequest::new();
+    req.container_id = POD_PAUSE.into();
+    req.exec_id = exec_id.clone();
+    req.terminal = true;
+    req.process_json = serde_json::to_vec(&json!({
+        "args": ["/bin/sh", "-c", "tty"], "cwd": "/", "env": [], "user": {"uid": 0, "gid": 0}
+    }))
+    .expect("json");
+    req.stdio = Some(exec_streams.ports.clone()).into();
+    rpc("ExecProcess -t", g.agent.exec_process(ctx(), &req))?;
+    let w = g.wait(POD_PAUSE, &exec_id)?;
+    let out = exec_streams.stdout();
+    check!(w.exit_code == 0 && out.contains("/dev/pts/"), "exec -t: {w:?} {out:?}");
+    g.remove(POD_PAUSE)
+}
+
 #[test]
 fn containers_in_a_microvm() {
     if !kvm_available("containers_in_a_microvm") {
@@ -438,6 +496,15 @@ fn containers_in_a_microvm() {
     shared.mount_point = SHARE_MOUNT.into();
     shared.options = vec!["ro".into(), "nodev".into()];
     req.shared_fs.push(shared);
+    // Fresh entropy (RNDADDENTROPY + RNDRESEEDCRNG in the guest) and the
+    // host's time, as for a VM restored from a snapshot.
+    let mut entropy = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy)).expect("/dev/urandom");
+    req.entropy = entropy;
+    req.host_time_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(0))
+        .unwrap_or(0);
     let sandbox = g.agent.create_sandbox(ctx(), &req).expect("CreateSandbox");
     assert!(!sandbox.kernel_release.is_empty());
 
@@ -446,6 +513,7 @@ fn containers_in_a_microvm() {
     step(&g, &console_path, "stdout", &["bigout"], stdio_step);
     step(&g, &console_path, "stdin", &["cat"], stdin_step);
     step(&g, &console_path, "tty", &["tty"], tty_step);
+    step(&g, &console_path, "pod", &[POD_PAUSE, POD_MEMBER], pod_step);
     // Last: on kvm_pvm hosts, processes started in the guest after an OOM
     // kill often die in glibc's start-up (busybox's __ctype_init loads a
     // garbage pointer from its fresh TLS block: `segfault at ... ip

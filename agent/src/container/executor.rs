@@ -6,12 +6,22 @@
 //! read from a signalfd) and the Rust runtime ignores SIGPIPE; a cloned
 //! process inherits both and `execve` keeps them. Without this reset a
 //! container's process could not be stopped with SIGTERM.
+//!
+//! The program is looked up as runc does, not as libcontainer's default
+//! validation does (which refuses any process without PATH in its
+//! environment, even `/pause`): an `args[0]` with a '/' is used as it is
+//! (relative to `process.cwd`); a bare name is searched in the process's
+//! PATH and, without one, refused with a message naming it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 
-/// libcontainer's default executor, with signals reset first.
+/// libcontainer's default executor, with signals reset first and runc's
+/// program lookup.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AgentExecutor;
 
@@ -28,13 +38,145 @@ pub fn reset_signals_for_exec() {
     }
 }
 
+/// Where `name` (a process's `args[0]`) is found, given the process's
+/// environment; `is_file` says whether a path is an executable file (the
+/// real check, or a test's).
+pub fn find_program(
+    name: &str,
+    env: &[String],
+    is_file: impl Fn(&Path) -> bool,
+) -> Result<PathBuf, String> {
+    if name.is_empty() {
+        return Err("process.args[0]: empty".into());
+    }
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        return if is_file(&path) {
+            Ok(path)
+        } else {
+            Err(format!(
+                "process.args[0] {name:?}: no such executable file in the container"
+            ))
+        };
+    }
+    let Some(path_var) = env.iter().find_map(|e| e.strip_prefix("PATH=")) else {
+        return Err(format!(
+            "process.args[0] {name:?}: not found: the process's environment has no PATH \
+             (give a path with a '/', or set PATH in process.env)"
+        ));
+    };
+    path_var
+        .split(':')
+        // An empty entry is the working directory, as for execvp.
+        .map(|dir| {
+            if dir.is_empty() {
+                Path::new(".")
+            } else {
+                Path::new(dir)
+            }
+        })
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_file(candidate))
+        .ok_or_else(|| format!("process.args[0] {name:?}: not found in PATH {path_var:?}"))
+}
+
+/// A regular file (after symlinks) with an execute bit.
+fn is_executable_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 impl Executor for AgentExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         reset_signals_for_exec();
+        // execvp: with a '/' in args[0] no PATH is needed; a bare name was
+        // found in PATH by `validate`, and execvp searches the same PATH
+        // (libcontainer has set the process's environment by now).
         DefaultExecutor {}.exec(spec)
     }
 
+    /// Runs in the container (after pivot_root and chdir to process.cwd),
+    /// as runc's lookup does.
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        DefaultExecutor {}.validate(spec)
+        let process = spec.process().as_ref().ok_or_else(|| {
+            ExecutorValidationError::ArgValidationError("process: missing".into())
+        })?;
+        let name = process
+            .args()
+            .as_ref()
+            .and_then(|a| a.first())
+            .ok_or_else(|| {
+                ExecutorValidationError::ArgValidationError("process.args: empty".into())
+            })?;
+        let env = process.env().clone().unwrap_or_default();
+        find_program(name, &env, is_executable_file)
+            .map(drop)
+            .map_err(ExecutorValidationError::ArgValidationError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(list: &'static [&'static str]) -> impl Fn(&Path) -> bool {
+        move |p: &Path| list.iter().any(|f| Path::new(f) == p)
+    }
+
+    #[test]
+    fn a_path_with_a_slash_needs_no_path_variable() {
+        let env = vec!["HOME=/".to_string()];
+        assert_eq!(
+            find_program("/pause", &env, files(&["/pause"])),
+            Ok(PathBuf::from("/pause"))
+        );
+        assert_eq!(
+            find_program("./run", &env, files(&["./run"])),
+            Ok(PathBuf::from("./run"))
+        );
+        let err = find_program("/nope", &env, files(&["/pause"])).expect_err("missing");
+        assert!(
+            err.contains("\"/nope\"") && err.contains("no such executable"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bare_name_without_path_is_refused_by_name() {
+        let err =
+            find_program("pause", &["HOME=/".into()], files(&["/pause"])).expect_err("no PATH");
+        assert!(
+            err.starts_with("process.args[0] \"pause\": not found"),
+            "{err}"
+        );
+        assert!(err.contains("no PATH"), "{err}");
+    }
+
+    #[test]
+    fn a_bare_name_is_searched_in_path_in_order() {
+        let env = vec!["PATH=/usr/bin:/bin".to_string()];
+        assert_eq!(
+            find_program("sh", &env, files(&["/bin/sh", "/usr/bin/sh"])),
+            Ok(PathBuf::from("/usr/bin/sh"))
+        );
+        assert_eq!(
+            find_program("sh", &env, files(&["/bin/sh"])),
+            Ok(PathBuf::from("/bin/sh"))
+        );
+        let err = find_program("zsh", &env, files(&["/bin/sh"])).expect_err("absent");
+        assert_eq!(
+            err,
+            "process.args[0] \"zsh\": not found in PATH \"/usr/bin:/bin\""
+        );
+    }
+
+    #[test]
+    fn executable_files_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "x").expect("write");
+        assert!(!is_executable_file(&plain));
+        assert!(!is_executable_file(dir.path()));
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert!(is_executable_file(&plain));
     }
 }

@@ -8,7 +8,19 @@
 //! - [`process`]: a process's exit status (from the agent's reaper) and the
 //!   wait for it;
 //! - [`cgroup`]: statistics, OOM kills and processes from cgroup v2 files;
-//! - [`executor`]: the exec at the end of libcontainer's init.
+//! - [`executor`]: the exec at the end of libcontainer's init (and runc's
+//!   lookup of the program);
+//! - [`console`]: the sockets a terminal's pty master comes back on;
+//! - [`namespaces`]: the namespaces a container joins (its pod's);
+//! - [`mountinfo`]: the mount table, and undoing a container's mounts;
+//! - one file a verb, each adding its call to [`ContainerManager`]:
+//!   `container_create.rs`, `container_start.rs`, `container_exec.rs`,
+//!   `container_signal.rs`, `container_wait.rs`, `container_resize.rs`,
+//!   `container_close_stdin.rs`, `container_stats.rs`,
+//!   `container_list_processes.rs`, `container_update.rs`,
+//!   `container_pause.rs`, `container_resume.rs`, `container_remove.rs`.
+//!   Signals and unmounts go through [`crate::sys::Syscall`]; the verbs'
+//!   unit tests run without root (`test_utils.rs`).
 //!
 //! libcontainer forks: the agent's process clones an intermediate process,
 //! which clones the container's init as the agent's child (`CLONE_PARENT`)
@@ -21,145 +33,54 @@
 //! directory and `oom_score_adj` while it builds a container.
 //!
 //! State on disk, under the agent's state directory: `bundles/<id>/`
-//! (config.json as libcontainer reads it, exec process files, console
-//! sockets) and `containers/<id>/` (libcontainer's state).
+//! (config.json as libcontainer reads it, exec process files),
+//! `containers/<id>/` (libcontainer's state) and `tty/<n>.sock` (console
+//! sockets, [`console`]: short paths whatever the ids).
 
 pub mod cgroup;
+pub mod console;
+mod error;
 pub mod executor;
+pub mod mountinfo;
+pub mod namespaces;
 pub mod process;
 pub mod spec;
 pub mod stdio;
 
+// One file a verb (youki's shape): each adds its call to ContainerManager.
+mod container_close_stdin;
+mod container_create;
+mod container_exec;
+mod container_list_processes;
+mod container_pause;
+mod container_remove;
+mod container_resize;
+mod container_resume;
+mod container_signal;
+mod container_start;
+mod container_stats;
+mod container_update;
+mod container_wait;
+#[cfg(test)]
+mod test_utils;
+
 use std::collections::{HashMap, HashSet};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
 
-use carapace_protocol::agent;
-use libcgroups::common::CgroupManager;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as LcContainer;
 use libcontainer::syscall::syscall::SyscallType;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use ttrpc::Code;
 
 use self::cgroup::Cgroup;
+use self::console::{ConsoleListener, ConsoleSockets};
 use self::executor::AgentExecutor;
 use self::process::Process;
-use self::spec::SpecError;
-use self::stdio::{Dialer, StdioError, StdioPorts};
+use self::stdio::{Dialer, StdioPorts};
 use crate::reaper::{Reaper, Registry};
+use crate::sys::{LinuxSyscall, Syscall};
 
-/// How long RemoveContainer waits for killed processes to go.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a container call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ContainerError {
-    #[error("invalid argument: {0}")]
-    InvalidSpec(#[from] SpecError),
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    #[error("container {0:?} not found")]
-    NotFound(String),
-    #[error("process {exec_id:?} of container {id:?} not found")]
-    ProcessNotFound { id: String, exec_id: String },
-    #[error("process {exec_id:?} of container {id:?} has already exited")]
-    ProcessExited { id: String, exec_id: String },
-    #[error("{0} already exists")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("stdio: {0}")]
-    Stdio(#[from] StdioError),
-    /// libcontainer failed; `invalid` when it judged the input.
-    #[error("{step}: {message}")]
-    Libcontainer {
-        step: &'static str,
-        message: String,
-        invalid: bool,
-    },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl ContainerError {
-    /// The ttrpc status code the host sees.
-    pub fn code(&self) -> Code {
-        match self {
-            Self::InvalidSpec(_) | Self::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-            Self::NotFound(_) | Self::ProcessNotFound { .. } | Self::ProcessExited { .. } => Code::NOT_FOUND,
-            Self::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-            Self::Libcontainer { invalid: true, .. } => Code::INVALID_ARGUMENT,
-            Self::Stdio(_) | Self::Libcontainer { .. } | Self::Io { .. } => Code::INTERNAL,
-        }
-    }
-
-    fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io {
-            what: what.into(),
-            source,
-        }
-    }
-
-    fn libcontainer(step: &'static str, err: &libcontainer::error::LibcontainerError) -> Self {
-        use libcontainer::error::{ErrInvalidID, ErrInvalidSpec, LibcontainerError, MissingSpecError};
-        let mut message = err.to_string();
-        let mut invalid = false;
-        let mut wrong_state = matches!(err, LibcontainerError::IncorrectStatus(_));
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-        let mut first = true;
-        while let Some(e) = source {
-            if e.is::<ErrInvalidSpec>() || e.is::<MissingSpecError>() || e.is::<ErrInvalidID>() {
-                invalid = true;
-            }
-            // `#[error(transparent)]` variants hide their inner error from
-            // the source chain: look at the variant itself.
-            match e.downcast_ref::<LibcontainerError>() {
-                Some(
-                    LibcontainerError::InvalidSpec(_)
-                    | LibcontainerError::MissingSpec(_)
-                    | LibcontainerError::InvalidID(_)
-                    | LibcontainerError::InvalidInput(_),
-                ) => invalid = true,
-                Some(LibcontainerError::IncorrectStatus(_)) => wrong_state = true,
-                _ => {}
-            }
-            if !first {
-                let text = e.to_string();
-                if !message.contains(&text) {
-                    message.push_str(": ");
-                    message.push_str(&text);
-                }
-            }
-            first = false;
-            source = e.source();
-        }
-        if wrong_state {
-            return Self::FailedPrecondition(format!("{step}: {message}"));
-        }
-        Self::Libcontainer {
-            step,
-            message,
-            invalid,
-        }
-    }
-}
-
-impl From<ContainerError> for ttrpc::Error {
-    fn from(e: ContainerError) -> Self {
-        carapace_protocol::rpc_error(e.code(), e.to_string())
-    }
-}
+pub use self::error::ContainerError;
 
 type Result<T> = std::result::Result<T, ContainerError>;
 
@@ -220,26 +141,36 @@ impl Container {
 }
 
 /// Every container of the guest.
-#[derive(Debug)]
 pub struct ContainerManager {
     config: ManagerConfig,
+    /// Signals and unmounts go through it (tests record them).
+    sys: Arc<dyn Syscall>,
     reaper: Arc<Reaper>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Ids being created (not in `containers` yet).
     creating: Mutex<HashSet<String>>,
     controllers: OnceLock<Vec<String>>,
+    consoles: ConsoleSockets,
+    /// The sandbox's containers share one PID namespace
+    /// (`GuestSettings.shared_pid_namespace`): the id of the container
+    /// whose namespace the others join, once there is one.
+    shared_pid: Mutex<SharedPid>,
 }
 
-/// Frees a reserved id when creation ends, whichever way.
-struct Reservation<'a> {
-    manager: &'a ContainerManager,
-    id: String,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        lock(&self.manager.creating).remove(&self.id);
+impl std::fmt::Debug for ContainerManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerManager")
+            .field("config", &self.config)
+            .field("containers", &self.containers)
+            .finish_non_exhaustive()
     }
+}
+
+/// `GuestSettings.shared_pid_namespace`, and who holds that namespace.
+#[derive(Debug, Default)]
+struct SharedPid {
+    enabled: bool,
+    holder: Option<String>,
 }
 
 /// The container ids (and exec ids) libcontainer accepts, which are also
@@ -258,105 +189,6 @@ fn check_id(field: &str, id: &str) -> Result<()> {
         Err(ContainerError::InvalidArgument(format!(
             "{field}: {id:?} is not a valid id (1-128 of [A-Za-z0-9_+.-])"
         )))
-    }
-}
-
-/// The mount points of this mount namespace.
-fn mount_points() -> HashSet<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .map(|p| PathBuf::from(unescape_mountinfo(p)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-/// Unmounts (lazily, deepest first) what is mounted under `rootfs` now and
-/// was not in `before`.
-fn unmount_new_under(rootfs: &Path, before: &HashSet<PathBuf>) {
-    let mut new: Vec<PathBuf> = mount_points()
-        .into_iter()
-        .filter(|p| p.starts_with(rootfs) && !before.contains(p))
-        .collect();
-    new.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in new {
-        if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %p.display(), error = %e, "unmounting a container mount");
-        }
-    }
-}
-
-/// A Unix socket libcontainer sends a terminal's pty master to.
-struct ConsoleListener {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl ConsoleListener {
-    fn bind(path: PathBuf) -> Result<Self> {
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| ContainerError::io(format!("binding {}", path.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| ContainerError::io("console socket", e))?;
-        Ok(Self { listener, path })
-    }
-
-    /// The pty master: the container connected (in libcontainer's build)
-    /// and sent it before the build returned.
-    fn receive_master(&self) -> Result<OwnedFd> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-        let (stream, _) = self.listener.accept().map_err(|e| {
-            ContainerError::io("the container did not connect its console socket", e)
-        })?;
-        stream
-            .set_nonblocking(false)
-            .map_err(|e| ContainerError::io("console socket", e))?;
-        let mut buf = [0u8; 256];
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| ContainerError::io("receiving the pty master", e.into()))?;
-        let cmsgs = msg
-            .cmsgs()
-            .map_err(|e| ContainerError::io("receiving the pty master", e.into()))?;
-        for cmsg in cmsgs {
-            if let ControlMessageOwned::ScmRights(fds) = cmsg {
-                if let Some(&fd) = fds.first() {
-                    for &extra in &fds[1..] {
-                        let _ = nix::unistd::close(extra);
-                    }
-                    // SAFETY: the kernel just installed fd in our table for
-                    // us (SCM_RIGHTS); nothing else owns it.
-                    return Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-                }
-            }
-        }
-        Err(ContainerError::io(
-            "receiving the pty master",
-            io::Error::other("no descriptor in the message"),
-        ))
-    }
-}
-
-impl Drop for ConsoleListener {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -394,12 +226,20 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 
 impl ContainerManager {
     pub fn new(config: ManagerConfig, reaper: Arc<Reaper>) -> Self {
+        Self::with_syscall(config, reaper, Arc::new(LinuxSyscall))
+    }
+
+    /// With signals and unmounts made through `sys`.
+    pub fn with_syscall(config: ManagerConfig, reaper: Arc<Reaper>, sys: Arc<dyn Syscall>) -> Self {
         Self {
-            config,
+            sys,
             reaper,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
+            consoles: ConsoleSockets::new(&config.state_dir),
+            shared_pid: Mutex::new(SharedPid::default()),
             controllers: OnceLock::new(),
+            config,
         }
     }
 
@@ -449,581 +289,11 @@ impl ContainerManager {
             .map(|b| b.with_executor(AgentExecutor))
             .map_err(|e| ContainerError::libcontainer("state directory", &e))
     }
-
-    /// CreateContainer.
-    pub fn create(&self, req: &agent::CreateContainerRequest) -> Result<u32> {
-        let id = req.container_id.as_str();
-        check_id("container_id", id)?;
-        let _span = tracing::info_span!("create_container", id).entered();
-        {
-            let containers = lock(&self.containers);
-            let mut creating = lock(&self.creating);
-            if containers.contains_key(id) || !creating.insert(id.to_string()) {
-                return Err(ContainerError::AlreadyExists(format!("container {id:?}")));
-            }
-        }
-        let _reservation = Reservation {
-            manager: self,
-            id: id.to_string(),
-        };
-
-        let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
-        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-        if let Some(resources) = &resources {
-            self.check_controllers(resources, "linux.resources")?;
-        }
-        spec::prepare_for_libcontainer(&mut spec, id, &rootfs, &self.config.default_env);
-        let cgroup = Cgroup::new(&self.config.cgroup_root, &spec::cgroup_path(&spec, id));
-        if cgroup.exists() {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "linux.cgroupsPath: the cgroup {} already exists",
-                cgroup.dir().display()
-            )));
-        }
-        let bundle = self.bundles_dir().join(id);
-        if self.libcontainer_root().join(id).exists() || bundle.exists() {
-            return Err(ContainerError::AlreadyExists(format!(
-                "state of container {id:?} (left by an earlier container)"
-            )));
-        }
-        let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
-
-        let cleanup = |mounts_before: &Option<HashSet<PathBuf>>| {
-            if let Some(before) = mounts_before {
-                unmount_new_under(&rootfs, before);
-            }
-            if let Err(e) = cgroup.remove() {
-                tracing::warn!(error = %e, "removing the cgroup of a failed container");
-            }
-            let _ = std::fs::remove_dir_all(self.libcontainer_root().join(id));
-            let _ = std::fs::remove_dir_all(&bundle);
-        };
-        let result = self.create_in(id, &spec, resources.as_ref(), &rootfs, &bundle, &cgroup, mounts_before.clone(), req);
-        match result {
-            Ok(container) => {
-                let pid = container.init.pid();
-                lock(&self.containers).insert(id.to_string(), Arc::new(container));
-                tracing::info!(pid, "container created");
-                u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "creating the container failed; cleaning up");
-                cleanup(&mounts_before);
-                Err(e)
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn create_in(
-        &self,
-        id: &str,
-        spec: &oci_spec::runtime::Spec,
-        resources: Option<&oci_spec::runtime::LinuxResources>,
-        rootfs: &Path,
-        bundle: &Path,
-        cgroup: &Cgroup,
-        mounts_before: Option<HashSet<PathBuf>>,
-        req: &agent::CreateContainerRequest,
-    ) -> Result<Container> {
-        std::fs::create_dir_all(bundle)
-            .map_err(|e| ContainerError::io(format!("creating {}", bundle.display()), e))?;
-        write_json(&bundle.join("config.json"), spec)?;
-
-        let process = spec.process().as_ref();
-        let terminal = process.and_then(|p| p.terminal()).unwrap_or(false);
-        let console_size = process.and_then(|p| p.console_size()).map(|b| (b.height(), b.width()));
-        let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
-        let (pending, child) = {
-            let _span = tracing::debug_span!("stdio").entered();
-            stdio::prepare(&self.config.dialer, ports, terminal)?
-        };
-        let console = if terminal {
-            Some(ConsoleListener::bind(bundle.join("console.sock"))?)
-        } else {
-            None
-        };
-
-        let mut builder = self.builder(id)?;
-        if let Some(child) = child {
-            builder = builder
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr);
-        }
-        if let Some(console) = &console {
-            builder = builder.with_console_socket(Some(console.path.clone()));
-        }
-        let init_builder = builder
-            .as_init(bundle)
-            .with_systemd(false)
-            .with_detach(true);
-
-        let saved = SelfState::save(process.and_then(|p| p.oom_score_adj()).is_some());
-        let mut registry = self.reaper.registry();
-        let built = {
-            let _span = tracing::debug_span!("libcontainer_build").entered();
-            init_builder.build()
-        };
-        saved.restore();
-        let lc = built.map_err(|e| ContainerError::libcontainer("creating the container", &e))?;
-        if let Some(resources) = resources {
-            if let Err(e) = cgroup.fix_libcgroups(resources) {
-                if let Some(pid) = lc.pid() {
-                    let _ = kill(Pid::from_raw(pid.as_raw()), Signal::SIGKILL);
-                }
-                return Err(ContainerError::io("linux.resources", e));
-            }
-        }
-        let pid = lc
-            .pid()
-            .map(|p| p.as_raw())
-            .ok_or_else(|| ContainerError::FailedPrecondition("libcontainer reported no init pid".into()))?;
-        let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, id, cgroup);
-        drop(registry);
-        let init = match started {
-            Ok(init) => init,
-            Err(e) => {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                return Err(e);
-            }
-        };
-        Ok(Container {
-            id: id.to_string(),
-            bundle: bundle.to_path_buf(),
-            cgroup: cgroup.clone(),
-            mounts_before,
-            rootfs: rootfs.to_path_buf(),
-            init,
-            inner: Mutex::new(Inner {
-                lc,
-                started: false,
-                execs: HashMap::new(),
-            }),
-        })
-    }
-
-    /// With the registry held: receives the pty master (terminal), starts
-    /// the copiers and registers the exit waiter of `pid`.
-    #[allow(clippy::too_many_arguments)]
-    fn start_process_io(
-        &self,
-        registry: &mut Registry,
-        pid: i32,
-        pending: stdio::PendingIo,
-        console: Option<&ConsoleListener>,
-        console_size: Option<(u64, u64)>,
-        name: &str,
-        cgroup: &Cgroup,
-    ) -> Result<Arc<Process>> {
-        let master = match console {
-            Some(console) => {
-                let master = console.receive_master()?;
-                if let Some((rows, cols)) = console_size {
-                    stdio::set_winsize(
-                        master.as_fd(),
-                        u16::try_from(rows).unwrap_or(u16::MAX),
-                        u16::try_from(cols).unwrap_or(u16::MAX),
-                    )?;
-                }
-                Some(master)
-            }
-            None => None,
-        };
-        let io = pending.start(name, master)?;
-        let process = Arc::new(Process::new(pid, io, cgroup.oom_kills()));
-        let waiter = process.clone();
-        registry.on_exit(pid, Box::new(move |exit| waiter.record_exit(exit)));
-        Ok(process)
-    }
-
-    /// StartContainer.
-    pub fn start(&self, id: &str) -> Result<u32> {
-        let c = self.get(id)?;
-        let _span = tracing::info_span!("start_container", id).entered();
-        let mut inner = lock(&c.inner);
-        if inner.started {
-            return Err(ContainerError::FailedPrecondition(format!("container {id:?} is already started")));
-        }
-        if c.init.has_exited() {
-            return Err(ContainerError::FailedPrecondition(format!("container {id:?} has stopped")));
-        }
-        c.init.set_oom_baseline(c.cgroup.oom_kills());
-        {
-            let _registry = self.reaper.registry();
-            inner
-                .lc
-                .start()
-                .map_err(|e| ContainerError::libcontainer("starting the container", &e))?;
-        }
-        inner.started = true;
-        drop(inner);
-        let pid = u32::try_from(c.init.pid()).map_err(|_| ContainerError::InvalidArgument("pid".into()))?;
-        wait_for_exec(pid, || c.init.has_exited());
-        Ok(pid)
-    }
-
-    /// ExecProcess.
-    pub fn exec(&self, req: &agent::ExecProcessRequest) -> Result<u32> {
-        let id = req.container_id.as_str();
-        let exec_id = req.exec_id.as_str();
-        check_id("exec_id", exec_id)?;
-        let c = self.get(id)?;
-        let _span = tracing::info_span!("exec_process", id, exec_id).entered();
-        let mut process = spec::parse_process(&req.process_json)?;
-        process.set_terminal(Some(req.terminal));
-        spec::normalize_process(&mut process);
-        spec::ensure_home(&mut process, &c.rootfs);
-        spec::add_default_env(&mut process, &self.config.default_env);
-        let console_size = process.console_size().map(|b| (b.height(), b.width()));
-
-        let mut inner = lock(&c.inner);
-        if !inner.started || c.init.has_exited() {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} is not running"
-            )));
-        }
-        if inner.execs.contains_key(exec_id) {
-            return Err(ContainerError::AlreadyExists(format!("process {exec_id:?} in container {id:?}")));
-        }
-        let process_file = c.bundle.join(format!("exec-{exec_id}.json"));
-        write_json(&process_file, &process)?;
-        let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
-        let result = (|| {
-            let (pending, child) = stdio::prepare(&self.config.dialer, ports, req.terminal)?;
-            let console = if req.terminal {
-                Some(ConsoleListener::bind(c.bundle.join(format!("console-{exec_id}.sock")))?)
-            } else {
-                None
-            };
-            let mut builder = self.builder(id)?;
-            if let Some(child) = child {
-                builder = builder
-                    .with_stdin(child.stdin)
-                    .with_stdout(child.stdout)
-                    .with_stderr(child.stderr);
-            }
-            if let Some(console) = &console {
-                builder = builder.with_console_socket(Some(console.path.clone()));
-            }
-            let tenant = builder
-                .as_tenant()
-                .with_process(Some(process_file.clone()))
-                .with_detach(true);
-            let saved = SelfState::save(process.oom_score_adj().is_some());
-            let mut registry = self.reaper.registry();
-            let built = {
-                let _span = tracing::debug_span!("libcontainer_exec").entered();
-                tenant.build()
-            };
-            saved.restore();
-            let pid = built
-                .map_err(|e| ContainerError::libcontainer("executing the process", &e))?
-                .as_raw();
-            let name = format!("{id}/{exec_id}");
-            let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, &name, &c.cgroup);
-            if started.is_err() {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            started
-        })();
-        let _ = std::fs::remove_file(&process_file);
-        let process = result?;
-        let pid = process.pid();
-        inner.execs.insert(exec_id.to_string(), process);
-        tracing::info!(pid, "process started");
-        u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
-    }
-
-    /// SignalProcess.
-    pub fn signal(&self, req: &agent::SignalProcessRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        let signal = i32::try_from(req.signal)
-            .ok()
-            .and_then(|n| Signal::try_from(n).ok())
-            .ok_or_else(|| ContainerError::InvalidArgument(format!("signal: {} is not a signal", req.signal)))?;
-        let _span = tracing::debug_span!("signal_process", id = %req.container_id, exec_id = %req.exec_id, %signal).entered();
-        if req.all {
-            return self.signal_all(&c, signal);
-        }
-        let process = c.process(&req.exec_id)?;
-        if process.has_exited() {
-            return Err(ContainerError::ProcessExited {
-                id: c.id.clone(),
-                exec_id: req.exec_id.clone(),
-            });
-        }
-        match kill(Pid::from_raw(process.pid()), signal) {
-            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
-            Err(e) => Err(ContainerError::io("kill", e.into())),
-        }
-    }
-
-    fn signal_all(&self, c: &Container, signal: Signal) -> Result<()> {
-        let pids = c
-            .cgroup
-            .pids()
-            .map_err(|e| ContainerError::io(format!("reading {}", c.cgroup.dir().display()), e))?;
-        for pid in pids {
-            let Ok(pid) = i32::try_from(pid) else { continue };
-            match kill(Pid::from_raw(pid), signal) {
-                Ok(()) | Err(nix::Error::ESRCH) => {}
-                Err(e) => return Err(ContainerError::io(format!("kill {pid}"), e.into())),
-            }
-        }
-        Ok(())
-    }
-
-    /// WaitProcess: blocks until the process has exited and its output has
-    /// been drained to the host.
-    pub fn wait(&self, req: &agent::WaitProcessRequest) -> Result<agent::WaitProcessResponse> {
-        let c = self.get(&req.container_id)?;
-        let process = c.process(&req.exec_id)?;
-        let record = process.wait();
-        let oom = process.oom_killed(|| c.cgroup.oom_kills());
-        let mut resp = agent::WaitProcessResponse::new();
-        resp.exit_code = record.exit.exit_code();
-        resp.signal = record.exit.signal();
-        resp.oom_killed = oom;
-        resp.exited_at_unix_nano = record.at_unix_nano;
-        resp.pid = u32::try_from(record.exit.pid).unwrap_or(0);
-        Ok(resp)
-    }
-
-    /// ResizeTty.
-    pub fn resize(&self, req: &agent::ResizeTtyRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        let process = c.process(&req.exec_id)?;
-        let rows = u16::try_from(req.rows).map_err(|_| ContainerError::InvalidArgument("rows: too large".into()))?;
-        let cols = u16::try_from(req.cols).map_err(|_| ContainerError::InvalidArgument("cols: too large".into()))?;
-        if process.io().resize(rows, cols)? {
-            Ok(())
-        } else {
-            Err(ContainerError::FailedPrecondition(format!(
-                "process {:?} of container {:?} has no terminal",
-                req.exec_id, req.container_id
-            )))
-        }
-    }
-
-    /// CloseStdin.
-    pub fn close_stdin(&self, req: &agent::CloseStdinRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        c.process(&req.exec_id)?.io().close_stdin();
-        Ok(())
-    }
-
-    /// StatsContainer.
-    pub fn stats(&self, id: &str) -> Result<agent::StatsContainerResponse> {
-        let c = self.get(id)?;
-        let mut resp = agent::StatsContainerResponse::new();
-        resp.cgroup = Some(c.cgroup.stats()).into();
-        resp.timestamp_unix_nano = process::now_unix_nano();
-        Ok(resp)
-    }
-
-    /// ListProcesses.
-    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        let c = self.get(id)?;
-        c.cgroup
-            .pids()
-            .map_err(|e| ContainerError::io(format!("reading {}", c.cgroup.dir().display()), e))
-    }
-
-    /// UpdateContainer.
-    pub fn update(&self, req: &agent::UpdateContainerRequest) -> Result<()> {
-        let c = self.get(&req.container_id)?;
-        let resources = spec::parse_resources(&req.resources_json)?;
-        self.check_controllers(&resources, "resources_json")?;
-        let cgroup_path = Path::new("/").join(
-            c.cgroup
-                .dir()
-                .strip_prefix(&self.config.cgroup_root)
-                .unwrap_or(c.cgroup.dir()),
-        );
-        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
-            cgroup_path,
-            systemd_cgroup: false,
-            container_name: c.id.clone(),
-        })
-        .map_err(|e| ContainerError::FailedPrecondition(format!("cgroup: {e}")))?;
-        manager
-            .apply(&libcgroups::common::ControllerOpt {
-                resources: &spec::resources_for_libcgroups(&resources),
-                disable_oom_killer: false,
-                oom_score_adj: None,
-                freezer_state: None,
-            })
-            .map_err(|e| ContainerError::Libcontainer {
-                step: "updating resources",
-                message: e.to_string(),
-                invalid: false,
-            })?;
-        c.cgroup
-            .fix_libcgroups(&resources)
-            .map_err(|e| ContainerError::io("resources_json", e))
-    }
-
-    /// PauseContainer.
-    pub fn pause(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        let mut inner = lock(&c.inner);
-        inner
-            .lc
-            .pause()
-            .map_err(|e| ContainerError::libcontainer("pausing", &e))
-    }
-
-    /// ResumeContainer.
-    pub fn resume(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        let mut inner = lock(&c.inner);
-        inner
-            .lc
-            .resume()
-            .map_err(|e| ContainerError::libcontainer("resuming", &e))
-    }
-
-    /// RemoveContainer.
-    pub fn remove(&self, id: &str, force: bool) -> Result<()> {
-        let c = self.get(id)?;
-        let _span = tracing::info_span!("remove_container", id, force).entered();
-        let mut inner = lock(&c.inner);
-        if inner.started && !c.init.has_exited() && !force {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} is running; stop it first or remove with force"
-            )));
-        }
-        // Whatever still runs goes: the init (and with it a PID namespace),
-        // then anything left in the cgroup (exec'd processes without one).
-        let deadline = Instant::now() + KILL_TIMEOUT;
-        loop {
-            let mut left = c.cgroup.pids().unwrap_or_default();
-            if !c.init.has_exited() {
-                left.push(u32::try_from(c.init.pid()).unwrap_or(0));
-            }
-            left.retain(|&p| p != 0);
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(ContainerError::FailedPrecondition(format!(
-                    "container {id:?}: processes {left:?} did not die within {KILL_TIMEOUT:?}"
-                )));
-            }
-            // Frozen processes die of SIGKILL too (cgroup v2).
-            for pid in left {
-                if let Ok(pid) = i32::try_from(pid) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        {
-            let _registry = self.reaper.registry();
-            if let Err(e) = inner.lc.delete(true) {
-                tracing::warn!(error = %e, "libcontainer delete; cleaning up by hand");
-            }
-        }
-        if let Some(before) = &c.mounts_before {
-            unmount_new_under(&c.rootfs, before);
-        }
-        let mut problems = Vec::new();
-        if let Err(e) = c.cgroup.remove() {
-            problems.push(format!("removing {}: {e}", c.cgroup.dir().display()));
-        }
-        for dir in [self.libcontainer_root().join(id), c.bundle.clone()] {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("removing {}: {e}", dir.display())),
-            }
-        }
-        inner.execs.clear();
-        drop(inner);
-        lock(&self.containers).remove(id);
-        if problems.is_empty() {
-            tracing::info!("container removed");
-            Ok(())
-        } else {
-            Err(ContainerError::io(
-                "removing the container",
-                io::Error::other(problems.join("; ")),
-            ))
-        }
-    }
-}
-
-/// How long StartContainer waits for the init to run its startContainer
-/// hooks and exec the user's program.
-const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Waits until process `pid` runs another program than this one (the
-/// container's init has run the startContainer hooks and exec'd the user
-/// process), or it exited, or [`EXEC_WAIT`] passed. StartContainer returns
-/// only then, so that the runtime's poststart hooks come after the process
-/// started, as the OCI spec orders them.
-fn wait_for_exec(pid: u32, exited: impl Fn() -> bool) {
-    use std::os::unix::fs::MetadataExt;
-    let ours = std::fs::metadata("/proc/self/exe").map(|m| (m.dev(), m.ino())).ok();
-    let start = std::time::Instant::now();
-    while start.elapsed() < EXEC_WAIT && !exited() {
-        match std::fs::metadata(format!("/proc/{pid}/exe")).map(|m| (m.dev(), m.ino())) {
-            Ok(exe) if Some(exe) != ours => return,
-            Ok(_) => {}
-            // Gone, or not readable any more: nothing left to wait for.
-            Err(_) => return,
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn errors_map_to_status_codes() {
-        let cases: Vec<(ContainerError, Code)> = vec![
-            (SpecError::new("process.cwd", "relative").into(), Code::INVALID_ARGUMENT),
-            (ContainerError::NotFound("c".into()), Code::NOT_FOUND),
-            (
-                ContainerError::ProcessExited { id: "c".into(), exec_id: "e".into() },
-                Code::NOT_FOUND,
-            ),
-            (ContainerError::AlreadyExists("c".into()), Code::ALREADY_EXISTS),
-            (ContainerError::FailedPrecondition("x".into()), Code::FAILED_PRECONDITION),
-            (
-                ContainerError::Libcontainer { step: "s", message: "m".into(), invalid: true },
-                Code::INVALID_ARGUMENT,
-            ),
-            (
-                ContainerError::Libcontainer { step: "s", message: "m".into(), invalid: false },
-                Code::INTERNAL,
-            ),
-        ];
-        for (err, code) in cases {
-            let message = err.to_string();
-            let status: ttrpc::Error = err.into();
-            assert_eq!(carapace_protocol::rpc_code(&status), Some(code), "{message}");
-        }
-        let invalid = ContainerError::from(SpecError::new("linux.namespaces[1].type", "unknown"));
-        assert!(invalid.to_string().contains("linux.namespaces[1].type"));
-    }
-
-    #[test]
-    fn libcontainer_errors_are_classified() {
-        use libcontainer::error::{ErrInvalidSpec, LibcontainerError};
-        let e = ContainerError::libcontainer("creating", &LibcontainerError::InvalidSpec(ErrInvalidSpec::UnsupportedVersion));
-        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
-        let e = ContainerError::libcontainer(
-            "pausing",
-            &LibcontainerError::IncorrectStatus(libcontainer::container::ContainerStatus::Stopped),
-        );
-        assert_eq!(e.code(), Code::FAILED_PRECONDITION, "{e}");
-        let e = ContainerError::libcontainer("creating", &LibcontainerError::Other("boom".into()));
-        assert_eq!(e.code(), Code::INTERNAL, "{e}");
-    }
 
     #[test]
     fn ids_are_checked() {
@@ -1034,11 +304,6 @@ mod tests {
             let err = check_id("container_id", bad).expect_err(bad);
             assert!(err.to_string().contains("container_id"), "{err}");
         }
-    }
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\011c"), "/a b\tc");
     }
 }
 

@@ -75,27 +75,25 @@ impl From<&carapace_protocol::agent::StdioStreams> for StdioPorts {
 /// Why stdio could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
-    #[error("connecting the {stream} stream to host port {port}: {source}")]
+    #[error("connecting the {stream} stream to host port {port}: {cause}")]
     Connect {
         stream: &'static str,
         port: u32,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("creating a pipe for {stream}: {source}")]
+    #[error("creating a pipe for {stream}: {cause}")]
     Pipe {
         stream: &'static str,
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
     #[error("opening /dev/null: {0}")]
-    DevNull(#[source] io::Error),
+    DevNull(io::Error),
     #[error("creating an eventfd: {0}")]
-    EventFd(#[source] nix::Error),
+    EventFd(nix::Error),
     #[error("starting a copier thread: {0}")]
-    Thread(#[source] io::Error),
+    Thread(io::Error),
     #[error("setting the terminal size: {0}")]
-    Winsize(#[source] nix::Error),
+    Winsize(nix::Error),
 }
 
 /// How the agent reaches the host's stdio ports.
@@ -176,7 +174,7 @@ pub fn prepare(
             .map_err(|source| StdioError::Connect {
                 stream,
                 port,
-                source,
+                cause: source,
             })
     };
     let stdin_sock = connect("stdin", ports.stdin)?;
@@ -252,7 +250,7 @@ pub fn prepare(
 }
 
 fn make_pipe(stream: &'static str) -> Result<(OwnedFd, OwnedFd), StdioError> {
-    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|source| StdioError::Pipe { stream, source })
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|source| StdioError::Pipe { stream, cause: source })
 }
 
 fn eventfd() -> Result<OwnedFd, StdioError> {
@@ -351,7 +349,7 @@ impl PendingIo {
                     if let Some((sock, Some(r))) = entry {
                         set_nonblocking(r.as_fd()).map_err(|source| StdioError::Pipe {
                             stream,
-                            source,
+                            cause: source,
                         })?;
                         outputs.push((stream, sock, Source::Pipe(r)));
                     }
@@ -378,7 +376,7 @@ impl PendingIo {
                 });
                 set_nonblocking(sock.as_fd()).map_err(|source| StdioError::Pipe {
                     stream: "stdin",
-                    source,
+                    cause: source,
                 })?;
                 let c = control.clone();
                 spawn(format!("stdin:{name}"), move || copy_in(sock, sink, &c))?;

@@ -31,7 +31,11 @@ pub struct NetworkConfig {
 /// One of the VMM's devices, found by MAC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct InterfaceConfig {
+    /// The address the device ends up with.
     pub(crate) mac: [u8; 6],
+    /// The address the device is found by, when not `mac` (a VM restored
+    /// from a snapshot presents the template's): it is changed to `mac`.
+    pub(crate) device_mac: Option<[u8; 6]>,
     /// None: keep the kernel's name.
     pub(crate) name: Option<String>,
     /// None: leave the device's MTU.
@@ -62,6 +66,7 @@ impl NetworkConfig {
     pub fn from_request(interfaces: &[agent::Interface], routes: &[agent::Route]) -> Result<Self, NetworkError> {
         let mut config = Self::default();
         let mut macs = HashSet::new();
+        let mut device_macs = HashSet::new();
         let mut names = HashSet::new();
         for (i, iface) in interfaces.iter().enumerate() {
             let parsed = parse_interface(i, iface)?;
@@ -70,6 +75,14 @@ impl NetworkConfig {
                     format!("interfaces[{i}].mac"),
                     &iface.mac,
                     "given for an earlier interface too",
+                ));
+            }
+            if !device_macs.insert(parsed.device_mac()) {
+                let field = if parsed.device_mac.is_some() { "device_mac" } else { "mac" };
+                return Err(NetworkError::invalid(
+                    format!("interfaces[{i}].{field}"),
+                    format_mac(&parsed.device_mac()),
+                    "an earlier interface's device is found by it too",
                 ));
             }
             if let Some(name) = &parsed.name {
@@ -95,21 +108,35 @@ impl NetworkConfig {
     }
 }
 
-fn parse_interface(i: usize, iface: &agent::Interface) -> Result<InterfaceConfig, NetworkError> {
-    let mac = parse_mac(&iface.mac).ok_or_else(|| {
-        NetworkError::invalid(
-            format!("interfaces[{i}].mac"),
-            &iface.mac,
-            "not a MAC address (02:00:00:00:00:01)",
-        )
-    })?;
+impl InterfaceConfig {
+    /// The address the device is found by.
+    pub(crate) fn device_mac(&self) -> [u8; 6] {
+        self.device_mac.unwrap_or(self.mac)
+    }
+}
+
+/// A unicast MAC address, or an error naming `field`.
+fn parse_unicast_mac(field: String, value: &str) -> Result<[u8; 6], NetworkError> {
+    let mac = parse_mac(value)
+        .ok_or_else(|| NetworkError::invalid(&field, value, "not a MAC address (02:00:00:00:00:01)"))?;
     if mac == [0; 6] || mac[0] & 1 != 0 {
         return Err(NetworkError::invalid(
-            format!("interfaces[{i}].mac"),
-            &iface.mac,
+            field,
+            value,
             "not the address of a single device (all zeros, or multicast)",
         ));
     }
+    Ok(mac)
+}
+
+fn parse_interface(i: usize, iface: &agent::Interface) -> Result<InterfaceConfig, NetworkError> {
+    let mac = parse_unicast_mac(format!("interfaces[{i}].mac"), &iface.mac)?;
+    let device_mac = if iface.device_mac.is_empty() {
+        None
+    } else {
+        Some(parse_unicast_mac(format!("interfaces[{i}].device_mac"), &iface.device_mac)?)
+            .filter(|device_mac| *device_mac != mac)
+    };
     let name = if iface.name.is_empty() {
         None
     } else {
@@ -152,6 +179,7 @@ fn parse_interface(i: usize, iface: &agent::Interface) -> Result<InterfaceConfig
     }
     Ok(InterfaceConfig {
         mac,
+        device_mac,
         name,
         mtu,
         addresses,

@@ -46,11 +46,10 @@ pub enum NetworkError {
     #[error("{item}: {}", errno.desc())]
     Refused { item: String, errno: Errno },
     /// The rtnetlink socket failed.
-    #[error("rtnetlink {op}: {source}")]
+    #[error("rtnetlink {op}: {cause}")]
     Socket {
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The kernel's answer made no sense to us.
     #[error("rtnetlink: {0}")]

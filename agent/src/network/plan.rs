@@ -51,22 +51,47 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
     }
 
     for (i, iface) in config.interfaces.iter().enumerate() {
-        let mut matching = links.iter().filter(|l| l.mac == Some(iface.mac));
+        let found_by = iface.device_mac();
+        let field = if iface.device_mac.is_some() { "device_mac" } else { "mac" };
+        let mut matching = links.iter().filter(|l| l.mac == Some(found_by));
         let Some(link) = matching.next() else {
             return Err(NetworkError::NoSuchDevice {
-                field: format!("interfaces[{i}].mac"),
-                value: format_mac(&iface.mac),
+                field: format!("interfaces[{i}].{field}"),
+                value: format_mac(&found_by),
             });
         };
         if let Some(other) = matching.next() {
             return Err(NetworkError::invalid(
-                format!("interfaces[{i}].mac"),
-                format_mac(&iface.mac),
+                format!("interfaces[{i}].{field}"),
+                format_mac(&found_by),
                 format!("matches several devices ({}, {})", link.name, other.name),
             ));
         }
         let mut up = link.up;
         let mut name = link.name.as_str();
+        if iface.device_mac.is_some() {
+            if let Some(other) = links.iter().find(|l| l.mac == Some(iface.mac)) {
+                return Err(NetworkError::invalid(
+                    format!("interfaces[{i}].mac"),
+                    format_mac(&iface.mac),
+                    format!("already the address of another device ({})", other.name),
+                ));
+            }
+            // Not every driver changes the address of a running device.
+            if up {
+                requests.push(set_up(
+                    link.index,
+                    false,
+                    format!("interfaces[{i}]: taking {name} down to change its address"),
+                ));
+                up = false;
+            }
+            requests.push(set_link(
+                link.index,
+                LinkAttribute::Address(iface.mac.to_vec()),
+                format!("interfaces[{i}].mac {} (on {name})", format_mac(&iface.mac)),
+            ));
+        }
         if let Some(new) = iface.name.as_deref().filter(|new| *new != link.name) {
             if names.get(new).is_some_and(|index| *index != link.index) {
                 return Err(NetworkError::invalid(
@@ -325,6 +350,7 @@ mod tests {
                         match l.attributes.as_slice() {
                             [LinkAttribute::IfName(n)] => format!("name {n}"),
                             [LinkAttribute::Mtu(m)] => format!("mtu {m}"),
+                            [LinkAttribute::Address(a)] => format!("address {a:02x?}"),
                             other => format!("{other:?}"),
                         }
                     };
@@ -423,6 +449,53 @@ mod tests {
                 "route /8 [Destination(Inet(10.0.0.0)), Oif(3)]",
             ]
         );
+    }
+
+    #[test]
+    fn a_device_found_by_its_device_mac_gets_the_sandboxs_mac_first() {
+        let mut interfaces = Vec::new();
+        let mut i = agent::Interface::new();
+        i.device_mac = "02:00:00:00:00:0a".into();
+        i.mac = "02:00:00:00:00:42".into();
+        i.name = "eth0".into();
+        let mut ip = agent::IpAddress::new();
+        ip.address = "10.0.0.2".into();
+        ip.prefix_len = 24;
+        i.addresses.push(ip);
+        interfaces.push(i);
+        let config = NetworkConfig::from_request(&interfaces, &[]).expect("valid");
+        let requests = plan(&config, &links()).expect("plan");
+        assert_eq!(
+            summary(&requests),
+            [
+                "link 1 up",
+                "link 2 down",
+                "link 2 address [02, 00, 00, 00, 00, 42]",
+                "addr 2 Some(10.0.0.2)/24 AddressHeaderFlags(0x0)",
+                "link 2 up",
+            ]
+        );
+        assert_eq!(requests[2].item, "interfaces[0].mac 02:00:00:00:00:42 (on eth0)");
+
+        // The device must be there under its device_mac...
+        interfaces[0].device_mac = "02:00:00:00:00:0c".into();
+        let config = NetworkConfig::from_request(&interfaces, &[]).expect("valid");
+        let e = plan(&config, &links()).expect_err("no such device");
+        assert_eq!(e.to_string(), "interfaces[0].device_mac \"02:00:00:00:00:0c\": no such device");
+        // ...and the new address not another device's.
+        interfaces[0].device_mac = "02:00:00:00:00:0a".into();
+        interfaces[0].mac = "02:00:00:00:00:0b".into();
+        let config = NetworkConfig::from_request(&interfaces, &[]).expect("valid");
+        let e = plan(&config, &links()).expect_err("taken");
+        assert!(e.to_string().contains("already the address of another device (eth1)"), "{e}");
+        // The same address twice is just a lookup by it.
+        interfaces[0].device_mac = "02:00:00:00:00:0b".into();
+        let config = NetworkConfig::from_request(&interfaces, &[]).expect("valid");
+        assert_eq!(config.interfaces[0].device_mac, None);
+        // A bad device_mac is named.
+        interfaces[0].device_mac = "01:00:00:00:00:01".into();
+        let e = NetworkConfig::from_request(&interfaces, &[]).expect_err("multicast");
+        assert!(e.to_string().starts_with("interfaces[0].device_mac"), "{e}");
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl Rtnetlink {
     pub(crate) fn open() -> Result<Self, NetworkError> {
         // Unbound: the kernel binds it at the first send, and answers
         // come back to it.
-        let socket = Socket::new(NETLINK_ROUTE).map_err(|source| NetworkError::Socket { op: "socket", source })?;
+        let socket = Socket::new(NETLINK_ROUTE).map_err(|source| NetworkError::Socket { op: "socket", cause: source })?;
         Ok(Self { socket, seq: 0 })
     }
 
@@ -189,11 +189,11 @@ impl Rtnetlink {
         let sent = self
             .socket
             .send(buf, 0)
-            .map_err(|source| NetworkError::Socket { op: "send", source })?;
+            .map_err(|source| NetworkError::Socket { op: "send", cause: source })?;
         if sent != buf.len() {
             return Err(NetworkError::Socket {
                 op: "send",
-                source: io::Error::new(io::ErrorKind::WriteZero, format!("{sent} of {} bytes sent", buf.len())),
+                cause: io::Error::new(io::ErrorKind::WriteZero, format!("{sent} of {} bytes sent", buf.len())),
             });
         }
         Ok(())
@@ -315,7 +315,7 @@ impl Slots {
                 Err(e) => {
                     return Err(NetworkError::Socket {
                         op: "recvmmsg",
-                        source: e.into(),
+                        cause: e.into(),
                     })
                 }
             }

@@ -50,7 +50,11 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: agent::CreateSandboxRequest,
     ) -> ttrpc::Result<agent::CreateSandboxResponse> {
-        answer("CreateSandbox", self.sandbox.create(&req))
+        let resp = answer("CreateSandbox", self.sandbox.create(&req))?;
+        if req.settings.as_ref().is_some_and(|s| s.shared_pid_namespace) {
+            self.containers.share_pid_namespace();
+        }
+        Ok(resp)
     }
 
     fn destroy_sandbox(

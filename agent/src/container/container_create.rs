@@ -1,0 +1,395 @@
+//! CreateContainer: a container built by libcontainer and stopped before
+//! the user's program, with its stdio, cgroup and the namespaces it joins.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use carapace_protocol::agent;
+use nix::sys::signal::Signal;
+
+use super::mountinfo::{mount_points, unmount_new_under};
+use super::*;
+
+/// Frees a reserved id when creation ends, whichever way.
+struct Reservation<'a> {
+    manager: &'a ContainerManager,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(&self.manager.creating).remove(&self.id);
+    }
+}
+
+impl ContainerManager {
+    /// From now on the containers share one PID namespace: the first
+    /// created with a PID namespace of its own keeps it, and later ones
+    /// that ask for their own join it instead (unless CreateContainer's
+    /// `join_namespaces` names another).
+    pub fn share_pid_namespace(&self) {
+        lock(&self.shared_pid).enabled = true;
+    }
+
+    /// The namespaces a new container enters: `join_namespaces`, and the
+    /// shared PID namespace (see [`Self::share_pid_namespace`]). Also
+    /// whether the new container becomes the holder of the shared one.
+    fn namespace_joins(
+        &self,
+        req: &agent::CreateContainerRequest,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(Vec<namespaces::Join>, bool)> {
+        let lookup = |id: &str| {
+            self.get(id).ok().map(|c| namespaces::JoinTarget {
+                pid: c.init.pid(),
+                exited: c.init.has_exited(),
+            })
+        };
+        let mut joins = namespaces::resolve(&req.join_namespaces, Path::new("/proc"), lookup)?;
+        let shared = lock(&self.shared_pid);
+        let mut holds = false;
+        let explicit = joins
+            .iter()
+            .any(|j| j.typ == oci_spec::runtime::LinuxNamespaceType::Pid);
+        if shared.enabled && !explicit && namespaces::wants_new_pid_namespace(spec) {
+            match shared
+                .holder
+                .as_deref()
+                .and_then(|h| lookup(h).filter(|t| !t.exited))
+            {
+                Some(target) => joins.push(namespaces::Join {
+                    typ: oci_spec::runtime::LinuxNamespaceType::Pid,
+                    path: PathBuf::from(format!("/proc/{}/ns/pid", target.pid)),
+                }),
+                None => holds = true,
+            }
+        }
+        Ok((joins, holds))
+    }
+
+    /// CreateContainer.
+    pub fn create(&self, req: &agent::CreateContainerRequest) -> Result<u32> {
+        let id = req.container_id.as_str();
+        check_id("container_id", id)?;
+        let _span = tracing::info_span!("create_container", id).entered();
+        {
+            let containers = lock(&self.containers);
+            let mut creating = lock(&self.creating);
+            if containers.contains_key(id) || !creating.insert(id.to_string()) {
+                return Err(ContainerError::AlreadyExists(format!("container {id:?}")));
+            }
+        }
+        let _reservation = Reservation {
+            manager: self,
+            id: id.to_string(),
+        };
+
+        let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
+        let (joins, holds_shared_pid) = self.namespace_joins(req, &spec)?;
+        namespaces::apply(&mut spec, &joins)?;
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        if let Some(resources) = &resources {
+            self.check_controllers(resources, "linux.resources")?;
+        }
+        spec::prepare_for_libcontainer(&mut spec, id, &rootfs, &self.config.default_env);
+        let cgroup = Cgroup::new(&self.config.cgroup_root, &spec::cgroup_path(&spec, id));
+        if cgroup.exists() {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "linux.cgroupsPath: the cgroup {} already exists",
+                cgroup.dir().display()
+            )));
+        }
+        let bundle = self.bundles_dir().join(id);
+        if self.libcontainer_root().join(id).exists() || bundle.exists() {
+            return Err(ContainerError::AlreadyExists(format!(
+                "state of container {id:?} (left by an earlier container)"
+            )));
+        }
+        let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
+
+        let cleanup = |mounts_before: &Option<HashSet<PathBuf>>| {
+            if let Some(before) = mounts_before {
+                unmount_new_under(self.sys.as_ref(), &rootfs, before);
+            }
+            if let Err(e) = cgroup.remove() {
+                tracing::warn!(error = %e, "removing the cgroup of a failed container");
+            }
+            let _ = std::fs::remove_dir_all(self.libcontainer_root().join(id));
+            let _ = std::fs::remove_dir_all(&bundle);
+        };
+        let result = self.create_in(
+            id,
+            &spec,
+            resources.as_ref(),
+            &rootfs,
+            &bundle,
+            &cgroup,
+            mounts_before.clone(),
+            req,
+        );
+        match result {
+            Ok(container) => {
+                let pid = container.init.pid();
+                lock(&self.containers).insert(id.to_string(), Arc::new(container));
+                if holds_shared_pid {
+                    lock(&self.shared_pid).holder = Some(id.to_string());
+                }
+                tracing::info!(pid, "container created");
+                u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "creating the container failed; cleaning up");
+                cleanup(&mounts_before);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_in(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+        resources: Option<&oci_spec::runtime::LinuxResources>,
+        rootfs: &Path,
+        bundle: &Path,
+        cgroup: &Cgroup,
+        mounts_before: Option<HashSet<PathBuf>>,
+        req: &agent::CreateContainerRequest,
+    ) -> Result<Container> {
+        std::fs::create_dir_all(bundle)
+            .map_err(|e| ContainerError::io(format!("creating {}", bundle.display()), e))?;
+        write_json(&bundle.join("config.json"), spec)?;
+
+        let process = spec.process().as_ref();
+        let terminal = process.and_then(|p| p.terminal()).unwrap_or(false);
+        let console_size = process
+            .and_then(|p| p.console_size())
+            .map(|b| (b.height(), b.width()));
+        let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
+        let (pending, child) = {
+            let _span = tracing::debug_span!("stdio").entered();
+            stdio::prepare(&self.config.dialer, ports, terminal)?
+        };
+        let console = if terminal {
+            Some(self.consoles.bind()?)
+        } else {
+            None
+        };
+
+        let mut builder = self.builder(id)?;
+        if let Some(child) = child {
+            builder = builder
+                .with_stdin(child.stdin)
+                .with_stdout(child.stdout)
+                .with_stderr(child.stderr);
+        }
+        if let Some(console) = &console {
+            builder = builder.with_console_socket(Some(console.path().to_path_buf()));
+        }
+        let init_builder = builder
+            .as_init(bundle)
+            .with_systemd(false)
+            .with_detach(true);
+
+        let saved = SelfState::save(process.and_then(|p| p.oom_score_adj()).is_some());
+        let mut registry = self.reaper.registry();
+        let built = {
+            let _span = tracing::debug_span!("libcontainer_build").entered();
+            init_builder.build()
+        };
+        saved.restore();
+        let lc = built.map_err(|e| ContainerError::libcontainer("creating the container", &e))?;
+        if let Some(resources) = resources {
+            if let Err(e) = cgroup.fix_libcgroups(resources) {
+                if let Some(pid) = lc.pid() {
+                    let _ = self.sys.kill(pid.as_raw(), Signal::SIGKILL);
+                }
+                return Err(ContainerError::io("linux.resources", e));
+            }
+        }
+        let pid = lc.pid().map(|p| p.as_raw()).ok_or_else(|| {
+            ContainerError::FailedPrecondition("libcontainer reported no init pid".into())
+        })?;
+        let started = self.start_process_io(
+            &mut registry,
+            pid,
+            pending,
+            console.as_ref(),
+            console_size,
+            id,
+            cgroup,
+        );
+        drop(registry);
+        let init = match started {
+            Ok(init) => init,
+            Err(e) => {
+                let _ = self.sys.kill(pid, Signal::SIGKILL);
+                return Err(e);
+            }
+        };
+        Ok(Container {
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            cgroup: cgroup.clone(),
+            mounts_before,
+            rootfs: rootfs.to_path_buf(),
+            init,
+            inner: Mutex::new(Inner {
+                lc,
+                started: false,
+                execs: HashMap::new(),
+            }),
+        })
+    }
+
+    /// With the registry held: receives the pty master (terminal), starts
+    /// the copiers and registers the exit waiter of `pid`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_process_io(
+        &self,
+        registry: &mut Registry,
+        pid: i32,
+        pending: stdio::PendingIo,
+        console: Option<&ConsoleListener>,
+        console_size: Option<(u64, u64)>,
+        name: &str,
+        cgroup: &Cgroup,
+    ) -> Result<Arc<Process>> {
+        let master = match console {
+            Some(console) => {
+                let master = console.receive_master()?;
+                if let Some((rows, cols)) = console_size {
+                    stdio::set_winsize(
+                        master.as_fd(),
+                        u16::try_from(rows).unwrap_or(u16::MAX),
+                        u16::try_from(cols).unwrap_or(u16::MAX),
+                    )?;
+                }
+                Some(master)
+            }
+            None => None,
+        };
+        let io = pending.start(name, master)?;
+        let process = Arc::new(Process::new(pid, io, cgroup.oom_kills()));
+        let waiter = process.clone();
+        registry.on_exit(pid, Box::new(move |exit| waiter.record_exit(exit)));
+        Ok(process)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{add_container, manager};
+    use super::*;
+
+    fn request(dir: &Path, id: &str) -> agent::CreateContainerRequest {
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).expect("rootfs");
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": rootfs},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]}
+        });
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = serde_json::to_vec(&spec).expect("json");
+        req
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_anything_is_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, sys) = manager(dir.path());
+        add_container(&m, "pause", 100, true, &[]);
+        let cases: Vec<(agent::CreateContainerRequest, ttrpc::Code, &str)> = vec![
+            (
+                request(dir.path(), "a/b"),
+                ttrpc::Code::INVALID_ARGUMENT,
+                "container_id",
+            ),
+            (
+                request(dir.path(), "pause"),
+                ttrpc::Code::ALREADY_EXISTS,
+                "pause",
+            ),
+            (
+                {
+                    let mut r = request(dir.path(), "c1");
+                    r.join_namespaces.insert("ipc".into(), "ghost".into());
+                    r
+                },
+                ttrpc::Code::INVALID_ARGUMENT,
+                "join_namespaces[\"ipc\"]: container \"ghost\" not found",
+            ),
+            (
+                {
+                    let mut r = request(dir.path(), "c1");
+                    r.join_namespaces.insert("net".into(), "pause".into());
+                    r
+                },
+                ttrpc::Code::INVALID_ARGUMENT,
+                "join_namespaces[\"net\"]",
+            ),
+            (
+                {
+                    let mut r = request(dir.path(), "c1");
+                    r.oci_spec_json = b"{}".to_vec();
+                    r
+                },
+                ttrpc::Code::INVALID_ARGUMENT,
+                "ociVersion",
+            ),
+        ];
+        for (req, code, named) in cases {
+            let err = m.create(&req).expect_err(named);
+            assert_eq!(err.code(), code, "{err}");
+            assert!(err.to_string().contains(named), "{err} lacks {named}");
+        }
+        assert!(!m.bundles_dir().join("c1").exists());
+        assert!(!m.config.cgroup_root.join("carapace/c1").exists());
+        assert_eq!(m.count(), 1);
+        assert!(sys.calls().is_empty());
+    }
+
+    #[test]
+    fn a_shared_pid_namespace_is_joined_after_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, _sys) = manager(dir.path());
+        let req = request(dir.path(), "c2");
+        let (spec, _) = spec::parse_spec(&req.oci_spec_json, "").expect("spec");
+        // Not shared: nothing to join, nobody holds it.
+        assert_eq!(
+            m.namespace_joins(&req, &spec).expect("joins"),
+            (vec![], false)
+        );
+        m.share_pid_namespace();
+        // The first container keeps its own, and holds it for the others.
+        assert_eq!(
+            m.namespace_joins(&req, &spec).expect("joins"),
+            (vec![], true)
+        );
+        add_container(&m, "first", 321, true, &[]);
+        lock(&m.shared_pid).holder = Some("first".into());
+        let (joins, holds) = m.namespace_joins(&req, &spec).expect("joins");
+        assert!(!holds);
+        assert_eq!(
+            joins,
+            [namespaces::Join {
+                typ: oci_spec::runtime::LinuxNamespaceType::Pid,
+                path: "/proc/321/ns/pid".into()
+            }]
+        );
+        // An explicit join wins.
+        let mut explicit = req.clone();
+        add_container(&m, "pause", 99, true, &[]);
+        explicit
+            .join_namespaces
+            .insert("pid".into(), "pause".into());
+        let (joins, _) = m.namespace_joins(&explicit, &spec).expect("joins");
+        assert_eq!(joins[0].path, PathBuf::from("/proc/99/ns/pid"));
+    }
+}

@@ -1,0 +1,133 @@
+//! ExecProcess: another process in a running container.
+
+use carapace_protocol::agent;
+use nix::sys::signal::Signal;
+
+use super::*;
+
+impl ContainerManager {
+    /// ExecProcess.
+    pub fn exec(&self, req: &agent::ExecProcessRequest) -> Result<u32> {
+        let id = req.container_id.as_str();
+        let exec_id = req.exec_id.as_str();
+        check_id("exec_id", exec_id)?;
+        let c = self.get(id)?;
+        let _span = tracing::info_span!("exec_process", id, exec_id).entered();
+        let mut process = spec::parse_process(&req.process_json)?;
+        process.set_terminal(Some(req.terminal));
+        spec::normalize_process(&mut process);
+        spec::ensure_home(&mut process, &c.rootfs);
+        spec::add_default_env(&mut process, &self.config.default_env);
+        let console_size = process.console_size().map(|b| (b.height(), b.width()));
+
+        let mut inner = lock(&c.inner);
+        if !inner.started || c.init.has_exited() {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "container {id:?} is not running"
+            )));
+        }
+        if inner.execs.contains_key(exec_id) {
+            return Err(ContainerError::AlreadyExists(format!(
+                "process {exec_id:?} in container {id:?}"
+            )));
+        }
+        let process_file = c.bundle.join(format!("exec-{exec_id}.json"));
+        write_json(&process_file, &process)?;
+        let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
+        let result = (|| {
+            let (pending, child) = stdio::prepare(&self.config.dialer, ports, req.terminal)?;
+            let console = if req.terminal {
+                Some(self.consoles.bind()?)
+            } else {
+                None
+            };
+            let mut builder = self.builder(id)?;
+            if let Some(child) = child {
+                builder = builder
+                    .with_stdin(child.stdin)
+                    .with_stdout(child.stdout)
+                    .with_stderr(child.stderr);
+            }
+            if let Some(console) = &console {
+                builder = builder.with_console_socket(Some(console.path().to_path_buf()));
+            }
+            let tenant = builder
+                .as_tenant()
+                .with_process(Some(process_file.clone()))
+                .with_detach(true);
+            let saved = SelfState::save(process.oom_score_adj().is_some());
+            let mut registry = self.reaper.registry();
+            let built = {
+                let _span = tracing::debug_span!("libcontainer_exec").entered();
+                tenant.build()
+            };
+            saved.restore();
+            let pid = built
+                .map_err(|e| ContainerError::libcontainer("executing the process", &e))?
+                .as_raw();
+            let name = format!("{id}/{exec_id}");
+            let started = self.start_process_io(
+                &mut registry,
+                pid,
+                pending,
+                console.as_ref(),
+                console_size,
+                &name,
+                &c.cgroup,
+            );
+            if started.is_err() {
+                let _ = self.sys.kill(pid, Signal::SIGKILL);
+            }
+            started
+        })();
+        let _ = std::fs::remove_file(&process_file);
+        let process = result?;
+        let pid = process.pid();
+        inner.execs.insert(exec_id.to_string(), process);
+        tracing::info!(pid, "process started");
+        u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{add_container, manager, process};
+    use super::*;
+
+    fn request(id: &str, exec_id: &str) -> agent::ExecProcessRequest {
+        let mut req = agent::ExecProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.process_json =
+            br#"{"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#.to_vec();
+        req
+    }
+
+    #[test]
+    fn refused_before_anything_is_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (m, sys) = manager(dir.path());
+        add_container(&m, "created", 10, false, &[]);
+        let err = m.exec(&request("created", "e1")).expect_err("not running");
+        assert_eq!(err.code(), ttrpc::Code::FAILED_PRECONDITION);
+        let c = add_container(&m, "running", 11, true, &[]);
+        lock(&c.inner).execs.insert("e1".into(), process(12));
+        let err = m.exec(&request("running", "e1")).expect_err("duplicate");
+        assert_eq!(err.code(), ttrpc::Code::ALREADY_EXISTS);
+        let err = m.exec(&request("running", "a/b")).expect_err("bad id");
+        assert!(err.to_string().contains("exec_id"), "{err}");
+        let mut bad = request("running", "e2");
+        bad.process_json = br#"{"args": [], "cwd": "/"}"#.to_vec();
+        let err = m.exec(&bad).expect_err("no args");
+        assert!(err.to_string().contains("process.args"), "{err}");
+        assert_eq!(
+            m.exec(&request("ghost", "e1")).expect_err("unknown").code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert!(sys.calls().is_empty());
+        let left: Vec<_> = std::fs::read_dir(m.bundles_dir().join("running"))
+            .expect("bundle")
+            .collect();
+        assert!(left.is_empty(), "no process file left: {left:?}");
+    }
+}

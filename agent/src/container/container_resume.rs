@@ -1,0 +1,15 @@
+//! ResumeContainer: thaws a container's cgroup.
+
+use super::*;
+
+impl ContainerManager {
+    /// ResumeContainer.
+    pub fn resume(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        let mut inner = lock(&c.inner);
+        inner
+            .lc
+            .resume()
+            .map_err(|e| ContainerError::libcontainer("resuming", &e))
+    }
+}
