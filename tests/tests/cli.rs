@@ -289,6 +289,16 @@ fn bad_input_is_refused_and_leaves_nothing() {
     cli.assert_nothing_left();
 }
 
+/// Force-deletes a container when dropped, so a failed assertion leaves no
+/// VM running (declared after the tempdir, it is dropped before it).
+struct DeleteOnDrop<'a>(&'a Cli, &'a str);
+
+impl Drop for DeleteOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["delete", "--force", self.1]);
+    }
+}
+
 /// Issue 14 item 7: a process whose uid may not write a root-owned 0755
 /// directory of the rootfs writes there when it has CAP_DAC_OVERRIDE, as
 /// under runc (the virtio-fs share honours the capabilities the guest kernel
@@ -311,6 +321,7 @@ fn cap_dac_override_writes_into_a_root_owned_dir_of_the_rootfs() {
     let meta = std::fs::metadata(&locked).expect("stat");
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o755), "the test runs as root");
     cli.ok_detached(&["run", "--detach", "--bundle", &b.display().to_string(), "dac"]);
+    let _cleanup = DeleteOnDrop(&cli, "dac");
 
     // uid 1000 with `caps` in every set (ambient too, so `sh` keeps them).
     let exec_as_1000 = |name: &str, caps: &[&str]| {
