@@ -93,6 +93,7 @@ fn verdict(test: &str, missing: &[&str], required: bool) -> Verdict {
     }
 }
 
+#[track_caller]
 fn decide(test: &str, missing: &[&str]) -> bool {
     match verdict(test, missing, required()) {
         Verdict::Run => true,
@@ -107,6 +108,7 @@ fn decide(test: &str, missing: &[&str]) -> bool {
 /// True when the host has every one of `needs`. Otherwise the test is
 /// skipped (a note on stderr, false: the caller returns) or, under
 /// `CARAPACE_REQUIRE_KVM=1`, fails here with what is missing.
+#[track_caller]
 pub fn can_run(test: &str, needs: &[Need]) -> bool {
     let missing: Vec<&str> = needs
         .iter()
@@ -119,6 +121,7 @@ pub fn can_run(test: &str, needs: &[Need]) -> bool {
 /// For a need the caller checked itself (a tool such as `ip`): skips the
 /// test (false) or, under `CARAPACE_REQUIRE_KVM=1`, fails it. `what` names
 /// what is missing.
+#[track_caller]
 pub fn skip(test: &str, what: &str) -> bool {
     decide(test, &[what])
 }
