@@ -126,7 +126,7 @@ fn ctr_task_exec_with_the_runc_shim_and_carapace_as_runc() {
             ctr_run(&containerd, tmp.path(), &exec_id, &["task", "exec", "--exec-id", &exec_id, id, "sh", "-c", &script]);
         let context = || format!("stdout: {out:?}\nstderr: {err:?}\n{}", containerd.log_tail());
         assert_eq!(status, Some(code), "`ctr task exec` {exec_id} must return the process's exit code\n{}", context());
-        assert_eq!(out, format!("out carapace {n}\n"), "{exec_id}\n{}", context());
+        assert_eq!(out, format!("out {n}\n"), "{exec_id}\n{}", context());
         assert!(err.contains(&format!("err {n}")), "{exec_id}\n{}", context());
     }
     // The container itself is still running after its execs.
