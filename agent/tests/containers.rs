@@ -39,18 +39,15 @@ fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(60_000_000_000)
 }
 
-/// Root and busybox are needed; without them every test here says so and
-/// passes (nothing else is skipped).
+/// Root (namespaces, mounts, cgroups) and busybox are needed; without them
+/// every test here says so and passes (nothing else is skipped), or fails
+/// under CARAPACE_REQUIRE_KVM=1.
 fn can_run(test: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: needs root (namespaces, mounts, cgroups)");
+    use carapace_test_support::{can_run, skip, Need};
+    if !can_run(test, &[Need::Root]) {
         return false;
     }
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("SKIP {test}: /bin/busybox missing (apt-get install busybox-static)");
-        return false;
-    }
-    true
+    Path::new("/bin/busybox").exists() || skip(test, "/bin/busybox (apt-get install busybox-static)")
 }
 
 /// A busybox rootfs: /bin/busybox, a symlink per applet, /etc/passwd and

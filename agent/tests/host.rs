@@ -175,8 +175,12 @@ fn refuses_to_run_without_an_address_when_not_pid1() {
 /// with SIGHUP). Needs root; skipped otherwise.
 #[test]
 fn as_pid1_of_a_namespace_it_mounts_serves_and_reboots() {
-    if !nix::unistd::geteuid().is_root() || !Path::new("/usr/bin/unshare").exists() {
-        eprintln!("skipped: needs root and /usr/bin/unshare");
+    const TEST: &str = "as_pid1_of_a_namespace_it_mounts_serves_and_reboots";
+    if !carapace_test_support::can_run(TEST, &[carapace_test_support::Need::Root]) {
+        return;
+    }
+    if !Path::new("/usr/bin/unshare").exists() {
+        carapace_test_support::skip(TEST, "/usr/bin/unshare");
         return;
     }
     // An abstract socket: the agent mounts fresh tmpfs on /tmp and /run,

@@ -28,16 +28,14 @@ fn ip_bin() -> Option<&'static str> {
         .find(|p| Path::new(p).exists())
 }
 
+/// Root (network namespaces) and iproute2's `ip`; skips, or fails under
+/// CARAPACE_REQUIRE_KVM=1.
 fn can_run(test: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: needs root (network namespaces)");
+    use carapace_test_support::{can_run, skip, Need};
+    if !can_run(test, &[Need::Root]) {
         return false;
     }
-    if ip_bin().is_none() {
-        eprintln!("SKIP {test}: iproute2's ip is missing");
-        return false;
-    }
-    true
+    ip_bin().is_some() || skip(test, "iproute2's ip")
 }
 
 /// Runs `f` in a new thread in a new network namespace.
@@ -350,7 +348,10 @@ fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
             .into_iter()
             .find(|p| Path::new(p).exists()),
     ) else {
-        eprintln!("SKIP: needs unshare and nsenter (util-linux)");
+        carapace_test_support::skip(
+            "create_sandbox_over_ttrpc_configures_the_agents_namespace",
+            "unshare and nsenter (util-linux)",
+        );
         return;
     };
     // Not under /tmp or /run (the agent mounts tmpfs there in its

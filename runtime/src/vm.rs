@@ -372,10 +372,8 @@ mod tests {
     #[test]
     #[ignore = "boots a microVM (minutes here): run with --ignored, CARAPACE_KERNEL, CARAPACE_INITRAMFS and CARAPACE_BIN_DIR set"]
     fn boots_with_a_net_device() {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root || !Path::new("/dev/kvm").exists() || !Path::new("/dev/net/tun").exists() {
-            eprintln!("skipping: needs root, /dev/kvm and /dev/net/tun");
+        use carapace_test_support::{can_run, Need};
+        if !can_run("boots_with_a_net_device", &[Need::Root, Need::Kvm, Need::Tun]) {
             return;
         }
         let assets = GuestAssets::locate().expect("guest assets");

@@ -1,5 +1,7 @@
 //! Helpers shared by the end-to-end tests: locating the binaries and guest
-//! assets `scripts/test.sh` built, and skipping where `/dev/kvm` is absent.
+//! assets `scripts/test.sh` built, and skipping where `/dev/kvm` is absent
+//! (failing instead under `CARAPACE_REQUIRE_KVM=1`, see
+//! `carapace_test_support`).
 
 pub mod cli;
 pub mod containerd;
@@ -21,13 +23,10 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// True when this host can run microVMs; otherwise prints why the calling
-/// test is skipped. Tests return early on false: nothing else is skipped.
+/// test is skipped (tests return early on false: nothing else is skipped),
+/// or fails the test under `CARAPACE_REQUIRE_KVM=1`.
 pub fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    if !ok {
-        eprintln!("SKIP {test}: /dev/kvm is absent or not accessible; this test boots a microVM");
-    }
-    ok
+    carapace_test_support::can_run(test, &[carapace_test_support::Need::Kvm])
 }
 
 /// The guest kernel, initramfs and the directory of the host binaries, as

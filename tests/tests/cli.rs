@@ -288,3 +288,74 @@ fn bad_input_is_refused_and_leaves_nothing() {
     assert!(e.contains("exists"), "{e}");
     cli.assert_nothing_left();
 }
+
+/// Force-deletes a container when dropped, so a failed assertion leaves no
+/// VM running (declared after the tempdir, it is dropped before it).
+struct DeleteOnDrop<'a>(&'a Cli, &'a str);
+
+impl Drop for DeleteOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["delete", "--force", self.1]);
+    }
+}
+
+/// Issue 14 item 7: a process whose uid may not write a root-owned 0755
+/// directory of the rootfs writes there when it has CAP_DAC_OVERRIDE, as
+/// under runc (the virtio-fs share honours the capabilities the guest kernel
+/// checked); without the capability the guest refuses it (EACCES).
+#[test]
+fn cap_dac_override_writes_into_a_root_owned_dir_of_the_rootfs() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !kvm_available("cap_dac_override_writes_into_a_root_owned_dir_of_the_rootfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cli = Cli::new(&tmp.path().join("root"));
+    let b = bundle(&cli, &tmp.path().join("bundle"), |s| {
+        s["root"]["readonly"] = json!(false);
+        s["process"]["args"] = json!(["sleep", "100000"]);
+    });
+    let locked = b.join("rootfs/locked");
+    std::fs::create_dir(&locked).expect("mkdir");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let meta = std::fs::metadata(&locked).expect("stat");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o755), "the test runs as root");
+    cli.ok_detached(&["run", "--detach", "--bundle", &b.display().to_string(), "dac"]);
+    let _cleanup = DeleteOnDrop(&cli, "dac");
+
+    // uid 1000 with `caps` in every set (ambient too, so `sh` keeps them).
+    let exec_as_1000 = |name: &str, caps: &[&str]| {
+        let process = json!({
+            "user": {"uid": 1000, "gid": 1000},
+            "args": ["sh", "-c", format!("echo {name} > /locked/{name} && mkdir /locked/{name}.d && echo wrote")],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "inheritable": caps, "ambient": caps},
+            "noNewPrivileges": true,
+        });
+        let path = tmp.path().join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_vec(&process).expect("json")).expect("process.json");
+        cli.run(&["exec", "--process", &path.display().to_string(), "dac"])
+    };
+
+    let out = exec_as_1000("with-cap", &["CAP_DAC_OVERRIDE"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "uid 1000 with CAP_DAC_OVERRIDE: {} {stderr}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "wrote\n");
+    assert_eq!(std::fs::read_to_string(locked.join("with-cap")).expect("written on the host"), "with-cap\n");
+    for name in ["with-cap", "with-cap.d"] {
+        let meta = std::fs::metadata(locked.join(name)).expect("stat");
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1000), "{name} belongs to the caller");
+    }
+
+    let out = exec_as_1000("without-cap", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "uid 1000 without capabilities wrote: {stderr}");
+    assert!(stderr.contains("Permission denied"), "EACCES: {stderr}");
+    assert!(!locked.join("without-cap").exists());
+
+    cli.ok(&["kill", "dac", "KILL"]);
+    assert!(cli.wait_status("dac", "stopped", EXIT_DEADLINE), "dac did not stop: {}", cli.state("dac"));
+    cli.ok(&["delete", "dac"]);
+    cli.assert_nothing_left();
+}

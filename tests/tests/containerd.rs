@@ -8,11 +8,13 @@
 //! `carapace --root /run/containerd/runc/<ns> --log <bundle>/log.json
 //! --log-format json create --bundle .. --pid-file ..`, then `start`, waits
 //! for the pid file's process (our monitor) to exit, and calls `delete`.
+//! `ctr task exec` goes through `carapace exec --process FILE --detach`.
 
 use std::fs::File;
+use std::path::Path;
 use std::time::Duration;
 
-use carapace_tests::containerd::{wait_deadline, Containerd, IMAGE};
+use carapace_tests::containerd::{ctr_run, task_status, wait_deadline, Containerd, IMAGE};
 use carapace_tests::{kvm_available, processes_matching, wait_for, Assets, BOOT_DEADLINE};
 
 #[test]
@@ -64,8 +66,12 @@ fn ctr_run_with_the_runc_shim_and_carapace_as_runc() {
     assert_ne!(line, format!("hello from {host}"), "the container ran with the host's hostname\n{}", context());
     eprintln!("ctr run printed {line:?} and returned 3");
 
-    // Nothing left: no monitor or VMM under the shim's runc root, no
-    // container state there, no shim, no rootfs mount, no container.
+    assert_nothing_left(&containerd, tmp.path());
+}
+
+/// Nothing left: no monitor or VMM under the runc shim's root, no container
+/// state there, no shim, no rootfs mount, no container.
+fn assert_nothing_left(containerd: &Containerd, tmp: &Path) {
     let root = containerd.runc_root();
     let root_s = root.display().to_string();
     let gone = wait_for(Duration::from_secs(30), || processes_matching(&root_s).is_empty().then_some(()));
@@ -82,7 +88,54 @@ fn ctr_run_with_the_runc_shim_and_carapace_as_runc() {
     let shims = wait_for(Duration::from_secs(30), || containerd.shims().is_empty().then_some(()));
     assert!(shims.is_some(), "the runc shim of this test is still running");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let tmp_s = tmp.path().display().to_string();
+    let tmp_s = tmp.display().to_string();
     assert!(!mounts.lines().any(|l| l.contains(&tmp_s)), "mounts under {tmp_s} left");
-    assert!(containerd.ctr_ok(&["containers", "list", "--quiet"]).trim().is_empty(), "--rm left the container");
+    assert!(containerd.ctr_ok(&["containers", "list", "--quiet"]).trim().is_empty(), "the container is left");
+}
+
+/// Issue 11: `ctr task exec` through the runc shim, which runs each exec as
+/// `carapace exec --process FILE --detach --pid-file ..` and then waits
+/// for the pid file's process: the exec's output and exit code come back,
+/// several times in one container.
+#[test]
+fn ctr_task_exec_with_the_runc_shim_and_carapace_as_runc() {
+    if !kvm_available("ctr_task_exec_with_the_runc_shim_and_carapace_as_runc") {
+        return;
+    }
+    let assets = Assets::get();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let containerd = Containerd::start(&tmp.path().join("containerd"), &assets);
+    containerd.import_busybox(tmp.path());
+
+    let id = "carapace-exec-via-runc-shim";
+    let carapace = containerd.carapace.display().to_string();
+    let (code, out, err) = ctr_run(
+        &containerd,
+        tmp.path(),
+        "run",
+        &["run", "-d", "--runtime", "io.containerd.runc.v2", "--runc-binary", &carapace, "--snapshotter", "native", IMAGE, id, "sleep", "100000"],
+    );
+    assert_eq!(code, Some(0), "ctr run -d: {out}{err}\n{}", containerd.log_tail());
+    let running = wait_for(BOOT_DEADLINE, || (task_status(&containerd, id) == "RUNNING").then_some(()));
+    assert!(running.is_some(), "the task is not running: {}\n{}", task_status(&containerd, id), containerd.log_tail());
+
+    for (n, code) in [(1, 0), (2, 5), (3, 42)] {
+        let exec_id = format!("exec{n}");
+        let script = format!("echo out {n}; echo err {n} >&2; exit {code}");
+        let (status, out, err) =
+            ctr_run(&containerd, tmp.path(), &exec_id, &["task", "exec", "--exec-id", &exec_id, id, "sh", "-c", &script]);
+        let context = || format!("stdout: {out:?}\nstderr: {err:?}\n{}", containerd.log_tail());
+        assert_eq!(status, Some(code), "`ctr task exec` {exec_id} must return the process's exit code\n{}", context());
+        assert_eq!(out, format!("out {n}\n"), "{exec_id}\n{}", context());
+        assert!(err.contains(&format!("err {n}")), "{exec_id}\n{}", context());
+    }
+    // The container itself is still running after its execs.
+    assert_eq!(task_status(&containerd, id), "RUNNING");
+
+    containerd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", id]);
+    let stopped = wait_for(BOOT_DEADLINE, || (task_status(&containerd, id) == "STOPPED").then_some(()));
+    assert!(stopped.is_some(), "the task did not stop: {}\n{}", task_status(&containerd, id), containerd.log_tail());
+    containerd.ctr_ok(&["task", "delete", id]);
+    containerd.ctr_ok(&["containers", "delete", id]);
+    assert_nothing_left(&containerd, tmp.path());
 }

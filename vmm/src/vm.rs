@@ -736,13 +736,8 @@ mod tests {
     /// `ud2` with an empty IDT: #UD -> #DF -> triple fault.
     const CRASH: &[u8] = &[0x0f, 0x0b];
 
-    fn kvm_available() -> bool {
-        if Path::new("/dev/kvm").exists() {
-            true
-        } else {
-            eprintln!("skipping: /dev/kvm is missing");
-            false
-        }
+    fn kvm_available(test: &str) -> bool {
+        carapace_test_support::can_run(test, &[carapace_test_support::Need::Kvm])
     }
 
     fn config(dir: &Path, code: &[u8]) -> VmConfig {
@@ -765,7 +760,7 @@ mod tests {
 
     #[test]
     fn runs_guest_code_to_an_i8042_reset() {
-        if !kvm_available() {
+        if !kvm_available("runs_guest_code_to_an_i8042_reset") {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -782,7 +777,7 @@ mod tests {
 
     #[test]
     fn guest_crash_is_not_a_clean_exit() {
-        if !kvm_available() {
+        if !kvm_available("guest_crash_is_not_a_clean_exit") {
             return;
         }
         let d = tempfile::tempdir().unwrap();

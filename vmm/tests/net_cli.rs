@@ -6,7 +6,6 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Output};
 
 #[path = "../src/test_utils.rs"]
@@ -97,10 +96,8 @@ fn open_tap(name: &str) -> OwnedFd {
 
 #[test]
 fn taps_by_fd_and_by_name_start_the_vm() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/kvm").exists() || !Path::new("/dev/net/tun").exists() {
-        eprintln!("skipping: needs root, /dev/kvm and /dev/net/tun");
+    use carapace_test_support::{can_run, Need};
+    if !can_run("taps_by_fd_and_by_name_start_the_vm", &[Need::Root, Need::Kvm, Need::Tun]) {
         return;
     }
     std::thread::spawn(|| {

@@ -15,7 +15,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::Command;
 
 #[path = "../src/test_utils.rs"]
@@ -127,14 +126,11 @@ fn plain(bytes: &[u8]) -> String {
     out
 }
 
-fn kvm_and_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !Path::new("/dev/kvm").exists() || !Path::new("/dev/net/tun").exists() || !root {
-        eprintln!("skipping: needs /dev/kvm, /dev/net/tun and root (virtio-fs, a tap)");
-        return false;
-    }
-    true
+/// /dev/kvm, a tap and root (virtio-fs); skips, or fails under
+/// CARAPACE_REQUIRE_KVM=1.
+fn kvm_and_root(test: &str) -> bool {
+    use carapace_test_support::{can_run, Need};
+    can_run(test, &[Need::Kvm, Need::Tun, Need::Root])
 }
 
 fn run_churn(extra: &[&str]) -> (std::process::Output, String, bool) {
@@ -179,7 +175,7 @@ fn run_churn(extra: &[&str]) -> (std::process::Output, String, bool) {
 
 #[test]
 fn confined_vmm_survives_device_churn() {
-    if !kvm_and_root() {
+    if !kvm_and_root("confined_vmm_survives_device_churn") {
         return;
     }
     let (out, console, sock_left) = run_churn(&[]);
@@ -196,7 +192,7 @@ fn confined_vmm_survives_device_churn() {
 
 #[test]
 fn no_seccomp_runs_the_same_guest() {
-    if !kvm_and_root() {
+    if !kvm_and_root("no_seccomp_runs_the_same_guest") {
         return;
     }
     let (out, console, _) = run_churn(&["--no-seccomp"]);

@@ -60,14 +60,15 @@ fn pod_and_bridge() -> (Netns, Netns) {
     (pod, bridge)
 }
 
-fn root() -> bool {
-    nix::unistd::geteuid().is_root() && Path::new("/dev/net/tun").exists()
+/// Root and a tap device (skips, or fails under CARAPACE_REQUIRE_KVM=1).
+fn root(test: &str) -> bool {
+    use carapace_test_support::{can_run, Need};
+    can_run(test, &[Need::Root, Need::Tun])
 }
 
 #[test]
 fn a_pod_namespace_is_wired_to_a_tap_and_unwired_on_detach() {
-    if !root() {
-        eprintln!("skipped: needs root and /dev/net/tun");
+    if !root("a_pod_namespace_is_wired_to_a_tap_and_unwired_on_detach") {
         return;
     }
     let (pod, bridge) = pod_and_bridge();
@@ -151,7 +152,7 @@ fn attaching_to_something_that_is_not_a_network_namespace_names_it() {
     let missing = dir.path().join("no-such-netns");
     let e = attach(&missing).expect_err("missing path");
     assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
-    if root() {
+    if root("attaching_to_something_that_is_not_a_network_namespace_names_it (a plain file)") {
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"").expect("write");
         let e = attach(&file).expect_err("a plain file");

@@ -260,10 +260,10 @@ struct Fixture {
     dir: tempfile::TempDir,
 }
 
-/// None (and a note) when not root: the share needs bind mounts.
+/// None (and a note) when not root: the share needs bind mounts (fails
+/// instead under CARAPACE_REQUIRE_KVM=1).
 fn fixture(test: &str) -> Option<Fixture> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: needs root (bind mounts into the share)");
+    if !carapace_test_support::can_run(test, &[carapace_test_support::Need::Root]) {
         return None;
     }
     // This thread's mounts stay in a namespace of its own.

@@ -287,7 +287,8 @@ fn fs(rules: &mut Rules) {
             libc::SYS_removexattr,
             libc::SYS_lremovexattr,
             libc::SYS_fremovexattr,
-            // Creating files with the caller's uid/gid (per thread).
+            // Creating files with the caller's uid/gid (per thread) and
+            // the DAC capabilities it keeps (capget/capset, `fs::creds`).
             libc::SYS_setresuid,
             libc::SYS_setresgid,
             libc::SYS_getuid,

@@ -14,7 +14,9 @@
 //!   contain `/` (`..` at the root stays at the root);
 //! - sizes: buffer sizes the guest asks for (xattr values and lists,
 //!   directory listings) are clamped before the backend allocates them;
-//! - no DAX: mapping requests are refused.
+//! - no DAX: mapping requests are refused;
+//! - callers: entries are created as the guest caller, with the DAC
+//!   capabilities the guest kernel has already checked (see `creds`).
 
 use std::ffi::CStr;
 use std::io;
@@ -31,6 +33,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use super::creds::CallerCreds;
 use super::defs::{READDIR_SIZE_MAX, XATTR_SIZE_MAX};
 use super::{CacheMode, FsConfig, FsError};
 
@@ -141,6 +144,18 @@ impl<F> ShareFs<F> {
     }
 }
 
+/// Runs `op`, a request that creates an entry, as the guest caller `ctx`
+/// names (see `creds`). The backend gets a root context, so it does not
+/// switch again (it would drop the capabilities the caller keeps).
+fn as_caller<T>(ctx: &Context, op: impl FnOnce(&Context) -> io::Result<T>) -> io::Result<T> {
+    let _caller = CallerCreds::switch(ctx.uid, ctx.gid)?;
+    op(&Context {
+        uid: 0,
+        gid: 0,
+        ..*ctx
+    })
+}
+
 impl<F: FileSystem<Inode = u64, Handle = u64>> ShareFs<F> {
     /// The "nodev" rule: only regular files and directories are opened.
     fn check_openable(&self, ctx: &Context, inode: u64) -> io::Result<()> {
@@ -223,7 +238,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_entry_name(name)?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        as_caller(ctx, |ctx| self.inner.symlink(ctx, linkname, parent, name))
     }
 
     fn mknod(
@@ -237,7 +252,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_entry_name(name)?;
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        as_caller(ctx, |ctx| {
+            self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        })
     }
 
     fn mkdir(
@@ -250,7 +267,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
     ) -> io::Result<Entry> {
         self.writable()?;
         check_entry_name(name)?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        as_caller(ctx, |ctx| self.inner.mkdir(ctx, parent, name, mode, umask))
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -310,7 +327,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
         check_entry_name(name)?;
-        self.inner.create(ctx, parent, name, args)
+        as_caller(ctx, |ctx| self.inner.create(ctx, parent, name, args))
     }
 
     fn read(
@@ -1256,5 +1273,86 @@ mod tests {
         let fh = h.open(f.nodeid, libc::O_RDWR).unwrap().fh;
         h.fallocate(f.nodeid, fh, 0, 1 << 16).unwrap();
         assert_eq!(fs::metadata(dir.path().join("f")).unwrap().len(), 1 << 16);
+    }
+
+    // --- the guest caller's identity -----------------------------------
+
+    /// This thread's effective ids and effective and permitted capabilities.
+    fn thread_creds() -> (u32, u32, caps::CapsHashSet, caps::CapsHashSet) {
+        // SAFETY: geteuid and getegid only read this thread's credentials.
+        let ids = unsafe { (libc::geteuid(), libc::getegid()) };
+        (
+            ids.0,
+            ids.1,
+            caps::read(None, caps::CapSet::Effective).unwrap(),
+            caps::read(None, caps::CapSet::Permitted).unwrap(),
+        )
+    }
+
+    /// The guest kernel checks permissions itself (virtio-fs mounts with
+    /// `default_permissions`) and sends a request only when its caller may
+    /// make it, capabilities included: a uid-1000 caller the guest let
+    /// through (CAP_DAC_OVERRIDE, as runc's containers get) creates entries
+    /// in a root-owned 0755 directory of the share. The entries belong to
+    /// the caller on the host, and the worker is root with all its
+    /// capabilities again after each request.
+    #[test]
+    fn guest_callers_dac_capabilities_count_in_root_owned_dirs() {
+        let (tmp, share, _outside) = share_with_outside();
+        let locked = share.join("locked");
+        fs::create_dir(&locked).unwrap();
+        fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(locked.join("existing"), b"").unwrap();
+        fs::set_permissions(locked.join("existing"), fs::Permissions::from_mode(0o644)).unwrap();
+        let mem = test_mem();
+        let mut h = Harness::mounted(&mem, &share);
+        let before = thread_creds();
+        let d = h.lookup(ROOT_ID, "locked").unwrap();
+        h.uid = 1000;
+        h.gid = 1000;
+
+        let creat = libc::O_WRONLY | libc::O_CREAT;
+        let (f, open) = h
+            .create(d.nodeid, "file", creat, libc::S_IFREG | 0o644)
+            .unwrap();
+        assert_eq!(h.write(f.nodeid, open.fh, 0, b"hi").unwrap(), 2);
+        assert_eq!(thread_creds(), before, "after CREATE");
+        h.mkdir(d.nodeid, "dir", 0o755).unwrap();
+        h.symlink(d.nodeid, "link", "file").unwrap();
+        h.mknod(d.nodeid, "fifo", libc::S_IFIFO | 0o644, 0).unwrap();
+        assert_eq!(thread_creds(), before, "after MKDIR, SYMLINK, MKNOD");
+        for name in ["file", "dir", "link", "fifo"] {
+            let meta = fs::symlink_metadata(locked.join(name)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (1000, 1000), "{name}");
+        }
+        assert_eq!(fs::read(locked.join("file")).unwrap(), b"hi");
+        // CREATE without O_EXCL of a root-owned 0644 file opens it.
+        let (e, _) = h
+            .create(d.nodeid, "existing", creat, libc::S_IFREG | 0o644)
+            .unwrap();
+        assert_eq!(e.attr.uid, 0);
+
+        // The same caller is still held to the share: names are checked
+        // and nothing appears outside it.
+        for bad in ["../escape", "a/b", ".."] {
+            assert_eq!(
+                h.create(d.nodeid, bad, creat, libc::S_IFREG | 0o644)
+                    .unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(
+                h.mkdir(d.nodeid, bad, 0o755).unwrap_err(),
+                libc::EINVAL,
+                "{bad}"
+            );
+        }
+        let mut around: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        around.sort();
+        assert_eq!(around, vec!["outside", "share", "sibling"]);
+        assert_eq!(thread_creds(), before, "after refused requests");
     }
 }

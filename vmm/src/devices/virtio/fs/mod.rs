@@ -12,6 +12,8 @@
 //! - `backend`: builds the passthrough file system from an [`FsConfig`] and
 //!   wraps it in a guard that enforces read-only sharing, refuses to open
 //!   host device nodes and validates names and sizes the guest sends;
+//! - `creds`: acting as the guest caller (uid, gid and the DAC capabilities
+//!   the guest kernel already checked) for requests that create entries;
 //! - `request`: processes one virtqueue without threads (pop a descriptor
 //!   chain, run the FUSE request, add the used length);
 //! - `event_loop`: the worker thread's epoll loop over the queue notifiers;
@@ -48,6 +50,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 mod backend;
+mod creds;
 mod device;
 mod event_loop;
 mod request;

@@ -628,11 +628,11 @@ fn broken_device_waits_for_reset() {
 // ---- a real tap, in a network namespace of the test's own thread ----
 
 /// Runs `f` on a thread in a fresh network namespace; false (and a note)
-/// where that is not possible (not root, no /dev/net/tun).
-fn in_netns(f: impl FnOnce() + Send + 'static) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipping: needs root and /dev/net/tun");
+/// where that is not possible (not root, no /dev/net/tun), or a failure
+/// under CARAPACE_REQUIRE_KVM=1.
+fn in_netns(test: &str, f: impl FnOnce() + Send + 'static) -> bool {
+    use carapace_test_support::{can_run, Need};
+    if !can_run(test, &[Need::Root, Need::Tun]) {
         return false;
     }
     std::thread::spawn(move || {
@@ -713,7 +713,7 @@ fn packet_socket_for(ifindex: i32, ethertype: u16) -> std::os::fd::OwnedFd {
 #[test]
 fn real_tap_carries_frames_both_ways() {
     use std::os::fd::AsRawFd;
-    in_netns(|| {
+    in_netns("real_tap_carries_frames_both_ways", || {
         let tap = Tap::open_named("cpnet0").expect("create tap");
         assert_eq!(tap.name(), "cpnet0");
         let ifindex = link_up("cpnet0");
@@ -761,7 +761,7 @@ fn real_tap_carries_frames_both_ways() {
 fn real_tap_takes_offloaded_frames() {
     use std::os::fd::AsRawFd;
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
-    in_netns(|| {
+    in_netns("real_tap_takes_offloaded_frames", || {
         let mut tap = Tap::open_named("cpnet4").expect("tap");
         tap.set_rx_offloads(Offloads { csum: true, tso4: true, tso6: true }).expect("TUNSETOFFLOAD");
         tap.set_rx_offloads(Offloads::default()).expect("TUNSETOFFLOAD off");
@@ -810,7 +810,7 @@ fn inherited_tap_fds_are_checked() {
     let f = std::fs::File::open("/dev/null").expect("null");
     let e = Tap::from_fd(f.as_raw_fd()).expect_err("not a tap").to_string();
     assert!(e.contains(&f.as_raw_fd().to_string()) && e.contains("not a usable tap"), "{e}");
-    in_netns(|| {
+    in_netns("inherited_tap_fds_are_checked", || {
         use std::os::fd::FromRawFd;
         // A tap opened the runtime's way: usable, and the caller keeps its fd.
         let own = Tap::open_named("cpnet1").expect("tap");
@@ -859,7 +859,7 @@ fn inherited_tap_fds_are_checked() {
 /// worker spin or die: frames are dropped, the device keeps serving.
 #[test]
 fn deleted_tap_interface_does_not_spin() {
-    in_netns(|| {
+    in_netns("deleted_tap_interface_does_not_spin", || {
         let tap = Tap::open_named("cpnet3").expect("tap");
         link_up("cpnet3");
         let mut d = Net::with_backend(MAC, 1500, tap).expect("net");
@@ -875,7 +875,7 @@ fn deleted_tap_interface_does_not_spin() {
             .map(|s| s.success())
             .unwrap_or(false);
         if !deleted {
-            eprintln!("skipping the deletion part: no `ip` tool");
+            carapace_test_support::skip("deleted_tap_interface_does_not_spin (the deletion part)", "the `ip` tool");
             return;
         }
         let cpu = threads_cpu_ticks("net");
