@@ -126,7 +126,8 @@ def memory(rt, bundle, tmp):
         with open(pid_file) as f:
             file_pid = int(f.read().strip())
         if rt.name == "carapace":
-            return {"VMM (state pid)": pss_kib(state_pid), "monitor (pid file)": pss_kib(file_pid)}
+            vmm_pid = int(rt.state(cid)["annotations"]["io.carapace.vmm-pid"])
+            return {"VMM": pss_kib(vmm_pid), "monitor (state pid = pid file)": pss_kib(file_pid)}
         return {"container process": pss_kib(state_pid)}
     finally:
         rt.cmd("kill", cid, "SIGKILL", check=False)

@@ -174,7 +174,7 @@ def main():
         failures += [f"after the parallel sandboxes: {x}" for x in left]
 
         c("run", "--detach", "--bundle", sleep_b, "long")
-        vmm = json.loads(c("state", "long").stdout)["pid"]
+        vmm = int(json.loads(c("state", "long").stdout)["annotations"]["io.carapace.vmm-pid"])
         warmup = min(5, a.execs)
         # Settle before each measurement: a finished exec's vsock streams are
         # closed by the VMM up to a couple of seconds later.

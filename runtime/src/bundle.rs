@@ -20,12 +20,9 @@ pub enum BundleError {
     Field { path: PathBuf, field: &'static str, msg: String },
 }
 
-/// Annotation that sets the VM's vCPUs, and the values it may take.
-pub const VCPUS_ANNOTATION: &str = "io.carapace.vcpus";
-pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
-/// Annotation that sets the VM's memory in MiB, and the values it may take.
-pub const MEMORY_MIB_ANNOTATION: &str = "io.carapace.memory_mib";
-pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=256 * 1024;
+pub use crate::annotations::{
+    MEMORY_MIB as MEMORY_MIB_ANNOTATION, MEMORY_MIB_RANGE, VCPUS as VCPUS_ANNOTATION, VCPUS_RANGE,
+};
 
 /// A loaded, validated bundle.
 #[derive(Debug, Clone)]

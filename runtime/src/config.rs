@@ -15,8 +15,28 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::monitor::BOOT_TIMEOUT;
-use crate::vm::{CacheMode, VmOptions};
+/// How long a guest may take to boot to its agent unless configured (kvm_pvm
+/// hosts emulate the guest kernel: tens of seconds).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Where VM templates live unless configured.
+pub const TEMPLATE_DIR: &str = "/var/lib/carapace/templates";
+/// vCPUs and memory of a VM that asks for nothing, unless configured.
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+
+/// How much the guest may cache of the share: the operator's word, which
+/// the runtime turns into the VMM's own setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Nothing cached: for shares the host changes behind the guest's back.
+    None,
+    /// Close-to-open consistency.
+    #[default]
+    Auto,
+    /// Cached for long: only this guest changes the share.
+    Always,
+}
 
 /// Read when nothing names another file.
 pub const DEFAULT_PATH: &str = "/etc/carapace/config.toml";
@@ -94,6 +114,11 @@ pub struct Config {
     pub kernel_params: String,
     /// How long a VM may take until its agent answers.
     pub boot_timeout_secs: u64,
+    /// Start sandboxes from a snapshot of a booted VM of the same shape
+    /// (made on first use) instead of booting a kernel each time.
+    pub vm_templates: bool,
+    /// Where the templates live (one directory per VM shape).
+    pub template_dir: PathBuf,
     /// The shim's log filter (`tracing` syntax: `info`, `debug`,
     /// `carapace_shim=debug`...). `CARAPACE_SHIM_LOG` wins; unset, `info`
     /// (`debug` when containerd runs the shim with `-debug`).
@@ -105,17 +130,18 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let vm = VmOptions::default();
         Self {
             kernel: None,
             initramfs: None,
             vmm: None,
-            default_vcpus: vm.vcpus,
-            default_memory_mib: vm.mem_mib,
+            default_vcpus: DEFAULT_VCPUS,
+            default_memory_mib: DEFAULT_MEMORY_MIB,
             memory_overhead_mib: 128,
             shared_fs_cache: CacheMode::Auto,
             kernel_params: String::new(),
             boot_timeout_secs: BOOT_TIMEOUT.as_secs(),
+            vm_templates: true,
+            template_dir: PathBuf::from(TEMPLATE_DIR),
             log_level: None,
             source: None,
         }
@@ -172,7 +198,10 @@ impl Config {
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: String| ConfigError::Invalid { path: path.to_path_buf(), key, message };
-        for (key, value) in [("kernel", &self.kernel), ("initramfs", &self.initramfs), ("vmm", &self.vmm)] {
+        let template_dir = Some(self.template_dir.clone());
+        for (key, value) in
+            [("kernel", &self.kernel), ("initramfs", &self.initramfs), ("vmm", &self.vmm), ("template_dir", &template_dir)]
+        {
             // Relative to what? The shim's cwd is a container's bundle.
             if let Some(p) = value.as_ref().filter(|p| !p.is_absolute()) {
                 return Err(invalid(key, format!("{} is not an absolute path", p.display())));
@@ -264,6 +293,8 @@ memory_overhead_mib = 64
 shared_fs_cache = "none"
 kernel_params = "loglevel=7"
 boot_timeout_secs = 600
+vm_templates = false
+template_dir = "/srv/templates"
 log_level = "carapace_shim=debug,info"
 "#,
         )
@@ -273,6 +304,8 @@ log_level = "carapace_shim=debug,info"
         assert_eq!(c.vmm.as_deref(), Some(Path::new("/opt/c/carapace-vmm")));
         assert_eq!((c.default_vcpus, c.default_memory_mib, c.memory_overhead_mib), (2, 512, 64));
         assert_eq!(c.shared_fs_cache, CacheMode::None);
+        assert!(!c.vm_templates);
+        assert_eq!(c.template_dir, Path::new("/srv/templates"));
         assert_eq!(c.kernel_params, "loglevel=7");
         assert_eq!(c.boot_timeout(), Duration::from_secs(600));
         assert_eq!(c.log_level.as_deref(), Some("carapace_shim=debug,info"));
@@ -289,7 +322,7 @@ log_level = "carapace_shim=debug,info"
             .map(|l| format!("{l}\n"))
             .collect();
         let keys = uncommented.lines().count();
-        assert_eq!(keys, 10, "every key once:\n{uncommented}");
+        assert_eq!(keys, 12, "every key once:\n{uncommented}");
         let mut c = parse(&uncommented).expect("the example parses");
         // Unset paths mean "search"; the example names the default ones.
         assert_eq!(c.kernel.take().as_deref(), Some(Path::new("/usr/local/share/carapace/vmlinux")));

@@ -35,18 +35,20 @@ pub enum ContainerError {
     Hook(#[from] HookError),
     #[error(transparent)]
     Stdio(#[from] stdio::StdioError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("{0}")]
     WrongState(String),
-    #[error("cannot reach the agent of container {id}: {source}")]
-    Connect { id: String, source: carapace_protocol::client::ClientError },
+    #[error("cannot reach the agent of container {id}: {err}")]
+    Connect { id: String, err: carapace_protocol::client::ClientError },
     #[error("{call}: {message}")]
     Agent { call: &'static str, message: String },
     #[error("cannot start the sandbox monitor: {0}")]
     Spawn(std::io::Error),
     #[error("{0}")]
     Create(String),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("--process {path}: {msg}")]
     ProcessJson { path: PathBuf, msg: String },
 }
@@ -96,7 +98,7 @@ pub fn effective(record: &mut ContainerRecord) {
         return;
     }
     let monitor_gone = record.monitor_pid != 0 && !proc::alive(record.monitor_pid, record.monitor_start_time);
-    let vmm_gone = record.pid != 0 && !proc::alive(record.pid, record.vmm_start_time);
+    let vmm_gone = record.vmm_pid != 0 && !proc::alive(record.vmm_pid, record.vmm_start_time);
     if monitor_gone || vmm_gone || (record.status == Status::Creating && record.monitor_pid == 0) {
         record.stop_reason = Some(
             match (record.status, vmm_gone) {
@@ -155,7 +157,7 @@ impl Runtime {
     pub fn agent(&self, record: &ContainerRecord) -> Result<AgentClient> {
         let uds = Vm::vsock_path(&self.store.dir(&record.id)?);
         let conn = carapace_protocol::client::connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(10))
-            .map_err(|source| ContainerError::Connect { id: record.id.clone(), source })?;
+            .map_err(|err| ContainerError::Connect { id: record.id.clone(), err })?;
         Ok(AgentClient::new(conn))
     }
 
@@ -194,6 +196,7 @@ impl Runtime {
             rootfs: bundle.rootfs.clone(),
             status: Status::Creating,
             pid: 0,
+            vmm_pid: 0,
             guest_pid: 0,
             created: now_rfc3339(),
             owner: String::from("root"),
@@ -233,7 +236,10 @@ impl Runtime {
                 return Err(ContainerError::Create(msg));
             }
         };
-        record.pid = ready.vmm_pid;
+        // One host pid for the container, as runc has: the monitor's, which
+        // exits with the container's status.
+        record.pid = child.id();
+        record.vmm_pid = ready.vmm_pid;
         record.vmm_start_time = ready.vmm_start_time;
         record.guest_pid = ready.guest_pid;
         record.status = Status::Created;
@@ -341,8 +347,8 @@ impl Runtime {
             tracing::warn!(pid = record.monitor_pid, "the monitor did not stop; killing it and the VMM");
             proc::signal(record.monitor_pid, record.monitor_start_time, Signal::SIGKILL);
         }
-        proc::signal(record.pid, record.vmm_start_time, Signal::SIGKILL);
-        proc::wait_gone(record.pid, record.vmm_start_time, Duration::from_secs(10));
+        proc::signal(record.vmm_pid, record.vmm_start_time, Signal::SIGKILL);
+        proc::wait_gone(record.vmm_pid, record.vmm_start_time, Duration::from_secs(10));
         if let Ok(bundle) = Bundle::load(&record.bundle) {
             hooks::run_warn("poststop", hooks_of(&bundle.spec).poststop().as_deref().unwrap_or(&[]), &hook_state(&record, Status::Stopped));
         }
@@ -416,7 +422,7 @@ impl Runtime {
         let record = self.state(id)?;
         let mut p = match from_file {
             Some(path) => {
-                let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.into(), source })?;
+                let text = std::fs::read(path).map_err(|err| ContainerError::Io { path: path.into(), err })?;
                 serde_json::from_slice::<Process>(&text)
                     .map_err(|e| ContainerError::ProcessJson { path: path.into(), msg: e.to_string() })?
             }
@@ -481,7 +487,7 @@ pub fn read_ready(read: OwnedFd) -> std::result::Result<Ready, ContainerError> {
 /// Writes a pid file atomically, as runc does.
 pub fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
     let tmp = path.with_extension("carapace-tmp");
-    let io = |source| ContainerError::Io { path: path.to_path_buf(), source };
+    let io = |err| ContainerError::Io { path: path.to_path_buf(), err };
     std::fs::write(&tmp, pid.to_string()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }

@@ -2,8 +2,9 @@
 //! createRuntime, poststart, poststop): each gets the container's state JSON
 //! on stdin and is killed when its `timeout` passes.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,12 +13,61 @@ use oci_spec::runtime::Hook;
 /// A hook that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("{kind} hook {path}: cannot run: {source}")]
-    Spawn { kind: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{kind} hook {path}: cannot run: {err}")]
+    Spawn { kind: &'static str, path: PathBuf, err: std::io::Error },
     #[error("{kind} hook {path}: {status}{output}")]
     Failed { kind: &'static str, path: PathBuf, status: String, output: String },
     #[error("{kind} hook {path}: timed out after {secs} s")]
     Timeout { kind: &'static str, path: PathBuf, secs: i64 },
+}
+
+/// The OCI state of a container (what `state` prints and hooks read): the
+/// one builder of it for the CLI and the shim.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OciState<'a> {
+    #[serde(rename = "ociVersion")]
+    pub oci_version: &'static str,
+    pub id: &'a str,
+    pub status: &'a str,
+    /// The host process that stands for the container (0 once stopped).
+    pub pid: u32,
+    pub bundle: &'a Path,
+    pub annotations: &'a HashMap<String, String>,
+    /// runc's extras beyond the spec's fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<&'a str>,
+    /// Ours: why a container stopped when it did not simply exit.
+    #[serde(rename = "stopReason", skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<&'a str>,
+}
+
+impl<'a> OciState<'a> {
+    /// The OCI runtime spec version Carapace reports.
+    pub const VERSION: &'static str = "1.2.0";
+
+    pub fn new(id: &'a str, status: &'a str, pid: u32, bundle: &'a Path, annotations: &'a HashMap<String, String>) -> Self {
+        let pid = if status == "stopped" { 0 } else { pid };
+        Self {
+            oci_version: Self::VERSION,
+            id,
+            status,
+            pid,
+            bundle,
+            annotations,
+            rootfs: None,
+            created: None,
+            owner: None,
+            stop_reason: None,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Runs `hooks` in order; stops at the first failure.
@@ -58,7 +108,7 @@ fn run_one(kind: &'static str, hook: &Hook, input: &[u8]) -> Result<(), HookErro
         }
     }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| HookError::Spawn { kind, path: path.clone(), source })?;
+    let mut child = cmd.spawn().map_err(|source| HookError::Spawn { kind, path: path.clone(), err: source })?;
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its state must not fail the write.
         let _ = stdin.write_all(input);
@@ -81,7 +131,7 @@ fn run_one(kind: &'static str, hook: &Hook, input: &[u8]) -> Result<(), HookErro
         match child.try_wait() {
             Ok(Some(s)) => break s,
             Ok(None) => {}
-            Err(source) => return Err(HookError::Spawn { kind, path, source }),
+            Err(source) => return Err(HookError::Spawn { kind, path, err: source }),
         }
         if timeout.is_some_and(|t| start.elapsed() >= t) {
             let _ = child.kill();

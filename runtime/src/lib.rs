@@ -1,21 +1,36 @@
-//! Host side of Carapace: guest assets, host checks, OCI bundles and ids,
-//! sandbox VMs and the agent client. The CLI (`carapace`) and the containerd
-//! shim build on it.
+//! Host side of Carapace, and the sandbox core both front ends share.
+//!
+//! Layers, each importing only from those above it:
+//! 1. pure data: [`annotations`], [`id`], [`state`], [`bundle`], [`hooks`],
+//!    [`spec`], [`proc`];
+//! 2. host resources: [`config`], [`assets`], [`host`], [`vm`], [`network`],
+//!    [`share`], [`stdio`];
+//! 3. the VM and its agent behind seams: [`guest`], [`launcher`], [`pod`];
+//! 4. the sandbox core: [`sandbox`];
+//! 5. the CLI's lifecycle over it: [`container`], [`monitor`] (the shim is
+//!    the other front end, in its own crate).
 
 pub mod agent;
+pub mod annotations;
 pub mod assets;
 pub mod bundle;
 pub mod config;
 pub mod container;
+pub mod guest;
 pub mod hooks;
 pub mod host;
 pub mod id;
+pub mod launcher;
 pub mod monitor;
 pub mod network;
+pub mod pod;
 pub mod proc;
 pub mod sandbox;
+pub mod share;
 pub mod smoke;
 pub mod spec;
 pub mod state;
 pub mod stdio;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod vm;

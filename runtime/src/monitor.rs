@@ -18,24 +18,22 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use carapace_protocol::{agent, AgentClient};
+use carapace_protocol::agent;
 use nix::sys::signal::{SigSet, Signal};
 use oci_spec::runtime::Process;
 
-use crate::assets::GuestAssets;
 use crate::bundle::Bundle;
-use crate::config::{self, Config};
+use crate::config;
 use crate::container::{agent_error, ContainerError, Ready, Runtime};
-use crate::sandbox;
+use crate::guest::{AgentGuest, Guest};
+use crate::launcher::MicroVmLauncher;
+use crate::proc;
+use crate::sandbox::{Sandbox, SandboxSpec};
+use crate::share;
 use crate::state::{ContainerRecord, Status};
 use crate::stdio::{self, ConsolePty, HostIo, RawMode, Relay, StdioPorts};
-use crate::network::{self, PodNetwork};
-use crate::vm::{Vm, VmOptions};
-use crate::{hooks, proc};
+use crate::vm::Vm;
 
-/// How long a guest may take to boot to its agent (kvm_pvm hosts emulate
-/// the guest kernel: tens of seconds).
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Exit status reported when the VM died under a process.
 pub const LOST: i32 = 255;
 
@@ -80,14 +78,13 @@ fn signal_events(tx: Sender<Event>) {
 }
 
 /// Waits for process `exec_id` of container `id` in a thread.
-fn wait_events(agent: &AgentClient, id: &str, exec_id: &str, tx: Sender<Event>) {
-    let agent = agent.clone();
+fn wait_events(guest: &Arc<dyn Guest>, id: &str, exec_id: &str, tx: Sender<Event>) {
+    let guest = guest.clone();
     let mut req = agent::WaitProcessRequest::new();
     req.container_id = id.into();
     req.exec_id = exec_id.into();
     std::thread::spawn(move || {
-        // No timeout: a container may run for months.
-        let r = agent.wait_process(ttrpc::context::Context::default(), &req);
+        let r = guest.wait_process(&req);
         let _ = tx.send(Event::Exited(r.map_err(|e| agent_error("WaitProcess", e).to_string())));
     });
 }
@@ -135,10 +132,10 @@ impl PendingIo {
     }
 
     /// Starts relaying, and for a terminal, following its window size.
-    fn start(self, agent: &AgentClient, id: &str, exec_id: &str) -> Session {
+    fn start(self, guest: &Arc<dyn Guest>, id: &str, exec_id: &str) -> Session {
         let relay = self.ports.relay(self.io);
         let winsize = self.tty.map(|tty| {
-            let agent = agent.clone();
+            let guest = guest.clone();
             let (id, exec_id) = (id.to_string(), exec_id.to_string());
             stdio::watch_winsize(tty, move |rows, cols| {
                 let mut req = agent::ResizeTtyRequest::new();
@@ -146,7 +143,7 @@ impl PendingIo {
                 req.exec_id = exec_id.clone();
                 req.rows = rows.into();
                 req.cols = cols.into();
-                match agent.resize_tty(crate::agent::ctx(), &req) {
+                match guest.resize_tty(&req) {
                     Ok(_) => true,
                     Err(e) => {
                         tracing::debug!(error = %e, "ResizeTty");
@@ -209,7 +206,7 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
     let _ = nix::unistd::setsid();
     let (tx, rx) = channel();
     signal_events(tx.clone());
-    if let Err(e) = sandbox::private_mount_namespace() {
+    if let Err(e) = share::private_mount_namespace() {
         report(&mut ready, &failed(&e.to_string()));
         return 1;
     }
@@ -221,26 +218,26 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
             return 1;
         }
     };
-    let Started { mut vm, agent, session, ready: r, network } = started;
+    let Started { sandbox, session, ready: r } = started;
+    let guest = sandbox.guest().clone();
     detach_stdio();
     if !report(&mut ready, &r) {
         // `create` is gone before it saw the container: nobody will start
         // or delete it through us, so do not leave a VM running.
         tracing::warn!("create went away; stopping the sandbox");
-        stop_vm(&mut vm, &agent);
-        drop(network);
+        sandbox.stop();
         return 1;
     }
-    wait_events(&agent, id, "", tx.clone());
+    wait_events(&guest, id, "", tx.clone());
     SETTLED.store(true, Ordering::SeqCst);
-    let (result, terminated) = wait_exit(&rx, &agent, id, "", &tx);
-    session.finish(if terminated { Duration::from_secs(1) } else { Duration::from_secs(5) });
+    let (result, terminated) = wait_exit(&rx, guest.as_ref(), id, "", &tx);
     let code = exit_status(&result);
+    // The exit is recorded first: output still in flight is drained after.
     if !terminated {
         record_stopped(rt, id, &result, &rx);
     }
-    stop_vm(&mut vm, &agent);
-    drop(network);
+    session.finish(if terminated { Duration::from_secs(1) } else { Duration::from_secs(5) });
+    sandbox.stop();
     code
 }
 
@@ -249,129 +246,47 @@ fn failed(msg: &str) -> Ready {
 }
 
 struct Started {
-    vm: Vm,
-    agent: AgentClient,
+    sandbox: Sandbox,
     session: Session,
     ready: Ready,
-    /// Dropped after the VM stops: removes the redirects to its taps.
-    network: Option<PodNetwork>,
 }
 
-/// Everything `create` does before it returns: the share, the VM, the
-/// sandbox, createRuntime hooks, the container with its stdio.
+/// Everything `create` does before it returns: the sandbox (share, VM,
+/// network, CreateSandbox), the container's binds and createRuntime hooks,
+/// the container with its stdio.
 fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Option<&Path>) -> Result<Started, ContainerError> {
     let bundle = Bundle::load(bundle_dir)?;
     let config = config::load(None).map_err(|e| ContainerError::Create(e.to_string()))?;
     let dir = rt.store.dir(id)?;
-    let shared = dir.join("shared");
-    std::fs::create_dir_all(&shared).map_err(|source| ContainerError::Io { path: shared.clone(), source })?;
-    let view = sandbox::guest_view(id, &bundle.spec, &bundle.dir, &bundle.rootfs);
-    sandbox::apply_binds(&shared, &view.binds).map_err(|e| ContainerError::Create(e.to_string()))?;
-
-    let assets = GuestAssets::locate_with(&config).map_err(|e| ContainerError::Create(e.to_string()))?;
-    let mut opts = vm_options_with(&bundle.spec, &config);
-    opts.fs.push(sandbox::share_with(&shared, &config));
-    let mut network = match network::netns_path(&bundle.spec) {
-        Some(path) => Some(network::attach(&path).map_err(|e| ContainerError::Create(e.to_string()))?),
-        None => None,
-    };
-    if let Some(n) = network.as_mut() {
-        opts.net = n.take_taps();
-    }
-    let mut vm = Vm::start_owned(&assets, &dir, &opts).map_err(|e| ContainerError::Create(e.to_string()))?;
-    // Only the VMM holds the taps from here on.
-    opts.net.clear();
-    let conn = vm.wait_for_agent(config.boot_timeout()).map_err(|e| ContainerError::Create(e.to_string()))?;
-    let agent = AgentClient::new(conn);
-
-    let mut req = sandbox::create_sandbox_request(id, bundle.spec.hostname().as_deref());
-    sandbox::dns_files(&bundle.spec, &bundle.dir, &mut req);
-    if let Some(n) = &network {
-        n.describe(&mut req);
-    }
-    agent.create_sandbox(crate::agent::ctx(), &req).map_err(|e| agent_error("CreateSandbox", e))?;
-
-    let vmm_pid = vm.pid();
-    let mut record = rt.store.load(id)?;
-    record.pid = vmm_pid;
-    let hooks = bundle.spec.hooks().clone().unwrap_or_default();
-    let state = {
-        let mut r = record.clone();
-        r.status = Status::Creating;
-        r.oci_state()
-    };
-    hooks::run("prestart", hooks.prestart().as_deref().unwrap_or(&[]), &state)?;
-    hooks::run("createRuntime", hooks.create_runtime().as_deref().unwrap_or(&[]), &state)?;
-
-    let terminal = bundle.spec.process().as_ref().is_some_and(|p| p.terminal() == Some(true));
-    let pending = prepare_io(&Vm::vsock_path(&dir), terminal, console_socket)?;
-    let mut req = agent::CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json = serde_json::to_vec(&view.spec).map_err(|e| ContainerError::Create(e.to_string()))?;
-    req.rootfs_path = view.rootfs.clone();
-    req.stdio = Some(pending.streams()).into();
-    let session = pending.start(&agent, id, "");
-    let created = agent.create_container(crate::agent::ctx(), &req).map_err(|e| agent_error("CreateContainer", e))?;
-    let ready = Ready {
-        vmm_pid,
-        vmm_start_time: proc::start_time(vmm_pid).unwrap_or(0),
-        guest_pid: created.pid,
-        error: None,
-    };
-    Ok(Started { vm, agent, session, ready, network })
-}
-
-/// VM size with the built-in defaults (no config file); see [`vm_options_with`].
-pub fn vm_options(spec: &oci_spec::runtime::Spec) -> VmOptions {
-    vm_options_with(spec, &Config::default())
-}
-
-/// VM size: annotations `io.carapace.vcpus` and `io.carapace.memory_mib`
-/// win; otherwise the container's CPU quota (rounded up) and memory limit
-/// plus the config's `memory_overhead_mib` for the guest, at least the
-/// config's `default_vcpus` and `default_memory_mib` (1 and 256 unless
-/// configured), which a spec that asks for nothing gets. Also sets the
-/// config's kernel parameters.
-pub fn vm_options_with(spec: &oci_spec::runtime::Spec, config: &Config) -> VmOptions {
-    let mut opts = VmOptions {
-        vcpus: config.default_vcpus,
-        mem_mib: config.default_memory_mib,
-        extra_cmdline: config.kernel_params.clone(),
-        ..VmOptions::default()
-    };
-    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-    if let Some(cpu) = resources.as_ref().and_then(|r| r.cpu().clone()) {
-        if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
-            if quota > 0 && period > 0 {
-                let n = u64::try_from(quota).unwrap_or(0).div_ceil(period);
-                opts.vcpus = u8::try_from(n.clamp(1, 16)).unwrap_or(1).max(config.default_vcpus);
-            }
+    let spec = SandboxSpec { id, dir: &dir, spec: &bundle.spec, bundle_dir: &bundle.dir, config: &config };
+    let sandbox = Sandbox::boot(&MicroVmLauncher, spec)?;
+    let created = (|| {
+        let prepared = sandbox.prepare_container(id, &bundle, std::process::id())?;
+        let terminal = bundle.spec.process().as_ref().is_some_and(|p| p.terminal() == Some(true));
+        let pending = prepare_io(sandbox.vsock_uds(), terminal, console_socket)?;
+        let streams = pending.streams();
+        let session = pending.start(sandbox.guest(), id, "");
+        let guest_pid = sandbox.create_container(&prepared, streams)?;
+        Ok::<_, ContainerError>((session, guest_pid))
+    })();
+    let (session, guest_pid) = match created {
+        Ok(c) => c,
+        Err(e) => {
+            // The binds die with our mount namespace.
+            sandbox.stop();
+            return Err(e);
         }
-    }
-    if let Some(limit) = resources.as_ref().and_then(|r| *r.memory()).and_then(|m| m.limit()) {
-        if limit > 0 {
-            let mib = u32::try_from(limit / (1024 * 1024)).unwrap_or(u32::MAX).saturating_add(config.memory_overhead_mib);
-            opts.mem_mib = mib.min(16 * 1024).max(config.default_memory_mib);
-        }
-    }
-    let annotations = spec.annotations().clone().unwrap_or_default();
-    // Bundle::load refused values outside these ranges.
-    use crate::bundle::{MEMORY_MIB_ANNOTATION, MEMORY_MIB_RANGE, VCPUS_ANNOTATION, VCPUS_RANGE};
-    if let Some(n) = annotations.get(VCPUS_ANNOTATION).and_then(|v| v.parse::<u32>().ok()) {
-        let n = n.clamp(*VCPUS_RANGE.start(), *VCPUS_RANGE.end());
-        opts.vcpus = u8::try_from(n).unwrap_or(1);
-    }
-    if let Some(m) = annotations.get(MEMORY_MIB_ANNOTATION).and_then(|v| v.parse::<u32>().ok()) {
-        opts.mem_mib = m.clamp(*MEMORY_MIB_RANGE.start(), *MEMORY_MIB_RANGE.end());
-    }
-    opts
+    };
+    let vmm_pid = sandbox.vmm_pid();
+    let ready = Ready { vmm_pid, vmm_start_time: proc::start_time(vmm_pid).unwrap_or(0), guest_pid, error: None };
+    Ok(Started { sandbox, session, ready })
 }
 
 /// Waits for the process to exit. SIGTERM/SIGINT kill it (and say so in
 /// the second value); other handled signals are forwarded to it.
 fn wait_exit(
     rx: &Receiver<Event>,
-    agent: &AgentClient,
+    guest: &dyn Guest,
     id: &str,
     exec_id: &str,
     tx: &Sender<Event>,
@@ -388,7 +303,7 @@ fn wait_exit(
                 req.exec_id = exec_id.into();
                 req.signal = send as u32;
                 req.all = terminate;
-                if let Err(e) = agent.signal_process(crate::agent::ctx(), &req) {
+                if let Err(e) = guest.signal_process(&req) {
                     tracing::warn!(error = %e, "forwarding {sig}");
                 }
                 if terminate && !terminated {
@@ -442,16 +357,6 @@ fn mark_stopped(record: &mut ContainerRecord, result: &Result<agent::WaitProcess
     };
 }
 
-/// Asks the guest to shut down; kills the VMM if it does not exit soon.
-fn stop_vm(vm: &mut Vm, agent: &AgentClient) {
-    if crate::agent::shutdown_within(agent, Duration::from_secs(10)).is_ok() {
-        if let Ok(Some(_)) = vm.wait_timeout(Duration::from_secs(20)) {
-            return;
-        }
-    }
-    vm.kill();
-}
-
 /// An exec'd process: its id, what to run, and where its stdio goes.
 #[derive(Debug)]
 pub struct ExecRequest<'a> {
@@ -475,7 +380,7 @@ pub fn exec(rt: &Runtime, req: ExecRequest<'_>, ready_fd: Option<i32>) -> Result
         if record.status == Status::Stopped {
             return Err(ContainerError::WrongState(format!("cannot exec in a stopped container {}", req.id)));
         }
-        let agent = rt.agent(&record)?;
+        let guest: Arc<dyn Guest> = Arc::new(AgentGuest(rt.agent(&record)?));
         let uds = Vm::vsock_path(&rt.store.dir(req.id)?);
         let terminal = req.process.terminal() == Some(true);
         let pending = prepare_io(&uds, terminal, req.console_socket)?;
@@ -486,11 +391,11 @@ pub fn exec(rt: &Runtime, req: ExecRequest<'_>, ready_fd: Option<i32>) -> Result
         call.process_json = serde_json::to_vec(&req.process).map_err(|e| ContainerError::Create(e.to_string()))?;
         call.terminal = terminal;
         call.stdio = Some(pending.streams()).into();
-        let session = pending.start(&agent, req.id, &exec_id);
-        let resp = agent.exec_process(crate::agent::ctx(), &call).map_err(|e| agent_error("ExecProcess", e))?;
-        Ok((agent, exec_id, session, resp.pid))
+        let session = pending.start(&guest, req.id, &exec_id);
+        let resp = guest.exec_process(&call).map_err(|e| agent_error("ExecProcess", e))?;
+        Ok((guest, exec_id, session, resp.pid))
     })();
-    let (agent, exec_id, session, pid) = match started {
+    let (guest, exec_id, session, pid) = match started {
         Ok(s) => s,
         Err(e) => {
             report(&mut ready, &failed(&e.to_string()));
@@ -501,9 +406,9 @@ pub fn exec(rt: &Runtime, req: ExecRequest<'_>, ready_fd: Option<i32>) -> Result
         report(&mut ready, &Ready { vmm_pid: 0, vmm_start_time: 0, guest_pid: pid, error: None });
         detach_stdio();
     }
-    wait_events(&agent, req.id, &exec_id, tx.clone());
+    wait_events(&guest, req.id, &exec_id, tx.clone());
     SETTLED.store(true, Ordering::SeqCst);
-    let (result, _) = wait_exit(&rx, &agent, req.id, &exec_id, &tx);
+    let (result, _) = wait_exit(&rx, guest.as_ref(), req.id, &exec_id, &tx);
     session.finish(Duration::from_secs(5));
     Ok(exit_status(&result))
 }
@@ -523,18 +428,25 @@ pub fn spawn_detached_exec(
 ) -> Result<u32, ContainerError> {
     let dir = rt.store.dir(id)?;
     let file = dir.join(format!("exec-{}.json", std::process::id()));
-    let io = |source| ContainerError::Io { path: file.clone(), source };
+    let io = |err| ContainerError::Io { path: file.clone(), err };
     std::fs::write(&file, serde_json::to_vec(process).map_err(|e| ContainerError::Create(e.to_string()))?).map_err(io)?;
     let mut args: Vec<std::ffi::OsString> = vec!["--process-file".into(), file.clone().into()];
     if let Some(s) = console_socket {
         args.extend(["--console-socket".into(), s.into()]);
     }
     args.push(id.into());
+    // `_exec` reads and removes the file itself; it is removed here only
+    // when `_exec` never got that far.
     let spawned = rt.spawn_helper("_exec", args);
-    let _ = std::fs::remove_file(&file);
-    let (child, ready) = spawned?;
-    let ready = crate::container::read_ready(ready)?;
+    let ready = match spawned {
+        Ok((child, ready)) => crate::container::read_ready(ready).map(|r| (child, r)),
+        Err(e) => Err(e),
+    };
+    let (child, ready) = ready.inspect_err(|_| {
+        let _ = std::fs::remove_file(&file);
+    })?;
     if let Some(e) = ready.error {
+        let _ = std::fs::remove_file(&file);
         return Err(ContainerError::Create(e));
     }
     Ok(child.id())
@@ -542,7 +454,7 @@ pub fn spawn_detached_exec(
 
 /// Reads and removes the process file of `_exec`.
 pub fn read_process_file(path: &Path) -> Result<Process, ContainerError> {
-    let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read(path).map_err(|err| ContainerError::Io { path: path.to_path_buf(), err })?;
     let _ = std::fs::remove_file(path);
     serde_json::from_slice(&text).map_err(|e| ContainerError::ProcessJson { path: path.to_path_buf(), msg: e.to_string() })
 }

@@ -1,259 +1,201 @@
-//! The guest's view of a bundle. The host shares one directory per sandbox
-//! into the VM over virtio-fs (tag [`SHARE_TAG`], mounted at [`GUEST_SHARE`]);
-//! each container's rootfs and the sources of its bind mounts are bind-mounted
-//! into that directory on the host, and the spec is rewritten to point at
-//! the guest paths. The host bind mounts live in a private mount namespace of
-//! the process that owns the VM, so they vanish with it whatever happens.
+//! The sandbox core: one VM with its share, its pod network and its agent,
+//! and the containers created in it. Both front ends drive it: the CLI's
+//! per-container monitor (one sandbox, one container) and the containerd
+//! shim (one sandbox, a pod's containers). What they add on top is theirs
+//! alone: state files and locks for the CLI, the Task API and containerd's
+//! I/O for the shim.
+//!
+//! The sequence, once for both:
+//! 1. [`Sandbox::boot`]: the share directory, the VM's size, the share, the
+//!    pod network's taps, the VM (via a [`Launcher`]), CreateSandbox.
+//! 2. [`Sandbox::prepare_container`]: the container's binds into the share
+//!    and its prestart/createRuntime host hooks.
+//! 3. [`Sandbox::create_container`]: CreateContainer with the stdio the
+//!    front end bound.
+//! 4. [`Sandbox::stop`]: the guest shuts down, the VMM exits, the taps go.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use carapace_protocol::agent;
-use nix::mount::{mount, MsFlags};
-use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
+use oci_spec::runtime::Spec;
 
-use crate::vm::{CacheMode, FsConfig};
-
-/// The virtio-fs tag of a sandbox's shared directory.
-pub const SHARE_TAG: &str = "carapace";
-/// Where the agent mounts the shared directory in the guest.
-pub const GUEST_SHARE: &str = "/run/carapace/shared";
-
-/// Errors preparing the host side of a sandbox's share.
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    #[error("mounts[{index}].source: {path}: {source}")]
-    BindSource { index: usize, path: PathBuf, source: std::io::Error },
-    #[error("cannot prepare {path}: {source}")]
-    Prepare { path: PathBuf, source: std::io::Error },
-    #[error("cannot bind {src} to {dst}: {source}")]
-    Bind { src: PathBuf, dst: PathBuf, source: nix::Error },
-    #[error("cannot make a private mount namespace: {0}")]
-    Namespace(nix::Error),
-}
-
-/// One host path to bind into the share before the VM starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostBind {
-    pub source: PathBuf,
-    /// Relative to the shared directory.
-    pub target: PathBuf,
-    pub read_only: bool,
-}
-
-/// A container's spec as the guest must see it, and the binds that make
-/// those guest paths exist.
-#[derive(Debug, Clone)]
-pub struct GuestView {
-    pub spec: Spec,
-    pub rootfs: String,
-    pub binds: Vec<HostBind>,
-}
-
-fn is_bind(m: &Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
-}
-
-fn has_option(m: &Mount, opt: &str) -> bool {
-    m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == opt))
-}
-
-/// Rewrites `spec` (of a bundle in `bundle_dir` with root `rootfs`) for
-/// container `id` in a sandbox whose share is mounted at [`GUEST_SHARE`].
-pub fn guest_view(id: &str, spec: &Spec, bundle_dir: &Path, rootfs: &Path) -> GuestView {
-    let mut spec = spec.clone();
-    let base = Path::new(id);
-    let guest_base = Path::new(GUEST_SHARE).join(id);
-    let mut binds = vec![HostBind { source: rootfs.to_path_buf(), target: base.join("rootfs"), read_only: false }];
-    let guest_rootfs = guest_base.join("rootfs");
-    if let Some(root) = spec.root().clone() {
-        let mut root = root;
-        root.set_path(guest_rootfs.clone());
-        spec.set_root(Some(root));
-    }
-    if let Some(mounts) = spec.mounts().clone() {
-        let mut out = Vec::with_capacity(mounts.len());
-        for (i, m) in mounts.into_iter().enumerate() {
-            let mut m = m;
-            if is_bind(&m) {
-                if let Some(src) = m.source().clone() {
-                    let host = if src.is_absolute() { src } else { bundle_dir.join(src) };
-                    let rel = base.join("mounts").join(i.to_string());
-                    binds.push(HostBind { source: host, target: rel.clone(), read_only: has_option(&m, "ro") });
-                    m.set_source(Some(Path::new(GUEST_SHARE).join(rel)));
-                }
-            }
-            out.push(m);
-        }
-        spec.set_mounts(Some(out));
-    }
-    // Namespace paths name host namespaces, which the guest cannot join:
-    // the VM already isolates them, so the container gets fresh ones. A
-    // network namespace to join is the pod's (CNI's): its interfaces are
-    // the VM's (see `network`), so the container stays in the guest's.
-    if let Some(linux) = spec.linux().clone() {
-        let mut linux = linux;
-        if let Some(ns) = linux.namespaces().clone() {
-            let fresh: Vec<LinuxNamespace> = ns
-                .into_iter()
-                .filter(|n| !(n.typ() == LinuxNamespaceType::Network && n.path().is_some()))
-                .map(|n| {
-                    let mut n = n;
-                    n.set_path(None);
-                    n
-                })
-                .collect();
-            linux.set_namespaces(Some(fresh));
-        }
-        spec.set_linux(Some(linux));
-    }
-    GuestView { spec, rootfs: guest_rootfs.to_string_lossy().into_owned(), binds }
-}
-
-/// The CreateSandbox request of a sandbox `id`: its share mounted at
-/// [`GUEST_SHARE`] (nodev: device nodes in a bundle are not the guest's),
-/// the guest's clock set from ours, and `hostname` (or "carapace").
-pub fn create_sandbox_request(id: &str, hostname: Option<&str>) -> agent::CreateSandboxRequest {
-    let mut req = agent::CreateSandboxRequest::new();
-    req.sandbox_id = id.into();
-    req.hostname = hostname.filter(|h| !h.is_empty()).unwrap_or("carapace").into();
-    let mut fs = agent::SharedFs::new();
-    fs.tag = SHARE_TAG.into();
-    fs.mount_point = GUEST_SHARE.into();
-    fs.options = vec!["nodev".into()];
-    req.shared_fs.push(fs);
-    let mut settings = agent::GuestSettings::new();
-    settings.wall_clock_unix_nano = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    req.settings = Some(settings).into();
-    req
-}
-
-/// The pod's DNS files: the sources of the spec's bind mounts on
-/// /etc/resolv.conf and /etc/hosts (what CRI gives a pod), for the guest's
-/// own /etc (at most 64 KiB each; unreadable ones are skipped, the bind
-/// mount still reaches the container).
-pub fn dns_files(spec: &Spec, bundle_dir: &Path, req: &mut agent::CreateSandboxRequest) {
-    const LIMIT: u64 = 64 * 1024;
-    for m in spec.mounts().as_deref().unwrap_or(&[]) {
-        let Some(source) = m.source() else { continue };
-        let source = bundle_dir.join(source);
-        let read = || -> Option<Vec<u8>> {
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(std::fs::File::open(&source).ok()?, LIMIT), &mut buf).ok()?;
-            Some(buf)
-        };
-        match m.destination().to_str() {
-            Some("/etc/resolv.conf") => req.resolv_conf = read().unwrap_or_default(),
-            Some("/etc/hosts") => req.hosts = read().unwrap_or_default(),
-            _ => {}
-        }
-    }
-}
-
-/// The virtio-fs share of a sandbox whose shared directory is `dir`.
-pub fn share(dir: &Path) -> FsConfig {
-    FsConfig { tag: SHARE_TAG.into(), shared_dir: dir.to_path_buf(), read_only: false, cache: CacheMode::Auto }
-}
-
-/// [`share`] with the config's cache mode (`shared_fs_cache`).
-pub fn share_with(dir: &Path, config: &crate::config::Config) -> FsConfig {
-    FsConfig { cache: config.shared_fs_cache, ..share(dir) }
-}
-
-/// Moves the calling process into a mount namespace of its own whose mounts
-/// do not propagate back, so that the binds of [`apply_binds`] are seen by
-/// it and its children (the VMM) only. Call before any thread is started:
-/// a mount namespace belongs to a thread.
-pub fn private_mount_namespace() -> Result<(), SandboxError> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(SandboxError::Namespace)?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(SandboxError::Namespace)
-}
-
-/// Creates each bind's target under `shared` (a file for a file source, a
-/// directory otherwise) and bind-mounts the source there.
-pub fn apply_binds(shared: &Path, binds: &[HostBind]) -> Result<(), SandboxError> {
-    for (index, b) in binds.iter().enumerate() {
-        let meta = std::fs::metadata(&b.source)
-            .map_err(|source| SandboxError::BindSource { index, path: b.source.clone(), source })?;
-        let dst = shared.join(&b.target);
-        let prepare = |source| SandboxError::Prepare { path: dst.clone(), source };
-        if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(prepare)?;
-        }
-        if meta.is_dir() {
-            std::fs::create_dir_all(&dst).map_err(prepare)?;
-        } else {
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&dst).map_err(prepare)?;
-        }
-        let bind_err = |source| SandboxError::Bind { src: b.source.clone(), dst: dst.clone(), source };
-        mount(Some(&b.source), &dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(bind_err)?;
-        if b.read_only {
-            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, &dst, None::<&str>, flags, None::<&str>).map_err(bind_err)?;
-        }
-    }
-    Ok(())
-}
+use crate::bundle::Bundle;
+use crate::config::Config;
+use crate::guest::Guest;
+use crate::hooks::{self, HookError, OciState};
+use crate::launcher::{LaunchError, Launcher, SandboxVm};
+use crate::network::{self, NetworkError, PodNetwork};
+use crate::share::{self, HostBind, ShareError};
+use crate::pod;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    fn spec(json: serde_json::Value) -> Spec {
-        serde_json::from_value(json).expect("spec")
+/// Why a sandbox or a container in it could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox share: {0}")]
+    Share(#[from] ShareError),
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// An agent call failed; `code` is the agent's status code when it
+    /// answered with one (none: the VM or the connection is gone).
+    #[error("{call}: {message}")]
+    Agent { call: &'static str, code: Option<ttrpc::Code>, message: String },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("cannot encode the guest spec: {0}")]
+    Encode(serde_json::Error),
+}
+
+impl SandboxError {
+    /// An agent call's failure, with the agent's own message when it sent one.
+    pub fn agent(call: &'static str, e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                let code = s.code();
+                Self::Agent { call, code: Some(code), message: s.message }
+            }
+            other => Self::Agent { call, code: None, message: other.to_string() },
+        }
+    }
+}
+
+/// What a sandbox is booted for.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxSpec<'a> {
+    /// The sandbox's id (a pod's sandbox id, or the lone container's).
+    pub id: &'a str,
+    /// Its directory (VM sockets and logs, the share); private to it.
+    pub dir: &'a Path,
+    /// The spec of its first container: size, hostname, DNS, network.
+    pub spec: &'a Spec,
+    /// Where relative paths in `spec` start.
+    pub bundle_dir: &'a Path,
+    pub config: &'a Config,
+}
+
+/// A booted sandbox VM with its share and network.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    /// The host directory shared into the guest (see [`share`]).
+    pub shared: PathBuf,
+    vm: Box<dyn SandboxVm>,
+    guest: Arc<dyn Guest>,
+    /// The pod's network namespace wired to the VM, if the spec named one.
+    network: Mutex<Option<PodNetwork>>,
+}
+
+/// A container whose binds and host hooks are done, ready for the guest.
+#[derive(Debug)]
+pub struct PreparedContainer {
+    pub id: String,
+    pub view: share::GuestView,
+}
+
+impl Sandbox {
+    /// Boots the sandbox: nothing of it is left behind when this fails.
+    #[tracing::instrument(name = "boot_sandbox", skip_all, fields(sandbox = %s.id))]
+    pub fn boot(launcher: &dyn Launcher, s: SandboxSpec<'_>) -> Result<Self, SandboxError> {
+        let shared = s.dir.join("shared");
+        std::fs::create_dir_all(&shared).map_err(|err| SandboxError::Io { path: shared.clone(), err })?;
+        let mut opts = pod::vm_options(s.spec, s.config);
+        opts.fs.push(share::share_with(&shared, s.config));
+        let mut network = network::netns_path(s.spec).map(|p| network::attach(&p)).transpose()?;
+        if let Some(n) = network.as_mut() {
+            opts.net = n.take_taps();
+        }
+        let vm = launcher.launch(s.dir, s.config, &opts)?;
+        // Only the VMM holds the taps from here on.
+        opts.net.clear();
+        let mut req = share::create_sandbox_request(s.id, s.spec.hostname().as_deref());
+        share::dns_files(s.spec, s.bundle_dir, &mut req);
+        if let Some(n) = &network {
+            n.describe(&mut req);
+        }
+        let guest = vm.guest();
+        let sb = Self { id: s.id.to_string(), dir: s.dir.to_path_buf(), shared, vm, guest, network: Mutex::new(network) };
+        if let Err(e) = sb.guest.create_sandbox(&req) {
+            sb.stop();
+            return Err(SandboxError::agent("CreateSandbox", e));
+        }
+        tracing::info!(vmm_pid = sb.vm.pid(), vcpus = opts.vcpus, mem_mib = opts.mem_mib, "sandbox ready");
+        Ok(sb)
     }
 
-    #[test]
-    fn the_pods_dns_files_come_from_its_bind_mounts() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("resolv"), "nameserver 10.0.0.10\n").expect("write");
-        let s = spec(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "mounts": [
-                {"destination": "/etc/resolv.conf", "type": "bind", "source": "resolv", "options": ["rbind", "ro"]},
-                {"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts", "options": ["rbind"]}
-            ]
-        }));
-        let mut req = agent::CreateSandboxRequest::new();
-        dns_files(&s, dir.path(), &mut req);
-        assert_eq!(req.resolv_conf, b"nameserver 10.0.0.10\n");
-        assert!(req.hosts.is_empty(), "an unreadable source is skipped");
+    /// The sandbox's agent.
+    pub fn guest(&self) -> &Arc<dyn Guest> {
+        &self.guest
     }
 
-    #[test]
-    fn rewrites_root_binds_and_namespace_paths() {
-        let s = spec(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "root": {"path": "rootfs", "readonly": true},
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro"]},
-                {"destination": "/cfg", "source": "cfg", "options": ["bind"]}
-            ],
-            "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/x"}, {"type": "pid"}]}
-        }));
-        let v = guest_view("c1", &s, Path::new("/bundles/c1"), Path::new("/bundles/c1/rootfs"));
-        assert_eq!(v.rootfs, "/run/carapace/shared/c1/rootfs");
-        let root = v.spec.root().as_ref().expect("root");
-        assert_eq!(root.path(), Path::new("/run/carapace/shared/c1/rootfs"));
-        assert_eq!(root.readonly(), Some(true));
-        let mounts = v.spec.mounts().as_ref().expect("mounts");
-        assert_eq!(mounts[0].source().as_deref(), Some(Path::new("proc")));
-        assert_eq!(mounts[1].source().as_deref(), Some(Path::new("/run/carapace/shared/c1/mounts/1")));
-        assert_eq!(mounts[2].source().as_deref(), Some(Path::new("/run/carapace/shared/c1/mounts/2")));
-        assert_eq!(
-            v.binds,
-            vec![
-                HostBind { source: "/bundles/c1/rootfs".into(), target: "c1/rootfs".into(), read_only: false },
-                HostBind { source: "/srv/data".into(), target: "c1/mounts/1".into(), read_only: true },
-                HostBind { source: "/bundles/c1/cfg".into(), target: "c1/mounts/2".into(), read_only: false },
-            ]
-        );
-        let ns = v.spec.linux().as_ref().and_then(|l| l.namespaces().clone()).expect("namespaces");
-        assert!(ns.iter().all(|n| n.path().is_none()));
-        // The pod's network namespace is the guest's: not a fresh one.
-        assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network), "{ns:?}");
+    /// The VMM's host pid.
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// The VM's hybrid vsock socket, where stdio ports are bound.
+    pub fn vsock_uds(&self) -> &Path {
+        self.vm.vsock_uds()
+    }
+
+    /// Binds container `id`'s rootfs and bind-mount sources into the share
+    /// and runs its prestart and createRuntime hooks (before the container
+    /// exists in the guest, as runc runs them before pivot_root), with
+    /// `pid` as the state's pid. On failure the binds are undone.
+    #[tracing::instrument(skip_all, fields(sandbox = %self.id, container = %id))]
+    pub fn prepare_container(&self, id: &str, bundle: &Bundle, pid: u32) -> Result<PreparedContainer, SandboxError> {
+        let view = share::guest_view(id, &self.id, &bundle.spec, &bundle.dir, &bundle.rootfs);
+        if let Err(e) = share::apply_binds(&self.shared, &view.binds) {
+            share::remove_binds(&self.shared, &view.binds);
+            return Err(e.into());
+        }
+        let spec_hooks = bundle.spec.hooks().clone().unwrap_or_default();
+        let annotations = bundle.spec.annotations().clone().unwrap_or_default();
+        let state = OciState::new(id, "creating", pid, &bundle.dir, &annotations).json();
+        let ran = hooks::run("prestart", spec_hooks.prestart().as_deref().unwrap_or(&[]), &state)
+            .and_then(|()| hooks::run("createRuntime", spec_hooks.create_runtime().as_deref().unwrap_or(&[]), &state));
+        if let Err(e) = ran {
+            share::remove_binds(&self.shared, &view.binds);
+            return Err(e.into());
+        }
+        Ok(PreparedContainer { id: id.to_string(), view })
+    }
+
+    /// Creates a prepared container in the guest with `stdio` (ports the
+    /// front end bound on [`Self::vsock_uds`]); returns its guest pid. On
+    /// failure the caller undoes the binds ([`Self::remove_binds`]) once its
+    /// own stdio is torn down.
+    #[tracing::instrument(skip_all, fields(sandbox = %self.id, container = %c.id))]
+    pub fn create_container(&self, c: &PreparedContainer, stdio: agent::StdioStreams) -> Result<u32, SandboxError> {
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = c.id.clone();
+        req.oci_spec_json = serde_json::to_vec(&c.view.spec).map_err(SandboxError::Encode)?;
+        req.rootfs_path = c.view.rootfs.clone();
+        req.stdio = Some(stdio).into();
+        let resp = self.guest.create_container(&req).map_err(|e| SandboxError::agent("CreateContainer", e))?;
+        tracing::info!(guest_pid = resp.pid, "container created");
+        Ok(resp.pid)
+    }
+
+    /// Undoes a container's binds (see [`Self::prepare_container`]).
+    pub fn remove_binds(&self, binds: &[HostBind]) {
+        share::remove_binds(&self.shared, binds);
+    }
+
+    /// Shuts the guest down (the VMM is killed if it does not exit in time)
+    /// and removes the pod network's redirects. Idempotent. The directory
+    /// stays: it is the front end's.
+    #[tracing::instrument(name = "stop_sandbox", skip_all, fields(sandbox = %self.id))]
+    pub fn stop(&self) {
+        self.vm.stop();
+        // The VMM held the taps: now the redirects can go too.
+        drop(self.network.lock().unwrap_or_else(PoisonError::into_inner).take());
     }
 }

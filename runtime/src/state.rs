@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::hooks::OciState;
 use crate::id::{validate_id, IdError};
 
 /// The lifecycle states of the OCI runtime spec.
@@ -44,8 +45,12 @@ pub struct ContainerRecord {
     pub bundle: PathBuf,
     pub rootfs: PathBuf,
     pub status: Status,
-    /// The VMM's host pid (what `state` reports as `pid`).
+    /// The monitor's host pid: what `state` reports as `pid` and the pid
+    /// file holds (it exits with the container's status, as runc's init).
     pub pid: u32,
+    /// The VMM's host pid (also in `state`'s annotations).
+    #[serde(default)]
+    pub vmm_pid: u32,
     /// The container init process's pid inside the guest.
     pub guest_pid: u32,
     /// RFC 3339 creation time.
@@ -69,27 +74,23 @@ pub struct ContainerRecord {
 }
 
 impl ContainerRecord {
-    /// The OCI `state` JSON as runc prints it.
+    /// The OCI `state` JSON as runc prints it, with the VMM's pid as an
+    /// annotation (`pid` is the monitor's, which the pid file names too).
     pub fn oci_state(&self) -> serde_json::Value {
+        let mut annotations = self.annotations.clone();
+        if self.vmm_pid != 0 {
+            annotations.insert(crate::annotations::VMM_PID.into(), self.vmm_pid.to_string());
+        }
         // The OCI spec has no "paused"; runc reports it anyway.
         let status = self.status.to_string();
-        let mut state = serde_json::json!({
-            "ociVersion": "1.2.0",
-            "id": self.id,
-            "pid": if self.status == Status::Stopped { 0 } else { self.pid },
-            "status": status,
-            "bundle": self.bundle,
-            "rootfs": self.rootfs,
-            "created": self.created,
-            "owner": self.owner,
-            "annotations": self.annotations,
-        });
-        // Beyond runc's fields: why a container stopped when it did not
-        // simply exit (killed, OOM, its VM gone).
-        if let (Status::Stopped, Some(reason)) = (self.status, &self.stop_reason) {
-            state["stopReason"] = serde_json::Value::String(reason.clone());
+        let mut state = OciState::new(&self.id, &status, self.pid, &self.bundle, &annotations);
+        state.rootfs = Some(&self.rootfs);
+        state.created = Some(&self.created);
+        state.owner = Some(&self.owner);
+        if self.status == Status::Stopped {
+            state.stop_reason = self.stop_reason.as_deref();
         }
-        state
+        state.json()
     }
 }
 
@@ -297,6 +298,7 @@ mod tests {
             rootfs: "/b/rootfs".into(),
             status: Status::Created,
             pid: 42,
+            vmm_pid: 43,
             guest_pid: 1,
             created: now_rfc3339(),
             owner: String::new(),

@@ -13,7 +13,16 @@ use std::time::{Duration, Instant};
 
 use carapace_protocol::client::{self, ClientError};
 use carapace_vmm::config::{SerialOutput, VmConfig, VsockConfig};
-pub use carapace_vmm::devices::virtio::fs::{CacheMode, FsConfig};
+pub use carapace_vmm::devices::virtio::fs::{CacheMode as FsCacheMode, FsConfig};
+
+/// The VMM's cache mode for the operator's `shared_fs_cache`.
+pub fn vmm_cache_mode(mode: crate::config::CacheMode) -> FsCacheMode {
+    match mode {
+        crate::config::CacheMode::None => FsCacheMode::None,
+        crate::config::CacheMode::Auto => FsCacheMode::Auto,
+        crate::config::CacheMode::Always => FsCacheMode::Always,
+    }
+}
 use carapace_vmm::devices::virtio::net::MacAddr;
 
 use crate::assets::GuestAssets;
@@ -68,7 +77,10 @@ pub struct VmOptions {
 
 impl Default for VmOptions {
     fn default() -> Self {
-        Self { vcpus: 1, mem_mib: 256, extra_cmdline: String::new(), fs: Vec::new(), net: Vec::new() }
+        Self {
+            vcpus: crate::config::DEFAULT_VCPUS,
+            mem_mib: crate::config::DEFAULT_MEMORY_MIB,
+            extra_cmdline: String::new(), fs: Vec::new(), net: Vec::new() }
     }
 }
 

@@ -36,8 +36,8 @@ use oci_spec::runtime::Spec;
 use crate::config::{self, ConfigSource};
 use crate::events::{self, RemoteEvents};
 use crate::task::{TaskConfig, TaskService};
-use crate::vm::MicroVmLauncher;
-use crate::{pod, rootfs};
+use carapace_runtime::launcher::MicroVmLauncher;
+use carapace_runtime::pod;
 
 /// Where sandboxes live unless `CARAPACE_SHIM_ROOT` says otherwise.
 pub const DEFAULT_STATE_ROOT: &str = "/run/carapace/shim";
@@ -59,7 +59,7 @@ pub enum BootstrapError {
     #[error("protobuf: {0}")]
     Protobuf(#[from] containerd_shim::protos::protobuf::Error),
     #[error(transparent)]
-    Rootfs(#[from] rootfs::RootfsError),
+    Share(#[from] carapace_runtime::share::ShareError),
     #[error("{TTRPC_ADDRESS} is not set: containerd passes it to its shims")]
     NoTtrpcAddress,
     /// An id, namespace or sandbox id that could name a path outside the
@@ -170,7 +170,7 @@ pub fn delete(flags: &Flags) -> Result<(), BootstrapError> {
         .and_then(|p| p.trim().parse::<i32>().ok())
         .is_some_and(|pid| pid != 0 && Path::new(&format!("/proc/{pid}")).exists());
     if dir.exists() && !owner_alive {
-        rootfs::remove_sandbox_dir(&dir);
+        carapace_runtime::share::remove_sandbox_dir(&dir);
     }
     let resp = containerd_shim::api::DeleteResponse {
         exit_status: 128 + 9,
@@ -240,7 +240,7 @@ fn signal_started() {
 /// The daemon: see the module docs. Returns when the shim shuts down.
 pub fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     // First, before any thread exists: the share's binds must be ours only.
-    rootfs::private_mount_namespace()?;
+    carapace_runtime::share::private_mount_namespace()?;
     let _ = nix::unistd::setsid();
     let config_source = ConfigSource::from_env();
     // Only for the log level: each sandbox boot reads the file again, and a

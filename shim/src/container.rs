@@ -2,11 +2,11 @@
 //! process and exec'd processes.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use carapace_runtime::sandbox::HostBind;
+use carapace_runtime::share::HostBind;
 use containerd_shim::protos::types::mount::Mount;
 use oci_spec::runtime::{Hooks, Spec};
 
@@ -62,9 +62,10 @@ impl Container {
         self
     }
 
-    /// The OCI state its host hooks read; see [`hook_state`].
+    /// The OCI state its host hooks read; `pid` is the VMM's (the
+    /// container's processes live in the guest).
     pub fn hook_state(&self, status: &str, pid: u32) -> serde_json::Value {
-        hook_state(&self.id, &self.bundle, &self.annotations, status, pid)
+        carapace_runtime::hooks::OciState::new(&self.id, status, pid, &self.bundle, &self.annotations).json()
     }
 
     fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
@@ -106,17 +107,4 @@ impl Container {
     pub fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
     }
-}
-
-/// The OCI state a host hook reads on stdin; `pid` is the VMM's (the
-/// container's processes live in the guest).
-pub fn hook_state(id: &str, bundle: &Path, annotations: &HashMap<String, String>, status: &str, pid: u32) -> serde_json::Value {
-    serde_json::json!({
-        "ociVersion": "1.2.0",
-        "id": id,
-        "status": status,
-        "pid": pid,
-        "bundle": bundle,
-        "annotations": annotations,
-    })
 }

@@ -1,13 +1,13 @@
 //! The shim's errors, and their ttrpc status codes (containerd turns the
 //! codes into its errdefs: NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION...).
 
-use carapace_runtime::assets::AssetError;
 use carapace_runtime::bundle::BundleError;
-use carapace_runtime::hooks::HookError;
-use carapace_runtime::network::NetworkError;
 use carapace_runtime::config::ConfigError;
+use carapace_runtime::hooks::HookError;
+use carapace_runtime::launcher::LaunchError;
+use carapace_runtime::network::NetworkError;
 use carapace_runtime::sandbox::SandboxError;
-use carapace_runtime::vm::VmError;
+use carapace_runtime::share::ShareError;
 
 use crate::io::IoError;
 use crate::rootfs::RootfsError;
@@ -31,14 +31,12 @@ pub enum ShimError {
     Agent { call: &'static str, code: Option<ttrpc::Code>, message: String },
     #[error(transparent)]
     Bundle(#[from] BundleError),
-    #[error("sandbox VM: {0}")]
-    Vm(#[from] VmError),
     #[error(transparent)]
-    Assets(#[from] AssetError),
+    Launch(#[from] LaunchError),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("sandbox share: {0}")]
-    Share(#[from] SandboxError),
+    Share(#[from] ShareError),
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
     #[error(transparent)]
@@ -54,13 +52,7 @@ pub enum ShimError {
 impl ShimError {
     /// An agent call's failure, with the agent's own message when it sent one.
     pub fn agent(call: &'static str, e: ttrpc::Error) -> Self {
-        match e {
-            ttrpc::Error::RpcStatus(s) => {
-                let code = s.code();
-                Self::Agent { call, code: Some(code), message: s.message }
-            }
-            other => Self::Agent { call, code: None, message: other.to_string() },
-        }
+        SandboxError::agent(call, e).into()
     }
 
     /// The ttrpc status code containerd gets.
@@ -75,12 +67,26 @@ impl ShimError {
             Self::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
             Self::Agent { code: Some(code), .. } => *code,
             Self::Agent { code: None, .. } => ttrpc::Code::UNAVAILABLE,
-            Self::Assets(_) | Self::Config(_) | Self::Hook(_) => ttrpc::Code::FAILED_PRECONDITION,
+            Self::Launch(LaunchError::Assets(_)) | Self::Config(_) | Self::Hook(_) => ttrpc::Code::FAILED_PRECONDITION,
             Self::Network(NetworkError::Namespace { .. }) => ttrpc::Code::INVALID_ARGUMENT,
             Self::Network(_) => ttrpc::Code::INTERNAL,
-            Self::Vm(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => {
+            Self::Launch(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => {
                 ttrpc::Code::INTERNAL
             }
+        }
+    }
+}
+
+/// The core's errors keep their kind (and an agent's status code).
+impl From<SandboxError> for ShimError {
+    fn from(e: SandboxError) -> Self {
+        match e {
+            SandboxError::Share(e) => Self::Share(e),
+            SandboxError::Network(e) => Self::Network(e),
+            SandboxError::Launch(e) => Self::Launch(e),
+            SandboxError::Hook(e) => Self::Hook(e),
+            SandboxError::Agent { call, code, message } => Self::Agent { call, code, message },
+            other @ (SandboxError::Io { .. } | SandboxError::Encode(_)) => Self::Internal(other.to_string()),
         }
     }
 }

@@ -25,14 +25,11 @@ pub mod config;
 pub mod container;
 pub mod error;
 pub mod events;
-pub mod guest;
 pub mod io;
-pub mod pod;
 pub mod process;
 pub mod rootfs;
 pub mod stats;
 pub mod task;
-pub mod vm;
 
 pub use containerd_shim::protos;
 

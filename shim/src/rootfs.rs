@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use carapace_runtime::sandbox::HostBind;
+use carapace_runtime::share::unmount;
 use containerd_shim::protos::types::mount::Mount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 
 /// Errors mounting a rootfs.
 #[derive(Debug, thiserror::Error)]
@@ -21,17 +21,6 @@ pub enum RootfsError {
     OptionsTooLong { index: usize, len: usize },
     #[error("rootfs: {path} is a symlink (to {dest}); containerd's rootfs is not mounted through a link")]
     Symlink { path: PathBuf, dest: PathBuf },
-    #[error("cannot make the shim's mount namespace: {0}")]
-    Namespace(nix::Error),
-}
-
-/// Moves the calling process into a mount namespace of its own that still
-/// receives the host's mounts (a slave of it) but sends none back. Call
-/// before any thread is started: a mount namespace belongs to a thread.
-pub fn private_mount_namespace() -> Result<(), RootfsError> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(RootfsError::Namespace)?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
-        .map_err(RootfsError::Namespace)
 }
 
 /// mount(8)-style options split into flags and the data string.
@@ -148,89 +137,6 @@ fn mount_one(index: usize, m: &Mount, target: &Path) -> Result<(), RootfsError> 
     Ok(())
 }
 
-/// Detaches the top mount on `path` (errors ignored: nothing mounted).
-pub fn unmount(path: &Path) {
-    if let Err(e) = umount2(path, MntFlags::MNT_DETACH) {
-        tracing::debug!(path = %path.display(), error = %e, "umount");
-    }
-}
-
-/// Undoes [`carapace_runtime::sandbox::apply_binds`]: detaches each bind
-/// under `shared` and removes the empty placeholders, then the container's
-/// directory if it is empty. Never removes anything still mounted.
-pub fn remove_binds(shared: &Path, binds: &[HostBind]) {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for b in binds.iter().rev() {
-        let dst = shared.join(&b.target);
-        unmount(&dst);
-        // remove_dir and remove_file fail (EBUSY/ENOTEMPTY) on anything
-        // still mounted or not ours: never recursive here.
-        if std::fs::remove_dir(&dst).is_err() {
-            let _ = std::fs::remove_file(&dst);
-        }
-        let mut parent = dst.parent();
-        while let Some(p) = parent {
-            if p == shared || !p.starts_with(shared) {
-                break;
-            }
-            if !dirs.iter().any(|d| d == p) {
-                dirs.push(p.to_path_buf());
-            }
-            parent = p.parent();
-        }
-    }
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-    for d in dirs {
-        let _ = std::fs::remove_dir(d);
-    }
-}
-
-/// Mount points at or under `dir` in the calling thread's mount namespace,
-/// deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let v = bytes[i + 1..i + 4].iter().fold(0u32, |a, b| a * 8 + u32::from(b - b'0'));
-            out.push(u8::try_from(v).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Removes a sandbox's directory: first every mount under it is detached
-/// (so that removal can never reach into a bound rootfs), then the tree.
-pub fn remove_sandbox_dir(dir: &Path) {
-    for p in mounts_under(dir) {
-        unmount(&p);
-    }
-    if !mounts_under(dir).is_empty() {
-        tracing::warn!(dir = %dir.display(), "mounts remain under the sandbox directory; leaving it");
-        return;
-    }
-    let _ = std::fs::remove_dir_all(dir);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,31 +166,5 @@ mod tests {
         let m = Mount { type_: "bind".into(), source: "/nonexistent".into(), options: vec!["rbind".into()], ..Default::default() };
         let e = mount_all(&[m], &target).expect_err("symlink").to_string();
         assert!(e.contains("is a symlink (to /)"), "{e}");
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape(r"/run/a\040b"), "/run/a b");
-        assert_eq!(unescape(r"/x\134y"), r"/x\y");
-        assert_eq!(unescape("/plain"), "/plain");
-    }
-
-    #[test]
-    fn remove_binds_never_touches_unmounted_content() {
-        // Without mounts (unprivileged-safe): placeholders go, real content stays.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let shared = dir.path();
-        std::fs::create_dir_all(shared.join("c1/rootfs/bin")).expect("mkdir");
-        std::fs::write(shared.join("c1/rootfs/bin/sh"), b"x").expect("file");
-        std::fs::create_dir_all(shared.join("c1/mounts/1")).expect("mkdir");
-        std::fs::write(shared.join("c1/mounts/2"), b"").expect("file");
-        let binds = vec![
-            HostBind { source: "/x".into(), target: "c1/rootfs".into(), read_only: false },
-            HostBind { source: "/y".into(), target: "c1/mounts/1".into(), read_only: false },
-            HostBind { source: "/z".into(), target: "c1/mounts/2".into(), read_only: true },
-        ];
-        remove_binds(shared, &binds);
-        assert!(shared.join("c1/rootfs/bin/sh").exists(), "content under a bind target was removed");
-        assert!(!shared.join("c1/mounts").exists());
     }
 }

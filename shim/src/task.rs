@@ -20,8 +20,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use carapace_protocol::agent;
 use carapace_runtime::bundle::Bundle;
 use carapace_runtime::hooks;
-use carapace_runtime::network::{self, PodNetwork};
-use carapace_runtime::sandbox;
+use carapace_runtime::launcher::Launcher;
+use carapace_runtime::pod;
+use carapace_runtime::sandbox::{self as core, SandboxSpec};
+use carapace_runtime::share;
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
@@ -34,14 +36,12 @@ use containerd_shim::ExitSignal;
 use ttrpc::TtrpcContext;
 
 use crate::config::ConfigSource;
-use crate::container::{self, Container};
+use crate::container::Container;
 use crate::error::ShimError;
 use crate::events::{self, topics, EventSink};
-use crate::guest::Guest;
 use crate::io::{PendingIo, StdioPaths};
 use crate::process::{Exit, Process, Status, LOST};
-use crate::vm::{Launcher, SandboxVm};
-use crate::{pod, rootfs, stats};
+use crate::{rootfs, stats};
 
 /// How long output may still flow after a process exited before its exit
 /// is reported anyway (a background child may hold stdout open).
@@ -64,25 +64,22 @@ pub struct TaskConfig {
     pub config: ConfigSource,
 }
 
-/// A running sandbox VM and its share.
+/// The shim's sandbox: the core's, in a directory the shim owns and
+/// removes when the sandbox stops.
 #[derive(Debug)]
-pub struct Sandbox {
-    pub id: String,
-    pub dir: PathBuf,
-    pub shared: PathBuf,
-    vm: Box<dyn SandboxVm>,
-    guest: Arc<dyn Guest>,
-    /// The pod's network namespace wired to the VM, if the spec named one.
-    network: Mutex<Option<PodNetwork>>,
+pub struct Sandbox(core::Sandbox);
+
+impl std::ops::Deref for Sandbox {
+    type Target = core::Sandbox;
+    fn deref(&self) -> &core::Sandbox {
+        &self.0
+    }
 }
 
 impl Sandbox {
     fn stop(&self) {
-        let _span = tracing::info_span!("stop_sandbox", sandbox = %self.id).entered();
-        self.vm.stop();
-        // The VMM held the taps: now the redirects can go too.
-        drop(lock(&self.network).take());
-        rootfs::remove_sandbox_dir(&self.dir);
+        self.0.stop();
+        share::remove_sandbox_dir(&self.0.dir);
     }
 }
 
@@ -185,7 +182,7 @@ impl Inner {
         let result = self.create_in_sandbox(req, &bundle_dir, mounted.clone());
         if result.is_err() {
             if let Some(t) = &mounted {
-                rootfs::unmount(t);
+                share::unmount(t);
             }
         }
         result
@@ -216,7 +213,7 @@ impl Inner {
         let entry = Entry { c: c.clone(), sb: sb.clone() };
         lock(&self.containers).insert(req.id.clone(), entry);
         drop(slot);
-        let pid = sb.vm.pid();
+        let pid = sb.vmm_pid();
         self.spawn_waiter(&sb, &c, &c.init);
         self.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
@@ -261,49 +258,23 @@ impl Inner {
         let sandbox_id = pod::sandbox_id(container_id, Some(spec));
         carapace_runtime::id::validate_id(&sandbox_id)
             .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", pod::SANDBOX_ID)))?;
-        let _span = tracing::info_span!("boot_sandbox", sandbox = %sandbox_id).entered();
         let key = format!("{}-{sandbox_id}", self.cfg.namespace);
         let dir = self.cfg.state_root.join(carapace_runtime::state::dir_name(&key));
         if dir.exists() {
             // Left by a shim that died: its VMM and mounts died with it.
-            rootfs::remove_sandbox_dir(&dir);
+            share::remove_sandbox_dir(&dir);
         }
-        let shared = dir.join("shared");
-        std::fs::create_dir_all(&shared).map_err(|e| ShimError::Internal(format!("{}: {e}", shared.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| ShimError::Internal(format!("{}: {e}", dir.display())))?;
         let _ = std::fs::write(dir.join("shim.pid"), std::process::id().to_string());
-        let mut opts = pod::vm_options(spec, &config);
-        opts.fs.push(sandbox::share_with(&shared, &config));
-        let mut network = match network::netns_path(spec).map(|p| network::attach(&p)).transpose() {
-            Ok(n) => n,
+        let spec = SandboxSpec { id: &sandbox_id, dir: &dir, spec, bundle_dir: &bundle.dir, config: &config };
+        let sb = match core::Sandbox::boot(self.launcher.as_ref(), spec) {
+            Ok(sb) => Arc::new(Sandbox(sb)),
             Err(e) => {
-                rootfs::remove_sandbox_dir(&dir);
+                share::remove_sandbox_dir(&dir);
                 return Err(e.into());
             }
         };
-        if let Some(n) = network.as_mut() {
-            opts.net = n.take_taps();
-        }
-        let vm = match self.launcher.launch(&dir, &config, &opts) {
-            Ok(vm) => vm,
-            Err(e) => {
-                rootfs::remove_sandbox_dir(&dir);
-                return Err(e);
-            }
-        };
-        // Only the VMM holds the taps from here on.
-        opts.net.clear();
-        let mut req = sandbox::create_sandbox_request(&sandbox_id, spec.hostname().as_deref());
-        sandbox::dns_files(spec, &bundle.dir, &mut req);
-        if let Some(n) = &network {
-            n.describe(&mut req);
-        }
-        let guest = vm.guest();
-        let sb = Arc::new(Sandbox { id: sandbox_id.clone(), dir, shared, vm, guest, network: Mutex::new(network) });
-        if let Err(e) = sb.guest.create_sandbox(&req) {
-            sb.stop();
-            return Err(ShimError::agent("CreateSandbox", e));
-        }
-        tracing::info!(vmm_pid = sb.vm.pid(), vcpus = opts.vcpus, mem_mib = opts.mem_mib, config = ?config.source, "sandbox ready");
+        tracing::info!(config = ?config.source, "sandbox booted");
         *slot = Some(sb.clone());
         Ok((sb, true))
     }
@@ -315,50 +286,30 @@ impl Inner {
         bundle: &Bundle,
         mounted: Option<PathBuf>,
     ) -> Result<Arc<Container>, ShimError> {
-        let view = sandbox::guest_view(&req.id, &bundle.spec, &bundle.dir, &bundle.rootfs);
-        if let Err(e) = sandbox::apply_binds(&sb.shared, &view.binds) {
-            rootfs::remove_binds(&sb.shared, &view.binds);
-            return Err(e.into());
-        }
-        let undo = || rootfs::remove_binds(&sb.shared, &view.binds);
-        // Host hooks run before the container exists in the guest, as runc
-        // runs them before pivot_root: a failure fails Create.
-        let hooks = bundle.spec.hooks().clone().unwrap_or_default();
-        let annotations = bundle.spec.annotations().clone().unwrap_or_default();
-        let state = container::hook_state(&req.id, &bundle.dir, &annotations, "creating", sb.vm.pid());
-        let ran = hooks::run("prestart", hooks.prestart().as_deref().unwrap_or(&[]), &state)
-            .and_then(|()| hooks::run("createRuntime", hooks.create_runtime().as_deref().unwrap_or(&[]), &state));
-        if let Err(e) = ran {
-            undo();
-            return Err(e.into());
-        }
+        let prepared = sb.prepare_container(&req.id, bundle, sb.vmm_pid())?;
+        let undo = || sb.remove_binds(&prepared.view.binds);
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let pending = PendingIo::bind(sb.vm.vsock_uds(), &stdio).inspect_err(|_| undo())?;
+        let pending = PendingIo::bind(sb.vsock_uds(), &stdio).inspect_err(|_| undo())?;
         let streams = pending.streams();
         let mut relay = pending.start();
-        let mut creq = agent::CreateContainerRequest::new();
-        creq.container_id = req.id.clone();
-        creq.oci_spec_json = serde_json::to_vec(&view.spec).map_err(|e| ShimError::Internal(e.to_string()))?;
-        creq.rootfs_path = view.rootfs.clone();
-        creq.stdio = Some(streams).into();
-        let resp = match sb.guest.create_container(&creq) {
-            Ok(r) => r,
+        let pid = match sb.create_container(&prepared, streams) {
+            Ok(pid) => pid,
             Err(e) => {
                 relay.cancel();
                 undo();
-                return Err(ShimError::agent("CreateContainer", e));
+                return Err(e.into());
             }
         };
         let init = Arc::new(Process::new(&req.id, "", stdio, Vec::new()));
-        init.set_guest(resp.pid, relay, Status::Created);
-        tracing::info!(guest_pid = resp.pid, "container created");
+        init.set_guest(pid, relay, Status::Created);
         Ok(Arc::new(
-            Container::new(&req.id, bundle.dir.clone(), req.rootfs.clone(), mounted, view.binds, init).with_spec(&bundle.spec),
+            Container::new(&req.id, bundle.dir.clone(), req.rootfs.clone(), mounted, prepared.view.binds, init)
+                .with_spec(&bundle.spec),
         ))
     }
 
@@ -371,7 +322,7 @@ impl Inner {
             let mut req = agent::WaitProcessRequest::new();
             req.container_id = p.container_id.clone();
             req.exec_id = p.exec_id.clone();
-            let (status, at, oom) = match sb.guest.wait_process(&req) {
+            let (status, at, oom) = match sb.guest().wait_process(&req) {
                 Ok(w) => (u32::try_from(w.exit_code).unwrap_or(LOST), time_from_nanos(w.exited_at_unix_nano), w.oom_killed),
                 Err(e) => {
                     tracing::warn!(container = %container_id, exec_id = %p.exec_id, error = %e, "WaitProcess failed; reporting the process lost");
@@ -395,7 +346,7 @@ impl Inner {
                 TaskExit {
                     container_id,
                     id: p.event_id().to_string(),
-                    pid: sb.vm.pid(),
+                    pid: sb.vmm_pid(),
                     exit_status: status,
                     exited_at: Some(events::timestamp(at)).into(),
                     ..Default::default()
@@ -415,11 +366,11 @@ impl Inner {
         if p.status() != Status::Created {
             return Err(ShimError::FailedPrecondition(format!("process {} is not in the created state", p.event_id())));
         }
-        let pid = e.sb.vm.pid();
+        let pid = e.sb.vmm_pid();
         if req.exec_id.is_empty() {
             let mut sreq = agent::StartContainerRequest::new();
             sreq.container_id = req.id.clone();
-            agent_call("StartContainer", e.sb.guest.start_container(&sreq))?;
+            agent_call("StartContainer", e.sb.guest().start_container(&sreq))?;
             {
                 let _order = lock(&self.containers);
                 p.set_running();
@@ -431,7 +382,7 @@ impl Inner {
             if e.c.init.status() != Status::Running {
                 return Err(ShimError::FailedPrecondition(format!("container {} is not running", req.id)));
             }
-            let pending = PendingIo::bind(e.sb.vm.vsock_uds(), &p.stdio)?;
+            let pending = PendingIo::bind(e.sb.vsock_uds(), &p.stdio)?;
             let mut ereq = agent::ExecProcessRequest::new();
             ereq.container_id = req.id.clone();
             ereq.exec_id = req.exec_id.clone();
@@ -439,7 +390,7 @@ impl Inner {
             ereq.terminal = p.stdio.terminal;
             ereq.stdio = Some(pending.streams()).into();
             let mut relay = pending.start();
-            let resp = match e.sb.guest.exec_process(&ereq) {
+            let resp = match e.sb.guest().exec_process(&ereq) {
                 Ok(r) => r,
                 Err(err) => {
                     relay.cancel();
@@ -461,7 +412,7 @@ impl Inner {
 
     fn delete(self: &Arc<Self>, req: &api::DeleteRequest) -> Result<api::DeleteResponse, ShimError> {
         let e = self.get(&req.id)?;
-        let pid = e.sb.vm.pid();
+        let pid = e.sb.vmm_pid();
         let response = |exit: Option<Exit>| {
             let exit = exit.unwrap_or(Exit { status: 0, at: SystemTime::now() });
             api::DeleteResponse {
@@ -487,7 +438,7 @@ impl Inner {
         let mut rreq = agent::RemoveContainerRequest::new();
         rreq.container_id = req.id.clone();
         rreq.force = true;
-        if let Err(err) = e.sb.guest.remove_container(&rreq) {
+        if let Err(err) = e.sb.guest().remove_container(&rreq) {
             // Gone already, or the VM is: nothing left in the guest.
             tracing::warn!(error = %err, "RemoveContainer");
         }
@@ -504,9 +455,9 @@ impl Inner {
             p.cancel_io();
         }
         init.cancel_io();
-        rootfs::remove_binds(&e.sb.shared, &e.c.binds);
+        e.sb.remove_binds(&e.c.binds);
         if let Some(t) = &e.c.mounted_rootfs {
-            rootfs::unmount(t);
+            share::unmount(t);
         }
         lock(&self.containers).remove(&req.id);
         let resp = response(exit);
@@ -551,7 +502,7 @@ impl Inner {
         Ok(api::StateResponse {
             id: req.id.clone(),
             bundle: e.c.bundle.display().to_string(),
-            pid: e.sb.vm.pid(),
+            pid: e.sb.vmm_pid(),
             status: status.into(),
             stdin: p.stdio.stdin.clone(),
             stdout: p.stdio.stdout.clone(),
@@ -581,7 +532,7 @@ impl Inner {
         sreq.exec_id = req.exec_id.clone();
         sreq.signal = req.signal;
         sreq.all = req.all;
-        agent_call("SignalProcess", e.sb.guest.signal_process(&sreq)).map(|_| ())
+        agent_call("SignalProcess", e.sb.guest().signal_process(&sreq)).map(|_| ())
     }
 
     fn exec(&self, req: &api::ExecProcessRequest) -> Result<(), ShimError> {
@@ -617,7 +568,7 @@ impl Inner {
         r.exec_id = req.exec_id.clone();
         r.rows = req.height;
         r.cols = req.width;
-        agent_call("ResizeTty", e.sb.guest.resize_tty(&r)).map(|_| ())
+        agent_call("ResizeTty", e.sb.guest().resize_tty(&r)).map(|_| ())
     }
 
     fn close_io(&self, req: &api::CloseIORequest) -> Result<(), ShimError> {
@@ -633,7 +584,7 @@ impl Inner {
             let mut r = agent::CloseStdinRequest::new();
             r.container_id = req.id.clone();
             r.exec_id = req.exec_id.clone();
-            agent_call("CloseStdin", e.sb.guest.close_stdin(&r))?;
+            agent_call("CloseStdin", e.sb.guest().close_stdin(&r))?;
         }
         Ok(())
     }
@@ -642,7 +593,7 @@ impl Inner {
         let e = self.get(&req.id)?;
         let mut r = agent::ListProcessesRequest::new();
         r.container_id = req.id.clone();
-        let list = agent_call("ListProcesses", e.sb.guest.list_processes(&r))?;
+        let list = agent_call("ListProcesses", e.sb.guest().list_processes(&r))?;
         let processes = list.pids.into_iter().map(|pid| ProcessInfo { pid, ..Default::default() }).collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
@@ -652,13 +603,13 @@ impl Inner {
         if pause {
             let mut r = agent::PauseContainerRequest::new();
             r.container_id = req.id.clone();
-            agent_call("PauseContainer", e.sb.guest.pause_container(&r))?;
+            agent_call("PauseContainer", e.sb.guest().pause_container(&r))?;
             e.c.set_paused(true);
             self.publish(topics::TASK_PAUSED_EVENT_TOPIC, TaskPaused { container_id: req.id.clone(), ..Default::default() });
         } else {
             let mut r = agent::ResumeContainerRequest::new();
             r.container_id = req.id.clone();
-            agent_call("ResumeContainer", e.sb.guest.resume_container(&r))?;
+            agent_call("ResumeContainer", e.sb.guest().resume_container(&r))?;
             e.c.set_paused(false);
             self.publish(topics::TASK_RESUMED_EVENT_TOPIC, TaskResumed { container_id: req.id.clone(), ..Default::default() });
         }
@@ -676,7 +627,7 @@ impl Inner {
         let mut r = agent::UpdateContainerRequest::new();
         r.container_id = req.id.clone();
         r.resources_json = resources;
-        agent_call("UpdateContainer", e.sb.guest.update_container(&r)).map(|_| ())
+        agent_call("UpdateContainer", e.sb.guest().update_container(&r)).map(|_| ())
     }
 
     fn wait(&self, req: &api::WaitRequest) -> Result<api::WaitResponse, ShimError> {
@@ -693,7 +644,7 @@ impl Inner {
         let e = self.get(&req.id)?;
         let mut r = agent::StatsContainerRequest::new();
         r.container_id = req.id.clone();
-        let s = agent_call("StatsContainer", e.sb.guest.stats_container(&r))?;
+        let s = agent_call("StatsContainer", e.sb.guest().stats_container(&r))?;
         let any = stats::to_any(&stats::metrics(&s)).map_err(|err| ShimError::Internal(err.to_string()))?;
         Ok(api::StatsResponse { stats: Some(any).into(), ..Default::default() })
     }
@@ -701,7 +652,7 @@ impl Inner {
     fn connect(&self) -> api::ConnectResponse {
         api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: lock(&self.sandbox).as_ref().map_or(0, |sb| sb.vm.pid()),
+            task_pid: lock(&self.sandbox).as_ref().map_or(0, |sb| sb.vmm_pid()),
             version: format!("carapace {}", env!("CARGO_PKG_VERSION")),
             ..Default::default()
         }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use carapace_protocol::agent;
 use carapace_runtime::assets::GuestAssets;
-use carapace_runtime::vm::{CacheMode, FsConfig, Vm, VmOptions};
+use carapace_runtime::vm::{FsCacheMode, FsConfig, Vm, VmOptions};
 use carapace_tests::guest::{ctx, Guest};
 use carapace_tests::{repo_root, Assets, BOOT_DEADLINE};
 use serde_json::json;
@@ -110,9 +110,9 @@ fn shares(base: &Path) -> Result<Vec<FsConfig>> {
         tag: "rootfs".into(),
         shared_dir: base.join("rootfs"),
         read_only: true,
-        cache: CacheMode::Always,
+        cache: FsCacheMode::Always,
     }];
-    for (mode, cache) in [("none", CacheMode::None), ("auto", CacheMode::Auto)] {
+    for (mode, cache) in [("none", FsCacheMode::None), ("auto", FsCacheMode::Auto)] {
         for kind in ["seq", "files"] {
             let tag = format!("{mode}-{kind}");
             let dir = base.join(&tag);

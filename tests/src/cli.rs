@@ -116,6 +116,14 @@ impl Cli {
         serde_json::from_str(&self.ok(&["state", id])).expect("state JSON")
     }
 
+    /// The VMM's host pid of a container (`state`'s annotation; `pid` is
+    /// the monitor's).
+    pub fn vmm_pid(&self, id: &str) -> u32 {
+        let state = self.state(id);
+        let pid = state["annotations"]["io.carapace.vmm-pid"].as_str().and_then(|p| p.parse().ok());
+        pid.unwrap_or_else(|| panic!("no io.carapace.vmm-pid annotation in the state of {id}: {state}"))
+    }
+
     /// Waits for `state ID` to report `status`.
     pub fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> bool {
         wait_for(timeout, || (self.state(id)["status"] == status).then_some(())).is_some()

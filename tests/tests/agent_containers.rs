@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use carapace_protocol::{agent, rpc_code, AgentClient, HealthClient};
 use carapace_runtime::assets::GuestAssets;
-use carapace_runtime::vm::{CacheMode, FsConfig, Vm, VmOptions};
+use carapace_runtime::vm::{FsCacheMode, FsConfig, Vm, VmOptions};
 use carapace_tests::{kvm_available, Assets, BOOT_DEADLINE};
 use serde_json::{json, Value};
 
@@ -466,7 +466,7 @@ fn containers_in_a_microvm() {
         tag: SHARE_TAG.into(),
         shared_dir: share.clone(),
         read_only: true,
-        cache: CacheMode::Always,
+        cache: FsCacheMode::Always,
     }];
     // ignore_loglevel: the kernel's reports of faulting user processes
     // reach the console (see `step`). More with e.g.

@@ -81,11 +81,13 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
     assert_eq!(state["status"], "created");
     assert_eq!(state["id"], "c1");
     assert_eq!(state["bundle"], bundle_arg);
-    let vmm_pid = u32::try_from(state["pid"].as_u64().expect("pid")).expect("a pid");
+    let vmm_pid = cli.vmm_pid("c1");
     let cmdline = std::fs::read_to_string(format!("/proc/{vmm_pid}/cmdline")).expect("VMM alive");
-    assert!(cmdline.contains("carapace-vmm"), "state pid {vmm_pid} is the VMM: {cmdline}");
+    assert!(cmdline.contains("carapace-vmm"), "the annotation's pid {vmm_pid} is the VMM: {cmdline}");
     let monitor: u32 = std::fs::read_to_string(&pid_file).expect("pid file").trim().parse().expect("pid");
     assert!(Path::new(&format!("/proc/{monitor}")).exists(), "the pid file names a live process");
+    // One host pid for the container, as runc gives: the pid file's is state's.
+    assert_eq!(state["pid"].as_u64(), Some(u64::from(monitor)), "state pid = pid file");
 
     // The same id again, and an unknown signal: clear errors, nothing changed.
     let e = cli.fails(&["create", "--bundle", &bundle_arg, "c1"]);
@@ -111,6 +113,25 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
     assert!(text.contains("refused") && text.contains("ok"), "{text}");
     assert_eq!(std::fs::read_to_string(logs.join("w")).expect("written through the bind"), "ok\n");
     assert!(!b.join("rootfs/x").exists());
+
+    // The bind mount's source keeps its name in mountinfo, as under runc.
+    let info = cli.ok(&["exec", "c1", "cat", "/proc/self/mountinfo"]);
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some("/logs")).unwrap_or_else(|| panic!("no /logs in {info}"));
+    assert!(line.split(' ').nth(3).is_some_and(|root| root.ends_with("/logs")), "source name lost: {line}");
+
+    // Detached execs (containerd's runc shim runs every exec this way): each
+    // runs, none is lost.
+    for i in 0..20 {
+        let pid_file = tmp.path().join(format!("exec-{i}.pid"));
+        cli.ok_detached(&["exec", "--detach", "--pid-file", &pid_file.display().to_string(), "c1", "sh", "-c",
+            &format!("echo {i} >> /logs/detached")]);
+        assert!(pid_file.exists(), "exec {i}: no pid file");
+    }
+    let all_ran = wait_for(Duration::from_secs(120), || {
+        let text = std::fs::read_to_string(logs.join("detached")).unwrap_or_default();
+        (text.lines().count() == 20).then_some(())
+    });
+    assert!(all_ran.is_some(), "detached execs: {:?}", std::fs::read_to_string(logs.join("detached")));
 
     // exec with a terminal over a console socket: the size we set arrives.
     let sock = tmp.path().join("console.sock");

@@ -53,7 +53,7 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
 
     // 2. The VMM killed under a running container: stopped, with a reason.
     cli.ok_detached(&["run", "--detach", "--bundle", &b, "f2"]);
-    let vmm = u32::try_from(cli.state("f2")["pid"].as_u64().expect("pid")).expect("a pid");
+    let vmm = cli.vmm_pid("f2");
     kill9(vmm);
     assert!(cli.wait_status("f2", "stopped", DEADLINE), "{}", cli.state("f2"));
     let reason = cli.state("f2")["stopReason"].as_str().unwrap_or_default().to_string();
@@ -80,7 +80,7 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
     // 4. The monitor killed: its VMM dies with it (PDEATHSIG), the state
     // says so, and delete cleans up.
     cli.ok_detached(&["run", "--detach", "--bundle", &b, "f4"]);
-    let vmm = u32::try_from(cli.state("f4")["pid"].as_u64().expect("pid")).expect("a pid");
+    let vmm = cli.vmm_pid("f4");
     let monitor = processes_matching("_monitor --ready-fd")
         .into_iter()
         .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.contains(&cli.root.display().to_string()) && c.ends_with("f4\0")))

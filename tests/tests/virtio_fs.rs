@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use carapace_protocol::agent;
 use carapace_runtime::assets::GuestAssets;
-use carapace_runtime::vm::{CacheMode, FsConfig, Vm, VmOptions};
+use carapace_runtime::vm::{FsCacheMode, FsConfig, Vm, VmOptions};
 use carapace_tests::guest::{ctx, guest_faults, ConsoleOnPanic, Finished, Guest};
 use carapace_tests::{kvm_available, repo_root, Assets, BOOT_DEADLINE};
 use serde_json::{json, Value};
@@ -291,8 +291,8 @@ fn shares_are_root_and_volumes_and_keep_the_guest_inside() {
         vmm: assets.bin("carapace-vmm"),
     };
     let fs = vec![
-        FsConfig { tag: "share".into(), shared_dir: share.clone(), read_only: false, cache: CacheMode::Auto },
-        FsConfig { tag: "ro".into(), shared_dir: ro.clone(), read_only: true, cache: CacheMode::Auto },
+        FsConfig { tag: "share".into(), shared_dir: share.clone(), read_only: false, cache: FsCacheMode::Auto },
+        FsConfig { tag: "ro".into(), shared_dir: ro.clone(), read_only: true, cache: FsCacheMode::Auto },
     ];
     // ignore_loglevel: the kernel's reports of faulting user processes
     // reach the console (see `step`).

@@ -1,5 +1,5 @@
-//! Booting and stopping a sandbox's VM, behind a trait so that the Task
-//! service can be tested with a fake sandbox.
+//! Booting and stopping a sandbox's VM, behind a trait so that the sandbox
+//! core (and both front ends over it) can be tested with a fake VM.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -7,12 +7,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use carapace_protocol::AgentClient;
-use carapace_runtime::assets::GuestAssets;
-use carapace_runtime::config::Config;
-use carapace_runtime::vm::{Vm, VmOptions};
+use crate::assets::GuestAssets;
+use crate::config::Config;
+use crate::vm::{Vm, VmOptions};
 
-use crate::error::ShimError;
+use crate::assets::AssetError;
 use crate::guest::{AgentGuest, Guest};
+use crate::vm::VmError;
+
+/// Why a VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Assets(#[from] AssetError),
+    #[error("sandbox VM: {0}")]
+    Vm(#[from] VmError),
+    #[error("cannot start the VM owner thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the VM owner thread died")]
+    OwnerDied,
+}
 
 /// How long a guest gets to answer Shutdown, and then to power off, before
 /// its VMM is killed.
@@ -38,18 +52,18 @@ pub trait Launcher: Send + Sync {
     /// Boots a VM whose files live in `dir` (which exists and is private to
     /// it) from the assets `config` names, and returns once its agent
     /// answers.
-    fn launch(&self, dir: &Path, config: &Config, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError>;
+    fn launch(&self, dir: &Path, config: &Config, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, LaunchError>;
 }
 
 /// The real thing: `carapace-vmm` with the installed guest assets.
 #[derive(Debug, Default)]
 pub struct MicroVmLauncher;
 
-type Ready = Result<(u32, AgentGuest), ShimError>;
+type Ready = Result<(u32, AgentGuest), LaunchError>;
 
 impl Launcher for MicroVmLauncher {
     #[tracing::instrument(name = "boot", skip_all, fields(dir = %dir.display(), vcpus = opts.vcpus, mem_mib = opts.mem_mib))]
-    fn launch(&self, dir: &Path, config: &Config, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, ShimError> {
+    fn launch(&self, dir: &Path, config: &Config, opts: &VmOptions) -> Result<Box<dyn SandboxVm>, LaunchError> {
         let assets = GuestAssets::locate_with(config)?;
         let boot_timeout = config.boot_timeout();
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
@@ -67,7 +81,7 @@ impl Launcher for MicroVmLauncher {
                 own_vm(&assets, &dir_owned, &opts, boot_timeout, &ready_tx, &stop_rx);
                 drop(done_tx);
             })
-            .map_err(|e| ShimError::Internal(format!("cannot start the VM owner thread: {e}")))?;
+            .map_err(LaunchError::Thread)?;
         match ready_rx.recv() {
             Ok(Ok((pid, guest))) => Ok(Box::new(MicroVm {
                 pid,
@@ -77,7 +91,7 @@ impl Launcher for MicroVmLauncher {
                 done: Mutex::new(Some(done_rx)),
             })),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(ShimError::Internal("the VM owner thread died".into())),
+            Err(_) => Err(LaunchError::OwnerDied),
         }
     }
 }

@@ -5,7 +5,7 @@ use carapace_protocol::agent::*;
 use carapace_protocol::AgentClient;
 
 /// A sandbox's agent (see `protocol/protos/agent.proto`). Every call but
-/// `wait_process` is bounded by [`carapace_runtime::agent::CALL_TIMEOUT`].
+/// `wait_process` is bounded by [`crate::agent::CALL_TIMEOUT`].
 pub trait Guest: Send + Sync + std::fmt::Debug {
     fn create_sandbox(&self, req: &CreateSandboxRequest) -> ttrpc::Result<CreateSandboxResponse>;
     fn create_container(&self, req: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse>;
@@ -37,7 +37,7 @@ impl std::fmt::Debug for AgentGuest {
 }
 
 fn ctx() -> ttrpc::context::Context {
-    carapace_runtime::agent::ctx()
+    crate::agent::ctx()
 }
 
 impl Guest for AgentGuest {
@@ -85,7 +85,7 @@ impl Guest for AgentGuest {
         self.0.remove_container(ctx(), req)
     }
     fn shutdown(&self, timeout_secs: u64) -> ttrpc::Result<ShutdownResponse> {
-        carapace_runtime::agent::shutdown_within(&self.0, std::time::Duration::from_secs(timeout_secs))
+        crate::agent::shutdown_within(&self.0, std::time::Duration::from_secs(timeout_secs))
             .map(|()| ShutdownResponse::new())
     }
 }

@@ -1,22 +1,14 @@
 //! Pods: the CRI annotations that group containers into one sandbox (one
 //! shim, one VM), and the size of that VM.
 
-use carapace_runtime::config::Config;
-use carapace_runtime::vm::VmOptions;
+use crate::config::Config;
+use crate::vm::VmOptions;
 use oci_spec::runtime::Spec;
 
-/// `sandbox` for a pod's first (pause) container, `container` for the others.
-pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-/// The pod sandbox a container belongs to.
-pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-/// Pod-level resources containerd (1.7+) puts on the sandbox spec.
-pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
-pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
-pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
-/// Our own overrides (as for the CLI).
-pub const VCPUS: &str = "io.carapace.vcpus";
-pub const MEMORY_MIB: &str = "io.carapace.memory_mib";
-
+pub use crate::annotations::{
+    CONTAINER_TYPE, MEMORY_MIB, SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_ID, SANDBOX_MEMORY, VCPUS,
+};
+use crate::annotations::{MEMORY_MIB_RANGE, VCPUS_RANGE};
 
 fn annotation<'a>(spec: Option<&'a Spec>, key: &str) -> Option<&'a str> {
     spec?.annotations().as_ref()?.get(key).map(String::as_str)
@@ -45,7 +37,7 @@ pub fn is_sandbox(spec: Option<&Spec>) -> bool {
 /// config's `memory_overhead_mib`); the spec's own CPU quota and memory
 /// limit. The config's kernel parameters come along.
 pub fn vm_options(spec: &Spec, config: &Config) -> VmOptions {
-    let mut opts = carapace_runtime::monitor::vm_options_with(spec, config);
+    let mut opts = container_size(spec, config);
     let get = |k| annotation(Some(spec), k);
     if get(VCPUS).is_none() {
         let quota = get(SANDBOX_CPU_QUOTA).and_then(|v| v.parse::<i64>().ok());
@@ -62,6 +54,46 @@ pub fn vm_options(spec: &Spec, config: &Config) -> VmOptions {
             let mib = (bytes / (1024 * 1024) + u64::from(config.memory_overhead_mib)).min(16 * 1024);
             opts.mem_mib = u32::try_from(mib).unwrap_or(16 * 1024).max(config.default_memory_mib);
         }
+    }
+    opts
+}
+
+/// The size a lone container asks for: annotations `io.carapace.vcpus` and `io.carapace.memory_mib`
+/// win; otherwise the container's CPU quota (rounded up) and memory limit
+/// plus the config's `memory_overhead_mib` for the guest, at least the
+/// config's `default_vcpus` and `default_memory_mib` (1 and 256 unless
+/// configured), which a spec that asks for nothing gets. Also sets the
+/// config's kernel parameters.
+fn container_size(spec: &Spec, config: &Config) -> VmOptions {
+    let mut opts = VmOptions {
+        vcpus: config.default_vcpus,
+        mem_mib: config.default_memory_mib,
+        extra_cmdline: config.kernel_params.clone(),
+        ..VmOptions::default()
+    };
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    if let Some(cpu) = resources.as_ref().and_then(|r| r.cpu().clone()) {
+        if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
+            if quota > 0 && period > 0 {
+                let n = u64::try_from(quota).unwrap_or(0).div_ceil(period);
+                opts.vcpus = u8::try_from(n.clamp(1, 16)).unwrap_or(1).max(config.default_vcpus);
+            }
+        }
+    }
+    if let Some(limit) = resources.as_ref().and_then(|r| *r.memory()).and_then(|m| m.limit()) {
+        if limit > 0 {
+            let mib = u32::try_from(limit / (1024 * 1024)).unwrap_or(u32::MAX).saturating_add(config.memory_overhead_mib);
+            opts.mem_mib = mib.min(16 * 1024).max(config.default_memory_mib);
+        }
+    }
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    // Bundle::load refused values outside these ranges.
+    if let Some(n) = annotations.get(VCPUS).and_then(|v| v.parse::<u32>().ok()) {
+        let n = n.clamp(*VCPUS_RANGE.start(), *VCPUS_RANGE.end());
+        opts.vcpus = u8::try_from(n).unwrap_or(1);
+    }
+    if let Some(m) = annotations.get(MEMORY_MIB).and_then(|v| v.parse::<u32>().ok()) {
+        opts.mem_mib = m.clamp(*MEMORY_MIB_RANGE.start(), *MEMORY_MIB_RANGE.end());
     }
     opts
 }
