@@ -179,6 +179,7 @@ impl Sandbox {
         req.oci_spec_json = serde_json::to_vec(&c.view.spec).map_err(SandboxError::Encode)?;
         req.rootfs_path = c.view.rootfs.clone();
         req.stdio = Some(stdio).into();
+        req.join_namespaces = c.view.join_namespaces.clone();
         let resp = self.guest.create_container(&req).map_err(|e| SandboxError::agent("CreateContainer", e))?;
         tracing::info!(guest_pid = resp.pid, "container created");
         Ok(resp.pid)

@@ -148,6 +148,16 @@ pub fn create_sandbox_request(id: &str, hostname: Option<&str>) -> agent::Create
     fs.mount_point = GUEST_SHARE.into();
     fs.options = vec!["nodev".into()];
     req.shared_fs.push(fs);
+    // Fresh entropy and the host's clock: a guest restored from a snapshot
+    // must not share its random state or its time with its siblings.
+    let mut entropy = vec![0u8; 64];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy));
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "no entropy for the guest");
+        entropy.clear();
+    }
+    req.entropy = entropy;
+    req.host_time_unix_ns = u64::try_from(chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()).unwrap_or(0);
     let mut settings = agent::GuestSettings::new();
     settings.wall_clock_unix_nano = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     req.settings = Some(settings).into();
@@ -314,6 +324,16 @@ mod tests {
 
     fn spec(json: serde_json::Value) -> Spec {
         serde_json::from_value(json).expect("spec")
+    }
+
+    #[test]
+    fn each_sandbox_gets_fresh_entropy_and_the_hosts_time() {
+        let a = create_sandbox_request("a", None);
+        let b = create_sandbox_request("b", None);
+        assert_eq!(a.entropy.len(), 64);
+        assert_ne!(a.entropy, b.entropy);
+        let now = u64::try_from(chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()).unwrap_or(0);
+        assert!(now.abs_diff(a.host_time_unix_ns) < 60_000_000_000, "{} vs {now}", a.host_time_unix_ns);
     }
 
     #[test]
