@@ -169,26 +169,7 @@ impl ContainerManager {
             .and_then(|p| p.console_size())
             .map(|b| (b.height(), b.width()));
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
-        let (pending, child) = {
-            let _span = tracing::debug_span!("stdio").entered();
-            stdio::prepare(&self.config.dialer, ports, terminal)?
-        };
-        let console = if terminal {
-            Some(self.consoles.bind()?)
-        } else {
-            None
-        };
-
-        let mut builder = self.builder(id)?;
-        if let Some(child) = child {
-            builder = builder
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr);
-        }
-        if let Some(console) = &console {
-            builder = builder.with_console_socket(Some(console.path().to_path_buf()));
-        }
+        let (pending, console, builder) = self.io_builder(id, ports, terminal)?;
         let init_builder = builder
             .as_init(bundle)
             .with_systemd(false)

@@ -35,22 +35,7 @@ impl ContainerManager {
         write_json(&process_file, &process)?;
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let result = (|| {
-            let (pending, child) = stdio::prepare(&self.config.dialer, ports, req.terminal)?;
-            let console = if req.terminal {
-                Some(self.consoles.bind()?)
-            } else {
-                None
-            };
-            let mut builder = self.builder(id)?;
-            if let Some(child) = child {
-                builder = builder
-                    .with_stdin(child.stdin)
-                    .with_stdout(child.stdout)
-                    .with_stderr(child.stderr);
-            }
-            if let Some(console) = &console {
-                builder = builder.with_console_socket(Some(console.path().to_path_buf()));
-            }
+            let (pending, console, builder) = self.io_builder(id, ports, req.terminal)?;
             let tenant = builder
                 .as_tenant()
                 .with_process(Some(process_file.clone()))

@@ -280,6 +280,37 @@ impl ContainerManager {
         Ok(())
     }
 
+    /// A new process's stdio (the host ports dialled) and, with a
+    /// terminal, its console socket; and a builder for container `id` wired
+    /// to both. Shared by CreateContainer and ExecProcess.
+    fn io_builder(
+        &self,
+        id: &str,
+        ports: StdioPorts,
+        terminal: bool,
+    ) -> Result<(stdio::PendingIo, Option<ConsoleListener>, ContainerBuilder)> {
+        let (pending, child) = {
+            let _span = tracing::debug_span!("stdio").entered();
+            stdio::prepare(&self.config.dialer, ports, terminal)?
+        };
+        let console = if terminal {
+            Some(self.consoles.bind()?)
+        } else {
+            None
+        };
+        let mut builder = self.builder(id)?;
+        if let Some(child) = child {
+            builder = builder
+                .with_stdin(child.stdin)
+                .with_stdout(child.stdout)
+                .with_stderr(child.stderr);
+        }
+        if let Some(console) = &console {
+            builder = builder.with_console_socket(Some(console.path().to_path_buf()));
+        }
+        Ok((pending, console, builder))
+    }
+
     fn builder(&self, id: &str) -> Result<ContainerBuilder> {
         let root = self.libcontainer_root();
         std::fs::create_dir_all(&root)
