@@ -4,17 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use carapace_test_support::{can_run, Need};
+
 use super::*;
 use crate::test_utils::{FakeLauncher, VMM_PID};
-
-fn needs_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CARAPACE_REQUIRE_KVM").is_none(), "CARAPACE_REQUIRE_KVM=1: these tests need root");
-    eprintln!("skipped: needs root");
-    false
-}
 
 /// A bundle in `dir` with a rootfs and one bind mount of `dir/data`.
 fn bundle(dir: &Path, annotations: serde_json::Value, namespaces: serde_json::Value) -> Bundle {
@@ -33,6 +26,14 @@ fn bundle(dir: &Path, annotations: serde_json::Value, namespaces: serde_json::Va
     Bundle::load(dir).expect("bundle")
 }
 
+/// Boots sandbox `id` for bundle `b` in `tmp/sb` on a fake VM.
+fn boot(launcher: &Arc<FakeLauncher>, tmp: &Path, id: &str, b: &Bundle) -> Sandbox {
+    let config = Config::default();
+    let dir = tmp.join("sb");
+    let spec = SandboxSpec { id, dir: &dir, spec: &b.spec, bundle_dir: &b.dir, config: &config };
+    Sandbox::boot(launcher, spec).expect("boot")
+}
+
 /// Runs `f` in a thread with a mount namespace of its own.
 fn in_mount_ns(f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(move || {
@@ -47,17 +48,14 @@ fn in_mount_ns(f: impl FnOnce() + Send + 'static) {
 
 #[test]
 fn boot_creates_the_sandbox_then_containers_join_the_pods_namespaces() {
-    if !needs_root() {
+    if !can_run(module_path!(), &[Need::Root]) {
         return;
     }
     in_mount_ns(|| {
         let tmp = tempfile::tempdir().expect("tempdir");
         let launcher = Arc::new(FakeLauncher::default());
-        let config = Config::default();
         let pause = bundle(&tmp.path().join("pause"), serde_json::json!({"io.kubernetes.cri.container-type": "sandbox"}), serde_json::json!([]));
-        let dir = tmp.path().join("sb");
-        let spec = SandboxSpec { id: "pod", dir: &dir, spec: &pause.spec, bundle_dir: &pause.dir, config: &config };
-        let sb = Sandbox::boot(&launcher, spec).expect("boot");
+        let sb = boot(&launcher, tmp.path(), "pod", &pause);
         assert_eq!(sb.vmm_pid(), VMM_PID);
         let guest = launcher.guest(0);
         let sandboxes = guest.sandboxes.lock().expect("sandboxes").clone();
@@ -90,13 +88,12 @@ fn boot_creates_the_sandbox_then_containers_join_the_pods_namespaces() {
 
 #[test]
 fn a_failing_hook_undoes_the_binds() {
-    if !needs_root() {
+    if !can_run(module_path!(), &[Need::Root]) {
         return;
     }
     in_mount_ns(|| {
         let tmp = tempfile::tempdir().expect("tempdir");
         let launcher = Arc::new(FakeLauncher::default());
-        let config = Config::default();
         let b = bundle(&tmp.path().join("c"), serde_json::json!({}), serde_json::json!([]));
         let mut spec = b.spec.clone();
         let hook: oci_spec::runtime::Hook = serde_json::from_value(serde_json::json!({"path": "/bin/false"})).expect("hook");
@@ -104,9 +101,7 @@ fn a_failing_hook_undoes_the_binds() {
         hooks.set_create_runtime(Some(vec![hook]));
         spec.set_hooks(Some(hooks));
         let b = Bundle { spec, ..b };
-        let dir = tmp.path().join("sb");
-        let sb = Sandbox::boot(&launcher, SandboxSpec { id: "c", dir: &dir, spec: &b.spec, bundle_dir: &b.dir, config: &config })
-            .expect("boot");
+        let sb = boot(&launcher, tmp.path(), "c", &b);
         let e = sb.prepare_container("c", &b, 7).expect_err("hook fails");
         assert!(matches!(e, SandboxError::Hook(_)), "{e}");
         assert!(crate::share::mounts_under(&sb.shared).is_empty(), "binds undone");
