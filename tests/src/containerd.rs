@@ -51,6 +51,8 @@ fn spawn(dir: &Path, assets: &Assets) -> Child {
         .expect("containerd (apt containerd; scripts/setup.sh installs it)")
 }
 
+static NEXT_NAMESPACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Containerd {
     /// Starts containerd in `dir` and waits until it answers.
     pub fn start(dir: &Path, assets: &Assets) -> Self {
@@ -90,7 +92,9 @@ disabled_plugins = [
         let c = Self {
             child,
             dir: dir.to_path_buf(),
-            namespace: format!("carapace-test-{}", std::process::id()),
+            // One namespace per containerd: tests of one binary run side by
+            // side, and the runc shim's root is per namespace.
+            namespace: format!("carapace-test-{}-{}", std::process::id(), NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             carapace: assets.bin("carapace"),
             assets: assets.clone(),
         };
