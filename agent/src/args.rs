@@ -75,14 +75,8 @@ mod tests {
 
     #[test]
     fn listen_forms() {
-        assert_eq!(
-            parse(&["--listen", "unix:///a.sock"]).listen.as_deref(),
-            Some("unix:///a.sock")
-        );
-        assert_eq!(
-            parse(&["--listen=vsock://-1:1024"]).listen.as_deref(),
-            Some("vsock://-1:1024")
-        );
+        assert_eq!(parse(&["--listen", "unix:///a.sock"]).listen.as_deref(), Some("unix:///a.sock"));
+        assert_eq!(parse(&["--listen=vsock://-1:1024"]).listen.as_deref(), Some("vsock://-1:1024"));
         // A missing value leaves it unset (the caller then complains).
         assert_eq!(parse(&["--listen"]).listen, None);
     }
@@ -94,10 +88,7 @@ mod tests {
         assert_eq!(args.state_dir.as_deref(), Some("/s"));
         assert_eq!(args.log_level.as_deref(), Some("debug"));
         assert_eq!(args.unknown, ["console=ttyS0", "-x"]);
-        assert_eq!(
-            args.check_strict(),
-            Err(ArgsError::Unknown("console=ttyS0".into()))
-        );
+        assert_eq!(args.check_strict(), Err(ArgsError::Unknown("console=ttyS0".into())));
         assert!(parse(&["-h"]).help);
         assert_eq!(parse(&[]).check_strict(), Ok(()));
     }

@@ -32,36 +32,13 @@ pub struct MountSpec {
     pub mkdir: bool,
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
-    .union(MsFlags::MS_NODEV)
-    .union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
 
 /// The guest's kernel file systems, in mount order.
 pub const MOUNTS: &[MountSpec] = &[
-    MountSpec {
-        source: "proc",
-        target: "/proc",
-        fstype: "proc",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: None,
-        mkdir: false,
-    },
-    MountSpec {
-        source: "sysfs",
-        target: "/sys",
-        fstype: "sysfs",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: None,
-        mkdir: false,
-    },
-    MountSpec {
-        source: "devtmpfs",
-        target: "/dev",
-        fstype: "devtmpfs",
-        flags: MsFlags::MS_NOSUID,
-        data: Some("mode=0755"),
-        mkdir: false,
-    },
+    MountSpec { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: None, mkdir: false },
+    MountSpec { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: None, mkdir: false },
+    MountSpec { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: MsFlags::MS_NOSUID, data: Some("mode=0755"), mkdir: false },
     MountSpec {
         source: "devpts",
         target: "/dev/pts",
@@ -78,14 +55,7 @@ pub const MOUNTS: &[MountSpec] = &[
         data: Some("mode=1777"),
         mkdir: true,
     },
-    MountSpec {
-        source: "cgroup2",
-        target: CGROUP_ROOT,
-        fstype: "cgroup2",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: None,
-        mkdir: false,
-    },
+    MountSpec { source: "cgroup2", target: CGROUP_ROOT, fstype: "cgroup2", flags: NOSUID_NODEV_NOEXEC, data: None, mkdir: false },
     MountSpec {
         source: "tmpfs",
         target: "/run",
@@ -108,31 +78,15 @@ pub const MOUNTS: &[MountSpec] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error("creating {}: {cause}", path.display())]
-    Mkdir {
-        path: PathBuf,
-        cause: io::Error,
-    },
+    Mkdir { path: PathBuf, cause: io::Error },
     #[error("mounting {fstype} on {target}: {cause}")]
-    Mount {
-        fstype: &'static str,
-        target: &'static str,
-        cause: nix::Error,
-    },
+    Mount { fstype: &'static str, target: &'static str, cause: nix::Error },
     #[error("reading {}: {cause}", path.display())]
-    Read {
-        path: PathBuf,
-        cause: io::Error,
-    },
+    Read { path: PathBuf, cause: io::Error },
     #[error("enabling cgroup controllers {controllers:?}: {cause}")]
-    Controllers {
-        controllers: String,
-        cause: io::Error,
-    },
+    Controllers { controllers: String, cause: io::Error },
     #[error("making the root pivotable ({step}): {cause}")]
-    Pivotable {
-        step: &'static str,
-        cause: nix::Error,
-    },
+    Pivotable { step: &'static str, cause: nix::Error },
     #[error("opening /dev/console for stdio: {0}")]
     Console(nix::Error),
 }
@@ -151,10 +105,7 @@ const ROOT_BIND: &str = "/.carapace-root";
 /// the root is then an ordinary mount and containers can pivot away from
 /// it. Six system calls; nothing to do on any other root file system.
 pub fn make_root_pivotable() -> Result<(), InitError> {
-    let fs = nix::sys::statfs::statfs("/").map_err(|source| InitError::Pivotable {
-        step: "statfs /",
-        cause: source,
-    })?;
+    let fs = nix::sys::statfs::statfs("/").map_err(|source| InitError::Pivotable { step: "statfs /", cause: source })?;
     #[allow(clippy::unnecessary_cast, reason = "the field's type differs between libcs")]
     let magic = fs.filesystem_type().0 as i64;
     if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
@@ -165,17 +116,10 @@ pub fn make_root_pivotable() -> Result<(), InitError> {
         Ok(()) | Err(nix::Error::EEXIST) => {}
         Err(e) => return Err(step("mkdir")(e)),
     }
-    nix::mount::mount(
-        Some("/"),
-        ROOT_BIND,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(step("bind-mounting /"))?;
+    nix::mount::mount(Some("/"), ROOT_BIND, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(step("bind-mounting /"))?;
     nix::unistd::chdir(ROOT_BIND).map_err(step("chdir"))?;
-    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(step("moving the bind mount to /"))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(step("moving the bind mount to /"))?;
     nix::unistd::chroot(".").map_err(step("chroot"))?;
     nix::unistd::chdir("/").map_err(step("chdir /"))?;
     Ok(())
@@ -202,10 +146,7 @@ pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(source) => {
-                    errors.push(InitError::Mkdir {
-                        path: target.to_owned(),
-                        cause: source,
-                    });
+                    errors.push(InitError::Mkdir { path: target.to_owned(), cause: source });
                     continue;
                 }
             }
@@ -214,11 +155,7 @@ pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
             Ok(()) | Err(nix::Error::EBUSY) => {
                 tracing::debug!(fstype = m.fstype, target = m.target, "mounted");
             }
-            Err(source) => errors.push(InitError::Mount {
-                fstype: m.fstype,
-                target: m.target,
-                cause: source,
-            }),
+            Err(source) => errors.push(InitError::Mount { fstype: m.fstype, target: m.target, cause: source }),
         }
     }
     errors
@@ -231,9 +168,7 @@ pub fn mount_all(sys: &dyn Syscall, mounts: &[MountSpec]) -> Vec<InitError> {
 pub fn enable_controllers(sys: &dyn Syscall, root: &Path) -> Result<(), InitError> {
     let path = root.join("cgroup.controllers");
     let mut buf = [0u8; 512];
-    let n = sys
-        .read_file(&path, &mut buf)
-        .map_err(|source| InitError::Read { path, cause: source })?;
+    let n = sys.read_file(&path, &mut buf).map_err(|source| InitError::Read { path, cause: source })?;
     let available = String::from_utf8_lossy(&buf[..n]);
     let request = subtree_control_request(&available);
     if request.is_empty() {
@@ -257,20 +192,13 @@ pub fn enable_controllers(sys: &dyn Syscall, root: &Path) -> Result<(), InitErro
     if refused.is_empty() {
         Ok(())
     } else {
-        Err(InitError::Controllers {
-            controllers: refused.join(" "),
-            cause: last_error,
-        })
+        Err(InitError::Controllers { controllers: refused.join(" "), cause: last_error })
     }
 }
 
 /// `"cpu memory pids\n"` → `"+cpu +memory +pids"`.
 fn subtree_control_request(available: &str) -> String {
-    available
-        .split_whitespace()
-        .map(|c| format!("+{c}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    available.split_whitespace().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Makes sure fds 0, 1 and 2 are open: the kernel opens `/dev/console` for
@@ -280,12 +208,8 @@ pub fn ensure_console_stdio() -> Result<(), InitError> {
     if fcntl(std::io::stderr(), FcntlArg::F_GETFD).is_ok() {
         return Ok(());
     }
-    let console: OwnedFd = open(
-        "/dev/console",
-        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(InitError::Console)?;
+    let console: OwnedFd =
+        open("/dev/console", OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty()).map_err(InitError::Console)?;
     for target in 0..=2 {
         if console.as_raw_fd() == target {
             continue;
@@ -315,10 +239,7 @@ mod tests {
 
     fn controllers_fake() -> FakeSyscall {
         let mut fake = FakeSyscall::default();
-        fake.files.insert(
-            "/sys/fs/cgroup/cgroup.controllers",
-            "cpuset cpu io memory pids\n",
-        );
+        fake.files.insert("/sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory pids\n");
         fake
     }
 
@@ -352,10 +273,7 @@ mod tests {
         let errors = setup(&fake);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(matches!(errors[0], InitError::Mount { target: "/sys", .. }));
-        assert!(fake
-            .calls()
-            .iter()
-            .any(|c| c.starts_with("mount tmpfs /tmp")));
+        assert!(fake.calls().iter().any(|c| c.starts_with("mount tmpfs /tmp")));
     }
 
     #[test]
@@ -369,10 +287,7 @@ mod tests {
         }
         let calls = fake.calls();
         assert_eq!(calls.len(), 2 + 5, "{calls:?}");
-        assert_eq!(
-            calls[6],
-            "write /sys/fs/cgroup/cgroup.subtree_control +pids"
-        );
+        assert_eq!(calls[6], "write /sys/fs/cgroup/cgroup.subtree_control +pids");
     }
 
     #[test]

@@ -23,10 +23,7 @@ pub fn level(arg: Option<&str>, env: Option<&str>) -> (LevelFilter, Option<Strin
         None => (LevelFilter::INFO, None),
         Some(name) => match LevelFilter::from_str(name.trim()) {
             Ok(level) => (level, None),
-            Err(_) => (
-                LevelFilter::INFO,
-                Some(format!("unknown log level {name:?}, using info")),
-            ),
+            Err(_) => (LevelFilter::INFO, Some(format!("unknown log level {name:?}, using info"))),
         },
     }
 }
@@ -37,20 +34,14 @@ static FILTER: OnceLock<reload::Handle<Targets, Registry>> = OnceLock::new();
 /// The per-target filter for `level`.
 fn targets(level: LevelFilter) -> Targets {
     // ttrpc logs every connection at INFO; its messages show at TRACE.
-    let ttrpc_level = if level == LevelFilter::TRACE {
-        level
-    } else {
-        level.min(LevelFilter::WARN)
-    };
-    Targets::new()
-        .with_default(level)
-        .with_target("ttrpc", ttrpc_level)
+    let ttrpc_level = if level == LevelFilter::TRACE { level } else { level.min(LevelFilter::WARN) };
+    Targets::new().with_default(level).with_target("ttrpc", ttrpc_level)
 }
 
 /// Changes the level from now on (CreateSandbox's `log_level`).
 pub fn set_level(name: &str) -> Result<(), String> {
-    let level = LevelFilter::from_str(name.trim())
-        .map_err(|_| format!("unknown log level {name:?} (error, warn, info, debug, trace, off)"))?;
+    let level =
+        LevelFilter::from_str(name.trim()).map_err(|_| format!("unknown log level {name:?} (error, warn, info, debug, trace, off)"))?;
     let handle = FILTER.get().ok_or("logging is not set up")?;
     handle.reload(targets(level)).map_err(|e| e.to_string())
 }
@@ -64,10 +55,7 @@ pub fn init(level: LevelFilter) {
         .with_target(false)
         .with_timer(tracing_subscriber::fmt::time::uptime());
     // try_init also routes the `log` records of ttrpc into tracing.
-    let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .try_init();
+    let installed = tracing_subscriber::registry().with(filter).with(fmt).try_init();
     if installed.is_ok() {
         let _ = FILTER.set(handle);
     }

@@ -38,13 +38,7 @@ const DEFAULT_STATE_DIR: &str = "/run/carapace-agent";
 
 /// The Agent service with its container manager: stdio streams go where
 /// the listener is (vsock to the host, or `<unix socket>_<port>`).
-fn agent_service(
-    args: &Args,
-    address: &ListenAddress,
-    trigger: ShutdownTrigger,
-    reaper: Arc<Reaper>,
-    guest: bool,
-) -> AgentService {
+fn agent_service(args: &Args, address: &ListenAddress, trigger: ShutdownTrigger, reaper: Arc<Reaper>, guest: bool) -> AgentService {
     let state_dir = std::path::PathBuf::from(args.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
     let dialer = match address {
         ListenAddress::Vsock { .. } => Dialer::Vsock { cid: VSOCK_HOST_CID },
@@ -58,15 +52,8 @@ fn agent_service(
         Ok(v) if guest && v == xstate::NO_AVX_TUNABLES => vec![xstate::no_avx_env()],
         _ => Vec::new(),
     };
-    let containers = Arc::new(ContainerManager::new(
-        ManagerConfig {
-            state_dir,
-            dialer,
-            cgroup_root: cgroup::CGROUP_ROOT.into(),
-            default_env,
-        },
-        reaper,
-    ));
+    let containers =
+        Arc::new(ContainerManager::new(ManagerConfig { state_dir, dialer, cgroup_root: cgroup::CGROUP_ROOT.into(), default_env }, reaper));
     AgentService::new(trigger, containers, Sandbox::new(etc, guest))
 }
 
@@ -105,11 +92,7 @@ fn init_logging(args: &Args) {
 /// benchmarks wait for it.
 fn announce(address: &ListenAddress) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "carapace-agent {AGENT_VERSION} serving on {}",
-        address.display()
-    );
+    let _ = writeln!(out, "carapace-agent {AGENT_VERSION} serving on {}", address.display());
     let _ = out.flush();
 }
 
@@ -160,8 +143,7 @@ fn run_as_init(args: &Args) -> ! {
         Ok(signals) => signals,
         Err(e) => fatal(&anyhow!(e)),
     };
-    let address = match ListenAddress::parse(args.listen.as_deref().unwrap_or(AGENT_VSOCK_ADDRESS))
-    {
+    let address = match ListenAddress::parse(args.listen.as_deref().unwrap_or(AGENT_VSOCK_ADDRESS)) {
         Ok(address) => address,
         Err(e) => fatal(&anyhow!(e)),
     };
@@ -221,11 +203,9 @@ fn fatal(e: &anyhow::Error) -> ! {
 
 /// Not PID 1: serve on `--listen` until Shutdown or SIGTERM/SIGINT.
 fn run_on_host(args: &Args) -> anyhow::Result<()> {
-    args.check_strict()
-        .context("bad command line (see --help)")?;
-    let listen = args.listen.as_deref().ok_or_else(|| {
-        anyhow!("not PID 1: give an address with --listen unix:///path/to.sock (see --help)")
-    })?;
+    args.check_strict().context("bad command line (see --help)")?;
+    let listen =
+        args.listen.as_deref().ok_or_else(|| anyhow!("not PID 1: give an address with --listen unix:///path/to.sock (see --help)"))?;
     let address = ListenAddress::parse(listen)?;
     init_logging(args);
 

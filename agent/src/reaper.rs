@@ -66,17 +66,10 @@ impl ChildExit {
 
     fn from_wait_status(status: WaitStatus) -> Option<Self> {
         match status {
-            WaitStatus::Exited(pid, code) => Some(Self {
-                pid: pid.as_raw(),
-                kind: ExitKind::Exited(code),
-            }),
-            WaitStatus::Signaled(pid, signal, core_dumped) => Some(Self {
-                pid: pid.as_raw(),
-                kind: ExitKind::Signaled {
-                    signal: signal as i32,
-                    core_dumped,
-                },
-            }),
+            WaitStatus::Exited(pid, code) => Some(Self { pid: pid.as_raw(), kind: ExitKind::Exited(code) }),
+            WaitStatus::Signaled(pid, signal, core_dumped) => {
+                Some(Self { pid: pid.as_raw(), kind: ExitKind::Signaled { signal: signal as i32, core_dumped } })
+            }
             // Stopped/continued/ptrace events are not asked for (no
             // WUNTRACED/WCONTINUED); StillAlive ends the loop elsewhere.
             _ => None,
@@ -96,9 +89,7 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("pids", &self.waiters.keys().collect::<Vec<_>>())
-            .finish()
+        f.debug_struct("Registry").field("pids", &self.waiters.keys().collect::<Vec<_>>()).finish()
     }
 }
 
@@ -204,10 +195,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn exited(pid: i32, code: i32) -> ChildExit {
-        ChildExit {
-            pid,
-            kind: ExitKind::Exited(code),
-        }
+        ChildExit { pid, kind: ExitKind::Exited(code) }
     }
 
     #[test]
@@ -231,13 +219,7 @@ mod tests {
     #[test]
     fn exit_codes_like_a_shell() {
         assert_eq!(exited(1, 3).exit_code(), 3);
-        let killed = ChildExit {
-            pid: 1,
-            kind: ExitKind::Signaled {
-                signal: 9,
-                core_dumped: false,
-            },
-        };
+        let killed = ChildExit { pid: 1, kind: ExitKind::Signaled { signal: 9, core_dumped: false } };
         assert_eq!((killed.exit_code(), killed.signal()), (137, 9));
     }
 
@@ -256,10 +238,7 @@ mod tests {
     /// Real children (the only test here that spawns any, since `reap`
     /// waits for any child of the test process).
     #[test]
-    #[allow(
-        clippy::zombie_processes,
-        reason = "the reaper under test waits for them"
-    )]
+    #[allow(clippy::zombie_processes, reason = "the reaper under test waits for them")]
     fn reaps_real_children_and_routes_by_pid() {
         let reaper = Reaper::new();
 
@@ -267,20 +246,14 @@ mod tests {
         // child has long exited before the reaper runs.
         let (pid, rx) = {
             let mut reg = reaper.registry();
-            let child = Command::new("/bin/sh")
-                .args(["-c", "exit 3"])
-                .spawn()
-                .expect("spawn sh");
+            let child = Command::new("/bin/sh").args(["-c", "exit 3"]).spawn().expect("spawn sh");
             let pid = i32::try_from(child.id()).expect("pid");
             (pid, reg.watch(pid))
         };
         let exit = reap_until(&reaper, &rx);
         assert_eq!(exit, exited(pid, 3));
 
-        let child = Command::new("/bin/sh")
-            .args(["-c", "kill -9 $$"])
-            .spawn()
-            .expect("spawn sh");
+        let child = Command::new("/bin/sh").args(["-c", "kill -9 $$"]).spawn().expect("spawn sh");
         let pid = i32::try_from(child.id()).expect("pid");
         let rx = reaper.registry().watch(pid);
         let exit = reap_until(&reaper, &rx);

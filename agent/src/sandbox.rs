@@ -28,16 +28,9 @@ pub enum SandboxError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{what}: {cause}")]
-    Io {
-        what: String,
-        cause: io::Error,
-    },
+    Io { what: String, cause: io::Error },
     #[error("mounting {tag:?} on {}: {cause}", target.display())]
-    Mount {
-        tag: String,
-        target: PathBuf,
-        cause: nix::Error,
-    },
+    Mount { tag: String, target: PathBuf, cause: nix::Error },
     #[error(transparent)]
     Network(#[from] NetworkError),
 }
@@ -53,10 +46,7 @@ impl SandboxError {
     }
 
     fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io {
-            what: what.into(),
-            cause: source,
-        }
+        Self::Io { what: what.into(), cause: source }
     }
 }
 
@@ -79,10 +69,7 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox")
-            .field("etc", &self.etc)
-            .field("guest", &self.guest)
-            .finish_non_exhaustive()
+        f.debug_struct("Sandbox").field("etc", &self.etc).field("guest", &self.guest).finish_non_exhaustive()
     }
 }
 
@@ -118,12 +105,7 @@ impl Sandbox {
 
     /// With the system calls made through `sys` (tests record them).
     pub fn with_syscall(etc: PathBuf, guest: bool, sys: Arc<dyn Syscall>) -> Self {
-        Self {
-            etc,
-            guest,
-            sys,
-            mounted: Mutex::new(None),
-        }
+        Self { etc, guest, sys, mounted: Mutex::new(None) }
     }
 
     /// CreateSandbox.
@@ -141,10 +123,7 @@ impl Sandbox {
         }
         for (i, fs) in req.shared_fs.iter().enumerate() {
             if fs.tag.is_empty() {
-                return Err(SandboxError::Invalid {
-                    field: format!("shared_fs[{i}].tag"),
-                    message: "empty".into(),
-                });
+                return Err(SandboxError::Invalid { field: format!("shared_fs[{i}].tag"), message: "empty".into() });
             }
             if !fs.mount_point.starts_with('/') {
                 return Err(SandboxError::Invalid {
@@ -163,10 +142,7 @@ impl Sandbox {
             }
             for key in settings.sysctls.keys() {
                 if key.is_empty() || key.contains("..") || key.contains('/') {
-                    return Err(SandboxError::Invalid {
-                        field: format!("settings.sysctls[{key:?}]"),
-                        message: "not a sysctl name".into(),
-                    });
+                    return Err(SandboxError::Invalid { field: format!("settings.sysctls[{key:?}]"), message: "not a sysctl name".into() });
                 }
             }
         }
@@ -174,9 +150,7 @@ impl Sandbox {
 
         if !req.hostname.is_empty() {
             if self.guest {
-                self.sys
-                    .sethostname(&req.hostname)
-                    .map_err(|e| SandboxError::io("sethostname", e.into()))?;
+                self.sys.sethostname(&req.hostname).map_err(|e| SandboxError::io("sethostname", e.into()))?;
             }
             self.write_etc("hostname", format!("{}\n", req.hostname).as_bytes())?;
         }
@@ -200,9 +174,7 @@ impl Sandbox {
         let mut done: Vec<PathBuf> = Vec::new();
         for fs in &req.shared_fs {
             let target = PathBuf::from(&fs.mount_point);
-            self.sys
-                .mkdir_all(&target)
-                .map_err(|e| SandboxError::io(format!("creating {}", target.display()), e))?;
+            self.sys.mkdir_all(&target).map_err(|e| SandboxError::io(format!("creating {}", target.display()), e))?;
             let fstype = if fs.fs_type.is_empty() { "virtiofs" } else { fs.fs_type.as_str() };
             let (flags, data) = mount_options(&fs.options);
             let data = (!data.is_empty()).then_some(data.as_str());
@@ -211,11 +183,7 @@ impl Sandbox {
                 for t in done.iter().rev() {
                     let _ = self.sys.umount(t);
                 }
-                return Err(SandboxError::Mount {
-                    tag: fs.tag.clone(),
-                    target,
-                    cause: source,
-                });
+                return Err(SandboxError::Mount { tag: fs.tag.clone(), target, cause: source });
             }
             tracing::info!(tag = %fs.tag, target = %target.display(), "shared file system mounted");
             done.push(target);
@@ -224,39 +192,29 @@ impl Sandbox {
         if let Some(settings) = req.settings.as_ref() {
             for (key, value) in &settings.sysctls {
                 let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-                self.sys
-                    .write_file(&path, value.as_bytes())
-                    .map_err(|e| SandboxError::io(format!("sysctl {key}"), e))?;
+                self.sys.write_file(&path, value.as_bytes()).map_err(|e| SandboxError::io(format!("sysctl {key}"), e))?;
             }
             // The older way to pass the host's time (host_time_unix_ns,
             // set first, supersedes it).
             if settings.wall_clock_unix_nano != 0 && req.host_time_unix_ns == 0 && self.guest {
-                self.sys
-                    .set_realtime(settings.wall_clock_unix_nano)
-                    .map_err(|e| SandboxError::io("setting the wall clock", e))?;
+                self.sys.set_realtime(settings.wall_clock_unix_nano).map_err(|e| SandboxError::io("setting the wall clock", e))?;
             }
             if !settings.log_level.is_empty() {
-                crate::logging::set_level(&settings.log_level).map_err(|message| SandboxError::Invalid {
-                    field: "settings.log_level".into(),
-                    message,
-                })?;
+                crate::logging::set_level(&settings.log_level)
+                    .map_err(|message| SandboxError::Invalid { field: "settings.log_level".into(), message })?;
             }
         }
         *mounted = Some(done);
 
         let mut resp = agent::CreateSandboxResponse::new();
-        resp.kernel_release = nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default();
+        resp.kernel_release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
         Ok(resp)
     }
 
     /// DestroySandbox; `containers` is how many containers still exist.
     pub fn destroy(&self, containers: usize) -> Result<(), SandboxError> {
         if containers > 0 {
-            return Err(SandboxError::FailedPrecondition(format!(
-                "{containers} container(s) still exist; remove them first"
-            )));
+            return Err(SandboxError::FailedPrecondition(format!("{containers} container(s) still exist; remove them first")));
         }
         let mut mounted = self.mounted.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(targets) = mounted.take() else {
@@ -272,8 +230,7 @@ impl Sandbox {
 
     fn write_etc(&self, name: &str, data: &[u8]) -> Result<(), SandboxError> {
         let path = self.etc.join(name);
-        std::fs::create_dir_all(&self.etc)
-            .map_err(|e| SandboxError::io(format!("creating {}", self.etc.display()), e))?;
+        std::fs::create_dir_all(&self.etc).map_err(|e| SandboxError::io(format!("creating {}", self.etc.display()), e))?;
         std::fs::write(&path, data).map_err(|e| SandboxError::io(format!("writing {}", path.display()), e))
     }
 }
@@ -283,10 +240,7 @@ impl Sandbox {
 fn check_fresh_state(req: &agent::CreateSandboxRequest) -> Result<i64, SandboxError> {
     let n = req.entropy.len();
     if n != 0 && !(ENTROPY_MIN..=ENTROPY_MAX).contains(&n) {
-        return Err(SandboxError::Invalid {
-            field: "entropy".into(),
-            message: format!("{n} bytes (want {ENTROPY_MIN} to {ENTROPY_MAX})"),
-        });
+        return Err(SandboxError::Invalid { field: "entropy".into(), message: format!("{n} bytes (want {ENTROPY_MIN} to {ENTROPY_MAX})") });
     }
     i64::try_from(req.host_time_unix_ns).map_err(|_| SandboxError::Invalid {
         field: "host_time_unix_ns".into(),
@@ -301,17 +255,11 @@ impl Sandbox {
         if entropy.is_empty() {
             tracing::warn!("no entropy from the host: the guest's random state is the one it booted (or was restored) with");
         } else {
-            self.sys
-                .add_entropy(entropy)
-                .map_err(|e| SandboxError::io("adding the host's entropy (RNDADDENTROPY)", e))?;
-            self.sys
-                .reseed_crng()
-                .map_err(|e| SandboxError::io("reseeding the CRNG (RNDRESEEDCRNG)", e))?;
+            self.sys.add_entropy(entropy).map_err(|e| SandboxError::io("adding the host's entropy (RNDADDENTROPY)", e))?;
+            self.sys.reseed_crng().map_err(|e| SandboxError::io("reseeding the CRNG (RNDRESEEDCRNG)", e))?;
         }
         if host_time != 0 {
-            self.sys
-                .set_realtime(host_time)
-                .map_err(|e| SandboxError::io("setting the wall clock", e))?;
+            self.sys.set_realtime(host_time).map_err(|e| SandboxError::io("setting the wall clock", e))?;
         }
         Ok(())
     }
@@ -463,10 +411,7 @@ mod tests {
 
         let resp = sandbox.create(&req).expect("create");
         assert!(!resp.kernel_release.is_empty());
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("etc/hostname")).expect("hostname"),
-            "pod\n"
-        );
+        assert_eq!(std::fs::read_to_string(dir.path().join("etc/hostname")).expect("hostname"), "pod\n");
         assert!(dir.path().join("etc/resolv.conf").exists());
         assert_eq!(sandbox.create(&req).expect_err("twice").code(), Code::FAILED_PRECONDITION);
         assert_eq!(sandbox.destroy(1).expect_err("containers left").code(), Code::FAILED_PRECONDITION);

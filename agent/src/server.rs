@@ -22,15 +22,9 @@ pub enum ServerError {
     #[error("unsupported listen address {0:?} (want vsock://<cid>:<port> or unix://<path>)")]
     Address(String),
     #[error("removing the stale socket {}: {cause}", path.display())]
-    StaleSocket {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    StaleSocket { path: PathBuf, cause: std::io::Error },
     #[error("binding {address}: {cause}")]
-    Bind {
-        address: String,
-        cause: ttrpc::Error,
-    },
+    Bind { address: String, cause: ttrpc::Error },
     #[error("starting the ttrpc server: {0}")]
     Start(ttrpc::Error),
 }
@@ -52,10 +46,7 @@ impl ListenAddress {
             if !cid_ok {
                 return Err(bad());
             }
-            return Ok(Self::Vsock {
-                cid: cid.to_string(),
-                port,
-            });
+            return Ok(Self::Vsock { cid: cid.to_string(), port });
         }
         match address.strip_prefix("unix://") {
             Some(path) if !path.is_empty() => Ok(Self::Unix(path.to_string())),
@@ -96,28 +87,20 @@ pub struct AgentServer {
 
 impl std::fmt::Debug for AgentServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentServer")
-            .field("socket_file", &self.socket_file)
-            .finish_non_exhaustive()
+        f.debug_struct("AgentServer").field("socket_file", &self.socket_file).finish_non_exhaustive()
     }
 }
 
 /// Binds `address` and starts serving the services in background threads.
 /// A socket file left at a Unix address by an earlier run is replaced.
-pub fn start(
-    address: &ListenAddress,
-    agent: Arc<AgentService>,
-) -> Result<AgentServer, ServerError> {
+pub fn start(address: &ListenAddress, agent: Arc<AgentService>) -> Result<AgentServer, ServerError> {
     let socket_file = address.socket_file();
     if let Some(path) = &socket_file {
         remove_stale_socket(path)?;
     }
     let mut server = ttrpc::Server::new()
         .bind(&address.to_ttrpc())
-        .map_err(|source| ServerError::Bind {
-            address: address.to_ttrpc(),
-            cause: source,
-        })?
+        .map_err(|source| ServerError::Bind { address: address.to_ttrpc(), cause: source })?
         .set_thread_count_min(THREADS_MIN)
         .set_thread_count_default(THREADS_DEFAULT)
         .set_thread_count_max(THREADS_MAX);
@@ -125,19 +108,13 @@ pub fn start(
         server = server.register_service(methods);
     }
     server.start().map_err(ServerError::Start)?;
-    Ok(AgentServer {
-        server,
-        socket_file,
-    })
+    Ok(AgentServer { server, socket_file })
 }
 
 fn remove_stale_socket(path: &PathBuf) -> Result<(), ServerError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| ServerError::StaleSocket {
-                path: path.clone(),
-                cause: source,
-            })
+            std::fs::remove_file(path).map_err(|source| ServerError::StaleSocket { path: path.clone(), cause: source })
         }
         // Not a socket: leave it, bind will say EADDRINUSE.
         _ => Ok(()),
@@ -148,10 +125,7 @@ impl AgentServer {
     /// Stops listening, closes the connections (waiting at most `timeout`
     /// for ttrpc's threads) and removes the socket file.
     pub fn stop(self, timeout: Duration) {
-        let Self {
-            server,
-            socket_file,
-        } = self;
+        let Self { server, socket_file } = self;
         if let Some(path) = &socket_file {
             // First, so that nobody connects while we go.
             if let Err(e) = std::fs::remove_file(path) {
@@ -159,12 +133,10 @@ impl AgentServer {
             }
         }
         let (done_tx, done_rx) = mpsc::channel();
-        let stopper = std::thread::Builder::new()
-            .name("server-stop".into())
-            .spawn(move || {
-                server.shutdown();
-                let _ = done_tx.send(());
-            });
+        let stopper = std::thread::Builder::new().name("server-stop".into()).spawn(move || {
+            server.shutdown();
+            let _ = done_tx.send(());
+        });
         match stopper {
             Ok(_) => {
                 if done_rx.recv_timeout(timeout).is_err() {
@@ -182,37 +154,14 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert_eq!(
-            ListenAddress::parse("vsock://-1:1024").expect("vsock"),
-            ListenAddress::Vsock {
-                cid: "-1".into(),
-                port: 1024
-            }
-        );
+        assert_eq!(ListenAddress::parse("vsock://-1:1024").expect("vsock"), ListenAddress::Vsock { cid: "-1".into(), port: 1024 });
         let unix = ListenAddress::parse("unix:///run/a.sock").expect("unix");
         assert_eq!(unix.to_ttrpc(), "unix:///run/a.sock");
         assert_eq!(unix.display(), "unix:///run/a.sock");
         assert_eq!(unix.socket_file(), Some(PathBuf::from("/run/a.sock")));
-        assert_eq!(
-            ListenAddress::parse("vsock://-1:1024")
-                .expect("vsock")
-                .display(),
-            "vsock:1024"
-        );
-        assert_eq!(
-            ListenAddress::parse("unix://@abstract")
-                .expect("abstract")
-                .socket_file(),
-            None
-        );
-        for bad in [
-            "",
-            "tcp://1.2.3.4:5",
-            "vsock://1024",
-            "vsock://x:1",
-            "vsock://3:y",
-            "unix://",
-        ] {
+        assert_eq!(ListenAddress::parse("vsock://-1:1024").expect("vsock").display(), "vsock:1024");
+        assert_eq!(ListenAddress::parse("unix://@abstract").expect("abstract").socket_file(), None);
+        for bad in ["", "tcp://1.2.3.4:5", "vsock://1024", "vsock://x:1", "vsock://3:y", "unix://"] {
             assert!(ListenAddress::parse(bad).is_err(), "{bad}");
         }
     }

@@ -51,10 +51,8 @@ impl Signals {
     /// thread spawned after) and opens a signalfd for them.
     pub fn block_and_open() -> Result<Self, SignalError> {
         let set = handled_set();
-        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
-            .map_err(SignalError::Block)?;
-        let fd =
-            SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC).map_err(SignalError::SignalFd)?;
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(SignalError::Block)?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC).map_err(SignalError::SignalFd)?;
         Ok(Self { fd })
     }
 
@@ -66,9 +64,7 @@ impl Signals {
                     let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
                     match Signal::try_from(signo) {
                         Ok(Signal::SIGCHLD) => return Ok(Event::ChildExited),
-                        Ok(signal @ (Signal::SIGTERM | Signal::SIGINT)) => {
-                            return Ok(Event::Terminate(signal))
-                        }
+                        Ok(signal @ (Signal::SIGTERM | Signal::SIGINT)) => return Ok(Event::Terminate(signal)),
                         _ => continue,
                     }
                 }
@@ -81,8 +77,7 @@ impl Signals {
 
 /// Resets the signal mask to empty: for a child between fork and exec.
 pub fn unblock_in_child() -> Result<(), SignalError> {
-    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-        .map_err(SignalError::Block)
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(SignalError::Block)
 }
 
 #[cfg(test)]

@@ -19,14 +19,7 @@ use nix::mount::MsFlags;
 /// The system calls guest setup needs.
 pub trait Syscall: Send + Sync {
     /// mount(2).
-    fn mount(
-        &self,
-        source: &str,
-        target: &Path,
-        fstype: &str,
-        flags: MsFlags,
-        data: Option<&str>,
-    ) -> nix::Result<()>;
+    fn mount(&self, source: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> nix::Result<()>;
 
     /// umount2(2) with MNT_DETACH.
     fn umount(&self, target: &Path) -> nix::Result<()>;
@@ -109,14 +102,7 @@ impl LinuxSyscall {
 }
 
 impl Syscall for LinuxSyscall {
-    fn mount(
-        &self,
-        source: &str,
-        target: &Path,
-        fstype: &str,
-        flags: MsFlags,
-        data: Option<&str>,
-    ) -> nix::Result<()> {
+    fn mount(&self, source: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> nix::Result<()> {
         nix::mount::mount(Some(source), target, Some(fstype), flags, data)
     }
 
@@ -129,10 +115,7 @@ impl Syscall for LinuxSyscall {
     }
 
     fn mkdir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .recursive(true)
-            .create(path)
+        std::fs::DirBuilder::new().mode(0o755).recursive(true).create(path)
     }
 
     fn read_file(&self, path: &Path, buf: &mut [u8]) -> io::Result<usize> {
@@ -164,10 +147,7 @@ impl Syscall for LinuxSyscall {
     }
 
     fn set_realtime(&self, unix_nano: i64) -> io::Result<()> {
-        let ts = libc::timespec {
-            tv_sec: unix_nano.div_euclid(1_000_000_000),
-            tv_nsec: unix_nano.rem_euclid(1_000_000_000),
-        };
+        let ts = libc::timespec { tv_sec: unix_nano.div_euclid(1_000_000_000), tv_nsec: unix_nano.rem_euclid(1_000_000_000) };
         // SAFETY: clock_settime reads the timespec we pass by valid pointer.
         let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
         if rc != 0 {
@@ -217,25 +197,9 @@ pub mod test_utils {
     }
 
     impl Syscall for RecordingSyscall {
-        fn mount(
-            &self,
-            source: &str,
-            target: &Path,
-            fstype: &str,
-            flags: MsFlags,
-            data: Option<&str>,
-        ) -> nix::Result<()> {
-            self.record(format!(
-                "mount {source} {} {fstype} {:#x} {}",
-                target.display(),
-                flags.bits(),
-                data.unwrap_or("-")
-            ));
-            match self
-                .fail_mounts
-                .iter()
-                .find(|(t, _)| Path::new(t) == target)
-            {
+        fn mount(&self, source: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) -> nix::Result<()> {
+            self.record(format!("mount {source} {} {fstype} {:#x} {}", target.display(), flags.bits(), data.unwrap_or("-")));
+            match self.fail_mounts.iter().find(|(t, _)| Path::new(t) == target) {
                 Some((_, e)) => Err(*e),
                 None => Ok(()),
             }
@@ -258,10 +222,7 @@ pub mod test_utils {
 
         fn read_file(&self, path: &Path, buf: &mut [u8]) -> io::Result<usize> {
             self.record(format!("read {}", path.display()));
-            let content = path
-                .to_str()
-                .and_then(|p| self.files.get(p))
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            let content = path.to_str().and_then(|p| self.files.get(p)).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
             let n = content.len().min(buf.len());
             buf[..n].copy_from_slice(&content.as_bytes()[..n]);
             Ok(n)
@@ -270,8 +231,7 @@ pub mod test_utils {
         fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
             let data = String::from_utf8_lossy(data).into_owned();
             self.record(format!("write {} {data}", path.display()));
-            let refused = !self.refuse_writes.is_empty()
-                && (data.contains(' ') || self.refuse_writes.contains(&data.as_str()));
+            let refused = !self.refuse_writes.is_empty() && (data.contains(' ') || self.refuse_writes.contains(&data.as_str()));
             if refused {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
@@ -314,10 +274,7 @@ mod tests {
     #[test]
     fn the_kernel_takes_the_random_ioctls() {
         if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var_os("CARAPACE_REQUIRE_KVM").is_none(),
-                "CARAPACE_REQUIRE_KVM is set: this test needs root"
-            );
+            assert!(std::env::var_os("CARAPACE_REQUIRE_KVM").is_none(), "CARAPACE_REQUIRE_KVM is set: this test needs root");
             eprintln!("SKIP the_kernel_takes_the_random_ioctls: needs root");
             return;
         }

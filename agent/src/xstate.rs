@@ -32,7 +32,6 @@ fn kernel_lacks_xsave(kernel_cmdline: &str) -> bool {
     kernel_cmdline.split_whitespace().any(|w| w == "noxsave")
 }
 
-
 /// `GLIBC_TUNABLES=<NO_AVX_TUNABLES>`, as a process environment entry.
 pub fn no_avx_env() -> String {
     format!("{TUNABLES_ENV}={NO_AVX_TUNABLES}")

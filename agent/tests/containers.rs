@@ -31,8 +31,7 @@ use serde_json::{json, Value};
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn agent_bin() -> String {
-    std::env::var("CARAPACE_AGENT_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_carapace-agent").to_string())
+    std::env::var("CARAPACE_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_carapace-agent").to_string())
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -64,8 +63,7 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
             let _ = symlink("busybox", root.join("bin").join(applet));
         }
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/tmp:/bin/sh\n")
-        .expect("passwd");
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/tmp:/bin/sh\n").expect("passwd");
     std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\nextra:x:2000:\n").expect("group");
     root
 }
@@ -126,16 +124,7 @@ impl Agent {
         assert!(line.contains("serving on"), "{line:?}");
         let conn = client::connect_unix(&sock).expect("connect");
         let client = AgentClient::new(conn.clone());
-        Self {
-            child,
-            sock,
-            state,
-            client,
-            conn,
-            rootfs,
-            dir,
-            next_port: AtomicU32::new(100),
-        }
+        Self { child, sock, state, client, conn, rootfs, dir, next_port: AtomicU32::new(100) }
     }
 
     /// Container ids are unique per test run: cgroups of an earlier,
@@ -206,12 +195,7 @@ impl Agent {
         ports.stdin_port = in_port;
         ports.stdout_port = out_port;
         ports.stderr_port = err_port;
-        Streams {
-            ports,
-            stdout: Some(out),
-            stderr: err,
-            stdin,
-        }
+        Streams { ports, stdout: Some(out), stderr: err, stdin }
     }
 
     fn create(&self, id: &str, spec: &Value, streams: &Streams) -> ttrpc::Result<u32> {
@@ -232,9 +216,7 @@ impl Agent {
         let mut req = agent::WaitProcessRequest::new();
         req.container_id = self.cid(id);
         req.exec_id = exec_id.into();
-        self.client
-            .wait_process(ttrpc::context::with_timeout(300_000_000_000), &req)
-            .expect("WaitProcess")
+        self.client.wait_process(ttrpc::context::with_timeout(300_000_000_000), &req).expect("WaitProcess")
     }
 
     fn remove(&self, id: &str, force: bool) -> ttrpc::Result<()> {
@@ -311,9 +293,7 @@ impl Agent {
         assert_eq!(rpc_code(&err), Some(ttrpc::Code::NOT_FOUND));
         let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid())).unwrap_or_default();
         assert!(children.trim().is_empty(), "the agent still has children: {children}");
-        HealthClient::new(self.conn.clone())
-            .check(ctx(), &carapace_protocol::health::CheckRequest::new())
-            .expect("the agent still serves");
+        HealthClient::new(self.conn.clone()).check(ctx(), &carapace_protocol::health::CheckRequest::new()).expect("the agent still serves");
     }
 }
 
@@ -355,9 +335,20 @@ impl Streams {
 }
 
 const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ];
 
 /// A spec like `runc spec` makes, for the busybox rootfs.
@@ -406,21 +397,28 @@ fn base_spec(rootfs: &Path, args: &[&str]) -> Value {
 }
 
 fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
+    status.lines().find_map(|l| l.strip_prefix(&format!("{key}:"))).map(|v| v.trim().to_string()).unwrap_or_default()
 }
 
 /// Capability bits → CapEff hex as /proc shows it.
 fn cap_mask(names: &[&str]) -> String {
     let bit = |n: &str| -> u32 {
         match n {
-            "CAP_CHOWN" => 0, "CAP_DAC_OVERRIDE" => 1, "CAP_FOWNER" => 3, "CAP_FSETID" => 4,
-            "CAP_KILL" => 5, "CAP_SETGID" => 6, "CAP_SETUID" => 7, "CAP_SETPCAP" => 8,
-            "CAP_NET_BIND_SERVICE" => 10, "CAP_NET_RAW" => 13, "CAP_SYS_CHROOT" => 18,
-            "CAP_SYS_ADMIN" => 21, "CAP_MKNOD" => 27, "CAP_AUDIT_WRITE" => 29, "CAP_SETFCAP" => 31,
+            "CAP_CHOWN" => 0,
+            "CAP_DAC_OVERRIDE" => 1,
+            "CAP_FOWNER" => 3,
+            "CAP_FSETID" => 4,
+            "CAP_KILL" => 5,
+            "CAP_SETGID" => 6,
+            "CAP_SETUID" => 7,
+            "CAP_SETPCAP" => 8,
+            "CAP_NET_BIND_SERVICE" => 10,
+            "CAP_NET_RAW" => 13,
+            "CAP_SYS_CHROOT" => 18,
+            "CAP_SYS_ADMIN" => 21,
+            "CAP_MKNOD" => 27,
+            "CAP_AUDIT_WRITE" => 29,
+            "CAP_SETFCAP" => 31,
             other => panic!("add {other}"),
         }
     };
@@ -516,10 +514,7 @@ fn exit_codes_signals_and_process_settings() {
     let ignored = u64::from_str_radix(&status_field(&out, "SigIgn"), 16).expect("SigIgn");
     assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE ignored: {out}");
     // The agent's own oom_score_adj is untouched.
-    assert_eq!(
-        std::fs::read_to_string(format!("/proc/{}/oom_score_adj", a.pid())).expect("read").trim(),
-        "0"
-    );
+    assert_eq!(std::fs::read_to_string(format!("/proc/{}/oom_score_adj", a.pid())).expect("read").trim(), "0");
 
     // The default capability set as runc gives it, and NNP off.
     let out = a.sh("default-caps", "grep -E '^(CapEff|NoNewPrivs):' /proc/self/status", |s| {
@@ -554,24 +549,15 @@ fn namespaces_and_joining_one_by_path() {
     assert!(out.contains("links=lo\n"), "only loopback in a new netns: {out}");
 
     // A user namespace with mappings: root inside is 100000 outside.
-    let out = a.sh(
-        "userns",
-        "cat /proc/self/uid_map /proc/self/gid_map; id -u; readlink /proc/self/ns/user",
-        |s| {
-            s["linux"]["namespaces"].as_array_mut().expect("array").push(json!({"type": "user"}));
-            s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
-            s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
-            // sysfs and cgroup need the owning user namespace's privileges.
-            let mounts: Vec<Value> = s["mounts"]
-                .as_array()
-                .expect("mounts")
-                .iter()
-                .filter(|m| m["type"] != "sysfs" && m["type"] != "cgroup")
-                .cloned()
-                .collect();
-            s["mounts"] = Value::Array(mounts);
-        },
-    );
+    let out = a.sh("userns", "cat /proc/self/uid_map /proc/self/gid_map; id -u; readlink /proc/self/ns/user", |s| {
+        s["linux"]["namespaces"].as_array_mut().expect("array").push(json!({"type": "user"}));
+        s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        // sysfs and cgroup need the owning user namespace's privileges.
+        let mounts: Vec<Value> =
+            s["mounts"].as_array().expect("mounts").iter().filter(|m| m["type"] != "sysfs" && m["type"] != "cgroup").cloned().collect();
+        s["mounts"] = Value::Array(mounts);
+    });
     let words: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(&words[..6], ["0", "100000", "65536", "0", "100000", "65536"], "{out}");
     assert_eq!(words[6], "0", "{out}");
@@ -631,16 +617,31 @@ fn root_mounts_masks_and_devices() {
             mounts.push(json!({"destination": "/data/ro", "type": "bind", "source": shared, "options": ["bind", "ro"]}));
             mounts.push(json!({"destination": "/data/rw", "type": "bind", "source": shared, "options": ["rbind", "rw"]}));
             mounts.push(json!({"destination": "/mnt/t", "type": "tmpfs", "source": "tmpfs", "options": ["size=1024k", "mode=750"]}));
-            s["linux"]["devices"] = json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o640, "uid": 0, "gid": 0}]);
+            s["linux"]["devices"] =
+                json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o640, "uid": 0, "gid": 0}]);
             s["linux"]["rootfsPropagation"] = json!("private");
         },
     );
     let _ = nix::mount::umount2(&sub_mount, nix::mount::MntFlags::MNT_DETACH);
     std::fs::remove_file(shared.join("written")).ok();
     for want in [
-        "root=ro", "from the host", "ro-bind=ro", "rw-bind=rw", "deep", "tmpfs-size=ok", "mode=750",
-        "order=top-tmpfs", "masked=1:3", "cpuinfo=0", "firmware=0", "procsys=ro", "default-devs=ok", "fuse=a:e5 640", "zero=4",
-        "prop=private", "mqueue=ok",
+        "root=ro",
+        "from the host",
+        "ro-bind=ro",
+        "rw-bind=rw",
+        "deep",
+        "tmpfs-size=ok",
+        "mode=750",
+        "order=top-tmpfs",
+        "masked=1:3",
+        "cpuinfo=0",
+        "firmware=0",
+        "procsys=ro",
+        "default-devs=ok",
+        "fuse=a:e5 640",
+        "zero=4",
+        "prop=private",
+        "mqueue=ok",
     ] {
         assert!(out.contains(want), "{want:?} not in:\n{out}");
     }
@@ -725,9 +726,7 @@ fn cgroups_pause_stats_and_limits() {
     a.client.pause_container(ctx(), &req).expect("pause");
     assert_eq!(std::fs::read_to_string(cgroup.join("cgroup.freeze")).expect("freeze").trim(), "1");
     let state = std::fs::read_to_string(format!("/proc/{init}/status")).expect("status");
-    let frozen = wait_until(|| {
-        std::fs::read_to_string(cgroup.join("cgroup.events")).is_ok_and(|e| e.contains("frozen 1"))
-    });
+    let frozen = wait_until(|| std::fs::read_to_string(cgroup.join("cgroup.events")).is_ok_and(|e| e.contains("frozen 1")));
     assert!(frozen, "{state}");
     let mut req = agent::ResumeContainerRequest::new();
     req.container_id = a.cid("cg1");
@@ -765,17 +764,14 @@ fn cgroups_pause_stats_and_limits() {
 
     // Limits need the controllers (not on this host's v2 hierarchy).
     if a.has_controllers("cgroups_pause_stats_and_limits (limits)", &["memory", "pids", "cpu"]) {
-        let out = a.sh(
-            "limits",
-            "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight",
-            |s| {
+        let out =
+            a.sh("limits", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight", |s| {
                 s["linux"]["resources"] = json!({
                     "memory": {"limit": 67108864, "reservation": 33554432},
                     "pids": {"limit": 20},
                     "cpu": {"shares": 512, "quota": 50000, "period": 100000}
                 });
-            },
-        );
+            });
         assert!(out.starts_with("67108864\n20\n50000 100000\n"), "{out}");
     } else {
         // The agent refuses what it cannot enforce.
@@ -986,14 +982,42 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let a = Agent::start();
     type Patch = Box<dyn Fn(&mut Value)>;
     let cases: Vec<(&str, Patch, &str)> = vec![
-        ("noargs", Box::new(|s| { s["process"]["args"] = json!([]); }), "process.args"),
-        ("relcwd", Box::new(|s| { s["process"]["cwd"] = json!("tmp"); }), "process.cwd"),
-        ("badns", Box::new(|s| { s["linux"]["namespaces"][1]["type"] = json!("bogus"); }), "linux.namespaces[1].type"),
-        ("badsys", Box::new(|s| {
-            s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW",
+        (
+            "noargs",
+            Box::new(|s| {
+                s["process"]["args"] = json!([]);
+            }),
+            "process.args",
+        ),
+        (
+            "relcwd",
+            Box::new(|s| {
+                s["process"]["cwd"] = json!("tmp");
+            }),
+            "process.cwd",
+        ),
+        (
+            "badns",
+            Box::new(|s| {
+                s["linux"]["namespaces"][1]["type"] = json!("bogus");
+            }),
+            "linux.namespaces[1].type",
+        ),
+        (
+            "badsys",
+            Box::new(|s| {
+                s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [{"names": ["no_such_syscall"], "action": "SCMP_ACT_ERRNO"}]});
-        }), "linux.seccomp.syscalls[0].names[0]"),
-        ("noroot", Box::new(|s| { s["root"]["path"] = json!("/nonexistent/rootfs"); }), "root.path"),
+            }),
+            "linux.seccomp.syscalls[0].names[0]",
+        ),
+        (
+            "noroot",
+            Box::new(|s| {
+                s["root"]["path"] = json!("/nonexistent/rootfs");
+            }),
+            "root.path",
+        ),
         ("badid/../x", Box::new(|_| {}), "container_id"),
     ];
     for (id, patch, field) in cases {
@@ -1129,8 +1153,7 @@ fn pod_containers_join_the_sandbox_containers_namespaces() {
     // pod is seen, the pod's hostname, PID 1 is the pause process.
     let mut streams = a.streams(false, true);
     let script = "for t in ipc uts pid; do readlink /proc/self/ns/$t; done; hostname; cat /proc/1/comm";
-    create_joining("member", script, &[("ipc", "pause"), ("uts", "pause"), ("pid", "pause")], &streams)
-        .expect("create joining");
+    create_joining("member", script, &[("ipc", "pause"), ("uts", "pause"), ("pid", "pause")], &streams).expect("create joining");
     a.start_container("member");
     assert_eq!(a.wait("member", "").exit_code, 0);
     let out = String::from_utf8_lossy(&streams.stdout()).into_owned();
@@ -1148,10 +1171,7 @@ fn pod_containers_join_the_sandbox_containers_namespaces() {
     a.assert_nothing_left("pause");
 
     // Unknown type or container: INVALID_ARGUMENT naming it, nothing left.
-    for (joins, named) in [
-        (&[("network", "pause")][..], "join_namespaces[\\\"network\\\"]"),
-        (&[("ipc", "ghost")][..], "container \\\""),
-    ] {
+    for (joins, named) in [(&[("network", "pause")][..], "join_namespaces[\\\"network\\\"]"), (&[("ipc", "ghost")][..], "container \\\"")] {
         let err = create_joining("bad", "true", joins, &a.streams(false, false)).expect_err("refused");
         assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
         assert!(format!("{err:?}").contains(named), "{err:?}");

@@ -16,8 +16,7 @@ use carapace_protocol::{agent, client, health, rpc_code, AgentClient, HealthClie
 /// `CARAPACE_AGENT_BIN` (e.g. the static musl build that goes into the
 /// initramfs).
 fn agent_bin() -> String {
-    std::env::var("CARAPACE_AGENT_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_carapace-agent").to_string())
+    std::env::var("CARAPACE_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_carapace-agent").to_string())
 }
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -75,52 +74,31 @@ fn serves_health_refuses_unimplemented_and_shuts_down() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("agent.sock");
     let (mut agent_process, line) = AgentProcess::start(&sock);
-    assert_eq!(
-        line.trim_end(),
-        format!(
-            "carapace-agent {} serving on unix://{}",
-            env!("CARGO_PKG_VERSION"),
-            sock.display()
-        )
-    );
+    assert_eq!(line.trim_end(), format!("carapace-agent {} serving on unix://{}", env!("CARGO_PKG_VERSION"), sock.display()));
 
     let conn = client::connect_unix(&sock).expect("connect");
     let health = HealthClient::new(conn.clone());
     let agent = AgentClient::new(conn);
 
-    let check = health
-        .check(ctx(), &health::CheckRequest::new())
-        .expect("Check");
+    let check = health.check(ctx(), &health::CheckRequest::new()).expect("Check");
     assert_eq!(check.status.enum_value(), Ok(ServingStatus::SERVING));
 
-    let version = health
-        .version(ctx(), &health::VersionRequest::new())
-        .expect("Version");
+    let version = health.version(ctx(), &health::VersionRequest::new()).expect("Version");
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(version.api_version, API_VERSION);
 
     // Bad requests get a status, and the agent keeps serving.
-    let err = agent
-        .create_container(ctx(), &agent::CreateContainerRequest::new())
-        .expect_err("CreateContainer without an id");
+    let err = agent.create_container(ctx(), &agent::CreateContainerRequest::new()).expect_err("CreateContainer without an id");
     assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
-    let err = agent
-        .wait_process(ctx(), &agent::WaitProcessRequest::new())
-        .expect_err("WaitProcess of no container");
+    let err = agent.wait_process(ctx(), &agent::WaitProcessRequest::new()).expect_err("WaitProcess of no container");
     assert_eq!(rpc_code(&err), Some(ttrpc::Code::NOT_FOUND), "{err:?}");
-    health
-        .check(ctx(), &health::CheckRequest::new())
-        .expect("Check after errors");
+    health.check(ctx(), &health::CheckRequest::new()).expect("Check after errors");
 
     // A second connection works alongside the first.
     let other = HealthClient::new(client::connect_unix(&sock).expect("second connection"));
-    other
-        .check(ctx(), &health::CheckRequest::new())
-        .expect("Check on the second connection");
+    other.check(ctx(), &health::CheckRequest::new()).expect("Check on the second connection");
 
-    agent
-        .shutdown(ctx(), &agent::ShutdownRequest::new())
-        .expect("Shutdown is answered before the agent goes");
+    agent.shutdown(ctx(), &agent::ShutdownRequest::new()).expect("Shutdown is answered before the agent goes");
     let status = agent_process.wait();
     assert!(status.success(), "exit status {status:?}");
     assert!(!sock.exists(), "the socket file is removed");
@@ -137,9 +115,7 @@ fn sigterm_stops_it_and_a_stale_socket_is_replaced() {
     let (mut agent_process, line) = AgentProcess::start(&sock);
     assert!(line.contains("serving on unix://"), "{line:?}");
     let health = HealthClient::new(client::connect_unix(&sock).expect("connect"));
-    health
-        .check(ctx(), &health::CheckRequest::new())
-        .expect("Check");
+    health.check(ctx(), &health::CheckRequest::new()).expect("Check");
 
     let pid = nix::unistd::Pid::from_raw(i32::try_from(agent_process.0.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
@@ -155,16 +131,10 @@ fn refuses_to_run_without_an_address_when_not_pid1() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--listen"), "{stderr}");
 
-    let out = Command::new(agent_bin())
-        .args(["--listen", "unix:///nonexistent-dir/a.sock", "--bogus"])
-        .output()
-        .expect("run the agent");
+    let out = Command::new(agent_bin()).args(["--listen", "unix:///nonexistent-dir/a.sock", "--bogus"]).output().expect("run the agent");
     assert_eq!(out.status.code(), Some(1));
 
-    let out = Command::new(agent_bin())
-        .arg("--version")
-        .output()
-        .expect("run");
+    let out = Command::new(agent_bin()).arg("--version").output().expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("carapace-agent "));
 }
@@ -204,21 +174,13 @@ fn as_pid1_of_a_namespace_it_mounts_serves_and_reboots() {
         let _ = tx.send(line);
     });
     let line = rx.recv_timeout(TIMEOUT).expect("the agent's first line");
-    assert!(
-        line.ends_with(&format!("serving on unix://@{name}\n")),
-        "{line:?}"
-    );
+    assert!(line.ends_with(&format!("serving on unix://@{name}\n")), "{line:?}");
 
     // The agent is unshare's child; read its mount table from outside.
-    let children = std::fs::read_to_string(format!(
-        "/proc/{}/task/{}/children",
-        process.0.id(),
-        process.0.id()
-    ))
-    .expect("unshare's children");
+    let children =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", process.0.id(), process.0.id())).expect("unshare's children");
     let agent_pid = children.split_whitespace().next().expect("the agent's pid");
-    let mountinfo =
-        std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo")).expect("mountinfo");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{agent_pid}/mountinfo")).expect("mountinfo");
     for (mount_point, fstype) in [
         ("/proc", "proc"),
         ("/sys", "sysfs"),
@@ -232,29 +194,20 @@ fn as_pid1_of_a_namespace_it_mounts_serves_and_reboots() {
         let found = mountinfo.lines().any(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
             let sep = fields.iter().position(|f| *f == "-");
-            fields.get(4) == Some(&mount_point)
-                && sep.and_then(|i| fields.get(i + 1)) == Some(&fstype)
+            fields.get(4) == Some(&mount_point) && sep.and_then(|i| fields.get(i + 1)) == Some(&fstype)
         });
         assert!(found, "{fstype} on {mount_point} missing:\n{mountinfo}");
     }
 
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-        .expect("abstract address");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract address");
     let stream = std::os::unix::net::UnixStream::connect_addr(&addr).expect("connect");
     let conn = client::client_from_stream(stream).expect("client");
     let health = HealthClient::new(conn.clone());
-    health
-        .check(ctx(), &health::CheckRequest::new())
-        .expect("Check");
-    AgentClient::new(conn)
-        .shutdown(ctx(), &agent::ShutdownRequest::new())
-        .expect("Shutdown is answered before the reboot");
+    health.check(ctx(), &health::CheckRequest::new()).expect("Check");
+    AgentClient::new(conn).shutdown(ctx(), &agent::ShutdownRequest::new()).expect("Shutdown is answered before the reboot");
     // reboot(2) in a PID namespace kills its init with SIGHUP; unshare
     // then dies of the same signal.
     let status = process.wait();
     let sighup = nix::sys::signal::Signal::SIGHUP as i32;
-    assert!(
-        status.signal() == Some(sighup) || status.code() == Some(128 + sighup),
-        "{status:?}"
-    );
+    assert!(status.signal() == Some(sighup) || status.code() == Some(128 + sighup), "{status:?}");
 }

@@ -23,9 +23,7 @@ fn agent_bin() -> String {
 }
 
 fn ip_bin() -> Option<&'static str> {
-    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].into_iter().find(|p| Path::new(p).exists())
 }
 
 /// Root (network namespaces) and iproute2's `ip`; skips, or fails under
@@ -53,11 +51,7 @@ fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// `ip ARGS` in the calling thread's namespace; its stdout.
 fn ip(args: &[&str]) -> String {
     let out = Command::new(ip_bin().expect("ip")).args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -71,9 +65,7 @@ fn ip_json(args: &[&str]) -> Value {
 /// that the device has a carrier once it is up.
 fn veth(name: &str, mac: &str) {
     let peer = format!("{name}p");
-    ip(&[
-        "link", "add", name, "address", mac, "type", "veth", "peer", "name", &peer,
-    ]);
+    ip(&["link", "add", name, "address", mac, "type", "veth", "peer", "name", &peer]);
     ip(&["link", "set", &peer, "up"]);
 }
 
@@ -102,12 +94,7 @@ fn route(destination: &str, gateway: &str, device: &str, scope: u32) -> agent::R
 
 /// The link called `name` in `ip -j addr` output.
 fn link<'a>(addrs: &'a Value, name: &str) -> &'a Value {
-    addrs
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|l| l["ifname"] == name)
-        .unwrap_or_else(|| panic!("no {name} in {addrs:#}"))
+    addrs.as_array().expect("array").iter().find(|l| l["ifname"] == name).unwrap_or_else(|| panic!("no {name} in {addrs:#}"))
 }
 
 fn has_flag(link: &Value, flag: &str) -> bool {
@@ -137,12 +124,7 @@ fn configures_interfaces_and_routes_in_a_private_netns() {
         ip(&["link", "set", "veth-b", "up"]);
 
         let interfaces = [
-            interface(
-                &MAC_A.to_uppercase(),
-                "eth0",
-                &[("10.88.0.5", 16), ("fd00::5", 64)],
-                1400,
-            ),
+            interface(&MAC_A.to_uppercase(), "eth0", &[("10.88.0.5", 16), ("fd00::5", 64)], 1400),
             interface(MAC_B, "eth1", &[("192.168.7.2", 24)], 0),
         ];
         let routes = [
@@ -164,26 +146,15 @@ fn configures_interfaces_and_routes_in_a_private_netns() {
         let eth0_addrs = addresses(eth0);
         assert!(eth0_addrs.contains(&"10.88.0.5/16".to_string()), "{eth0_addrs:?}");
         assert!(eth0_addrs.contains(&"fd00::5/64".to_string()), "{eth0_addrs:?}");
-        let v6 = eth0["addr_info"]
-            .as_array()
-            .expect("addr_info")
-            .iter()
-            .find(|a| a["local"] == "fd00::5")
-            .expect("fd00::5");
+        let v6 = eth0["addr_info"].as_array().expect("addr_info").iter().find(|a| a["local"] == "fd00::5").expect("fd00::5");
         // NODAD: usable at once, never tentative.
-        assert!(
-            v6.get("tentative").is_none() && v6.get("nodad") == Some(&Value::Bool(true)),
-            "{v6:#}"
-        );
+        assert!(v6.get("tentative").is_none() && v6.get("nodad") == Some(&Value::Bool(true)), "{v6:#}");
         let eth1 = link(&addrs, "eth1");
         assert_eq!(eth1["address"], MAC_B);
         assert_eq!(eth1["mtu"], 1500);
         assert!(has_flag(eth1, "UP"), "eth1: {eth1:#}");
         assert_eq!(addresses(eth1), ["192.168.7.2/24"]);
-        assert!(
-            link(&addrs, "veth-ap").get("ifname").is_some(),
-            "the peers keep their names"
-        );
+        assert!(link(&addrs, "veth-ap").get("ifname").is_some(), "the peers keep their names");
 
         let routes4 = ip_json(&["-4", "route", "show"]);
         let find = |routes: &Value, dst: &str| -> Value {
@@ -196,34 +167,19 @@ fn configures_interfaces_and_routes_in_a_private_netns() {
                 .unwrap_or_else(|| panic!("no route to {dst} in {routes:#}"))
         };
         let default = find(&routes4, "default");
-        assert_eq!(
-            (default["gateway"].as_str(), default["dev"].as_str()),
-            (Some("10.88.0.1"), Some("eth0"))
-        );
+        assert_eq!((default["gateway"].as_str(), default["dev"].as_str()), (Some("10.88.0.1"), Some("eth0")));
         let onlink = find(&routes4, "10.200.0.1");
-        assert_eq!(
-            (onlink["dev"].as_str(), onlink["scope"].as_str()),
-            (Some("eth1"), Some("link"))
-        );
+        assert_eq!((onlink["dev"].as_str(), onlink["scope"].as_str()), (Some("eth1"), Some("link")));
         assert!(onlink.get("gateway").is_none(), "{onlink:#}");
         let behind = find(&routes4, "10.201.0.0/16");
-        assert_eq!(
-            (behind["gateway"].as_str(), behind["dev"].as_str()),
-            (Some("10.200.0.1"), Some("eth1"))
-        );
+        assert_eq!((behind["gateway"].as_str(), behind["dev"].as_str()), (Some("10.200.0.1"), Some("eth1")));
         let routes6 = ip_json(&["-6", "route", "show"]);
         let default6 = find(&routes6, "default");
-        assert_eq!(
-            (default6["gateway"].as_str(), default6["dev"].as_str()),
-            (Some("fd00::1"), Some("eth0"))
-        );
+        assert_eq!((default6["gateway"].as_str(), default6["dev"].as_str()), (Some("fd00::1"), Some("eth0")));
 
         // A gateway on no subnet of the guest: the kernel refuses.
         let err = network::configure(&[], &[route("10.50.0.0/16", "10.99.0.1", "", 0)]).expect_err("unreachable");
-        assert_eq!(
-            err.to_string(),
-            "routes[0] (10.50.0.0/16 via 10.99.0.1): Network is unreachable"
-        );
+        assert_eq!(err.to_string(), "routes[0] (10.50.0.0/16 via 10.99.0.1): Network is unreachable");
         assert_eq!(err.code(), ttrpc::Code::INTERNAL);
 
         // The same again: the devices are found by MAC under their new
@@ -255,16 +211,8 @@ fn bad_input_is_named_and_changes_nothing() {
                 vec![route("10.0.0.0/33", "10.88.0.1", "", 0)],
                 "routes[0].destination \"10.0.0.0/33\": not a CIDR: the prefix length must be 0 to 32",
             ),
-            (
-                vec![good()],
-                vec![route("", "10.88.0.1", "", 0), route("", "gw", "", 0)],
-                "routes[1].gateway \"gw\": not an IP address",
-            ),
-            (
-                vec![good()],
-                vec![route("10.9.0.0/16", "", "veth-a", 0)],
-                "routes[0].device \"veth-a\": no such device",
-            ),
+            (vec![good()], vec![route("", "10.88.0.1", "", 0), route("", "gw", "", 0)], "routes[1].gateway \"gw\": not an IP address"),
+            (vec![good()], vec![route("10.9.0.0/16", "", "veth-a", 0)], "routes[0].device \"veth-a\": no such device"),
             (
                 vec![interface(MAC_A, "", &[("10.88.0.5", 40)], 0)],
                 vec![],
@@ -280,10 +228,7 @@ fn bad_input_is_named_and_changes_nothing() {
         assert_eq!(before, after, "bad input changed the network");
 
         // Empty asks for nothing (and opens no socket).
-        NetworkConfig::from_request(&[], &[])
-            .expect("empty")
-            .apply()
-            .expect("nothing");
+        NetworkConfig::from_request(&[], &[]).expect("empty").apply().expect("nothing");
         assert_eq!(before.0, ip(&["addr", "show"]));
     });
 }
@@ -303,9 +248,7 @@ fn create_sandbox_configures_only_in_a_guest() {
 
         // Serving on a host, the agent leaves the network alone.
         let before = ip(&["addr", "show"]);
-        Sandbox::new(dir.path().join("host-etc"), false)
-            .create(&req)
-            .expect("create on a host");
+        Sandbox::new(dir.path().join("host-etc"), false).create(&req).expect("create on a host");
         assert_eq!(before, ip(&["addr", "show"]));
 
         // As the guest's agent (this thread's namespace stands for the
@@ -315,10 +258,7 @@ fn create_sandbox_configures_only_in_a_guest() {
         unknown.interfaces[0].mac = "02:00:00:00:00:99".into();
         let err = guest.create(&unknown).expect_err("unknown MAC");
         assert_eq!(err.code(), ttrpc::Code::INVALID_ARGUMENT);
-        assert_eq!(
-            err.to_string(),
-            "interfaces[0].mac \"02:00:00:00:00:99\": no such device"
-        );
+        assert_eq!(err.to_string(), "interfaces[0].mac \"02:00:00:00:00:99\": no such device");
 
         guest.create(&req).expect("create");
         let addrs = ip_json(&["addr", "show"]);
@@ -341,17 +281,10 @@ fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
         return;
     }
     let (Some(unshare), Some(nsenter)) = (
-        ["/usr/bin/unshare", "/bin/unshare"]
-            .into_iter()
-            .find(|p| Path::new(p).exists()),
-        ["/usr/bin/nsenter", "/bin/nsenter"]
-            .into_iter()
-            .find(|p| Path::new(p).exists()),
+        ["/usr/bin/unshare", "/bin/unshare"].into_iter().find(|p| Path::new(p).exists()),
+        ["/usr/bin/nsenter", "/bin/nsenter"].into_iter().find(|p| Path::new(p).exists()),
     ) else {
-        carapace_test_support::skip(
-            "create_sandbox_over_ttrpc_configures_the_agents_namespace",
-            "unshare and nsenter (util-linux)",
-        );
+        carapace_test_support::skip("create_sandbox_over_ttrpc_configures_the_agents_namespace", "unshare and nsenter (util-linux)");
         return;
     };
     // Not under /tmp or /run (the agent mounts tmpfs there in its
@@ -361,15 +294,7 @@ fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
     let sock = dir.path().join("agent.sock");
     let mut child = Command::new(unshare)
         // --kill-child: the agent goes with unshare if the test fails.
-        .args([
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount",
-            "--propagation",
-            "private",
-            "--net",
-        ])
+        .args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--net"])
         .arg(agent_bin())
         .arg("--listen")
         .arg(format!("unix://{}", sock.display()))
@@ -392,31 +317,17 @@ fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the agent's first line");
+    let line = rx.recv_timeout(Duration::from_secs(20)).expect("the agent's first line");
     assert!(line.contains("serving on unix://"), "{line:?}");
-    let children = std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
-        .expect("unshare's children");
+    let children = std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children")).expect("unshare's children");
     let agent_pid = children.split_whitespace().next().expect("the agent's pid").to_string();
     let netns = format!("--net=/proc/{agent_pid}/ns/net");
     let in_guest = |args: &[&str]| -> String {
-        let out = Command::new(nsenter)
-            .arg(&netns)
-            .arg(ip_bin().expect("ip"))
-            .args(args)
-            .output()
-            .expect("nsenter");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(nsenter).arg(&netns).arg(ip_bin().expect("ip")).args(args).output().expect("nsenter");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    in_guest(&[
-        "link", "add", "veth-a", "address", MAC_A, "type", "veth", "peer", "name", "veth-ap",
-    ]);
+    in_guest(&["link", "add", "veth-a", "address", MAC_A, "type", "veth", "peer", "name", "veth-ap"]);
     in_guest(&["link", "set", "veth-ap", "up"]);
 
     let conn = carapace_protocol::client::connect_unix(&sock).expect("connect");
@@ -424,14 +335,9 @@ fn create_sandbox_over_ttrpc_configures_the_agents_namespace() {
     let ctx = || ttrpc::context::with_timeout(10_000_000_000);
     let mut req = agent::CreateSandboxRequest::new();
     req.sandbox_id = "net".into();
-    req.interfaces
-        .push(interface("02:00:00:00:00:99", "eth0", &[("10.88.0.5", 16)], 0));
+    req.interfaces.push(interface("02:00:00:00:00:99", "eth0", &[("10.88.0.5", 16)], 0));
     let err = agent.create_sandbox(ctx(), &req).expect_err("unknown MAC");
-    assert_eq!(
-        carapace_protocol::rpc_code(&err),
-        Some(ttrpc::Code::INVALID_ARGUMENT),
-        "{err:?}"
-    );
+    assert_eq!(carapace_protocol::rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT), "{err:?}");
     assert!(format!("{err:?}").contains("interfaces[0].mac"), "{err:?}");
 
     req.interfaces[0].mac = MAC_A.into();
@@ -456,10 +362,7 @@ fn a_device_found_by_device_mac_takes_the_sandboxs_mac() {
         ip(&["link", "set", "tmpl0", "up"]);
         let mut iface = interface(MAC_B, "eth0", &[("10.77.0.2", 24)], 0);
         iface.device_mac = MAC_A.into();
-        NetworkConfig::from_request(&[iface], &[])
-            .expect("valid")
-            .apply()
-            .expect("apply");
+        NetworkConfig::from_request(&[iface], &[]).expect("valid").apply().expect("apply");
         let addrs = ip_json(&["addr"]);
         let eth0 = link(&addrs, "eth0");
         assert_eq!(eth0["address"], MAC_B, "{eth0:#}");

@@ -21,9 +21,7 @@ fn ctx() -> ttrpc::context::Context {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((address, commands)) = args.split_first() else {
-        eprintln!(
-            "usage: agentctl unix://PATH|hvsock://PATH [check|version|shutdown|unimplemented]..."
-        );
+        eprintln!("usage: agentctl unix://PATH|hvsock://PATH [check|version|shutdown|unimplemented]...");
         return ExitCode::from(2);
     };
     let start = Instant::now();
@@ -48,21 +46,15 @@ fn main() -> ExitCode {
     for command in commands {
         let t = Instant::now();
         let result = match command.as_str() {
-            "check" => health
-                .check(ctx(), &health::CheckRequest::new())
-                .map(|r| format!("{:?}", r.status)),
-            "version" => health
-                .version(ctx(), &health::VersionRequest::new())
-                .map(|r| format!("agent {} api {}", r.agent_version, r.api_version)),
-            "shutdown" => agent
-                .shutdown(ctx(), &agent::ShutdownRequest::new())
-                .map(|_| "ok".to_string()),
-            "unimplemented" => {
-                match agent.start_container(ctx(), &agent::StartContainerRequest::new()) {
-                    Err(e) => Ok(format!("{:?}: {e}", rpc_code(&e))),
-                    Ok(_) => Ok("unexpectedly implemented".to_string()),
-                }
+            "check" => health.check(ctx(), &health::CheckRequest::new()).map(|r| format!("{:?}", r.status)),
+            "version" => {
+                health.version(ctx(), &health::VersionRequest::new()).map(|r| format!("agent {} api {}", r.agent_version, r.api_version))
             }
+            "shutdown" => agent.shutdown(ctx(), &agent::ShutdownRequest::new()).map(|_| "ok".to_string()),
+            "unimplemented" => match agent.start_container(ctx(), &agent::StartContainerRequest::new()) {
+                Err(e) => Ok(format!("{:?}: {e}", rpc_code(&e))),
+                Ok(_) => Ok("unexpectedly implemented".to_string()),
+            },
             other => {
                 eprintln!("agentctl: unknown command {other:?}");
                 return ExitCode::from(2);

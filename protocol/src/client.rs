@@ -100,10 +100,7 @@ pub enum ClientError {
 /// unix://<path>`).
 pub fn connect_unix(path: impl AsRef<Path>) -> Result<ttrpc::Client, ClientError> {
     let path = path.as_ref();
-    let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-        path: path.to_owned(),
-        cause: source,
-    })?;
+    let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.to_owned(), cause: source })?;
     client_from_stream(stream)
 }
 
@@ -120,14 +117,9 @@ pub fn client_from_stream(stream: UnixStream) -> Result<ttrpc::Client, ClientErr
 /// The answer is read one byte at a time, so nothing that follows it (the
 /// guest's first bytes) is consumed. Timeouts are the caller's, set on the
 /// stream.
-pub fn hybrid_vsock_handshake<S: Read + Write>(
-    stream: &mut S,
-    port: u32,
-) -> Result<u32, ClientError> {
+pub fn hybrid_vsock_handshake<S: Read + Write>(stream: &mut S, port: u32) -> Result<u32, ClientError> {
     let io_err = |source| ClientError::HandshakeIo { port, cause: source };
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(io_err)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io_err)?;
 
     let mut line = Vec::with_capacity(16);
     loop {
@@ -151,25 +143,15 @@ pub fn hybrid_vsock_handshake<S: Read + Write>(
 }
 
 fn rejected(port: u32, line: &[u8]) -> ClientError {
-    ClientError::HandshakeRejected {
-        port,
-        answer: String::from_utf8_lossy(line).into_owned(),
-    }
+    ClientError::HandshakeRejected { port, answer: String::from_utf8_lossy(line).into_owned() }
 }
 
 /// Connects to the VMM's hybrid vsock socket `uds` and opens a stream to the
 /// guest's vsock `port` (`timeout` bounds the handshake). The returned
 /// stream is blocking and has no timeouts set.
-pub fn connect_hybrid_vsock_stream(
-    uds: impl AsRef<Path>,
-    port: u32,
-    timeout: Duration,
-) -> Result<UnixStream, ClientError> {
+pub fn connect_hybrid_vsock_stream(uds: impl AsRef<Path>, port: u32, timeout: Duration) -> Result<UnixStream, ClientError> {
     let uds = uds.as_ref();
-    let mut stream = UnixStream::connect(uds).map_err(|source| ClientError::Connect {
-        path: uds.to_owned(),
-        cause: source,
-    })?;
+    let mut stream = UnixStream::connect(uds).map_err(|source| ClientError::Connect { path: uds.to_owned(), cause: source })?;
     let io_err = |source| ClientError::HandshakeIo { port, cause: source };
     // A zero Duration is refused by set_*_timeout: treat it as "tiny".
     let timeout = Some(timeout.max(Duration::from_millis(1)));
@@ -183,11 +165,7 @@ pub fn connect_hybrid_vsock_stream(
 
 /// Like [`connect_hybrid_vsock_stream`], then makes a ttrpc client of the
 /// stream.
-pub fn connect_hybrid_vsock(
-    uds: impl AsRef<Path>,
-    port: u32,
-    timeout: Duration,
-) -> Result<ttrpc::Client, ClientError> {
+pub fn connect_hybrid_vsock(uds: impl AsRef<Path>, port: u32, timeout: Duration) -> Result<ttrpc::Client, ClientError> {
     client_from_stream(connect_hybrid_vsock_stream(uds, port, timeout)?)
 }
 
@@ -195,10 +173,7 @@ pub fn connect_hybrid_vsock(
 /// [`AGENT_VSOCK_PORT`](crate::AGENT_VSOCK_PORT) and `Health.Check` until it
 /// answers SERVING or `timeout` has passed (the VMM's socket may not even
 /// exist yet when this starts).
-pub fn wait_for_agent(
-    uds: impl AsRef<Path>,
-    timeout: Duration,
-) -> Result<ttrpc::Client, ClientError> {
+pub fn wait_for_agent(uds: impl AsRef<Path>, timeout: Duration) -> Result<ttrpc::Client, ClientError> {
     let uds = uds.as_ref();
     let start = Instant::now();
     loop {
@@ -208,10 +183,7 @@ pub fn wait_for_agent(
         match attempt {
             Ok(client) => return Ok(client),
             Err(last) if start.elapsed() + RETRY_INTERVAL >= timeout => {
-                return Err(ClientError::Timeout {
-                    waited: start.elapsed(),
-                    last: Box::new(last),
-                })
+                return Err(ClientError::Timeout { waited: start.elapsed(), last: Box::new(last) })
             }
             Err(_) => std::thread::sleep(RETRY_INTERVAL),
         }
@@ -222,9 +194,7 @@ pub fn wait_for_agent(
 pub fn check_serving(client: &ttrpc::Client, timeout: Duration) -> Result<(), ClientError> {
     let health = HealthClient::new(client.clone());
     let nanos = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX).max(1);
-    let resp = health
-        .check(ttrpc::context::with_timeout(nanos), &CheckRequest::new())
-        .map_err(ClientError::Ttrpc)?;
+    let resp = health.check(ttrpc::context::with_timeout(nanos), &CheckRequest::new()).map_err(ClientError::Ttrpc)?;
     match resp.status.enum_value() {
         Ok(ServingStatus::SERVING) => Ok(()),
         Ok(other) => Err(ClientError::NotServing(other)),
@@ -240,14 +210,8 @@ mod tests {
 
     #[test]
     fn a_cause_is_printed_once() {
-        let inner = ClientError::Connect {
-            path: "/x.sock".into(),
-            cause: io::Error::other("refused"),
-        };
-        let e = ClientError::Timeout {
-            waited: Duration::from_secs(1),
-            last: Box::new(inner),
-        };
+        let inner = ClientError::Connect { path: "/x.sock".into(), cause: io::Error::other("refused") };
+        let e = ClientError::Timeout { waited: Duration::from_secs(1), last: Box::new(inner) };
         let mut text = e.to_string();
         let mut next = std::error::Error::source(&e);
         while let Some(cause) = next {
@@ -260,12 +224,7 @@ mod tests {
     /// A fake VMM socket: accepts one connection, checks the request line,
     /// answers `answer` and then `extra` in the same write, and returns
     /// what it read afterwards.
-    fn fake_vmm(
-        listener: UnixListener,
-        want_port: u32,
-        answer: &'static [u8],
-        extra: &'static [u8],
-    ) -> thread::JoinHandle<Vec<u8>> {
+    fn fake_vmm(listener: UnixListener, want_port: u32, answer: &'static [u8], extra: &'static [u8]) -> thread::JoinHandle<Vec<u8>> {
         thread::spawn(move || {
             let (mut conn, _) = listener.accept().expect("accept");
             let mut req = Vec::new();
@@ -287,15 +246,9 @@ mod tests {
     fn handshake_leaves_following_bytes_unread() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("vm.sock");
-        let vmm = fake_vmm(
-            UnixListener::bind(&path).expect("bind"),
-            1024,
-            b"OK 1073741824\n",
-            b"guest",
-        );
+        let vmm = fake_vmm(UnixListener::bind(&path).expect("bind"), 1024, b"OK 1073741824\n", b"guest");
 
-        let mut stream =
-            connect_hybrid_vsock_stream(&path, 1024, Duration::from_secs(5)).expect("handshake");
+        let mut stream = connect_hybrid_vsock_stream(&path, 1024, Duration::from_secs(5)).expect("handshake");
         let mut first = [0u8; 5];
         stream.read_exact(&mut first).expect("read guest bytes");
         assert_eq!(&first, b"guest");
@@ -340,10 +293,7 @@ mod tests {
     fn handshake_bounds_the_answer() {
         let (mut a, mut b) = UnixStream::pair().expect("pair");
         b.write_all(&[b'x'; 200]).expect("write");
-        assert!(matches!(
-            hybrid_vsock_handshake(&mut a, 7),
-            Err(ClientError::HandshakeRejected { .. })
-        ));
+        assert!(matches!(hybrid_vsock_handshake(&mut a, 7), Err(ClientError::HandshakeRejected { .. })));
     }
 
     #[test]
@@ -352,8 +302,7 @@ mod tests {
         let path = dir.path().join("vm.sock");
         let _listener = UnixListener::bind(&path).expect("bind");
         // Nobody accepts or answers: the read must time out.
-        let err = connect_hybrid_vsock_stream(&path, 1024, Duration::from_millis(50))
-            .expect_err("no answer");
+        let err = connect_hybrid_vsock_stream(&path, 1024, Duration::from_millis(50)).expect_err("no answer");
         assert!(matches!(err, ClientError::HandshakeIo { .. }), "{err:?}");
     }
 

@@ -86,9 +86,7 @@ mod tests {
         fs.options = vec!["ro".into(), "nodev".into()];
         sandbox.shared_fs.push(fs);
         let settings = sandbox.settings.mut_or_insert_default();
-        settings
-            .sysctls
-            .insert("net.ipv4.ip_forward".into(), "1".into());
+        settings.sysctls.insert("net.ipv4.ip_forward".into(), "1".into());
         settings.wall_clock_unix_nano = 1_700_000_000_000_000_000;
         settings.shared_pid_namespace = true;
         sandbox.entropy = vec![7; 64];
@@ -147,9 +145,7 @@ mod tests {
 
     #[test]
     fn default_messages_encode_to_nothing() {
-        let bytes = agent::ShutdownRequest::new()
-            .write_to_bytes()
-            .expect("encode");
+        let bytes = agent::ShutdownRequest::new().write_to_bytes().expect("encode");
         assert!(bytes.is_empty());
     }
 
@@ -162,9 +158,6 @@ mod tests {
 
     #[test]
     fn vsock_address_matches_port() {
-        assert_eq!(
-            AGENT_VSOCK_ADDRESS,
-            format!("vsock://-1:{AGENT_VSOCK_PORT}")
-        );
+        assert_eq!(AGENT_VSOCK_ADDRESS, format!("vsock://-1:{AGENT_VSOCK_PORT}"));
     }
 }

@@ -7,29 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use carapace_protocol::{
-    agent, client, create_agent, create_health, health, rpc_code, rpc_error, Agent, AgentClient,
-    Health, HealthClient, API_VERSION,
+    agent, client, create_agent, create_health, health, rpc_code, rpc_error, Agent, AgentClient, Health, HealthClient, API_VERSION,
 };
 use ttrpc::context;
 
 struct FakeHealth;
 
 impl Health for FakeHealth {
-    fn check(
-        &self,
-        _ctx: &ttrpc::TtrpcContext,
-        _req: health::CheckRequest,
-    ) -> ttrpc::Result<health::CheckResponse> {
+    fn check(&self, _ctx: &ttrpc::TtrpcContext, _req: health::CheckRequest) -> ttrpc::Result<health::CheckResponse> {
         let mut resp = health::CheckResponse::new();
         resp.status = health::check_response::ServingStatus::SERVING.into();
         Ok(resp)
     }
 
-    fn version(
-        &self,
-        _ctx: &ttrpc::TtrpcContext,
-        req: health::VersionRequest,
-    ) -> ttrpc::Result<health::VersionResponse> {
+    fn version(&self, _ctx: &ttrpc::TtrpcContext, req: health::VersionRequest) -> ttrpc::Result<health::VersionResponse> {
         let mut resp = health::VersionResponse::new();
         resp.agent_version = format!("fake (client said {})", req.client_version);
         resp.api_version = API_VERSION;
@@ -46,21 +37,14 @@ impl Agent for FakeAgent {
         req: agent::CreateContainerRequest,
     ) -> ttrpc::Result<agent::CreateContainerResponse> {
         if req.container_id.is_empty() {
-            return Err(rpc_error(
-                ttrpc::Code::INVALID_ARGUMENT,
-                "empty container id",
-            ));
+            return Err(rpc_error(ttrpc::Code::INVALID_ARGUMENT, "empty container id"));
         }
         let mut resp = agent::CreateContainerResponse::new();
         resp.pid = u32::try_from(req.oci_spec_json.len()).unwrap_or(u32::MAX);
         Ok(resp)
     }
 
-    fn wait_process(
-        &self,
-        _ctx: &ttrpc::TtrpcContext,
-        req: agent::WaitProcessRequest,
-    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+    fn wait_process(&self, _ctx: &ttrpc::TtrpcContext, req: agent::WaitProcessRequest) -> ttrpc::Result<agent::WaitProcessResponse> {
         let mut resp = agent::WaitProcessResponse::new();
         resp.exit_code = if req.exec_id.is_empty() { 0 } else { 137 };
         resp.signal = if req.exec_id.is_empty() { 0 } else { 9 };
@@ -92,13 +76,8 @@ fn client_and_fake_agent_talk_over_a_unix_socket() {
     let health = HealthClient::new(conn.clone());
     let agent = AgentClient::new(conn);
 
-    let status = health
-        .check(ctx(), &health::CheckRequest::new())
-        .expect("check");
-    assert_eq!(
-        status.status.enum_value(),
-        Ok(health::check_response::ServingStatus::SERVING)
-    );
+    let status = health.check(ctx(), &health::CheckRequest::new()).expect("check");
+    assert_eq!(status.status.enum_value(), Ok(health::check_response::ServingStatus::SERVING));
 
     let mut vreq = health::VersionRequest::new();
     vreq.client_version = "test".into();
@@ -117,9 +96,7 @@ fn client_and_fake_agent_talk_over_a_unix_socket() {
     assert_eq!(rpc_code(&err), Some(ttrpc::Code::INVALID_ARGUMENT));
 
     // A call the fake does not implement: the generated default answers.
-    let err = agent
-        .start_container(ctx(), &agent::StartContainerRequest::new())
-        .expect_err("not implemented by the fake");
+    let err = agent.start_container(ctx(), &agent::StartContainerRequest::new()).expect_err("not implemented by the fake");
     assert!(rpc_code(&err).is_some(), "{err:?}");
 
     let mut wreq = agent::WaitProcessRequest::new();
@@ -129,9 +106,7 @@ fn client_and_fake_agent_talk_over_a_unix_socket() {
     assert_eq!((wait.exit_code, wait.signal), (137, 9));
 
     // Still serving after errors.
-    health
-        .check(ctx(), &health::CheckRequest::new())
-        .expect("check again");
+    health.check(ctx(), &health::CheckRequest::new()).expect("check again");
     server.shutdown();
 }
 
@@ -158,10 +133,7 @@ fn client_reaches_fake_agent_through_hybrid_vsock() {
         assert_eq!(line, b"CONNECT 1024");
         let guest = std::os::unix::net::UnixStream::connect(&agent_path2).expect("connect agent");
         host.write_all(b"OK 1073741824\n").expect("answer");
-        let (mut h2, mut g2) = (
-            host.try_clone().expect("clone"),
-            guest.try_clone().expect("clone"),
-        );
+        let (mut h2, mut g2) = (host.try_clone().expect("clone"), guest.try_clone().expect("clone"));
         std::thread::spawn(move || std::io::copy(&mut g2, &mut h2));
         let (mut h, mut g) = (host, guest);
         let _ = std::io::copy(&mut h, &mut g);
@@ -169,9 +141,7 @@ fn client_reaches_fake_agent_through_hybrid_vsock() {
 
     let conn = client::wait_for_agent(&vmm_path, Duration::from_secs(10)).expect("agent ready");
     let health = HealthClient::new(conn);
-    let version = health
-        .version(ctx(), &health::VersionRequest::new())
-        .expect("version");
+    let version = health.version(ctx(), &health::VersionRequest::new()).expect("version");
     assert_eq!(version.api_version, API_VERSION);
     server.shutdown();
 }

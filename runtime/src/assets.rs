@@ -39,9 +39,8 @@ impl GuestAssets {
     /// then the config's `kernel`, `initramfs` and `vmm`; otherwise the
     /// install dir and the directory of the running executable (then PATH).
     pub fn locate_with(config: &Config) -> Result<Self, AssetError> {
-        let kernel = env_path("CARAPACE_KERNEL")
-            .or_else(|| config.kernel.clone())
-            .unwrap_or_else(|| Path::new(DEFAULT_ASSET_DIR).join("vmlinux"));
+        let kernel =
+            env_path("CARAPACE_KERNEL").or_else(|| config.kernel.clone()).unwrap_or_else(|| Path::new(DEFAULT_ASSET_DIR).join("vmlinux"));
         let initramfs = env_path("CARAPACE_INITRAMFS")
             .or_else(|| config.initramfs.clone())
             .unwrap_or_else(|| Path::new(DEFAULT_ASSET_DIR).join("initramfs.cpio"));
@@ -73,10 +72,7 @@ fn env_path(name: &str) -> Option<PathBuf> {
 /// Finds a Carapace binary: `$CARAPACE_BIN_DIR/<name>`, then beside the
 /// current executable, then on PATH.
 pub fn locate_binary(name: &str) -> Result<PathBuf, AssetError> {
-    let own_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
+    let own_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(dir) = env_path("CARAPACE_BIN_DIR") {
         candidates.push(dir.join(name));
@@ -85,8 +81,5 @@ pub fn locate_binary(name: &str) -> Result<PathBuf, AssetError> {
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join(name)));
     }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or(AssetError::VmmMissing(own_dir))
+    candidates.into_iter().find(|p| p.is_file()).ok_or(AssetError::VmmMissing(own_dir))
 }

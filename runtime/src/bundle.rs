@@ -20,9 +20,7 @@ pub enum BundleError {
     Field { path: PathBuf, field: &'static str, msg: String },
 }
 
-pub use crate::annotations::{
-    MEMORY_MIB as MEMORY_MIB_ANNOTATION, MEMORY_MIB_RANGE, VCPUS as VCPUS_ANNOTATION, VCPUS_RANGE,
-};
+pub use crate::annotations::{MEMORY_MIB as MEMORY_MIB_ANNOTATION, MEMORY_MIB_RANGE, VCPUS as VCPUS_ANNOTATION, VCPUS_RANGE};
 
 /// A loaded, validated bundle.
 #[derive(Debug, Clone)]
@@ -45,16 +43,12 @@ impl Bundle {
         let config = dir.join("config.json");
         let text = match std::fs::read(&config) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(BundleError::MissingConfig(dir))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BundleError::MissingConfig(dir)),
             Err(source) => return Err(BundleError::Read { path: config, source }),
         };
         let spec: Spec = serde_json::from_slice(&text).map_err(|e| {
             // A value of the wrong type or range: say which field it is.
-            let at = (e.classify() == serde_json::error::Category::Data)
-                .then(|| json_path_at(&text, e.line(), e.column()))
-                .flatten();
+            let at = (e.classify() == serde_json::error::Category::Data).then(|| json_path_at(&text, e.line(), e.column())).flatten();
             let msg = at.map_or_else(|| e.to_string(), |field| format!("{field}: {e}"));
             BundleError::Parse { path: config.clone(), msg }
         })?;
@@ -71,11 +65,7 @@ fn json_path_at(text: &[u8], line: usize, column: usize) -> Option<String> {
         Object { key: Option<String>, want_key: bool },
         Array(usize),
     }
-    let line_start = if line <= 1 {
-        0
-    } else {
-        text.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(line - 2).map(|(i, _)| i + 1)?
-    };
+    let line_start = if line <= 1 { 0 } else { text.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(line - 2).map(|(i, _)| i + 1)? };
     let end = (line_start + column).min(text.len());
     let mut stack: Vec<Frame> = Vec::new();
     let mut string: Option<Vec<u8>> = None;
@@ -145,9 +135,7 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
         return Err(field(config, "root.path", "empty"));
     }
     let joined = if root_path.is_absolute() { root_path.clone() } else { dir.join(root_path) };
-    let rootfs = std::fs::canonicalize(&joined).map_err(|e| {
-        field(config, "root.path", format!("{}: {e}", joined.display()))
-    })?;
+    let rootfs = std::fs::canonicalize(&joined).map_err(|e| field(config, "root.path", format!("{}: {e}", joined.display())))?;
     if !rootfs.is_dir() {
         return Err(field(config, "root.path", format!("{} is not a directory", rootfs.display())));
     }
@@ -176,11 +164,7 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
             return Err(field(config, "process.args", "must name at least the program to run"));
         }
         if !process.cwd().is_absolute() {
-            return Err(field(
-                config,
-                "process.cwd",
-                format!("{:?} is not an absolute path", process.cwd()),
-            ));
+            return Err(field(config, "process.cwd", format!("{:?} is not an absolute path", process.cwd())));
         }
     }
     Ok(rootfs)
@@ -198,11 +182,7 @@ fn validate_vm_size(config: &Path, spec: &Spec) -> Result<(), BundleError> {
         let Some(value) = annotations.get(key) else { continue };
         if !value.parse::<u32>().is_ok_and(|n| range.contains(&n)) {
             let shown: String = value.chars().take(32).collect();
-            return Err(field(
-                config,
-                name,
-                format!("{shown:?} is not a number of {unit} from {} to {}", range.start(), range.end()),
-            ));
+            return Err(field(config, name, format!("{shown:?} is not a number of {unit} from {} to {}", range.start(), range.end())));
         }
     }
     Ok(())
@@ -276,11 +256,14 @@ mod tests {
             .contains("process.cwd"));
         assert!(err(r#"{"ociVersion":"1","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#).contains("root"));
         let hook = |h: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"hooks":{h}}}"#);
-        assert!(err(&hook(r#"{"poststop":[{"path":"/nonexistent/hook"}]}"#)).contains("hooks.poststop: path /nonexistent/hook does not exist"));
+        assert!(
+            err(&hook(r#"{"poststop":[{"path":"/nonexistent/hook"}]}"#)).contains("hooks.poststop: path /nonexistent/hook does not exist")
+        );
         assert!(err(&hook(r#"{"createRuntime":[{"path":"hook"}]}"#)).contains("hooks.createRuntime: path hook is not absolute"));
         assert!(err(&hook(r#"{"prestart":[{"path":"/bin/sh","timeout":0}]}"#)).contains("timeout 0"));
         let sized = |k: &str, v: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"annotations":{{"{k}":"{v}"}}}}"#);
-        assert!(err(&sized(VCPUS_ANNOTATION, "100000")).contains("annotations.io.carapace.vcpus: \"100000\" is not a number of vCPUs from 1 to 64"));
+        assert!(err(&sized(VCPUS_ANNOTATION, "100000"))
+            .contains("annotations.io.carapace.vcpus: \"100000\" is not a number of vCPUs from 1 to 64"));
         assert!(err(&sized(VCPUS_ANNOTATION, "0")).contains("vCPUs from 1"));
         assert!(err(&sized(MEMORY_MIB_ANNOTATION, "1000000000000")).contains("annotations.io.carapace.memory_mib"));
         assert!(err(&sized(MEMORY_MIB_ANNOTATION, "lots")).contains("\"lots\" is not a number of MiB"));
@@ -295,9 +278,7 @@ mod tests {
     #[test]
     fn a_value_of_the_wrong_type_is_named_by_its_field() {
         let wrong = |process: &str, linux: &str| {
-            err(&format!(
-                "{{\"ociVersion\":\"1\",\"root\":{{\"path\":\"rootfs\"}},\n\"process\":{process},\n\"linux\":{linux}}}"
-            ))
+            err(&format!("{{\"ociVersion\":\"1\",\"root\":{{\"path\":\"rootfs\"}},\n\"process\":{process},\n\"linux\":{linux}}}"))
         };
         let good_process = r#"{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}"#;
         let e = wrong(r#"{"user":{"uid":0,"gid":0},"args":"sh","cwd":"/"}"#, "{}");

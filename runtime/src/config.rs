@@ -199,8 +199,7 @@ impl Config {
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: String| ConfigError::Invalid { path: path.to_path_buf(), key, message };
         let template_dir = Some(self.template_dir.clone());
-        for (key, value) in
-            [("kernel", &self.kernel), ("initramfs", &self.initramfs), ("vmm", &self.vmm), ("template_dir", &template_dir)]
+        for (key, value) in [("kernel", &self.kernel), ("initramfs", &self.initramfs), ("vmm", &self.vmm), ("template_dir", &template_dir)]
         {
             // Relative to what? The shim's cwd is a container's bundle.
             if let Some(p) = value.as_ref().filter(|p| !p.is_absolute()) {
@@ -217,19 +216,13 @@ impl Config {
             ));
         }
         if self.memory_overhead_mib > MAX_OVERHEAD_MIB {
-            return Err(invalid(
-                "memory_overhead_mib",
-                format!("{} is out of range 0..={MAX_OVERHEAD_MIB}", self.memory_overhead_mib),
-            ));
+            return Err(invalid("memory_overhead_mib", format!("{} is out of range 0..={MAX_OVERHEAD_MIB}", self.memory_overhead_mib)));
         }
         if let Some(b) = self.kernel_params.bytes().find(|b| b.is_ascii_control()) {
             return Err(invalid("kernel_params", format!("contains a control character ({b:#04x}); it is one line")));
         }
         if !(1..=MAX_BOOT_TIMEOUT_SECS).contains(&self.boot_timeout_secs) {
-            return Err(invalid(
-                "boot_timeout_secs",
-                format!("{} is out of range 1..={MAX_BOOT_TIMEOUT_SECS}", self.boot_timeout_secs),
-            ));
+            return Err(invalid("boot_timeout_secs", format!("{} is out of range 1..={MAX_BOOT_TIMEOUT_SECS}", self.boot_timeout_secs)));
         }
         if let Some(level) = &self.log_level {
             if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
@@ -253,9 +246,10 @@ fn locate_span(text: &str, offset: usize) -> String {
     let line_no = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text.get(line_start..).and_then(|l| l.lines().next()).unwrap_or("");
-    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
-        !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    });
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
     match key {
         Some(k) => format!("line {line_no}, key `{k}`: "),
         None => format!("line {line_no}: "),
@@ -316,11 +310,8 @@ log_level = "carapace_shim=debug,info"
         // config/config.toml documents every key with its default, commented
         // out; uncommented, it must parse to exactly the built-in defaults.
         let example = include_str!("../../config/config.toml");
-        let uncommented: String = example
-            .lines()
-            .filter_map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = ")))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let uncommented: String =
+            example.lines().filter_map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = "))).map(|l| format!("{l}\n")).collect();
         let keys = uncommented.lines().count();
         assert_eq!(keys, 12, "every key once:\n{uncommented}");
         let mut c = parse(&uncommented).expect("the example parses");

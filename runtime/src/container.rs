@@ -2,8 +2,8 @@
 //! reads the record, checks the state as runc does, and talks to the
 //! sandbox's agent or its monitor process (see [`crate::monitor`]).
 
-use std::fs::File;
 use std::ffi::OsString;
+use std::fs::File;
 use std::io::BufRead;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -252,11 +252,7 @@ impl Runtime {
 
     /// Starts `carapace _monitor` with the caller's stdio and waits for its
     /// one-line report.
-    fn spawn_monitor(
-        &self,
-        opts: &CreateOptions,
-        bundle: &Bundle,
-    ) -> Result<(Child, OwnedFd)> {
+    fn spawn_monitor(&self, opts: &CreateOptions, bundle: &Bundle) -> Result<(Child, OwnedFd)> {
         let mut args: Vec<OsString> = vec!["--bundle".into(), bundle.dir.clone().into()];
         if let Some(s) = &opts.console_socket {
             args.extend(["--console-socket".into(), s.into()]);
@@ -336,10 +332,7 @@ impl Runtime {
             Err(e) => return Err(e),
         };
         if matches!(record.status, Status::Running | Status::Paused) && !force {
-            return Err(ContainerError::WrongState(format!(
-                "cannot delete container {id} that is not stopped: {}",
-                record.status
-            )));
+            return Err(ContainerError::WrongState(format!("cannot delete container {id} that is not stopped: {}", record.status)));
         }
         // The monitor kills the container, shuts the guest down and exits.
         proc::signal(record.monitor_pid, record.monitor_start_time, Signal::SIGTERM);

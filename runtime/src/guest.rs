@@ -85,7 +85,6 @@ impl Guest for AgentGuest {
         self.0.remove_container(ctx(), req)
     }
     fn shutdown(&self, timeout_secs: u64) -> ttrpc::Result<ShutdownResponse> {
-        crate::agent::shutdown_within(&self.0, std::time::Duration::from_secs(timeout_secs))
-            .map(|()| ShutdownResponse::new())
+        crate::agent::shutdown_within(&self.0, std::time::Duration::from_secs(timeout_secs)).map(|()| ShutdownResponse::new())
     }
 }

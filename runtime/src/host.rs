@@ -34,11 +34,7 @@ pub fn kvm_kind() -> KvmKind {
 }
 
 fn cpu_flags_have_virt(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(|l| l.split_whitespace())
-        .any(|f| f == "vmx" || f == "svm")
+    cpuinfo.lines().filter(|l| l.starts_with("flags")).flat_map(|l| l.split_whitespace()).any(|f| f == "vmx" || f == "svm")
 }
 
 /// One line of the check report.
@@ -69,11 +65,7 @@ pub fn check_host() -> Vec<CheckItem> {
     });
     items.push(match kvm_kind() {
         KvmKind::Hardware => item(true, "kvm", "hardware virtualization (vmx/svm)"),
-        KvmKind::Pvm => item(
-            true,
-            "kvm",
-            "kvm_pvm (no vmx/svm): guest kernel emulated, boots in tens of seconds",
-        ),
+        KvmKind::Pvm => item(true, "kvm", "kvm_pvm (no vmx/svm): guest kernel emulated, boots in tens of seconds"),
         KvmKind::None => item(false, "kvm", "neither vmx/svm nor kvm_pvm found"),
     });
     let config = match config::load(None) {
@@ -101,11 +93,7 @@ pub fn check_host() -> Vec<CheckItem> {
         .or_else(|| config.initramfs.clone())
         .unwrap_or_else(|| Path::new(assets::DEFAULT_ASSET_DIR).join("initramfs.cpio"));
     items.push(match std::fs::metadata(&initramfs) {
-        Ok(m) if m.is_file() => item(
-            true,
-            "initramfs",
-            format!("{} ({} KiB)", initramfs.display(), m.len() / 1024),
-        ),
+        Ok(m) if m.is_file() => item(true, "initramfs", format!("{} ({} KiB)", initramfs.display(), m.len() / 1024)),
         Ok(_) => item(false, "initramfs", format!("{}: not a file", initramfs.display())),
         Err(e) => item(false, "initramfs", format!("{}: {e}", initramfs.display())),
     });

@@ -6,10 +6,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use carapace_protocol::AgentClient;
 use crate::assets::GuestAssets;
 use crate::config::Config;
 use crate::vm::{Vm, VmOptions};
+use carapace_protocol::AgentClient;
 
 use crate::assets::AssetError;
 use crate::guest::{AgentGuest, Guest};

@@ -420,12 +420,7 @@ fn nanos_now() -> u128 {
 /// Starts `carapace _exec` for `exec --detach`, waits for its report and
 /// returns its pid (what the pid file gets: it exits with the process's
 /// status).
-pub fn spawn_detached_exec(
-    rt: &Runtime,
-    id: &str,
-    process: &Process,
-    console_socket: Option<&Path>,
-) -> Result<u32, ContainerError> {
+pub fn spawn_detached_exec(rt: &Runtime, id: &str, process: &Process, console_socket: Option<&Path>) -> Result<u32, ContainerError> {
     let dir = rt.store.dir(id)?;
     let file = dir.join(format!("exec-{}.json", std::process::id()));
     let io = |err| ContainerError::Io { path: file.clone(), err };

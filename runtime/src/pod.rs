@@ -5,9 +5,7 @@ use crate::config::Config;
 use crate::vm::VmOptions;
 use oci_spec::runtime::Spec;
 
-pub use crate::annotations::{
-    CONTAINER_TYPE, MEMORY_MIB, SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_ID, SANDBOX_MEMORY, VCPUS,
-};
+pub use crate::annotations::{CONTAINER_TYPE, MEMORY_MIB, SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_ID, SANDBOX_MEMORY, VCPUS};
 use crate::annotations::{MEMORY_MIB_RANGE, VCPUS_RANGE};
 
 fn annotation<'a>(spec: Option<&'a Spec>, key: &str) -> Option<&'a str> {
@@ -130,22 +128,28 @@ mod tests {
         let plain = vm_options(&spec(serde_json::json!({}), serde_json::json!({})), &Config::default());
         assert_eq!((plain.vcpus, plain.mem_mib), (1, 256));
 
-        let pod = vm_options(&spec(
-            serde_json::json!({SANDBOX_CPU_QUOTA: "250000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "536870912"}),
-            serde_json::json!({}),
-        ), &Config::default());
+        let pod = vm_options(
+            &spec(
+                serde_json::json!({SANDBOX_CPU_QUOTA: "250000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "536870912"}),
+                serde_json::json!({}),
+            ),
+            &Config::default(),
+        );
         assert_eq!((pod.vcpus, pod.mem_mib), (3, 512 + 128));
 
-        let own = vm_options(&spec(
-            serde_json::json!({VCPUS: "2", MEMORY_MIB: "300", SANDBOX_CPU_QUOTA: "900000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "1073741824"}),
-            serde_json::json!({}),
-        ), &Config::default());
+        let own = vm_options(
+            &spec(
+                serde_json::json!({VCPUS: "2", MEMORY_MIB: "300", SANDBOX_CPU_QUOTA: "900000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "1073741824"}),
+                serde_json::json!({}),
+            ),
+            &Config::default(),
+        );
         assert_eq!((own.vcpus, own.mem_mib), (2, 300));
 
-        let limits = vm_options(&spec(
-            serde_json::json!({}),
-            serde_json::json!({"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 268435456}}),
-        ), &Config::default());
+        let limits = vm_options(
+            &spec(serde_json::json!({}), serde_json::json!({"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 268435456}})),
+            &Config::default(),
+        );
         assert_eq!((limits.vcpus, limits.mem_mib), (2, 256 + 128));
     }
 
@@ -168,7 +172,10 @@ mod tests {
         );
         assert_eq!((small.vcpus, small.mem_mib), (2, 512));
         let pod = vm_options(
-            &spec(serde_json::json!({SANDBOX_CPU_QUOTA: "300000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "1073741824"}), serde_json::json!({})),
+            &spec(
+                serde_json::json!({SANDBOX_CPU_QUOTA: "300000", SANDBOX_CPU_PERIOD: "100000", SANDBOX_MEMORY: "1073741824"}),
+                serde_json::json!({}),
+            ),
             &config,
         );
         assert_eq!((pod.vcpus, pod.mem_mib), (3, 1024 + 64));

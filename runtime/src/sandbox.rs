@@ -26,8 +26,8 @@ use crate::guest::Guest;
 use crate::hooks::{self, HookError, OciState};
 use crate::launcher::{LaunchError, Launcher, SandboxVm};
 use crate::network::{self, NetworkError, PodNetwork};
-use crate::share::{self, HostBind, ShareError};
 use crate::pod;
+use crate::share::{self, HostBind, ShareError};
 
 #[cfg(test)]
 mod tests;

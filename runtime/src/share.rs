@@ -61,8 +61,7 @@ fn source_name(path: &Path) -> &std::ffi::OsStr {
 }
 
 fn is_bind(m: &Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+    m.typ().as_deref() == Some("bind") || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
 fn has_option(m: &Mount, opt: &str) -> bool {
@@ -204,16 +203,14 @@ pub fn share_with(dir: &Path, config: &crate::config::Config) -> FsConfig {
 /// a thread.
 pub fn private_mount_namespace() -> Result<(), ShareError> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(ShareError::Namespace)?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
-        .map_err(ShareError::Namespace)
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).map_err(ShareError::Namespace)
 }
 
 /// Creates each bind's target under `shared` (a file for a file source, a
 /// directory otherwise) and bind-mounts the source there.
 pub fn apply_binds(shared: &Path, binds: &[HostBind]) -> Result<(), ShareError> {
     for (index, b) in binds.iter().enumerate() {
-        let meta =
-            std::fs::metadata(&b.source).map_err(|err| ShareError::BindSource { index, path: b.source.clone(), err })?;
+        let meta = std::fs::metadata(&b.source).map_err(|err| ShareError::BindSource { index, path: b.source.clone(), err })?;
         let dst = shared.join(&b.target);
         let prepare = |err| ShareError::Prepare { path: dst.clone(), err };
         if let Some(parent) = dst.parent() {
@@ -225,8 +222,7 @@ pub fn apply_binds(shared: &Path, binds: &[HostBind]) -> Result<(), ShareError> 
             std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&dst).map_err(prepare)?;
         }
         let bind_err = |err| ShareError::Bind { src: b.source.clone(), dst: dst.clone(), err };
-        mount(Some(&b.source), &dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(bind_err)?;
+        mount(Some(&b.source), &dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(bind_err)?;
         if b.read_only {
             let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
             mount(None::<&str>, &dst, None::<&str>, flags, None::<&str>).map_err(bind_err)?;
@@ -276,13 +272,8 @@ pub fn remove_binds(shared: &Path, binds: &[HostBind]) {
 /// deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
+    let mut points: Vec<PathBuf> =
+        text.lines().filter_map(|l| l.split(' ').nth(4)).map(unescape).map(PathBuf::from).filter(|p| p.starts_with(dir)).collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points
 }
@@ -403,8 +394,7 @@ mod tests {
             ]}
         }));
         let v = guest_view("app", "pod", &s, Path::new("/b"), Path::new("/b/rootfs"));
-        let want: HashMap<String, String> =
-            ["ipc", "uts", "pid"].iter().map(|k| (k.to_string(), "pod".to_string())).collect();
+        let want: HashMap<String, String> = ["ipc", "uts", "pid"].iter().map(|k| (k.to_string(), "pod".to_string())).collect();
         assert_eq!(v.join_namespaces, want);
         let ns = v.spec.linux().as_ref().and_then(|l| l.namespaces().clone()).expect("namespaces");
         assert!(ns.iter().all(|n| n.path().is_none()), "{ns:?}");

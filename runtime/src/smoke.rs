@@ -22,13 +22,9 @@ pub fn boot_and_ping() -> anyhow::Result<String> {
         let client = vm.wait_for_agent(config.boot_timeout())?;
         let booted = start.elapsed();
         let health = HealthClient::new(client.clone());
-        let version = health
-            .version(crate::agent::ctx(), &VersionRequest::new())
-            .context("Health.Version")?;
+        let version = health.version(crate::agent::ctx(), &VersionRequest::new()).context("Health.Version")?;
         crate::agent::shutdown(&client).context("Agent.Shutdown")?;
-        let status = vm
-            .wait_timeout(Duration::from_secs(60))?
-            .context("the VMM did not exit after Shutdown")?;
+        let status = vm.wait_timeout(Duration::from_secs(60))?.context("the VMM did not exit after Shutdown")?;
         anyhow::ensure!(status.success(), "the VMM exited with {status} after Shutdown");
         Ok(format!(
             "agent {} (API {}) answered {:.1} s after start; VM shut down cleanly",

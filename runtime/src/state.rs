@@ -215,8 +215,7 @@ impl StateStore {
         let dir = self.dir(&record.id)?;
         let path = dir.join("state.json");
         let tmp = dir.join(".state.json.tmp");
-        let text = serde_json::to_vec_pretty(record)
-            .map_err(|e| StateError::Corrupt { path: path.clone(), msg: e.to_string() })?;
+        let text = serde_json::to_vec_pretty(record).map_err(|e| StateError::Corrupt { path: path.clone(), msg: e.to_string() })?;
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&text).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;

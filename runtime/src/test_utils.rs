@@ -111,7 +111,8 @@ impl Guest for FakeGuest {
     fn start_container(&self, req: &StartContainerRequest) -> ttrpc::Result<StartContainerResponse> {
         self.call("StartContainer");
         let mut procs = self.procs.lock().expect("procs");
-        let p = procs.get_mut(&(req.container_id.clone(), String::new())).ok_or_else(|| status(ttrpc::Code::NOT_FOUND, "no such container"))?;
+        let p =
+            procs.get_mut(&(req.container_id.clone(), String::new())).ok_or_else(|| status(ttrpc::Code::NOT_FOUND, "no such container"))?;
         p.started = true;
         Ok(StartContainerResponse { pid: p.pid, ..Default::default() })
     }
@@ -135,7 +136,11 @@ impl Guest for FakeGuest {
             }
         }
         self.changed.notify_all();
-        if hit { Ok(SignalProcessResponse::new()) } else { Err(status(ttrpc::Code::NOT_FOUND, "process exited")) }
+        if hit {
+            Ok(SignalProcessResponse::new())
+        } else {
+            Err(status(ttrpc::Code::NOT_FOUND, "process exited"))
+        }
     }
     fn wait_process(&self, req: &WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
         let key = (req.container_id.clone(), req.exec_id.clone());
@@ -145,7 +150,12 @@ impl Guest for FakeGuest {
                 None => return Err(status(ttrpc::Code::NOT_FOUND, "no such process")),
                 Some(p) if p.exit.is_some() => {
                     let code = p.exit.unwrap_or_default();
-                    return Ok(WaitProcessResponse { exit_code: code, oom_killed: code == 137 && req.container_id.starts_with("oom"), pid: p.pid, ..Default::default() });
+                    return Ok(WaitProcessResponse {
+                        exit_code: code,
+                        oom_killed: code == 137 && req.container_id.starts_with("oom"),
+                        pid: p.pid,
+                        ..Default::default()
+                    });
                 }
                 Some(_) => procs = self.changed.wait(procs).expect("wait"),
             }
@@ -259,4 +269,3 @@ impl FakeLauncher {
         self.launched.lock().expect("launched")[i].1.load(Ordering::SeqCst)
     }
 }
-

@@ -80,7 +80,10 @@ impl Default for VmOptions {
         Self {
             vcpus: crate::config::DEFAULT_VCPUS,
             mem_mib: crate::config::DEFAULT_MEMORY_MIB,
-            extra_cmdline: String::new(), fs: Vec::new(), net: Vec::new() }
+            extra_cmdline: String::new(),
+            fs: Vec::new(),
+            net: Vec::new(),
+        }
     }
 }
 
@@ -152,16 +155,11 @@ impl Vm {
             restore_from: None,
         };
         let config_path = dir.join("vmm.json");
-        let text = serde_json::to_vec_pretty(&config)
-            .map_err(|e| VmError::Config { path: config_path.clone(), source: e.into() })?;
-        std::fs::write(&config_path, text)
-            .map_err(|source| VmError::Config { path: config_path.clone(), source })?;
+        let text = serde_json::to_vec_pretty(&config).map_err(|e| VmError::Config { path: config_path.clone(), source: e.into() })?;
+        std::fs::write(&config_path, text).map_err(|source| VmError::Config { path: config_path.clone(), source })?;
         let log_path = dir.join("vmm.log");
-        let log = File::create(&log_path)
-            .map_err(|source| VmError::Config { path: log_path.clone(), source })?;
-        let log_err = log
-            .try_clone()
-            .map_err(|source| VmError::Config { path: log_path.clone(), source })?;
+        let log = File::create(&log_path).map_err(|source| VmError::Config { path: log_path.clone(), source })?;
+        let log_err = log.try_clone().map_err(|source| VmError::Config { path: log_path.clone(), source })?;
         let mut cmd = Command::new(&assets.vmm);
         cmd.arg("--config").arg(&config_path).stdin(Stdio::null()).stdout(log).stderr(log_err);
         let (args, fds) = net_args(&opts.net);
@@ -341,11 +339,8 @@ mod tests {
         let report = d.path().join("report");
         let fake = d.path().join("fake-vmm");
         // Records its arguments and open fds, then exits.
-        std::fs::write(
-            &fake,
-            format!("#!/bin/sh\necho \"$@\" > {r}.args\nexec ls /proc/self/fd > {r}.fds\n", r = report.display()),
-        )
-        .unwrap();
+        std::fs::write(&fake, format!("#!/bin/sh\necho \"$@\" > {r}.args\nexec ls /proc/self/fd > {r}.fds\n", r = report.display()))
+            .unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let assets = GuestAssets { kernel: d.path().join("k"), initramfs: d.path().join("i"), vmm: fake };
         let (tap, other) = pipe_fd();
@@ -353,22 +348,16 @@ mod tests {
         // SAFETY: F_DUPFD_CLOEXEC on an fd we own; the new fd is owned below.
         let other = unsafe { OwnedFd::from_raw_fd(libc::fcntl(other.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 200)) };
         let tap_fd = tap.as_raw_fd();
-        let opts = VmOptions {
-            net: vec![NetDevice { tap: Arc::new(tap), mac: [2, 0, 0, 0, 0, 1], mtu: 1500 }],
-            ..VmOptions::default()
-        };
+        let opts = VmOptions { net: vec![NetDevice { tap: Arc::new(tap), mac: [2, 0, 0, 0, 0, 1], mtu: 1500 }], ..VmOptions::default() };
         for owned in [false, true] {
-            let mut vm = if owned { Vm::start_owned(&assets, d.path(), &opts) } else { Vm::start(&assets, d.path(), &opts) }
-                .expect("start");
+            let mut vm =
+                if owned { Vm::start_owned(&assets, d.path(), &opts) } else { Vm::start(&assets, d.path(), &opts) }.expect("start");
             assert!(vm.wait_timeout(Duration::from_secs(30)).unwrap().is_some());
             let args = std::fs::read_to_string(report.with_extension("args")).unwrap();
             assert!(args.contains(&format!("--net fd={tap_fd},mac=02:00:00:00:00:01,mtu=1500")), "{args}");
             assert!(args.contains("--config"), "{args}");
-            let fds: Vec<i32> = std::fs::read_to_string(report.with_extension("fds"))
-                .unwrap()
-                .split_whitespace()
-                .filter_map(|s| s.parse().ok())
-                .collect();
+            let fds: Vec<i32> =
+                std::fs::read_to_string(report.with_extension("fds")).unwrap().split_whitespace().filter_map(|s| s.parse().ok()).collect();
             assert!(fds.contains(&tap_fd), "{fds:?}");
             assert!(!fds.contains(&other.as_raw_fd()), "{fds:?}");
         }
@@ -409,10 +398,8 @@ mod tests {
             // The VMM logs device activation at debug level.
             std::env::set_var("CARAPACE_VMM_LOG", "debug");
             let d = tempfile::tempdir().unwrap();
-            let opts = VmOptions {
-                net: vec![NetDevice { tap: Arc::new(tap), mac: [2, 0, 0, 0, 0, 7], mtu: 1500 }],
-                ..VmOptions::default()
-            };
+            let opts =
+                VmOptions { net: vec![NetDevice { tap: Arc::new(tap), mac: [2, 0, 0, 0, 0, 7], mtu: 1500 }], ..VmOptions::default() };
             let mut vm = Vm::start(&assets, d.path(), &opts).expect("start");
             let agent = vm.wait_for_agent(Duration::from_secs(300));
             let log = std::fs::read_to_string(d.path().join("vmm.log")).unwrap_or_default();

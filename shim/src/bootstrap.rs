@@ -141,13 +141,8 @@ pub fn start(flags: &Flags) -> Result<(), BootstrapError> {
     let (_pid, address) = containerd_shim::spawn(opts, &grouping, vars)?;
     containerd_shim::synchronous::util::write_address(&address)?;
     let reply = if bootstrap {
-        BootstrapResult {
-            version: containerd_shim::protos::TASK_API_VERSION,
-            address,
-            protocol: "ttrpc".into(),
-            ..Default::default()
-        }
-        .write_to_bytes()?
+        BootstrapResult { version: containerd_shim::protos::TASK_API_VERSION, address, protocol: "ttrpc".into(), ..Default::default() }
+            .write_to_bytes()?
     } else {
         address.into_bytes()
     };
@@ -172,11 +167,7 @@ pub fn delete(flags: &Flags) -> Result<(), BootstrapError> {
     if dir.exists() && !owner_alive {
         carapace_runtime::share::remove_sandbox_dir(&dir);
     }
-    let resp = containerd_shim::api::DeleteResponse {
-        exit_status: 128 + 9,
-        exited_at: Some(events::now()).into(),
-        ..Default::default()
-    };
+    let resp = containerd_shim::api::DeleteResponse { exit_status: 128 + 9, exited_at: Some(events::now()).into(), ..Default::default() };
     let mut out = std::io::stdout().lock();
     resp.write_to_writer(&mut out)?;
     out.flush().map_err(io_err("writing the answer"))
@@ -289,10 +280,7 @@ pub fn serve(flags: &Flags) -> Result<(), BootstrapError> {
 /// `-info`: the runtime's name (containerd 2.x asks before any start).
 pub fn info() -> Result<(), BootstrapError> {
     let _ = read_stdin();
-    let info = containerd_shim::protos::types::introspection::RuntimeInfo {
-        name: crate::RUNTIME_TYPE.into(),
-        ..Default::default()
-    };
+    let info = containerd_shim::protos::types::introspection::RuntimeInfo { name: crate::RUNTIME_TYPE.into(), ..Default::default() };
     let mut out = std::io::stdout().lock();
     info.write_to_writer(&mut out)?;
     out.flush().map_err(io_err("writing the runtime info"))

@@ -61,18 +61,14 @@ impl ShimError {
             Self::NotFound(_) => ttrpc::Code::NOT_FOUND,
             Self::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
             Self::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
-            Self::InvalidArgument(_) | Self::Bundle(_) | Self::Rootfs(RootfsError::Symlink { .. }) => {
-                ttrpc::Code::INVALID_ARGUMENT
-            }
+            Self::InvalidArgument(_) | Self::Bundle(_) | Self::Rootfs(RootfsError::Symlink { .. }) => ttrpc::Code::INVALID_ARGUMENT,
             Self::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
             Self::Agent { code: Some(code), .. } => *code,
             Self::Agent { code: None, .. } => ttrpc::Code::UNAVAILABLE,
             Self::Launch(LaunchError::Assets(_)) | Self::Config(_) | Self::Hook(_) => ttrpc::Code::FAILED_PRECONDITION,
             Self::Network(NetworkError::Namespace { .. }) => ttrpc::Code::INVALID_ARGUMENT,
             Self::Network(_) => ttrpc::Code::INTERNAL,
-            Self::Launch(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => {
-                ttrpc::Code::INTERNAL
-            }
+            Self::Launch(_) | Self::Share(_) | Self::Rootfs(_) | Self::Io(_) | Self::Internal(_) => ttrpc::Code::INTERNAL,
         }
     }
 }

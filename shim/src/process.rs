@@ -129,10 +129,7 @@ impl Process {
     /// Like [`Process::wait`], for at most `timeout`.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
         let s = self.state();
-        let (s, _) = self
-            .exited
-            .wait_timeout_while(s, timeout, |s| s.exit.is_none())
-            .unwrap_or_else(PoisonError::into_inner);
+        let (s, _) = self.exited.wait_timeout_while(s, timeout, |s| s.exit.is_none()).unwrap_or_else(PoisonError::into_inner);
         s.exit
     }
 

@@ -108,13 +108,8 @@ fn mount_one(index: usize, m: &Mount, target: &Path) -> Result<(), RootfsError> 
     if opts.data.len() >= MAX_DATA {
         return Err(RootfsError::OptionsTooLong { index, len: opts.data.len() });
     }
-    let fail = |errno| RootfsError::Mount {
-        index,
-        typ: m.type_.clone(),
-        source_path: m.source.clone(),
-        target: target.to_path_buf(),
-        errno,
-    };
+    let fail =
+        |errno| RootfsError::Mount { index, typ: m.type_.clone(), source_path: m.source.clone(), target: target.to_path_buf(), errno };
     let bind = opts.flags.contains(MsFlags::MS_BIND);
     let typ = (!bind && !m.type_.is_empty()).then_some(m.type_.as_str());
     let data = (!opts.data.is_empty()).then_some(opts.data.as_str());

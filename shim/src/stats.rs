@@ -3,9 +3,7 @@
 //! and the CRI plugin decode.
 
 use carapace_protocol::agent::StatsContainerResponse;
-use containerd_shim::protos::cgroups_v2::metrics::{
-    CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
-};
+use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat};
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
 

@@ -26,8 +26,7 @@ use carapace_runtime::sandbox::{self as core, SandboxSpec};
 use carapace_runtime::share;
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
-    TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
@@ -130,14 +129,7 @@ fn agent_call<T>(call: &'static str, r: ttrpc::Result<T>) -> Result<T, ShimError
 
 impl TaskService {
     pub fn new(cfg: TaskConfig, launcher: Box<dyn Launcher>, events: Arc<dyn EventSink>, exit: Arc<ExitSignal>) -> Self {
-        let inner = Inner {
-            cfg,
-            launcher,
-            events,
-            sandbox: Mutex::new(None),
-            containers: Mutex::new(HashMap::new()),
-            exit,
-        };
+        let inner = Inner { cfg, launcher, events, sandbox: Mutex::new(None), containers: Mutex::new(HashMap::new()), exit };
         Self { inner: Arc::new(inner) }
     }
 
@@ -154,10 +146,7 @@ impl TaskService {
 
 impl Inner {
     fn get(&self, id: &str) -> Result<Entry, ShimError> {
-        lock(&self.containers)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ShimError::NotFound(format!("container {id} not found")))
+        lock(&self.containers).get(id).cloned().ok_or_else(|| ShimError::NotFound(format!("container {id} not found")))
     }
 
     fn publish(&self, topic: &'static str, event: impl containerd_shim::protos::protobuf::MessageDyn) {
@@ -256,8 +245,7 @@ impl Inner {
         // exists, instead of a shim that cannot start.
         let config = self.cfg.config.load(options)?;
         let sandbox_id = pod::sandbox_id(container_id, Some(spec));
-        carapace_runtime::id::validate_id(&sandbox_id)
-            .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", pod::SANDBOX_ID)))?;
+        carapace_runtime::id::validate_id(&sandbox_id).map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", pod::SANDBOX_ID)))?;
         let key = format!("{}-{sandbox_id}", self.cfg.namespace);
         let dir = self.cfg.state_root.join(carapace_runtime::state::dir_name(&key));
         if dir.exists() {
@@ -288,12 +276,7 @@ impl Inner {
     ) -> Result<Arc<Container>, ShimError> {
         let prepared = sb.prepare_container(&req.id, bundle, sb.vmm_pid())?;
         let undo = || sb.remove_binds(&prepared.view.binds);
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         let pending = PendingIo::bind(sb.vsock_uds(), &stdio).inspect_err(|_| undo())?;
         let streams = pending.streams();
         let mut relay = pending.start();
@@ -308,8 +291,7 @@ impl Inner {
         let init = Arc::new(Process::new(&req.id, "", stdio, Vec::new()));
         init.set_guest(pid, relay, Status::Created);
         Ok(Arc::new(
-            Container::new(&req.id, bundle.dir.clone(), req.rootfs.clone(), mounted, prepared.view.binds, init)
-                .with_spec(&bundle.spec),
+            Container::new(&req.id, bundle.dir.clone(), req.rootfs.clone(), mounted, prepared.view.binds, init).with_spec(&bundle.spec),
         ))
     }
 
@@ -415,12 +397,7 @@ impl Inner {
         let pid = e.sb.vmm_pid();
         let response = |exit: Option<Exit>| {
             let exit = exit.unwrap_or(Exit { status: 0, at: SystemTime::now() });
-            api::DeleteResponse {
-                pid,
-                exit_status: exit.status,
-                exited_at: Some(events::timestamp(exit.at)).into(),
-                ..Default::default()
-            }
+            api::DeleteResponse { pid, exit_status: exit.status, exited_at: Some(events::timestamp(exit.at)).into(), ..Default::default() }
         };
         if !req.exec_id.is_empty() {
             let p = e.c.process(&req.exec_id)?;
@@ -522,9 +499,7 @@ impl Inner {
             Status::Created if !req.exec_id.is_empty() => {
                 return Err(ShimError::NotFound(format!("process {} has not been started", req.exec_id)))
             }
-            Status::Stopped if !req.all => {
-                return Err(ShimError::NotFound(format!("process {} already finished", p.event_id())))
-            }
+            Status::Stopped if !req.all => return Err(ShimError::NotFound(format!("process {} already finished", p.event_id()))),
             _ => {}
         }
         let mut sreq = agent::SignalProcessRequest::new();
@@ -547,12 +522,7 @@ impl Inner {
             .map(|s| s.value.clone())
             .filter(|v| !v.is_empty())
             .ok_or_else(|| ShimError::InvalidArgument("exec: no process spec".into()))?;
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
         e.c.add_exec(Arc::new(Process::new(&req.id, &req.exec_id, stdio, spec)))?;
         self.publish(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,
@@ -633,11 +603,7 @@ impl Inner {
     fn wait(&self, req: &api::WaitRequest) -> Result<api::WaitResponse, ShimError> {
         let e = self.get(&req.id)?;
         let exit = e.c.process(&req.exec_id)?.wait();
-        Ok(api::WaitResponse {
-            exit_status: exit.status,
-            exited_at: Some(events::timestamp(exit.at)).into(),
-            ..Default::default()
-        })
+        Ok(api::WaitResponse { exit_status: exit.status, exited_at: Some(events::timestamp(exit.at)).into(), ..Default::default() })
     }
 
     fn stats(&self, req: &api::StatsRequest) -> Result<api::StatsResponse, ShimError> {

@@ -85,9 +85,7 @@ fn verdict(test: &str, missing: &[&str], required: bool) -> Verdict {
     }
     let what = missing.join(", ");
     if required {
-        Verdict::Fail(format!(
-            "{test}: this host lacks {what}, and {REQUIRE_ENV}=1 forbids skipping the test"
-        ))
+        Verdict::Fail(format!("{test}: this host lacks {what}, and {REQUIRE_ENV}=1 forbids skipping the test"))
     } else {
         Verdict::Skip(format!("SKIP {test}: needs {what}"))
     }
@@ -110,11 +108,7 @@ fn decide(test: &str, missing: &[&str]) -> bool {
 /// `CARAPACE_REQUIRE_KVM=1`, fails here with what is missing.
 #[track_caller]
 pub fn can_run(test: &str, needs: &[Need]) -> bool {
-    let missing: Vec<&str> = needs
-        .iter()
-        .filter(|n| !n.present())
-        .map(|n| n.describe())
-        .collect();
+    let missing: Vec<&str> = needs.iter().filter(|n| !n.present()).map(|n| n.describe()).collect();
     decide(test, &missing)
 }
 
@@ -145,20 +139,13 @@ mod tests {
         let Verdict::Fail(m) = verdict("boots", &["root"], true) else {
             panic!("required: must fail");
         };
-        assert!(
-            m.contains("boots") && m.contains("root") && m.contains(REQUIRE_ENV),
-            "{m}"
-        );
+        assert!(m.contains("boots") && m.contains("root") && m.contains(REQUIRE_ENV), "{m}");
     }
 
     #[test]
     fn a_file_bound_over_dev_kvm_is_not_kvm() {
         // /dev/null opens read-write but does not answer KVM's ioctl.
-        let null = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-            .expect("/dev/null");
+        let null = OpenOptions::new().read(true).write(true).open("/dev/null").expect("/dev/null");
         // SAFETY: as in kvm_usable; /dev/null fails the ioctl.
         let rc = unsafe { libc::ioctl(null.as_raw_fd(), KVM_GET_API_VERSION) };
         assert_ne!(rc, KVM_API_VERSION);

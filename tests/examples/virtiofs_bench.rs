@@ -90,12 +90,7 @@ fn args() -> Result<Args> {
 
 fn build_fsbench(out: &Path) -> Result<()> {
     let src = repo_root().join("bench/fsbench.c");
-    let status = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(out)
-        .arg(&src)
-        .status()
-        .context("gcc (apt gcc libc6-dev)")?;
+    let status = Command::new("gcc").args(["-static", "-O2", "-o"]).arg(out).arg(&src).status().context("gcc (apt gcc libc6-dev)")?;
     if !status.success() {
         bail!("gcc -static {}: {status}", src.display());
     }
@@ -106,12 +101,7 @@ fn build_fsbench(out: &Path) -> Result<()> {
 /// directory for the sequential workloads and one for the small files (a
 /// device each, so the VMM's request counts separate them).
 fn shares(base: &Path) -> Result<Vec<FsConfig>> {
-    let mut v = vec![FsConfig {
-        tag: "rootfs".into(),
-        shared_dir: base.join("rootfs"),
-        read_only: true,
-        cache: FsCacheMode::Always,
-    }];
+    let mut v = vec![FsConfig { tag: "rootfs".into(), shared_dir: base.join("rootfs"), read_only: true, cache: FsCacheMode::Always }];
     for (mode, cache) in [("none", FsCacheMode::None), ("auto", FsCacheMode::Auto)] {
         for kind in ["seq", "files"] {
             let tag = format!("{mode}-{kind}");
@@ -129,11 +119,7 @@ type Results = BTreeMap<String, Sample>;
 /// The guest's results by cache mode, and the VMM's request-count lines.
 fn run_guest(a: &Args, base: &Path) -> Result<(BTreeMap<String, Results>, Vec<String>)> {
     let assets = Assets::get();
-    let guest_assets = GuestAssets {
-        kernel: assets.kernel.clone(),
-        initramfs: assets.initramfs.clone(),
-        vmm: assets.bin("carapace-vmm"),
-    };
+    let guest_assets = GuestAssets { kernel: assets.kernel.clone(), initramfs: assets.initramfs.clone(), vmm: assets.bin("carapace-vmm") };
     let fs = shares(base)?;
     let vm_dir = base.join("vm");
     std::fs::create_dir_all(&vm_dir)?;
@@ -179,9 +165,7 @@ fn run_guest(a: &Args, base: &Path) -> Result<(BTreeMap<String, Results>, Vec<St
         results.insert(mode.to_string(), parse(&run.output)?);
     }
 
-    g.agent
-        .destroy_sandbox(ctx(), &agent::DestroySandboxRequest::new())
-        .map_err(|e| anyhow::anyhow!("DestroySandbox: {e:?}"))?;
+    g.agent.destroy_sandbox(ctx(), &agent::DestroySandboxRequest::new()).map_err(|e| anyhow::anyhow!("DestroySandbox: {e:?}"))?;
     carapace_runtime::agent::shutdown(&g.conn)?;
     if vm.wait_timeout(Duration::from_secs(120))?.is_none() {
         vm.kill();
@@ -189,12 +173,8 @@ fn run_guest(a: &Args, base: &Path) -> Result<(BTreeMap<String, Results>, Vec<St
     }
     // The device's request counts, logged as each worker stops.
     let log = std::fs::read_to_string(vm_dir.join("vmm.log")).unwrap_or_default();
-    let served = log
-        .lines()
-        .filter_map(|l| l.find("virtio-fs ").map(|i| &l[i..]))
-        .filter(|l| l.contains(" served "))
-        .map(str::to_string)
-        .collect();
+    let served =
+        log.lines().filter_map(|l| l.find("virtio-fs ").map(|i| &l[i..])).filter(|l| l.contains(" served ")).map(str::to_string).collect();
     Ok((results, served))
 }
 
@@ -220,11 +200,7 @@ fn main_inner() -> Result<()> {
     // The host, on the file system that backs the shares.
     let host_dir = base.join("host");
     std::fs::create_dir(&host_dir)?;
-    let out = Command::new(rootfs.join("fsbench"))
-        .arg(&host_dir)
-        .arg(&host_dir)
-        .args([a.mib.to_string(), a.files.to_string()])
-        .output()?;
+    let out = Command::new(rootfs.join("fsbench")).arg(&host_dir).arg(&host_dir).args([a.mib.to_string(), a.files.to_string()]).output()?;
     if !out.status.success() {
         bail!("host fsbench: {}", String::from_utf8_lossy(&out.stdout));
     }

@@ -25,8 +25,7 @@ pub fn busybox_rootfs(root: &Path) {
             let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
         }
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
-        .expect("passwd");
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n").expect("passwd");
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
 }
 
@@ -80,12 +79,7 @@ impl Cli {
     /// Like [`Cli::run`], and asserts success.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "carapace {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "carapace {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -133,9 +127,8 @@ impl Cli {
     /// socket, no VMM or monitor process, no mount.
     pub fn assert_nothing_left(&self) {
         let root = self.root.display().to_string();
-        let gone = wait_for(Duration::from_secs(30), || {
-            processes_matching(&root).into_iter().all(|p| p == std::process::id()).then_some(())
-        });
+        let gone =
+            wait_for(Duration::from_secs(30), || processes_matching(&root).into_iter().all(|p| p == std::process::id()).then_some(()));
         assert!(gone.is_some(), "processes of {root} left: {:?}", processes_matching(&root));
         let left: Vec<String> = std::fs::read_dir(&self.root)
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())

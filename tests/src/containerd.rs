@@ -94,7 +94,11 @@ disabled_plugins = [
             dir: dir.to_path_buf(),
             // One namespace per containerd: tests of one binary run side by
             // side, and the runc shim's root is per namespace.
-            namespace: format!("carapace-test-{}-{}", std::process::id(), NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            namespace: format!(
+                "carapace-test-{}-{}",
+                std::process::id(),
+                NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
             carapace: assets.bin("carapace"),
             assets: assets.clone(),
         };
@@ -237,8 +241,7 @@ impl Drop for Containerd {
         // Mounts under our directory (a bundle rootfs), so it can be removed.
         let dir = self.dir.display().to_string();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> =
-            mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&dir)).collect();
+        let mut points: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&dir)).collect();
         points.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for p in points {
             let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
@@ -252,9 +255,7 @@ pub fn vmms(c: &Containerd) -> Vec<u32> {
     let root = c.shim_root().display().to_string();
     processes_matching("carapace-vmm")
         .into_iter()
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&root))
-        })
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&root)))
         .collect()
 }
 
@@ -262,9 +263,7 @@ pub fn vmms(c: &Containerd) -> Vec<u32> {
 pub fn assert_clean(c: &Containerd, tmp: &Path) {
     let gone = wait_for(Duration::from_secs(60), || (vmms(c).is_empty() && c.shims().is_empty()).then_some(()));
     assert!(gone.is_some(), "left: VMMs {:?}, shims {:?}\n{}", vmms(c), c.shims(), c.log_tail());
-    let left: Vec<_> = std::fs::read_dir(c.shim_root())
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(c.shim_root()).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "left under the shim root: {left:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let tmp_s = tmp.display().to_string();
@@ -274,12 +273,7 @@ pub fn assert_clean(c: &Containerd, tmp: &Path) {
 /// Runs `ctr` to completion with its output in files; (status, stdout, stderr).
 pub fn ctr_run(c: &Containerd, tmp: &Path, name: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let (out, err) = (tmp.join(format!("{name}.out")), tmp.join(format!("{name}.err")));
-    let mut child = c
-        .ctr(args)
-        .stdout(File::create(&out).expect("out"))
-        .stderr(File::create(&err).expect("err"))
-        .spawn()
-        .expect("ctr");
+    let mut child = c.ctr(args).stdout(File::create(&out).expect("out")).stderr(File::create(&err).expect("err")).spawn().expect("ctr");
     let status = wait_deadline(&mut child, crate::BOOT_DEADLINE * 2, &format!("ctr {args:?}"));
     let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
     (status.code(), read(&out), read(&err))

@@ -51,8 +51,7 @@ fn pad(out: &mut impl Write, len: usize) -> io::Result<()> {
 /// Writes an initramfs whose /init is busybox's init (from Debian's
 /// busybox-static), which never serves vsock: a guest that never answers.
 pub fn busybox_initramfs(path: &Path) -> io::Result<()> {
-    let busybox = std::fs::read("/bin/busybox")
-        .map_err(|e| io::Error::new(e.kind(), format!("/bin/busybox (apt busybox-static): {e}")))?;
+    let busybox = std::fs::read("/bin/busybox").map_err(|e| io::Error::new(e.kind(), format!("/bin/busybox (apt busybox-static): {e}")))?;
     let entries = vec![
         Entry::Dir { path: "bin".into(), mode: 0o755 },
         Entry::File { path: "bin/busybox".into(), mode: 0o755, data: busybox },
@@ -78,8 +77,7 @@ mod tests {
     #[test]
     fn newc_layout_is_aligned_and_terminated() {
         let mut buf = Vec::new();
-        write_newc(&mut buf, &[Entry::File { path: "a".into(), mode: 0o644, data: b"xyz".to_vec() }])
-            .expect("write");
+        write_newc(&mut buf, &[Entry::File { path: "a".into(), mode: 0o644, data: b"xyz".to_vec() }]).expect("write");
         assert!(buf.starts_with(b"070701"));
         // header 110 + "a\0" = 112 (aligned), data 3 + 1 pad, then the trailer.
         assert_eq!(&buf[110..112], b"a\0");

@@ -42,9 +42,7 @@ impl Assets {
     /// Locates the assets; panics with the command to run when they are missing.
     pub fn get() -> Self {
         let root = repo_root();
-        let pick = |var: &str, default: PathBuf| {
-            std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
-        };
+        let pick = |var: &str, default: PathBuf| std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
         let a = Self {
             kernel: pick("CARAPACE_KERNEL", root.join("build/guest/vmlinux")),
             initramfs: pick("CARAPACE_INITRAMFS", root.join("build/guest/initramfs.cpio")),

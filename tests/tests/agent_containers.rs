@@ -236,14 +236,18 @@ fn step(g: &Guest, console: &Path, name: &str, ids: &[&str], f: impl Fn(&Guest) 
 
 fn settings_step(g: &Guest) -> Result<(), String> {
     // One container checks most settings from inside, and exits 3.
-    let mut s = spec(&["sh", "-c", "hostname; id; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "hostname; id; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
         echo mem=$(cat /sys/fs/cgroup/memory.max) pids=$(cat /sys/fs/cgroup/pids.max) \
         cpu=$(cat /sys/fs/cgroup/cpu.max) weight=$(cat /sys/fs/cgroup/cpu.weight) \
         low=$(cat /sys/fs/cgroup/memory.low) swap=$(cat /sys/fs/cgroup/memory.swap.max) \
         io=$(cat /sys/fs/cgroup/io.weight | head -n 1); \
         touch /x 2>/dev/null && echo root=rw || echo root=ro; \
         mkdir /tmp/d 2>&1; echo pid=$$; echo tunables=$GLIBC_TUNABLES; \
-        (for i in 1 2 3 4 5 6; do sleep 5 & done) 2>&1; echo forks-done; exit 3"]);
+        (for i in 1 2 3 4 5 6; do sleep 5 & done) 2>&1; echo forks-done; exit 3",
+    ]);
     s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [1000]});
     // A non-root user keeps capabilities across execve only as ambient ones.
     s["process"]["capabilities"] = json!({"bounding": CAPS, "effective": CAPS, "permitted": CAPS,
@@ -268,10 +272,7 @@ fn settings_step(g: &Guest) -> Result<(), String> {
     check!(field(&out, "Seccomp:") == "2", "Seccomp: {out}");
     // shares 512 → weight 59 (runc's and youki's current mapping); the
     // blkio weight 500 → io.weight 4950; swap = limit → no swap.
-    check!(
-        out.contains("mem=67108864 pids=4 cpu=50000 100000 weight=59 low=33554432 swap=0 io=default 4950"),
-        "limits: {out}"
-    );
+    check!(out.contains("mem=67108864 pids=4 cpu=50000 100000 weight=59 low=33554432 swap=0 io=default 4950"), "limits: {out}");
     check!(out.contains("root=ro"), "readonly root: {out}");
     check!(out.contains("Permission denied"), "seccomp's errno: {out}");
     check!(out.contains("pid=1\n"), "pid namespace: {out}");
@@ -416,10 +417,7 @@ fn pod_step(g: &Guest) -> Result<(), String> {
     g.start(POD_MEMBER)?;
     let w = g.wait(POD_MEMBER, "")?;
     let out = member_streams.stdout();
-    let host_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     check!(w.exit_code == 0, "member: {w:?} {out:?}");
     check!(field(&out, "pid1=") == "sleep" && field(&out, "host=") == "the-pod", "member: {out:?}");
     let guest_now: u64 = field(&out, "now=").parse().map_err(|_| format!("now: {out:?}"))?;
@@ -457,17 +455,8 @@ fn containers_in_a_microvm() {
     busybox_rootfs(&share).expect("busybox rootfs");
     let vm_dir = dir.path().join("vm");
     std::fs::create_dir(&vm_dir).expect("mkdir");
-    let guest_assets = GuestAssets {
-        kernel: assets.kernel.clone(),
-        initramfs: assets.initramfs.clone(),
-        vmm: assets.bin("carapace-vmm"),
-    };
-    let fs = vec![FsConfig {
-        tag: SHARE_TAG.into(),
-        shared_dir: share.clone(),
-        read_only: true,
-        cache: FsCacheMode::Always,
-    }];
+    let guest_assets = GuestAssets { kernel: assets.kernel.clone(), initramfs: assets.initramfs.clone(), vmm: assets.bin("carapace-vmm") };
+    let fs = vec![FsConfig { tag: SHARE_TAG.into(), shared_dir: share.clone(), read_only: true, cache: FsCacheMode::Always }];
     // ignore_loglevel: the kernel's reports of faulting user processes
     // reach the console (see `step`). More with e.g.
     // CARAPACE_E2E_CMDLINE="CARAPACE_AGENT_LOG=debug".
@@ -501,10 +490,8 @@ fn containers_in_a_microvm() {
     let mut entropy = vec![0u8; 64];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy)).expect("/dev/urandom");
     req.entropy = entropy;
-    req.host_time_unix_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(0))
-        .unwrap_or(0);
+    req.host_time_unix_ns =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(0)).unwrap_or(0);
     let sandbox = g.agent.create_sandbox(ctx(), &req).expect("CreateSandbox");
     assert!(!sandbox.kernel_release.is_empty());
 

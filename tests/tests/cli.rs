@@ -123,8 +123,16 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
     // runs, none is lost.
     for i in 0..20 {
         let pid_file = tmp.path().join(format!("exec-{i}.pid"));
-        cli.ok_detached(&["exec", "--detach", "--pid-file", &pid_file.display().to_string(), "c1", "sh", "-c",
-            &format!("echo {i} >> /logs/detached")]);
+        cli.ok_detached(&[
+            "exec",
+            "--detach",
+            "--pid-file",
+            &pid_file.display().to_string(),
+            "c1",
+            "sh",
+            "-c",
+            &format!("echo {i} >> /logs/detached"),
+        ]);
         assert!(pid_file.exists(), "exec {i}: no pid file");
     }
     let all_ran = wait_for(Duration::from_secs(120), || {
@@ -137,8 +145,16 @@ fn lifecycle_exec_ps_pause_hooks_and_a_read_only_root() {
     let sock = tmp.path().join("console.sock");
     let listener = UnixListener::bind(&sock).expect("console socket");
     let mut exec = cli
-        .command(&["exec", "--tty", "--console-socket", &sock.display().to_string(), "c1", "sh", "-c",
-            "for i in $(seq 30); do s=$(stty size); [ \"$s\" = '40 100' ] && break; sleep 1; done; echo size=$s; tty; exit 4"])
+        .command(&[
+            "exec",
+            "--tty",
+            "--console-socket",
+            &sock.display().to_string(),
+            "c1",
+            "sh",
+            "-c",
+            "for i in $(seq 30); do s=$(stty size); [ \"$s\" = '40 100' ] && break; sleep 1; done; echo size=$s; tty; exit 4",
+        ])
         .spawn()
         .expect("exec --tty");
     let master = receive_pty(&listener);
@@ -273,7 +289,11 @@ fn bad_input_is_refused_and_leaves_nothing() {
     };
     let outside = tempfile::tempdir().expect("outside");
     let cases: Vec<(&str, String, &str)> = vec![
-        ("malformed", variant("malformed", &|d| std::fs::write(d.join("config.json"), "{\"ociVersion\": ").expect("w")), "invalid config.json"),
+        (
+            "malformed",
+            variant("malformed", &|d| std::fs::write(d.join("config.json"), "{\"ociVersion\": ").expect("w")),
+            "invalid config.json",
+        ),
         ("noconfig", variant("noconfig", &|d| std::fs::remove_file(d.join("config.json")).expect("rm")), "config.json not found"),
         ("norootfs", variant("norootfs", &set("root.path", json!("rootfs"))), "root.path"),
         ("noargs", variant("noargs", &set("process.args", json!([]))), "process.args"),
@@ -283,12 +303,20 @@ fn bad_input_is_refused_and_leaves_nothing() {
         ("relhook", variant("relhook", &set("hooks", json!({"poststart": [{"path": "bin/true"}]}))), "not absolute"),
         ("hugehost", variant("hugehost", &set("hostname", json!("h".repeat(100_000)))), "hostname"),
         ("hugeuid", variant("hugeuid", &set("process.user.uid", json!(1u64 << 40))), "invalid config.json: process.user.uid"),
-        ("hugemem", variant("hugemem", &set("annotations", json!({"io.carapace.memory_mib": "1000000000000"}))), "annotations.io.carapace.memory_mib"),
+        (
+            "hugemem",
+            variant("hugemem", &set("annotations", json!({"io.carapace.memory_mib": "1000000000000"}))),
+            "annotations.io.carapace.memory_mib",
+        ),
         ("hugecpus", variant("hugecpus", &set("annotations", json!({"io.carapace.vcpus": "100000"}))), "annotations.io.carapace.vcpus"),
-        ("escape", variant("escape", &|d| {
-            std::os::unix::fs::symlink(outside.path(), d.join("rootfs")).expect("link");
-            set("root.path", json!("rootfs"))(d);
-        }), "outside the bundle"),
+        (
+            "escape",
+            variant("escape", &|d| {
+                std::os::unix::fs::symlink(outside.path(), d.join("rootfs")).expect("link");
+                set("root.path", json!("rootfs"))(d);
+            }),
+            "outside the bundle",
+        ),
     ];
     for (id, dir, want) in &cases {
         let e = cli.fails(&["create", "--bundle", dir, id]);
@@ -297,7 +325,9 @@ fn bad_input_is_refused_and_leaves_nothing() {
     }
     let g = good.display().to_string();
     let long = "a".repeat(1025);
-    for (id, want) in [("a/b", "invalid container id"), ("..", "must not be"), ("../x", "invalid container id"), (long.as_str(), "1025 bytes")] {
+    for (id, want) in
+        [("a/b", "invalid container id"), ("..", "must not be"), ("../x", "invalid container id"), (long.as_str(), "1025 bytes")]
+    {
         let e = cli.fails(&["create", "--bundle", &g, id]);
         assert!(e.contains(want), "{id:.20}: {e}");
     }

@@ -113,7 +113,20 @@ fn ctr_task_exec_with_the_runc_shim_and_carapace_as_runc() {
         &containerd,
         tmp.path(),
         "run",
-        &["run", "-d", "--runtime", "io.containerd.runc.v2", "--runc-binary", &carapace, "--snapshotter", "native", IMAGE, id, "sleep", "100000"],
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            "io.containerd.runc.v2",
+            "--runc-binary",
+            &carapace,
+            "--snapshotter",
+            "native",
+            IMAGE,
+            id,
+            "sleep",
+            "100000",
+        ],
     );
     assert_eq!(code, Some(0), "ctr run -d: {out}{err}\n{}", containerd.log_tail());
     let running = wait_for(BOOT_DEADLINE, || (task_status(&containerd, id) == "RUNNING").then_some(()));

@@ -83,7 +83,10 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
     let vmm = cli.vmm_pid("f4");
     let monitor = processes_matching("_monitor --ready-fd")
         .into_iter()
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.contains(&cli.root.display().to_string()) && c.ends_with("f4\0")))
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains(&cli.root.display().to_string()) && c.ends_with("f4\0"))
+        })
         .expect("the monitor of f4");
     kill9(monitor);
     assert!(cli.wait_status("f4", "stopped", DEADLINE), "{}", cli.state("f4"));

@@ -150,15 +150,20 @@ fn a_running_task_exec_with_and_without_a_tty_pause_resume_metrics_kill_delete()
     assert!(code == Some(0) && kib > 300 * 1024 && kib <= 384 * 1024, "guest MemTotal {kib} KiB: {out}{err}\n{}", c.log_tail());
 
     // exec without a terminal: output and exit code
-    let (code, out, err) =
-        ctr_run(&c, tmp.path(), "exec1", &["task", "exec", "--exec-id", "e1", id, "sh", "-c", "echo from-exec; echo to-stderr >&2; exit 5"]);
+    let (code, out, err) = ctr_run(
+        &c,
+        tmp.path(),
+        "exec1",
+        &["task", "exec", "--exec-id", "e1", id, "sh", "-c", "echo from-exec; echo to-stderr >&2; exit 5"],
+    );
     assert_eq!(code, Some(5), "exec: {out}{err}\n{}", c.log_tail());
     assert!(out.contains("from-exec"), "exec stdout: {out:?}");
     assert!(err.contains("to-stderr"), "exec stderr: {err:?}");
 
     // exec with a terminal: a pty in the guest with ctr's window size
     let p = pty(33, 101);
-    let script = "tty; i=0; while [ $i -lt 200 ]; do s=$(stty size); [ \"$s\" != \"0 0\" ] && break; i=$((i+1)); sleep 0.1; done; echo size=$s";
+    let script =
+        "tty; i=0; while [ $i -lt 200 ]; do s=$(stty size); [ \"$s\" != \"0 0\" ] && break; i=$((i+1)); sleep 0.1; done; echo size=$s";
     let (mut child, reader) = ctr_on_pty(&c, &p, &["task", "exec", "-t", "--exec-id", "e2", id, "sh", "-c", script]);
     let status = wait_deadline(&mut child, BOOT_DEADLINE, "ctr task exec -t");
     let Pty { master, slave } = p;
@@ -237,9 +242,8 @@ fn two_containers_of_one_pod_share_one_vm_each_with_its_own_rootfs() {
     assert_eq!(configs[0]["mem_mib"], 320, "{}", configs[0]);
 
     // Each container has its own rootfs: a file written in one is not in the other.
-    let exec = |name: &str, id: &str, script: &str| {
-        ctr_run(&c, tmp.path(), name, &["task", "exec", "--exec-id", name, id, "sh", "-c", script])
-    };
+    let exec =
+        |name: &str, id: &str, script: &str| ctr_run(&c, tmp.path(), name, &["task", "exec", "--exec-id", name, id, "sh", "-c", script]);
     let (code, out, _) = exec("w", "app1", "echo app1 > /mine && cat /mine");
     assert_eq!((code, out.trim()), (Some(0), "app1"), "{}", c.log_tail());
     let (code, out, _) = exec("r", "pod1", "cat /mine 2>/dev/null || echo absent");
@@ -271,8 +275,21 @@ fn an_oom_killed_container_is_reported_as_oom() {
         tmp.path(),
         "hog",
         &[
-            "run", "--rm", "--runtime", RUNTIME, "--snapshotter", "native", "--memory-limit", "16777216", IMAGE, "hog", "dd",
-            "if=/dev/zero", "of=/dev/null", "bs=48M", "count=1",
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--snapshotter",
+            "native",
+            "--memory-limit",
+            "16777216",
+            IMAGE,
+            "hog",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=48M",
+            "count=1",
         ],
     );
     assert_eq!(code, Some(137), "an OOM-killed container exits 137: {out}{err}\n{}", c.log_tail());

@@ -65,10 +65,7 @@ impl Containerd {
         let tmp = tempfile::tempdir().expect("tempdir");
         let events = Arc::new(Recorder::default());
         let ttrpc_address = format!("unix://{}", tmp.path().join("containerd.sock.ttrpc").display());
-        let mut server = ttrpc::Server::new()
-            .bind(&ttrpc_address)
-            .expect("events socket")
-            .register_service(create_events(events.clone()));
+        let mut server = ttrpc::Server::new().bind(&ttrpc_address).expect("events socket").register_service(create_events(events.clone()));
         server.start().expect("events server");
         let snapshot = tmp.path().join("snapshot");
         busybox_rootfs(&snapshot);
@@ -229,12 +226,7 @@ fn gone(pid: u32) -> bool {
 
 impl Shim {
     fn create(&self, id: &str, bundle: &Path, rootfs: Vec<api::Mount>, timeout: Duration) -> ttrpc::Result<api::CreateTaskResponse> {
-        let req = api::CreateTaskRequest {
-            id: id.into(),
-            bundle: bundle.display().to_string(),
-            rootfs,
-            ..Default::default()
-        };
+        let req = api::CreateTaskRequest { id: id.into(), bundle: bundle.display().to_string(), rootfs, ..Default::default() };
         self.task.create(ctx(timeout), &req)
     }
 
@@ -292,37 +284,94 @@ fn bad_bundles_and_ids_are_refused_by_the_shim_and_leave_nothing() {
     let mut rows = vec![
         Row { name: "malformed", bundle: c.bundle("malformed", |_| {}), mounts: true, want: "invalid config.json: EOF" },
         Row { name: "no-config", bundle: c.bundle("no-config", |_| {}), mounts: true, want: "config.json not found" },
-        Row { name: "args-a-string", bundle: c.bundle("args-a-string", edit("process.args", json!("sh"))), mounts: true,
-              want: "process.args: invalid type: string \"sh\", expected a sequence" },
-        Row { name: "limit-a-string", bundle: c.bundle("limit-a-string", edit("linux.resources.memory.limit", json!("1G"))),
-              mounts: true, want: "linux.resources.memory.limit: invalid type: string \"1G\"" },
-        Row { name: "huge-hostname", bundle: c.bundle("huge-hostname", edit("hostname", json!("h".repeat(100 * 1024)))),
-              mounts: true, want: "field hostname: 102400 bytes; at most 64" },
-        Row { name: "huge-uid", bundle: c.bundle("huge-uid", edit("process.user.uid", json!(1u64 << 40))), mounts: true,
-              want: "process.user.uid: invalid value: integer `1099511627776`" },
-        Row { name: "huge-memory", bundle: c.bundle("huge-memory", edit("annotations", json!({"io.carapace.memory_mib": "1000000000000"}))),
-              mounts: true, want: "annotations.io.carapace.memory_mib: \"1000000000000\" is not a number of MiB" },
-        Row { name: "huge-vcpus", bundle: c.bundle("huge-vcpus", edit("annotations", json!({"io.carapace.vcpus": "100000"}))),
-              mounts: true, want: "annotations.io.carapace.vcpus: \"100000\" is not a number of vCPUs" },
-        Row { name: "no-root-path", bundle: c.bundle("no-root-path", edit("root.path", json!("no-such-dir"))), mounts: true,
-              want: "field root.path: " },
-        Row { name: "no-root", bundle: c.bundle("no-root", |s| {
-            if let Some(o) = s.as_object_mut() {
-                o.remove("root");
-            }
-        }), mounts: false,
-              want: "field root: missing" },
-        Row { name: "rootfs-to-slash", bundle: c.bundle("rootfs-to-slash", |_| {}), mounts: false, want: "resolves to /, outside the bundle" },
-        Row { name: "rootfs-to-slash-mounted", bundle: c.bundle("rootfs-to-slash-mounted", |_| {}), mounts: true,
-              want: "rootfs-to-slash-mounted/rootfs is a symlink (to /)" },
-        Row { name: "empty-args", bundle: c.bundle("empty-args", edit("process.args", json!([]))), mounts: true,
-              want: "field process.args: must name at least the program to run" },
-        Row { name: "relative-cwd", bundle: c.bundle("relative-cwd", edit("process.cwd", json!("tmp"))), mounts: true,
-              want: "field process.cwd: \"tmp\" is not an absolute path" },
-        Row { name: "prestart-missing", bundle: c.bundle("prestart-missing", hook("prestart", "/nonexistent/hook")), mounts: true,
-              want: "field hooks.prestart: path /nonexistent/hook does not exist" },
-        Row { name: "createRuntime-relative", bundle: c.bundle("createRuntime-relative", hook("createRuntime", "bin/hook")),
-              mounts: true, want: "field hooks.createRuntime: path bin/hook is not absolute" },
+        Row {
+            name: "args-a-string",
+            bundle: c.bundle("args-a-string", edit("process.args", json!("sh"))),
+            mounts: true,
+            want: "process.args: invalid type: string \"sh\", expected a sequence",
+        },
+        Row {
+            name: "limit-a-string",
+            bundle: c.bundle("limit-a-string", edit("linux.resources.memory.limit", json!("1G"))),
+            mounts: true,
+            want: "linux.resources.memory.limit: invalid type: string \"1G\"",
+        },
+        Row {
+            name: "huge-hostname",
+            bundle: c.bundle("huge-hostname", edit("hostname", json!("h".repeat(100 * 1024)))),
+            mounts: true,
+            want: "field hostname: 102400 bytes; at most 64",
+        },
+        Row {
+            name: "huge-uid",
+            bundle: c.bundle("huge-uid", edit("process.user.uid", json!(1u64 << 40))),
+            mounts: true,
+            want: "process.user.uid: invalid value: integer `1099511627776`",
+        },
+        Row {
+            name: "huge-memory",
+            bundle: c.bundle("huge-memory", edit("annotations", json!({"io.carapace.memory_mib": "1000000000000"}))),
+            mounts: true,
+            want: "annotations.io.carapace.memory_mib: \"1000000000000\" is not a number of MiB",
+        },
+        Row {
+            name: "huge-vcpus",
+            bundle: c.bundle("huge-vcpus", edit("annotations", json!({"io.carapace.vcpus": "100000"}))),
+            mounts: true,
+            want: "annotations.io.carapace.vcpus: \"100000\" is not a number of vCPUs",
+        },
+        Row {
+            name: "no-root-path",
+            bundle: c.bundle("no-root-path", edit("root.path", json!("no-such-dir"))),
+            mounts: true,
+            want: "field root.path: ",
+        },
+        Row {
+            name: "no-root",
+            bundle: c.bundle("no-root", |s| {
+                if let Some(o) = s.as_object_mut() {
+                    o.remove("root");
+                }
+            }),
+            mounts: false,
+            want: "field root: missing",
+        },
+        Row {
+            name: "rootfs-to-slash",
+            bundle: c.bundle("rootfs-to-slash", |_| {}),
+            mounts: false,
+            want: "resolves to /, outside the bundle",
+        },
+        Row {
+            name: "rootfs-to-slash-mounted",
+            bundle: c.bundle("rootfs-to-slash-mounted", |_| {}),
+            mounts: true,
+            want: "rootfs-to-slash-mounted/rootfs is a symlink (to /)",
+        },
+        Row {
+            name: "empty-args",
+            bundle: c.bundle("empty-args", edit("process.args", json!([]))),
+            mounts: true,
+            want: "field process.args: must name at least the program to run",
+        },
+        Row {
+            name: "relative-cwd",
+            bundle: c.bundle("relative-cwd", edit("process.cwd", json!("tmp"))),
+            mounts: true,
+            want: "field process.cwd: \"tmp\" is not an absolute path",
+        },
+        Row {
+            name: "prestart-missing",
+            bundle: c.bundle("prestart-missing", hook("prestart", "/nonexistent/hook")),
+            mounts: true,
+            want: "field hooks.prestart: path /nonexistent/hook does not exist",
+        },
+        Row {
+            name: "createRuntime-relative",
+            bundle: c.bundle("createRuntime-relative", hook("createRuntime", "bin/hook")),
+            mounts: true,
+            want: "field hooks.createRuntime: path bin/hook is not absolute",
+        },
     ];
     // What the edits above cannot say: bytes that are not JSON, no file, links.
     let at = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.bundle.clone()).expect("row");
@@ -408,11 +457,7 @@ fn bad_bundles_and_ids_are_refused_by_the_shim_and_leave_nothing() {
 
 /// An exec's process spec, as containerd sends it.
 fn process_spec(json: &[u8]) -> Any {
-    Any {
-        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
-        value: json.to_vec(),
-        ..Default::default()
-    }
+    Any { type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(), value: json.to_vec(), ..Default::default() }
 }
 
 #[test]

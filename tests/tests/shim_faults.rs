@@ -42,9 +42,20 @@ fn a_pod_survives_a_containerd_restart_and_a_killed_vmm_is_reported_and_cleaned_
     let (tmp, mut c) = Containerd::with_busybox(&Assets::get());
     let run = |name: &str, kind: &str| {
         let args = [
-            "run", "-d", "--runtime", RUNTIME, "--snapshotter", "native", "--annotation",
-            &format!("io.kubernetes.cri.container-type={kind}"), "--annotation", "io.kubernetes.cri.sandbox-id=pod1", IMAGE,
-            name, "sleep", "100000",
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--snapshotter",
+            "native",
+            "--annotation",
+            &format!("io.kubernetes.cri.container-type={kind}"),
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=pod1",
+            IMAGE,
+            name,
+            "sleep",
+            "100000",
         ];
         let (code, out, err) = ctr_run(&c, tmp.path(), name, &args);
         assert_eq!(code, Some(0), "ctr run {name}: {out}{err}\n{}", c.log_tail());
@@ -71,7 +82,12 @@ fn a_pod_survives_a_containerd_restart_and_a_killed_vmm_is_reported_and_cleaned_
     signal(vmm[0], Signal::SIGKILL);
     for id in ["pod1", "app1"] {
         let exit = [id, "/tasks/exit", "\"exit_status\":255"];
-        assert!(seen(&events_path, &exit), "no TaskExit 255 for {id}:\n{}\n{}", std::fs::read_to_string(&events_path).unwrap_or_default(), c.log_tail());
+        assert!(
+            seen(&events_path, &exit),
+            "no TaskExit 255 for {id}:\n{}\n{}",
+            std::fs::read_to_string(&events_path).unwrap_or_default(),
+            c.log_tail()
+        );
         let stopped = wait_for(Duration::from_secs(30), || (task_status(&c, id) == "STOPPED").then_some(()));
         assert!(stopped.is_some(), "{id}: {}", task_status(&c, id));
     }
@@ -94,8 +110,12 @@ fn bundles_the_shim_cannot_serve_fail_create_and_leave_nothing() {
 
     // A rootfs that does not exist: refused before any VM boots.
     let missing = tmp.path().join("no-such-rootfs");
-    let (code, out, err) =
-        ctr_run(&c, tmp.path(), "norootfs", &["run", "--rm", "--runtime", RUNTIME, "--rootfs", &missing.display().to_string(), "norootfs", "sh"]);
+    let (code, out, err) = ctr_run(
+        &c,
+        tmp.path(),
+        "norootfs",
+        &["run", "--rm", "--runtime", RUNTIME, "--rootfs", &missing.display().to_string(), "norootfs", "sh"],
+    );
     assert_ne!(code, Some(0), "a missing rootfs must fail: {out}{err}");
     assert!(err.contains("root.path"), "the error must name root.path: {err}\n{}", c.log_tail());
     assert!(vmms(&c).is_empty(), "a VM was booted for a bundle without a rootfs");

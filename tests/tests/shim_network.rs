@@ -62,7 +62,8 @@ fn a_pod_in_a_cni_style_netns_answers_on_its_address() {
     eprintln!("GET http://{POD_IP}:8080/ answered: {:?}", page.lines().last().unwrap_or_default());
 
     // Inside, eth0 has the pod's address, MAC and the default route.
-    let (code, out, err) = ctr_run(&c, tmp.path(), "ip", &["task", "exec", "--exec-id", "ip", "web", "sh", "-c", "ip addr show eth0; ip route"]);
+    let (code, out, err) =
+        ctr_run(&c, tmp.path(), "ip", &["task", "exec", "--exec-id", "ip", "web", "sh", "-c", "ip addr show eth0; ip route"]);
     assert_eq!(code, Some(0), "exec ip: {out}{err}");
     assert!(out.contains(&format!("inet {POD_IP}/24")), "{out}");
     assert!(out.contains(&format!("default via {HOST_IP}")), "{out}");

@@ -79,8 +79,7 @@ fn build_rootfs(root: &Path) {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("applet symlink");
         }
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nuser:x:1000:1000:user:/tmp:/bin/sh\n")
-        .expect("passwd");
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nuser:x:1000:1000:user:/tmp:/bin/sh\n").expect("passwd");
     std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").expect("group");
     let src = repo_root().join("tests/c/fsprobe.c");
     let built = std::process::Command::new("gcc")
@@ -201,11 +200,7 @@ fn rw_step(g: &Guest, rootfs: &Path, vol: &Path, outside: &Path, ro: &Path) -> R
         &run,
     )?;
     check(has("mmap-read: host-mmap-line") && has("mmap: ok"), "mmap of a shared file", &run)?;
-    check(
-        has("xattr-get: host-value") && has("xattr-list: user.host user.guest") && has("xattr: ok"),
-        "xattrs, host → guest",
-        &run,
-    )?;
+    check(has("xattr-get: host-value") && has("xattr-list: user.host user.guest") && has("xattr: ok"), "xattrs, host → guest", &run)?;
     check(has(&format!("big-dir: {BIG_DIR_ENTRIES}")), "a large directory is listed whole", &run)?;
 
     // Guest → host.
@@ -285,11 +280,7 @@ fn shares_are_root_and_volumes_and_keep_the_guest_inside() {
 
     let vm_dir: PathBuf = dir.path().join("vm");
     std::fs::create_dir(&vm_dir).expect("vm dir");
-    let guest_assets = GuestAssets {
-        kernel: assets.kernel.clone(),
-        initramfs: assets.initramfs.clone(),
-        vmm: assets.bin("carapace-vmm"),
-    };
+    let guest_assets = GuestAssets { kernel: assets.kernel.clone(), initramfs: assets.initramfs.clone(), vmm: assets.bin("carapace-vmm") };
     let fs = vec![
         FsConfig { tag: "share".into(), shared_dir: share.clone(), read_only: false, cache: FsCacheMode::Auto },
         FsConfig { tag: "ro".into(), shared_dir: ro.clone(), read_only: true, cache: FsCacheMode::Auto },

@@ -27,10 +27,14 @@ fn vmm_boots_agent_answers_and_shutdown_exits_zero() {
     let console = dir.path().join("console.log");
     let mut vmm = Command::new(assets.bin("carapace-vmm"))
         .args(["--vcpus", "1", "--mem-mib", "256", "--cid", "3"])
-        .arg("--kernel").arg(&assets.kernel)
-        .arg("--initramfs").arg(&assets.initramfs)
-        .arg("--serial").arg(&console)
-        .arg("--vsock-uds").arg(&uds)
+        .arg("--kernel")
+        .arg(&assets.kernel)
+        .arg("--initramfs")
+        .arg(&assets.initramfs)
+        .arg("--serial")
+        .arg(&console)
+        .arg("--vsock-uds")
+        .arg(&uds)
         .stdin(Stdio::null())
         .spawn()
         .expect("start carapace-vmm");
@@ -42,9 +46,7 @@ fn vmm_boots_agent_answers_and_shutdown_exits_zero() {
     });
 
     // Version answers the agent's version and API version.
-    let version = HealthClient::new(agent.clone())
-        .version(ctx(), &VersionRequest::new())
-        .expect("Health.Version");
+    let version = HealthClient::new(agent.clone()).version(ctx(), &VersionRequest::new()).expect("Health.Version");
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(version.api_version, carapace_protocol::API_VERSION);
 
@@ -66,11 +68,10 @@ fn vmm_boots_agent_answers_and_shutdown_exits_zero() {
 
     // Shutdown ends the VM and the VMM exits 0, leaving no socket behind.
     carapace_runtime::agent::shutdown(&agent).expect("Agent.Shutdown");
-    let status = wait_for(Duration::from_secs(120), || vmm.try_wait().expect("try_wait"))
-        .unwrap_or_else(|| {
-            let _ = vmm.kill();
-            panic!("the VMM did not exit after Shutdown")
-        });
+    let status = wait_for(Duration::from_secs(120), || vmm.try_wait().expect("try_wait")).unwrap_or_else(|| {
+        let _ = vmm.kill();
+        panic!("the VMM did not exit after Shutdown")
+    });
     assert!(status.success(), "VMM exit status {status}");
     assert!(!uds.exists(), "vsock socket {} left behind", uds.display());
     assert!(processes_matching(&uds.display().to_string()).is_empty(), "a VMM process is left");
@@ -87,15 +88,22 @@ fn vmm_refuses_bad_input_and_leaves_nothing() {
     let assets = Assets::get();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("v.sock");
-    let (k, i, s) = (
-        assets.kernel.to_str().expect("utf8"),
-        assets.initramfs.to_str().expect("utf8"),
-        sock.to_str().expect("utf8"),
-    );
+    let (k, i, s) = (assets.kernel.to_str().expect("utf8"), assets.initramfs.to_str().expect("utf8"), sock.to_str().expect("utf8"));
     let base = |kernel: &str, initramfs: &str, mem: &str| {
-        vec!["--kernel".to_string(), kernel.into(), "--initramfs".into(), initramfs.into(),
-             "--mem-mib".into(), mem.into(), "--vsock-uds".into(), s.into(), "--cid".into(), "3".into(),
-             "--serial".into(), "none".into()]
+        vec![
+            "--kernel".to_string(),
+            kernel.into(),
+            "--initramfs".into(),
+            initramfs.into(),
+            "--mem-mib".into(),
+            mem.into(),
+            "--vsock-uds".into(),
+            s.into(),
+            "--cid".into(),
+            "3".into(),
+            "--serial".into(),
+            "none".into(),
+        ]
     };
     let run = |args: Vec<String>| vmm_error(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
@@ -158,9 +166,7 @@ fn runtime_gives_up_on_a_guest_that_never_answers() {
     let guest = GuestAssets { kernel: assets.kernel.clone(), initramfs, vmm: assets.bin("carapace-vmm") };
     let mut vm = Vm::start(&guest, &vm_dir, &VmOptions::default()).expect("start VM");
     let pid = vm.pid();
-    let Err(err) = vm.wait_for_agent(Duration::from_secs(15)) else {
-        panic!("nobody serves vsock port 1024, yet the agent answered")
-    };
+    let Err(err) = vm.wait_for_agent(Duration::from_secs(15)) else { panic!("nobody serves vsock port 1024, yet the agent answered") };
     assert!(matches!(err, VmError::AgentTimeout { .. }), "{err}");
     assert!(err.to_string().contains("did not answer"), "{err}");
     drop(vm);

@@ -9,8 +9,7 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 
 /// What every guest gets: console on the first UART, `reboot=k` so a reboot
 /// reaches the VMM as an i8042 reset, no reboot loop on panic.
-pub const BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 quiet nokaslr 8250.nr_uarts=1 random.trust_cpu=1 i8042.noaux";
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet nokaslr 8250.nr_uarts=1 random.trust_cpu=1 i8042.noaux";
 
 /// What a `kvm_pvm` host needs on top: `carapace.pvm` switches on our guest
 /// kernel's patches; the rest keeps the kernel away from instructions the
@@ -102,10 +101,7 @@ mod tests {
     #[test]
     fn native_host_gets_no_pvm_switches() {
         let line = build(HostKind::Native, &[VSOCK], "init=/init").unwrap();
-        assert_eq!(
-            line,
-            format!("{BASE_CMDLINE} virtio_mmio.device=4K@0xd0000000:5 init=/init")
-        );
+        assert_eq!(line, format!("{BASE_CMDLINE} virtio_mmio.device=4K@0xd0000000:5 init=/init"));
         for w in ["carapace.pvm", "noxsave", "clearcpuid", "noreplace-smp"] {
             assert!(!line.contains(w), "{w} in {line}");
         }

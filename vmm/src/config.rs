@@ -179,8 +179,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// Reads a JSON config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
         serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
     }
 
@@ -234,13 +233,12 @@ impl VmConfig {
     fn validate_boot_files(&self) -> Result<(), ConfigError> {
         check_kernel(&self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
-            let meta = std::fs::metadata(initramfs)
-                .map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
+            let meta =
+                std::fs::metadata(initramfs).map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
             if !meta.is_file() {
                 return Err(ConfigError::InitramfsNotFile { path: initramfs.clone() });
             }
-            File::open(initramfs)
-                .map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
+            File::open(initramfs).map_err(|source| ConfigError::InitramfsUnreadable { path: initramfs.clone(), source })?;
         }
         Ok(())
     }
@@ -418,12 +416,7 @@ mod tests {
     #[test]
     fn fs_shares_are_checked_before_the_vm() {
         let d = tempfile::tempdir().unwrap();
-        let share = |tag: &str, dir: PathBuf| FsConfig {
-            tag: tag.into(),
-            shared_dir: dir,
-            read_only: false,
-            cache: Default::default(),
-        };
+        let share = |tag: &str, dir: PathBuf| FsConfig { tag: tag.into(), shared_dir: dir, read_only: false, cache: Default::default() };
         let mut c = good(d.path());
         c.fs = vec![share("root", d.path().join("missing"))];
         let e = c.validate().unwrap_err().to_string();

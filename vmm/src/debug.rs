@@ -31,9 +31,7 @@ fn read_u64(mem: &GuestMemoryMmap, addr: u64) -> Result<u64, String> {
 }
 
 fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> Result<u64, String> {
-    mem.read_obj::<u32>(GuestAddress(addr))
-        .map(u64::from)
-        .map_err(|_| format!("page-table entry at {addr:#x} is outside RAM"))
+    mem.read_obj::<u32>(GuestAddress(addr)).map(u64::from).map_err(|_| format!("page-table entry at {addr:#x} is outside RAM"))
 }
 
 /// Translates a linear address with the paging mode in `sregs`, reading the
@@ -140,12 +138,12 @@ pub fn describe(cpu: u8, regs: &kvm_regs, sregs: &kvm_sregs, mem: &GuestMemoryMm
     let _ = writeln!(s, "  RSI {:016x} RDI {:016x} RBP {:016x} RSP {:016x}", r.rsi, r.rdi, r.rbp, r.rsp);
     let _ = writeln!(s, "  R8  {:016x} R9  {:016x} R10 {:016x} R11 {:016x}", r.r8, r.r9, r.r10, r.r11);
     let _ = writeln!(s, "  R12 {:016x} R13 {:016x} R14 {:016x} R15 {:016x}", r.r12, r.r13, r.r14, r.r15);
-    let _ = writeln!(s, "  RFLAGS {:08x} CS {:04x} (base {:x}, L={} DPL={}) SS {:04x}", r.rflags, sregs.cs.selector, sregs.cs.base, sregs.cs.l, sregs.cs.dpl, sregs.ss.selector);
     let _ = writeln!(
         s,
-        "  CR0 {:x} CR2 {:x} CR3 {:x} CR4 {:x} EFER {:x}",
-        sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer
+        "  RFLAGS {:08x} CS {:04x} (base {:x}, L={} DPL={}) SS {:04x}",
+        r.rflags, sregs.cs.selector, sregs.cs.base, sregs.cs.l, sregs.cs.dpl, sregs.ss.selector
     );
+    let _ = writeln!(s, "  CR0 {:x} CR2 {:x} CR3 {:x} CR4 {:x} EFER {:x}", sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer);
     let _ = write!(s, "  (look RIP up with: nm -n vmlinux | awk '$1 <= \"{:016x}\"' | tail -1)", regs.rip);
     s
 }

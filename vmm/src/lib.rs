@@ -28,11 +28,11 @@ pub mod devices;
 pub mod exit;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-#[cfg(test)]
-mod test_utils;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod snapshot;
+#[cfg(test)]
+mod test_utils;
 pub mod vcpu;
 pub mod vm;
 

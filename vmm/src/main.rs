@@ -18,10 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use carapace_vmm::cmdline::HostKind;
 use carapace_vmm::devices::virtio::fs::FsConfig;
 use carapace_vmm::devices::virtio::net::NetConfig;
+use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use carapace_vmm::seccomp::{self, Filters, SeccompLevel, ThreadKind};
 use carapace_vmm::{SerialOutput, VmConfig, VmExit, Vmm, VsockConfig};
 use clap::Parser;
@@ -272,8 +272,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CARAPACE_VMM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("CARAPACE_VMM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
     if cli.print_cmdline {

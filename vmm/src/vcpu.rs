@@ -4,9 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
-    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use tracing::{debug, trace, warn};
@@ -20,7 +19,10 @@ use crate::exit::{ExitSender, VmExit};
 enum Next {
     Continue,
     /// Stop this vCPU and report; `dump` adds the register/code dump to stderr.
-    Stop { exit: VmExit, dump: bool },
+    Stop {
+        exit: VmExit,
+        dump: bool,
+    },
     /// KVM_EXIT_INTERNAL_ERROR: details are read from kvm_run after the exit's borrow ends.
     InternalError,
 }
@@ -101,10 +103,7 @@ impl Vcpu {
             let next = match self.fd.run() {
                 Ok(ex) => Self::handle(self.id, ex, &self.shared.pio, &self.shared.mmio, &mut halts),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
-                Err(e) => Next::Stop {
-                    exit: VmExit::VmmError { cpu: self.id, reason: format!("KVM_RUN failed: {e}") },
-                    dump: false,
-                },
+                Err(e) => Next::Stop { exit: VmExit::VmmError { cpu: self.id, reason: format!("KVM_RUN failed: {e}") }, dump: false },
             };
             match next {
                 Next::Continue => {}
@@ -161,17 +160,11 @@ impl Vcpu {
             }
             VcpuExit::SystemEvent(kind, _) => {
                 return match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => {
-                        Next::Stop { exit: VmExit::GuestReset, dump: false }
+                    KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => Next::Stop { exit: VmExit::GuestReset, dump: false },
+                    KVM_SYSTEM_EVENT_CRASH => {
+                        Next::Stop { exit: VmExit::KvmError { cpu: id, reason: "the guest reported a crash".into() }, dump: true }
                     }
-                    KVM_SYSTEM_EVENT_CRASH => Next::Stop {
-                        exit: VmExit::KvmError { cpu: id, reason: "the guest reported a crash".into() },
-                        dump: true,
-                    },
-                    other => Next::Stop {
-                        exit: VmExit::KvmError { cpu: id, reason: format!("unknown system event {other}") },
-                        dump: true,
-                    },
+                    other => Next::Stop { exit: VmExit::KvmError { cpu: id, reason: format!("unknown system event {other}") }, dump: true },
                 };
             }
             VcpuExit::InternalError => return Next::InternalError,
@@ -185,10 +178,7 @@ impl Vcpu {
                 };
             }
             other => {
-                return Next::Stop {
-                    exit: VmExit::KvmError { cpu: id, reason: format!("unexpected KVM exit {other:?}") },
-                    dump: true,
-                };
+                return Next::Stop { exit: VmExit::KvmError { cpu: id, reason: format!("unexpected KVM exit {other:?}") }, dump: true };
             }
         }
         Next::Continue

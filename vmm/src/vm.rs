@@ -24,8 +24,8 @@ use crate::bus::{Bus, BusError};
 use crate::cmdline::{self, CmdlineError, HostKind, MmioSlot};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::legacy::{open_sink, SerialDevice, SerialError, I8042};
-use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -196,18 +196,10 @@ impl Vmm {
             Some(v) => Some(Vsock::new(v.guest_cid, v.uds_path.clone())?),
             None => None,
         };
-        let shares = config
-            .fs
-            .iter()
-            .map(|f| Fs::new(f.clone()).map_err(ConfigError::Fs))
-            .collect::<Result<Vec<_>, _>>()?;
+        let shares = config.fs.iter().map(|f| Fs::new(f.clone()).map_err(ConfigError::Fs)).collect::<Result<Vec<_>, _>>()?;
         // Taps are opened (or inherited ones checked) before the guest
         // exists: a bad fd or name fails the start, not the guest's boot.
-        let nets = config
-            .net
-            .iter()
-            .map(|n| Net::new(n).map_err(ConfigError::Net))
-            .collect::<Result<Vec<_>, _>>()?;
+        let nets = config.net.iter().map(|n| Net::new(n).map_err(ConfigError::Net)).collect::<Result<Vec<_>, _>>()?;
         info!(?host, "host KVM kind");
 
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
@@ -375,16 +367,13 @@ impl Vmm {
         let _s = info_span!("memory").entered();
         let mut ranges = Vec::new();
         for (addr, len) in layout::ram_regions(config.mem_bytes()) {
-            let len = usize::try_from(len).map_err(|_| VmmError::Memory {
-                mib: config.mem_mib,
-                source: vm_memory::mmap::FromRangesError::InvalidGuestRegion,
-            })?;
+            let len = usize::try_from(len)
+                .map_err(|_| VmmError::Memory { mib: config.mem_mib, source: vm_memory::mmap::FromRangesError::InvalidGuestRegion })?;
             ranges.push((addr, len));
         }
         let mem = match snapshot {
             Some(dir) => snapshot::map_memory(&dir.join(snapshot::MEMORY_FILE), &ranges, config.mem_mib)?,
-            None => GuestMemoryMmap::<()>::from_ranges(&ranges)
-                .map_err(|source| VmmError::Memory { mib: config.mem_mib, source })?,
+            None => GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| VmmError::Memory { mib: config.mem_mib, source })?,
         };
         for (slot, region) in (0u32..).zip(mem.iter()) {
             let host = region.as_ptr();
@@ -473,8 +462,7 @@ impl Vmm {
 
     fn create_vcpus(&mut self, count: u8, entry: u64, mem_bytes: u64) -> Result<(), VmmError> {
         let _s = info_span!("vcpus", count).entered();
-        let base_cpuid =
-            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let base_cpuid = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let cr3 = paging::write_page_tables(&self.mem, layout::low_ram_end(mem_bytes))?;
         for id in 0..count {
             let fd = self.vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -731,8 +719,7 @@ mod tests {
 
     /// `mov dx, 0x3f8; mov al, 'O'; out dx, al; mov al, 'K'; out dx, al;
     /// mov al, 0xfe; out 0x64, al; hlt; jmp .-1`
-    const HELLO_AND_RESET: &[u8] =
-        &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'O', 0xee, 0xb0, b'K', 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+    const HELLO_AND_RESET: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'O', 0xee, 0xb0, b'K', 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
     /// `ud2` with an empty IDT: #UD -> #DF -> triple fault.
     const CRASH: &[u8] = &[0x0f, 0x0b];
 

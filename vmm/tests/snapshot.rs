@@ -184,11 +184,7 @@ fn snapshot_then_two_restores_answer_the_agent() {
         std::fs::create_dir_all(dir.join("share")).unwrap();
         let mut vm = Vmm::start(
             &args(
-                &[
-                    ("--vsock-uds", &dir.join("v.sock")),
-                    ("--serial", &dir.join("console.log")),
-                    ("--restore-from", &snap),
-                ],
+                &[("--vsock-uds", &dir.join("v.sock")), ("--serial", &dir.join("console.log")), ("--restore-from", &snap)],
                 &["--cid", "3", "--fs", &fs_arg(&dir)],
             ),
             &dir,
@@ -206,11 +202,7 @@ fn snapshot_then_two_restores_answer_the_agent() {
         std::fs::create_dir_all(dir.join("share")).unwrap();
         let vm = Vmm::start(
             &args(
-                &[
-                    ("--vsock-uds", &dir.join("v.sock")),
-                    ("--serial", &dir.join("console.log")),
-                    ("--restore-from", &snap),
-                ],
+                &[("--vsock-uds", &dir.join("v.sock")), ("--serial", &dir.join("console.log")), ("--restore-from", &snap)],
                 &["--cid", "3", "--fs", &fs_arg(&dir)],
             ),
             &dir,
@@ -276,10 +268,7 @@ fn sigusr2_without_snapshot_to_is_ignored_and_bad_snapshots_are_refused() {
     // A tiny guest that halts forever (`hlt; jmp .-1` at the ELF entry).
     let elf = d.path().join("hlt.elf");
     std::fs::write(&elf, tiny_elf(&[0xf4, 0xeb, 0xfd])).unwrap();
-    let mut vm = Vmm::start(
-        &args(&[("--kernel", &elf), ("--serial", &d.path().join("console.log"))], &["--mem-mib", "64"]),
-        d.path(),
-    );
+    let mut vm = Vmm::start(&args(&[("--kernel", &elf), ("--serial", &d.path().join("console.log"))], &["--mem-mib", "64"]), d.path());
     std::thread::sleep(Duration::from_millis(500));
     vm.signal(libc::SIGUSR2);
     std::thread::sleep(Duration::from_millis(500));
@@ -292,10 +281,7 @@ fn sigusr2_without_snapshot_to_is_ignored_and_bad_snapshots_are_refused() {
     let snap = d.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
     let mut vm = Vmm::start(
-        &args(
-            &[("--kernel", &elf), ("--serial", &d.path().join("console.log")), ("--snapshot-to", &snap)],
-            &["--mem-mib", "64"],
-        ),
+        &args(&[("--kernel", &elf), ("--serial", &d.path().join("console.log")), ("--snapshot-to", &snap)], &["--mem-mib", "64"]),
         d.path(),
     );
     std::thread::sleep(Duration::from_millis(500));
@@ -303,10 +289,7 @@ fn sigusr2_without_snapshot_to_is_ignored_and_bad_snapshots_are_refused() {
     assert!(vm.wait(Duration::from_secs(30)).success(), "{}", vm.log());
     let restore = |extra: &[&str]| {
         let out = Command::new(VMM)
-            .args(args(
-                &[("--kernel", &kernel), ("--serial", &d.path().join("c2.log")), ("--restore-from", &snap)],
-                extra,
-            ))
+            .args(args(&[("--kernel", &kernel), ("--serial", &d.path().join("c2.log")), ("--restore-from", &snap)], extra))
             .output()
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())

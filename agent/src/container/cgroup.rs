@@ -4,9 +4,7 @@
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use carapace_protocol::agent::{
-    CgroupStats, CpuStats, IoDeviceStats, IoStats, MemoryStats, PidsStats,
-};
+use carapace_protocol::agent::{CgroupStats, CpuStats, IoDeviceStats, IoStats, MemoryStats, PidsStats};
 
 /// Where the cgroup v2 hierarchy is mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -46,11 +44,8 @@ fn parse_flat_keyed(text: &str) -> impl Iterator<Item = (&str, u64)> {
 /// The controllers enabled at the root of the hierarchy (what children can
 /// use): `cgroup.subtree_control` of the root, else `cgroup.controllers`.
 pub fn root_controllers(root: &Path) -> Vec<String> {
-    let read = |name: &str| {
-        read_small(&root.join(name))
-            .map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-            .unwrap_or_default()
-    };
+    let read =
+        |name: &str| read_small(&root.join(name)).map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>()).unwrap_or_default();
     let enabled = read("cgroup.subtree_control");
     if enabled.is_empty() {
         read("cgroup.controllers")
@@ -91,9 +86,7 @@ impl Cgroup {
     /// The cgroup at `path` (absolute, as in the prepared spec) under `root`.
     pub fn new(root: &Path, path: &Path) -> Self {
         let rel = path.strip_prefix("/").unwrap_or(path);
-        Self {
-            dir: root.join(rel),
-        }
+        Self { dir: root.join(rel) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -106,9 +99,7 @@ impl Cgroup {
 
     /// `oom_kill` of memory.events (0 without the memory controller).
     pub fn oom_kills(&self) -> u64 {
-        self.read("memory.events")
-            .and_then(|t| parse_flat_keyed(&t).find(|(k, _)| *k == "oom_kill").map(|(_, v)| v))
-            .unwrap_or(0)
+        self.read("memory.events").and_then(|t| parse_flat_keyed(&t).find(|(k, _)| *k == "oom_kill").map(|(_, v)| v)).unwrap_or(0)
     }
 
     /// The PIDs in cgroup.procs of this cgroup and of its descendants.
@@ -303,10 +294,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cg = Cgroup::new(dir.path(), Path::new("/c"));
         std::fs::create_dir_all(cg.dir()).expect("mkdir");
-        let resources: oci_spec::runtime::LinuxResources = serde_json::from_str(
-            r#"{"memory": {"limit": 100, "swap": 100}, "blockIO": {"weight": 500}}"#,
-        )
-        .expect("json");
+        let resources: oci_spec::runtime::LinuxResources =
+            serde_json::from_str(r#"{"memory": {"limit": 100, "swap": 100}, "blockIO": {"weight": 500}}"#).expect("json");
         cg.fix_libcgroups(&resources).expect("fix");
         assert_eq!(std::fs::read_to_string(cg.dir().join("memory.swap.max")).expect("swap"), "0");
         assert_eq!(std::fs::read_to_string(cg.dir().join("io.weight")).expect("io"), "default 4950");

@@ -27,10 +27,7 @@ pub struct ConsoleSockets {
 impl ConsoleSockets {
     /// Sockets under `<state_dir>/tty`.
     pub fn new(state_dir: &Path) -> Self {
-        Self {
-            dir: state_dir.join("tty"),
-            next: AtomicU64::new(1),
-        }
+        Self { dir: state_dir.join("tty"), next: AtomicU64::new(1) }
     }
 
     /// The path the next socket gets; unique for this agent.
@@ -41,8 +38,7 @@ impl ConsoleSockets {
 
     /// Binds a new console socket.
     pub fn bind(&self) -> Result<ConsoleListener> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| ContainerError::io(format!("creating {}", self.dir.display()), e))?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| ContainerError::io(format!("creating {}", self.dir.display()), e))?;
         ConsoleListener::bind(self.next_path())
     }
 }
@@ -66,11 +62,8 @@ impl ConsoleListener {
             ));
         }
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| ContainerError::io(format!("binding {}", path.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| ContainerError::io("console socket", e))?;
+        let listener = UnixListener::bind(&path).map_err(|e| ContainerError::io(format!("binding {}", path.display()), e))?;
+        listener.set_nonblocking(true).map_err(|e| ContainerError::io("console socket", e))?;
         Ok(Self { listener, path })
     }
 
@@ -83,25 +76,14 @@ impl ConsoleListener {
     /// and sent it before the build returned.
     pub fn receive_master(&self) -> Result<OwnedFd> {
         use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-        let (stream, _) = self.listener.accept().map_err(|e| {
-            ContainerError::io("the container did not connect its console socket", e)
-        })?;
-        stream
-            .set_nonblocking(false)
-            .map_err(|e| ContainerError::io("console socket", e))?;
+        let (stream, _) = self.listener.accept().map_err(|e| ContainerError::io("the container did not connect its console socket", e))?;
+        stream.set_nonblocking(false).map_err(|e| ContainerError::io("console socket", e))?;
         let mut buf = [0u8; 256];
         let mut iov = [io::IoSliceMut::new(&mut buf)];
         let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| ContainerError::io("receiving the pty master", e.into()))?;
-        let cmsgs = msg
-            .cmsgs()
+        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
             .map_err(|e| ContainerError::io("receiving the pty master", e.into()))?;
+        let cmsgs = msg.cmsgs().map_err(|e| ContainerError::io("receiving the pty master", e.into()))?;
         for cmsg in cmsgs {
             if let ControlMessageOwned::ScmRights(fds) = cmsg {
                 if let Some(&fd) = fds.first() {
@@ -114,10 +96,7 @@ impl ConsoleListener {
                 }
             }
         }
-        Err(ContainerError::io(
-            "receiving the pty master",
-            io::Error::other("no descriptor in the message"),
-        ))
+        Err(ContainerError::io("receiving the pty master", io::Error::other("no descriptor in the message")))
     }
 }
 
@@ -160,14 +139,8 @@ mod tests {
         let client = UnixStream::connect(&path).expect("connect");
         let sent = std::fs::File::open("/dev/null").expect("open");
         let fds = [sent.as_raw_fd()];
-        sendmsg::<()>(
-            client.as_raw_fd(),
-            &[io::IoSlice::new(b"x")],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("sendmsg");
+        sendmsg::<()>(client.as_raw_fd(), &[io::IoSlice::new(b"x")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+            .expect("sendmsg");
         let master = console.receive_master().expect("receive");
         assert!(master.as_raw_fd() >= 0);
         drop(console);
@@ -178,9 +151,6 @@ mod tests {
     fn a_path_too_long_for_a_socket_is_refused_by_length() {
         let long = PathBuf::from(format!("/{}", "d".repeat(120)));
         let err = ConsoleListener::bind(long).expect_err("too long");
-        assert!(
-            err.to_string().contains("longer than a Unix socket path"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("longer than a Unix socket path"), "{err}");
     }
 }

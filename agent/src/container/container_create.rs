@@ -41,24 +41,13 @@ impl ContainerManager {
         req: &agent::CreateContainerRequest,
         spec: &oci_spec::runtime::Spec,
     ) -> Result<(Vec<namespaces::Join>, bool)> {
-        let lookup = |id: &str| {
-            self.get(id).ok().map(|c| namespaces::JoinTarget {
-                pid: c.init.pid(),
-                exited: c.init.has_exited(),
-            })
-        };
+        let lookup = |id: &str| self.get(id).ok().map(|c| namespaces::JoinTarget { pid: c.init.pid(), exited: c.init.has_exited() });
         let mut joins = namespaces::resolve(&req.join_namespaces, Path::new("/proc"), lookup)?;
         let shared = lock(&self.shared_pid);
         let mut holds = false;
-        let explicit = joins
-            .iter()
-            .any(|j| j.typ == oci_spec::runtime::LinuxNamespaceType::Pid);
+        let explicit = joins.iter().any(|j| j.typ == oci_spec::runtime::LinuxNamespaceType::Pid);
         if shared.enabled && !explicit && namespaces::wants_new_pid_namespace(spec) {
-            match shared
-                .holder
-                .as_deref()
-                .and_then(|h| lookup(h).filter(|t| !t.exited))
-            {
+            match shared.holder.as_deref().and_then(|h| lookup(h).filter(|t| !t.exited)) {
                 Some(target) => joins.push(namespaces::Join {
                     typ: oci_spec::runtime::LinuxNamespaceType::Pid,
                     path: PathBuf::from(format!("/proc/{}/ns/pid", target.pid)),
@@ -81,10 +70,7 @@ impl ContainerManager {
                 return Err(ContainerError::AlreadyExists(format!("container {id:?}")));
             }
         }
-        let _reservation = Reservation {
-            manager: self,
-            id: id.to_string(),
-        };
+        let _reservation = Reservation { manager: self, id: id.to_string() };
 
         let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
         let (joins, holds_shared_pid) = self.namespace_joins(req, &spec)?;
@@ -103,9 +89,7 @@ impl ContainerManager {
         }
         let bundle = self.bundles_dir().join(id);
         if self.libcontainer_root().join(id).exists() || bundle.exists() {
-            return Err(ContainerError::AlreadyExists(format!(
-                "state of container {id:?} (left by an earlier container)"
-            )));
+            return Err(ContainerError::AlreadyExists(format!("state of container {id:?} (left by an earlier container)")));
         }
         let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
 
@@ -119,16 +103,7 @@ impl ContainerManager {
             let _ = std::fs::remove_dir_all(self.libcontainer_root().join(id));
             let _ = std::fs::remove_dir_all(&bundle);
         };
-        let result = self.create_in(
-            id,
-            &spec,
-            resources.as_ref(),
-            &rootfs,
-            &bundle,
-            &cgroup,
-            mounts_before.clone(),
-            req,
-        );
+        let result = self.create_in(id, &spec, resources.as_ref(), &rootfs, &bundle, &cgroup, mounts_before.clone(), req);
         match result {
             Ok(container) => {
                 let pid = container.init.pid();
@@ -159,21 +134,15 @@ impl ContainerManager {
         mounts_before: Option<HashSet<PathBuf>>,
         req: &agent::CreateContainerRequest,
     ) -> Result<Container> {
-        std::fs::create_dir_all(bundle)
-            .map_err(|e| ContainerError::io(format!("creating {}", bundle.display()), e))?;
+        std::fs::create_dir_all(bundle).map_err(|e| ContainerError::io(format!("creating {}", bundle.display()), e))?;
         write_json(&bundle.join("config.json"), spec)?;
 
         let process = spec.process().as_ref();
         let terminal = process.and_then(|p| p.terminal()).unwrap_or(false);
-        let console_size = process
-            .and_then(|p| p.console_size())
-            .map(|b| (b.height(), b.width()));
+        let console_size = process.and_then(|p| p.console_size()).map(|b| (b.height(), b.width()));
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let (pending, console, builder) = self.io_builder(id, ports, terminal)?;
-        let init_builder = builder
-            .as_init(bundle)
-            .with_systemd(false)
-            .with_detach(true);
+        let init_builder = builder.as_init(bundle).with_systemd(false).with_detach(true);
 
         let saved = SelfState::save(process.and_then(|p| p.oom_score_adj()).is_some());
         let mut registry = self.reaper.registry();
@@ -191,18 +160,9 @@ impl ContainerManager {
                 return Err(ContainerError::io("linux.resources", e));
             }
         }
-        let pid = lc.pid().map(|p| p.as_raw()).ok_or_else(|| {
-            ContainerError::FailedPrecondition("libcontainer reported no init pid".into())
-        })?;
-        let started = self.start_process_io(
-            &mut registry,
-            pid,
-            pending,
-            console.as_ref(),
-            console_size,
-            id,
-            cgroup,
-        );
+        let pid =
+            lc.pid().map(|p| p.as_raw()).ok_or_else(|| ContainerError::FailedPrecondition("libcontainer reported no init pid".into()))?;
+        let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, id, cgroup);
         drop(registry);
         let init = match started {
             Ok(init) => init,
@@ -218,11 +178,7 @@ impl ContainerManager {
             mounts_before,
             rootfs: rootfs.to_path_buf(),
             init,
-            inner: Mutex::new(Inner {
-                lc,
-                started: false,
-                execs: HashMap::new(),
-            }),
+            inner: Mutex::new(Inner { lc, started: false, execs: HashMap::new() }),
         })
     }
 
@@ -243,11 +199,7 @@ impl ContainerManager {
             Some(console) => {
                 let master = console.receive_master()?;
                 if let Some((rows, cols)) = console_size {
-                    stdio::set_winsize(
-                        master.as_fd(),
-                        u16::try_from(rows).unwrap_or(u16::MAX),
-                        u16::try_from(cols).unwrap_or(u16::MAX),
-                    )?;
+                    stdio::set_winsize(master.as_fd(), u16::try_from(rows).unwrap_or(u16::MAX), u16::try_from(cols).unwrap_or(u16::MAX))?;
                 }
                 Some(master)
             }
@@ -287,16 +239,8 @@ mod tests {
         let (m, sys) = manager(dir.path());
         add_container(&m, "pause", 100, true, &[]);
         let cases: Vec<(agent::CreateContainerRequest, ttrpc::Code, &str)> = vec![
-            (
-                request(dir.path(), "a/b"),
-                ttrpc::Code::INVALID_ARGUMENT,
-                "container_id",
-            ),
-            (
-                request(dir.path(), "pause"),
-                ttrpc::Code::ALREADY_EXISTS,
-                "pause",
-            ),
+            (request(dir.path(), "a/b"), ttrpc::Code::INVALID_ARGUMENT, "container_id"),
+            (request(dir.path(), "pause"), ttrpc::Code::ALREADY_EXISTS, "pause"),
             (
                 {
                     let mut r = request(dir.path(), "c1");
@@ -343,33 +287,19 @@ mod tests {
         let req = request(dir.path(), "c2");
         let (spec, _) = spec::parse_spec(&req.oci_spec_json, "").expect("spec");
         // Not shared: nothing to join, nobody holds it.
-        assert_eq!(
-            m.namespace_joins(&req, &spec).expect("joins"),
-            (vec![], false)
-        );
+        assert_eq!(m.namespace_joins(&req, &spec).expect("joins"), (vec![], false));
         m.share_pid_namespace();
         // The first container keeps its own, and holds it for the others.
-        assert_eq!(
-            m.namespace_joins(&req, &spec).expect("joins"),
-            (vec![], true)
-        );
+        assert_eq!(m.namespace_joins(&req, &spec).expect("joins"), (vec![], true));
         add_container(&m, "first", 321, true, &[]);
         lock(&m.shared_pid).holder = Some("first".into());
         let (joins, holds) = m.namespace_joins(&req, &spec).expect("joins");
         assert!(!holds);
-        assert_eq!(
-            joins,
-            [namespaces::Join {
-                typ: oci_spec::runtime::LinuxNamespaceType::Pid,
-                path: "/proc/321/ns/pid".into()
-            }]
-        );
+        assert_eq!(joins, [namespaces::Join { typ: oci_spec::runtime::LinuxNamespaceType::Pid, path: "/proc/321/ns/pid".into() }]);
         // An explicit join wins.
         let mut explicit = req.clone();
         add_container(&m, "pause", 99, true, &[]);
-        explicit
-            .join_namespaces
-            .insert("pid".into(), "pause".into());
+        explicit.join_namespaces.insert("pid".into(), "pause".into());
         let (joins, _) = m.namespace_joins(&explicit, &spec).expect("joins");
         assert_eq!(joins[0].path, PathBuf::from("/proc/99/ns/pid"));
     }

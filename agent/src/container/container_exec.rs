@@ -22,24 +22,17 @@ impl ContainerManager {
 
         let mut inner = lock(&c.inner);
         if !inner.started || c.init.has_exited() {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} is not running"
-            )));
+            return Err(ContainerError::FailedPrecondition(format!("container {id:?} is not running")));
         }
         if inner.execs.contains_key(exec_id) {
-            return Err(ContainerError::AlreadyExists(format!(
-                "process {exec_id:?} in container {id:?}"
-            )));
+            return Err(ContainerError::AlreadyExists(format!("process {exec_id:?} in container {id:?}")));
         }
         let process_file = c.bundle.join(format!("exec-{exec_id}.json"));
         write_json(&process_file, &process)?;
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let result = (|| {
             let (pending, console, builder) = self.io_builder(id, ports, req.terminal)?;
-            let tenant = builder
-                .as_tenant()
-                .with_process(Some(process_file.clone()))
-                .with_detach(true);
+            let tenant = builder.as_tenant().with_process(Some(process_file.clone())).with_detach(true);
             let saved = SelfState::save(process.oom_score_adj().is_some());
             let mut registry = self.reaper.registry();
             let built = {
@@ -47,19 +40,9 @@ impl ContainerManager {
                 tenant.build()
             };
             saved.restore();
-            let pid = built
-                .map_err(|e| ContainerError::libcontainer("executing the process", &e))?
-                .as_raw();
+            let pid = built.map_err(|e| ContainerError::libcontainer("executing the process", &e))?.as_raw();
             let name = format!("{id}/{exec_id}");
-            let started = self.start_process_io(
-                &mut registry,
-                pid,
-                pending,
-                console.as_ref(),
-                console_size,
-                &name,
-                &c.cgroup,
-            );
+            let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, &name, &c.cgroup);
             if started.is_err() {
                 let _ = self.sys.kill(pid, Signal::SIGKILL);
             }
@@ -83,8 +66,7 @@ mod tests {
         let mut req = agent::ExecProcessRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
-        req.process_json =
-            br#"{"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#.to_vec();
+        req.process_json = br#"{"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#.to_vec();
         req
     }
 
@@ -105,14 +87,9 @@ mod tests {
         bad.process_json = br#"{"args": [], "cwd": "/"}"#.to_vec();
         let err = m.exec(&bad).expect_err("no args");
         assert!(err.to_string().contains("process.args"), "{err}");
-        assert_eq!(
-            m.exec(&request("ghost", "e1")).expect_err("unknown").code(),
-            ttrpc::Code::NOT_FOUND
-        );
+        assert_eq!(m.exec(&request("ghost", "e1")).expect_err("unknown").code(), ttrpc::Code::NOT_FOUND);
         assert!(sys.calls().is_empty());
-        let left: Vec<_> = std::fs::read_dir(m.bundles_dir().join("running"))
-            .expect("bundle")
-            .collect();
+        let left: Vec<_> = std::fs::read_dir(m.bundles_dir().join("running")).expect("bundle").collect();
         assert!(left.is_empty(), "no process file left: {left:?}");
     }
 }

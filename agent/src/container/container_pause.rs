@@ -7,9 +7,6 @@ impl ContainerManager {
     pub fn pause(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;
         let mut inner = lock(&c.inner);
-        inner
-            .lc
-            .pause()
-            .map_err(|e| ContainerError::libcontainer("pausing", &e))
+        inner.lc.pause().map_err(|e| ContainerError::libcontainer("pausing", &e))
     }
 }

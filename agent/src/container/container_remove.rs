@@ -18,9 +18,7 @@ impl ContainerManager {
         let _span = tracing::info_span!("remove_container", id, force).entered();
         let mut inner = lock(&c.inner);
         if inner.started && !c.init.has_exited() && !force {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} is running; stop it first or remove with force"
-            )));
+            return Err(ContainerError::FailedPrecondition(format!("container {id:?} is running; stop it first or remove with force")));
         }
         // Whatever still runs goes: the init (and with it a PID namespace),
         // then anything left in the cgroup (exec'd processes without one).
@@ -74,10 +72,7 @@ impl ContainerManager {
             tracing::info!("container removed");
             Ok(())
         } else {
-            Err(ContainerError::io(
-                "removing the container",
-                io::Error::other(problems.join("; ")),
-            ))
+            Err(ContainerError::io("removing the container", io::Error::other(problems.join("; "))))
         }
     }
 }

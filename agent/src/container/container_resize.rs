@@ -9,10 +9,8 @@ impl ContainerManager {
     pub fn resize(&self, req: &agent::ResizeTtyRequest) -> Result<()> {
         let c = self.get(&req.container_id)?;
         let process = c.process(&req.exec_id)?;
-        let rows = u16::try_from(req.rows)
-            .map_err(|_| ContainerError::InvalidArgument("rows: too large".into()))?;
-        let cols = u16::try_from(req.cols)
-            .map_err(|_| ContainerError::InvalidArgument("cols: too large".into()))?;
+        let rows = u16::try_from(req.rows).map_err(|_| ContainerError::InvalidArgument("rows: too large".into()))?;
+        let cols = u16::try_from(req.cols).map_err(|_| ContainerError::InvalidArgument("cols: too large".into()))?;
         if process.io().resize(rows, cols)? {
             Ok(())
         } else {

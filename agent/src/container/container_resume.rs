@@ -7,9 +7,6 @@ impl ContainerManager {
     pub fn resume(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;
         let mut inner = lock(&c.inner);
-        inner
-            .lc
-            .resume()
-            .map_err(|e| ContainerError::libcontainer("resuming", &e))
+        inner.lc.resume().map_err(|e| ContainerError::libcontainer("resuming", &e))
     }
 }

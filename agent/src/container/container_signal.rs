@@ -12,19 +12,14 @@ impl ContainerManager {
         let signal = i32::try_from(req.signal)
             .ok()
             .and_then(|n| Signal::try_from(n).ok())
-            .ok_or_else(|| {
-                ContainerError::InvalidArgument(format!("signal: {} is not a signal", req.signal))
-            })?;
+            .ok_or_else(|| ContainerError::InvalidArgument(format!("signal: {} is not a signal", req.signal)))?;
         let _span = tracing::debug_span!("signal_process", id = %req.container_id, exec_id = %req.exec_id, %signal).entered();
         if req.all {
             return self.signal_all(&c, signal);
         }
         let process = c.process(&req.exec_id)?;
         if process.has_exited() {
-            return Err(ContainerError::ProcessExited {
-                id: c.id.clone(),
-                exec_id: req.exec_id.clone(),
-            });
+            return Err(ContainerError::ProcessExited { id: c.id.clone(), exec_id: req.exec_id.clone() });
         }
         match self.sys.kill(process.pid(), signal) {
             Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
@@ -33,10 +28,7 @@ impl ContainerManager {
     }
 
     fn signal_all(&self, c: &Container, signal: Signal) -> Result<()> {
-        let pids = c
-            .cgroup
-            .pids()
-            .map_err(|e| ContainerError::io(format!("reading {}", c.cgroup.dir().display()), e))?;
+        let pids = c.cgroup.pids().map_err(|e| ContainerError::io(format!("reading {}", c.cgroup.dir().display()), e))?;
         for pid in pids {
             let Ok(pid) = i32::try_from(pid) else {
                 continue;
@@ -73,16 +65,7 @@ mod tests {
         m.signal(&request("c1", "", 15, false)).expect("init");
         m.signal(&request("c1", "e1", 9, false)).expect("exec");
         m.signal(&request("c1", "", 2, true)).expect("all");
-        assert_eq!(
-            *sys.calls(),
-            [
-                "kill 4242 SIGTERM",
-                "kill 4300 SIGKILL",
-                "kill 4242 SIGINT",
-                "kill 4300 SIGINT",
-                "kill 4301 SIGINT",
-            ]
-        );
+        assert_eq!(*sys.calls(), ["kill 4242 SIGTERM", "kill 4300 SIGKILL", "kill 4242 SIGINT", "kill 4300 SIGINT", "kill 4301 SIGINT",]);
     }
 
     #[test]
@@ -90,18 +73,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (m, sys) = manager(dir.path());
         let c = add_container(&m, "c1", 4242, true, &[]);
-        let err = m
-            .signal(&request("c1", "", 99, false))
-            .expect_err("no such signal");
+        let err = m.signal(&request("c1", "", 99, false)).expect_err("no such signal");
         assert_eq!(err.code(), ttrpc::Code::INVALID_ARGUMENT);
         assert!(err.to_string().contains("signal: 99"), "{err}");
-        let err = m
-            .signal(&request("ghost", "", 15, false))
-            .expect_err("no container");
+        let err = m.signal(&request("ghost", "", 15, false)).expect_err("no container");
         assert_eq!(err.code(), ttrpc::Code::NOT_FOUND);
-        let err = m
-            .signal(&request("c1", "nope", 15, false))
-            .expect_err("no exec");
+        let err = m.signal(&request("c1", "nope", 15, false)).expect_err("no exec");
         assert_eq!(err.code(), ttrpc::Code::NOT_FOUND);
         exit(&c.init, 0);
         let err = m.signal(&request("c1", "", 15, false)).expect_err("exited");

@@ -9,27 +9,19 @@ impl ContainerManager {
         let _span = tracing::info_span!("start_container", id).entered();
         let mut inner = lock(&c.inner);
         if inner.started {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} is already started"
-            )));
+            return Err(ContainerError::FailedPrecondition(format!("container {id:?} is already started")));
         }
         if c.init.has_exited() {
-            return Err(ContainerError::FailedPrecondition(format!(
-                "container {id:?} has stopped"
-            )));
+            return Err(ContainerError::FailedPrecondition(format!("container {id:?} has stopped")));
         }
         c.init.set_oom_baseline(c.cgroup.oom_kills());
         {
             let _registry = self.reaper.registry();
-            inner
-                .lc
-                .start()
-                .map_err(|e| ContainerError::libcontainer("starting the container", &e))?;
+            inner.lc.start().map_err(|e| ContainerError::libcontainer("starting the container", &e))?;
         }
         inner.started = true;
         drop(inner);
-        let pid = u32::try_from(c.init.pid())
-            .map_err(|_| ContainerError::InvalidArgument("pid".into()))?;
+        let pid = u32::try_from(c.init.pid()).map_err(|_| ContainerError::InvalidArgument("pid".into()))?;
         wait_for_exec(pid, || c.init.has_exited());
         Ok(pid)
     }
@@ -46,9 +38,7 @@ const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// started, as the OCI spec orders them.
 fn wait_for_exec(pid: u32, exited: impl Fn() -> bool) {
     use std::os::unix::fs::MetadataExt;
-    let ours = std::fs::metadata("/proc/self/exe")
-        .map(|m| (m.dev(), m.ino()))
-        .ok();
+    let ours = std::fs::metadata("/proc/self/exe").map(|m| (m.dev(), m.ino())).ok();
     let start = std::time::Instant::now();
     while start.elapsed() < EXEC_WAIT && !exited() {
         match std::fs::metadata(format!("/proc/{pid}/exe")).map(|m| (m.dev(), m.ino())) {
@@ -77,9 +67,6 @@ mod tests {
         exit(&c.init, 1);
         let err = m.start("dead").expect_err("stopped");
         assert!(err.to_string().contains("has stopped"), "{err}");
-        assert_eq!(
-            m.start("ghost").expect_err("unknown").code(),
-            ttrpc::Code::NOT_FOUND
-        );
+        assert_eq!(m.start("ghost").expect_err("unknown").code(), ttrpc::Code::NOT_FOUND);
     }
 }

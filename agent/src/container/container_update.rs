@@ -13,12 +13,7 @@ impl ContainerManager {
         let c = self.get(&req.container_id)?;
         let resources = spec::parse_resources(&req.resources_json)?;
         self.check_controllers(&resources, "resources_json")?;
-        let cgroup_path = Path::new("/").join(
-            c.cgroup
-                .dir()
-                .strip_prefix(&self.config.cgroup_root)
-                .unwrap_or(c.cgroup.dir()),
-        );
+        let cgroup_path = Path::new("/").join(c.cgroup.dir().strip_prefix(&self.config.cgroup_root).unwrap_or(c.cgroup.dir()));
         let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
             cgroup_path,
             systemd_cgroup: false,
@@ -32,13 +27,7 @@ impl ContainerManager {
                 oom_score_adj: None,
                 freezer_state: None,
             })
-            .map_err(|e| ContainerError::Libcontainer {
-                step: "updating resources",
-                message: e.to_string(),
-                invalid: false,
-            })?;
-        c.cgroup
-            .fix_libcgroups(&resources)
-            .map_err(|e| ContainerError::io("resources_json", e))
+            .map_err(|e| ContainerError::Libcontainer { step: "updating resources", message: e.to_string(), invalid: false })?;
+        c.cgroup.fix_libcgroups(&resources).map_err(|e| ContainerError::io("resources_json", e))
     }
 }

@@ -36,15 +36,9 @@ mod tests {
         let mut req = agent::WaitProcessRequest::new();
         req.container_id = "c1".into();
         let resp = m.wait(&req).expect("wait");
-        assert_eq!(
-            (resp.exit_code, resp.signal, resp.pid, resp.oom_killed),
-            (3, 0, 77, false)
-        );
+        assert_eq!((resp.exit_code, resp.signal, resp.pid, resp.oom_killed), (3, 0, 77, false));
         assert!(resp.exited_at_unix_nano > 0);
         req.exec_id = "e9".into();
-        assert_eq!(
-            m.wait(&req).expect_err("no exec").code(),
-            ttrpc::Code::NOT_FOUND
-        );
+        assert_eq!(m.wait(&req).expect_err("no exec").code(), ttrpc::Code::NOT_FOUND);
     }
 }

@@ -28,11 +28,7 @@ pub enum ContainerError {
     Stdio(StdioError),
     /// libcontainer failed; `invalid` when it judged the input.
     #[error("{step}: {message}")]
-    Libcontainer {
-        step: &'static str,
-        message: String,
-        invalid: bool,
-    },
+    Libcontainer { step: &'static str, message: String, invalid: bool },
     #[error("{what}: {cause}")]
     Io { what: String, cause: io::Error },
 }
@@ -42,9 +38,7 @@ impl ContainerError {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidSpec(_) | Self::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-            Self::NotFound(_) | Self::ProcessNotFound { .. } | Self::ProcessExited { .. } => {
-                Code::NOT_FOUND
-            }
+            Self::NotFound(_) | Self::ProcessNotFound { .. } | Self::ProcessExited { .. } => Code::NOT_FOUND,
             Self::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Self::Libcontainer { invalid: true, .. } => Code::INVALID_ARGUMENT,
@@ -53,19 +47,11 @@ impl ContainerError {
     }
 
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io {
-            what: what.into(),
-            cause: source,
-        }
+        Self::Io { what: what.into(), cause: source }
     }
 
-    pub(crate) fn libcontainer(
-        step: &'static str,
-        err: &libcontainer::error::LibcontainerError,
-    ) -> Self {
-        use libcontainer::error::{
-            ErrInvalidID, ErrInvalidSpec, LibcontainerError, MissingSpecError,
-        };
+    pub(crate) fn libcontainer(step: &'static str, err: &libcontainer::error::LibcontainerError) -> Self {
+        use libcontainer::error::{ErrInvalidID, ErrInvalidSpec, LibcontainerError, MissingSpecError};
         let mut message = err.to_string();
         let mut invalid = false;
         let mut wrong_state = matches!(err, LibcontainerError::IncorrectStatus(_));
@@ -100,11 +86,7 @@ impl ContainerError {
         if wrong_state {
             return Self::FailedPrecondition(format!("{step}: {message}"));
         }
-        Self::Libcontainer {
-            step,
-            message,
-            invalid,
-        }
+        Self::Libcontainer { step, message, invalid }
     }
 }
 
@@ -135,51 +117,18 @@ mod tests {
     #[test]
     fn errors_map_to_status_codes() {
         let cases: Vec<(ContainerError, Code)> = vec![
-            (
-                SpecError::new("process.cwd", "relative").into(),
-                Code::INVALID_ARGUMENT,
-            ),
+            (SpecError::new("process.cwd", "relative").into(), Code::INVALID_ARGUMENT),
             (ContainerError::NotFound("c".into()), Code::NOT_FOUND),
-            (
-                ContainerError::ProcessExited {
-                    id: "c".into(),
-                    exec_id: "e".into(),
-                },
-                Code::NOT_FOUND,
-            ),
-            (
-                ContainerError::AlreadyExists("c".into()),
-                Code::ALREADY_EXISTS,
-            ),
-            (
-                ContainerError::FailedPrecondition("x".into()),
-                Code::FAILED_PRECONDITION,
-            ),
-            (
-                ContainerError::Libcontainer {
-                    step: "s",
-                    message: "m".into(),
-                    invalid: true,
-                },
-                Code::INVALID_ARGUMENT,
-            ),
-            (
-                ContainerError::Libcontainer {
-                    step: "s",
-                    message: "m".into(),
-                    invalid: false,
-                },
-                Code::INTERNAL,
-            ),
+            (ContainerError::ProcessExited { id: "c".into(), exec_id: "e".into() }, Code::NOT_FOUND),
+            (ContainerError::AlreadyExists("c".into()), Code::ALREADY_EXISTS),
+            (ContainerError::FailedPrecondition("x".into()), Code::FAILED_PRECONDITION),
+            (ContainerError::Libcontainer { step: "s", message: "m".into(), invalid: true }, Code::INVALID_ARGUMENT),
+            (ContainerError::Libcontainer { step: "s", message: "m".into(), invalid: false }, Code::INTERNAL),
         ];
         for (err, code) in cases {
             let message = err.to_string();
             let status: ttrpc::Error = err.into();
-            assert_eq!(
-                carapace_protocol::rpc_code(&status),
-                Some(code),
-                "{message}"
-            );
+            assert_eq!(carapace_protocol::rpc_code(&status), Some(code), "{message}");
         }
         let invalid = ContainerError::from(SpecError::new("linux.namespaces[1].type", "unknown"));
         assert!(invalid.to_string().contains("linux.namespaces[1].type"));
@@ -212,15 +161,10 @@ mod tests {
     #[test]
     fn libcontainer_errors_are_classified() {
         use libcontainer::error::{ErrInvalidSpec, LibcontainerError};
-        let e = ContainerError::libcontainer(
-            "creating",
-            &LibcontainerError::InvalidSpec(ErrInvalidSpec::UnsupportedVersion),
-        );
+        let e = ContainerError::libcontainer("creating", &LibcontainerError::InvalidSpec(ErrInvalidSpec::UnsupportedVersion));
         assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
-        let e = ContainerError::libcontainer(
-            "pausing",
-            &LibcontainerError::IncorrectStatus(libcontainer::container::ContainerStatus::Stopped),
-        );
+        let e =
+            ContainerError::libcontainer("pausing", &LibcontainerError::IncorrectStatus(libcontainer::container::ContainerStatus::Stopped));
         assert_eq!(e.code(), Code::FAILED_PRECONDITION, "{e}");
         let e = ContainerError::libcontainer("creating", &LibcontainerError::Other("boom".into()));
         assert_eq!(e.code(), Code::INTERNAL, "{e}");

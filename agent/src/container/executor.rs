@@ -41,23 +41,13 @@ pub fn reset_signals_for_exec() {
 /// Where `name` (a process's `args[0]`) is found, given the process's
 /// environment; `is_file` says whether a path is an executable file (the
 /// real check, or a test's).
-pub fn find_program(
-    name: &str,
-    env: &[String],
-    is_file: impl Fn(&Path) -> bool,
-) -> Result<PathBuf, String> {
+pub fn find_program(name: &str, env: &[String], is_file: impl Fn(&Path) -> bool) -> Result<PathBuf, String> {
     if name.is_empty() {
         return Err("process.args[0]: empty".into());
     }
     if name.contains('/') {
         let path = PathBuf::from(name);
-        return if is_file(&path) {
-            Ok(path)
-        } else {
-            Err(format!(
-                "process.args[0] {name:?}: no such executable file in the container"
-            ))
-        };
+        return if is_file(&path) { Ok(path) } else { Err(format!("process.args[0] {name:?}: no such executable file in the container")) };
     }
     let Some(path_var) = env.iter().find_map(|e| e.strip_prefix("PATH=")) else {
         return Err(format!(
@@ -68,13 +58,7 @@ pub fn find_program(
     path_var
         .split(':')
         // An empty entry is the working directory, as for execvp.
-        .map(|dir| {
-            if dir.is_empty() {
-                Path::new(".")
-            } else {
-                Path::new(dir)
-            }
-        })
+        .map(|dir| if dir.is_empty() { Path::new(".") } else { Path::new(dir) })
         .map(|dir| dir.join(name))
         .find(|candidate| is_file(candidate))
         .ok_or_else(|| format!("process.args[0] {name:?}: not found in PATH {path_var:?}"))
@@ -97,20 +81,14 @@ impl Executor for AgentExecutor {
     /// Runs in the container (after pivot_root and chdir to process.cwd),
     /// as runc's lookup does.
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        let process = spec.process().as_ref().ok_or_else(|| {
-            ExecutorValidationError::ArgValidationError("process: missing".into())
-        })?;
+        let process = spec.process().as_ref().ok_or_else(|| ExecutorValidationError::ArgValidationError("process: missing".into()))?;
         let name = process
             .args()
             .as_ref()
             .and_then(|a| a.first())
-            .ok_or_else(|| {
-                ExecutorValidationError::ArgValidationError("process.args: empty".into())
-            })?;
+            .ok_or_else(|| ExecutorValidationError::ArgValidationError("process.args: empty".into()))?;
         let env = process.env().clone().unwrap_or_default();
-        find_program(name, &env, is_executable_file)
-            .map(drop)
-            .map_err(ExecutorValidationError::ArgValidationError)
+        find_program(name, &env, is_executable_file).map(drop).map_err(ExecutorValidationError::ArgValidationError)
     }
 }
 
@@ -125,48 +103,26 @@ mod tests {
     #[test]
     fn a_path_with_a_slash_needs_no_path_variable() {
         let env = vec!["HOME=/".to_string()];
-        assert_eq!(
-            find_program("/pause", &env, files(&["/pause"])),
-            Ok(PathBuf::from("/pause"))
-        );
-        assert_eq!(
-            find_program("./run", &env, files(&["./run"])),
-            Ok(PathBuf::from("./run"))
-        );
+        assert_eq!(find_program("/pause", &env, files(&["/pause"])), Ok(PathBuf::from("/pause")));
+        assert_eq!(find_program("./run", &env, files(&["./run"])), Ok(PathBuf::from("./run")));
         let err = find_program("/nope", &env, files(&["/pause"])).expect_err("missing");
-        assert!(
-            err.contains("\"/nope\"") && err.contains("no such executable"),
-            "{err}"
-        );
+        assert!(err.contains("\"/nope\"") && err.contains("no such executable"), "{err}");
     }
 
     #[test]
     fn a_bare_name_without_path_is_refused_by_name() {
-        let err =
-            find_program("pause", &["HOME=/".into()], files(&["/pause"])).expect_err("no PATH");
-        assert!(
-            err.starts_with("process.args[0] \"pause\": not found"),
-            "{err}"
-        );
+        let err = find_program("pause", &["HOME=/".into()], files(&["/pause"])).expect_err("no PATH");
+        assert!(err.starts_with("process.args[0] \"pause\": not found"), "{err}");
         assert!(err.contains("no PATH"), "{err}");
     }
 
     #[test]
     fn a_bare_name_is_searched_in_path_in_order() {
         let env = vec!["PATH=/usr/bin:/bin".to_string()];
-        assert_eq!(
-            find_program("sh", &env, files(&["/bin/sh", "/usr/bin/sh"])),
-            Ok(PathBuf::from("/usr/bin/sh"))
-        );
-        assert_eq!(
-            find_program("sh", &env, files(&["/bin/sh"])),
-            Ok(PathBuf::from("/bin/sh"))
-        );
+        assert_eq!(find_program("sh", &env, files(&["/bin/sh", "/usr/bin/sh"])), Ok(PathBuf::from("/usr/bin/sh")));
+        assert_eq!(find_program("sh", &env, files(&["/bin/sh"])), Ok(PathBuf::from("/bin/sh")));
         let err = find_program("zsh", &env, files(&["/bin/sh"])).expect_err("absent");
-        assert_eq!(
-            err,
-            "process.args[0] \"zsh\": not found in PATH \"/usr/bin:/bin\""
-        );
+        assert_eq!(err, "process.args[0] \"zsh\": not found in PATH \"/usr/bin:/bin\"");
     }
 
     #[test]

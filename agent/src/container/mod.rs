@@ -133,10 +133,7 @@ impl Container {
             .execs
             .get(exec_id)
             .cloned()
-            .ok_or_else(|| ContainerError::ProcessNotFound {
-                id: self.id.clone(),
-                exec_id: exec_id.to_string(),
-            })
+            .ok_or_else(|| ContainerError::ProcessNotFound { id: self.id.clone(), exec_id: exec_id.to_string() })
     }
 }
 
@@ -159,10 +156,7 @@ pub struct ContainerManager {
 
 impl std::fmt::Debug for ContainerManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ContainerManager")
-            .field("config", &self.config)
-            .field("containers", &self.containers)
-            .finish_non_exhaustive()
+        f.debug_struct("ContainerManager").field("config", &self.config).field("containers", &self.containers).finish_non_exhaustive()
     }
 }
 
@@ -180,15 +174,11 @@ fn check_id(field: &str, id: &str) -> Result<()> {
         && id != "."
         && id != ".."
         && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.'));
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.'));
     if ok {
         Ok(())
     } else {
-        Err(ContainerError::InvalidArgument(format!(
-            "{field}: {id:?} is not a valid id (1-128 of [A-Za-z0-9_+.-])"
-        )))
+        Err(ContainerError::InvalidArgument(format!("{field}: {id:?} is not a valid id (1-128 of [A-Za-z0-9_+.-])")))
     }
 }
 
@@ -200,9 +190,7 @@ struct SelfState {
 
 impl SelfState {
     fn save(touches_oom: bool) -> Self {
-        let oom_score_adj = touches_oom
-            .then(|| std::fs::read_to_string("/proc/self/oom_score_adj").ok())
-            .flatten();
+        let oom_score_adj = touches_oom.then(|| std::fs::read_to_string("/proc/self/oom_score_adj").ok()).flatten();
         Self { oom_score_adj }
     }
 
@@ -219,8 +207,7 @@ impl SelfState {
 }
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let bytes = serde_json::to_vec(value)
-        .map_err(|e| ContainerError::io(format!("encoding {}", path.display()), e.into()))?;
+    let bytes = serde_json::to_vec(value).map_err(|e| ContainerError::io(format!("encoding {}", path.display()), e.into()))?;
     std::fs::write(path, bytes).map_err(|e| ContainerError::io(format!("writing {}", path.display()), e))
 }
 
@@ -252,10 +239,7 @@ impl ContainerManager {
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
-        lock(&self.containers)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ContainerError::NotFound(id.to_string()))
+        lock(&self.containers).get(id).cloned().ok_or_else(|| ContainerError::NotFound(id.to_string()))
     }
 
     /// How many containers exist.
@@ -266,9 +250,7 @@ impl ContainerManager {
     /// Refuses resources whose cgroup controller this guest does not have
     /// (libcontainer would silently skip them).
     fn check_controllers(&self, resources: &oci_spec::runtime::LinuxResources, field: &str) -> Result<()> {
-        let available = self
-            .controllers
-            .get_or_init(|| cgroup::root_controllers(&self.config.cgroup_root));
+        let available = self.controllers.get_or_init(|| cgroup::root_controllers(&self.config.cgroup_root));
         for needed in spec::needed_controllers(resources) {
             if !available.iter().any(|c| c == needed) {
                 return Err(ContainerError::FailedPrecondition(format!(
@@ -293,17 +275,10 @@ impl ContainerManager {
             let _span = tracing::debug_span!("stdio").entered();
             stdio::prepare(&self.config.dialer, ports, terminal)?
         };
-        let console = if terminal {
-            Some(self.consoles.bind()?)
-        } else {
-            None
-        };
+        let console = if terminal { Some(self.consoles.bind()?) } else { None };
         let mut builder = self.builder(id)?;
         if let Some(child) = child {
-            builder = builder
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr);
+            builder = builder.with_stdin(child.stdin).with_stdout(child.stdout).with_stderr(child.stderr);
         }
         if let Some(console) = &console {
             builder = builder.with_console_socket(Some(console.path().to_path_buf()));
@@ -313,8 +288,7 @@ impl ContainerManager {
 
     fn builder(&self, id: &str) -> Result<ContainerBuilder> {
         let root = self.libcontainer_root();
-        std::fs::create_dir_all(&root)
-            .map_err(|e| ContainerError::io(format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(&root).map_err(|e| ContainerError::io(format!("creating {}", root.display()), e))?;
         ContainerBuilder::new(id.to_string(), SyscallType::default())
             .with_root_path(root)
             .map(|b| b.with_executor(AgentExecutor))
@@ -337,4 +311,3 @@ mod tests {
         }
     }
 }
-

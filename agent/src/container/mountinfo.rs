@@ -9,41 +9,25 @@ use crate::sys::Syscall;
 
 /// The mount points of this mount namespace.
 pub fn mount_points() -> HashSet<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| parse_mount_points(&text))
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/self/mountinfo").map(|text| parse_mount_points(&text)).unwrap_or_default()
 }
 
 /// The mount points (fifth field) of a mountinfo table.
 pub fn parse_mount_points(text: &str) -> HashSet<PathBuf> {
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .collect()
+    text.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape_mountinfo(p))).collect()
 }
 
 /// A mountinfo path as it is (mountinfo escapes space, tab, newline and
 /// backslash in octal).
 pub fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// What is mounted under `rootfs` in `now` and was not in `before`,
 /// deepest first (the order to unmount in).
 pub fn new_under(now: HashSet<PathBuf>, rootfs: &Path, before: &HashSet<PathBuf>) -> Vec<PathBuf> {
-    let mut new: Vec<PathBuf> = now
-        .into_iter()
-        .filter(|p| p.starts_with(rootfs) && !before.contains(p))
-        .collect();
-    new.sort_by(|a, b| {
-        b.components()
-            .count()
-            .cmp(&a.components().count())
-            .then_with(|| a.cmp(b))
-    });
+    let mut new: Vec<PathBuf> = now.into_iter().filter(|p| p.starts_with(rootfs) && !before.contains(p)).collect();
+    new.sort_by(|a, b| b.components().count().cmp(&a.components().count()).then_with(|| a.cmp(b)));
     new
 }
 
@@ -82,11 +66,7 @@ mod tests {
         );
         assert_eq!(
             new_under(now, Path::new("/r/rootfs"), &before),
-            [
-                PathBuf::from("/r/rootfs/proc/sys"),
-                PathBuf::from("/r/rootfs/my dir"),
-                PathBuf::from("/r/rootfs/proc"),
-            ]
+            [PathBuf::from("/r/rootfs/proc/sys"), PathBuf::from("/r/rootfs/my dir"), PathBuf::from("/r/rootfs/proc"),]
         );
     }
 }

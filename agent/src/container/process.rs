@@ -30,10 +30,7 @@ pub struct Process {
 }
 
 pub fn now_unix_nano() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 impl Process {
@@ -58,10 +55,7 @@ impl Process {
 
     /// Called by the reaper (keep it short).
     pub fn record_exit(&self, exit: ChildExit) {
-        let record = ExitRecord {
-            exit,
-            at_unix_nano: now_unix_nano(),
-        };
+        let record = ExitRecord { exit, at_unix_nano: now_unix_nano() };
         *self.exit.lock().unwrap_or_else(PoisonError::into_inner) = Some(record);
         self.exited.notify_all();
         self.io.notify_exit();
@@ -84,10 +78,7 @@ impl Process {
                 if let Some(record) = *exit {
                     break record;
                 }
-                exit = self
-                    .exited
-                    .wait(exit)
-                    .unwrap_or_else(PoisonError::into_inner);
+                exit = self.exited.wait(exit).unwrap_or_else(PoisonError::into_inner);
             }
         };
         self.io.wait_drained();
@@ -96,10 +87,7 @@ impl Process {
 
     /// Resets the OOM baseline (the init process "starts" at StartContainer).
     pub fn set_oom_baseline(&self, oom_kills: u64) {
-        *self
-            .oom_kills_at_start
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = oom_kills;
+        *self.oom_kills_at_start.lock().unwrap_or_else(PoisonError::into_inner) = oom_kills;
     }
 
     /// Decides once whether the cgroup's OOM-kill count grew while the
@@ -109,10 +97,7 @@ impl Process {
         if let Some(v) = *decided {
             return v;
         }
-        let start = *self
-            .oom_kills_at_start
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let start = *self.oom_kills_at_start.lock().unwrap_or_else(PoisonError::into_inner);
         let v = now() > start;
         *decided = Some(v);
         v

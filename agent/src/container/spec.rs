@@ -11,9 +11,7 @@ use oci_spec::runtime::{Hooks, LinuxResources, Process, Spec};
 use serde_json::Value;
 
 /// Namespace types the OCI runtime spec defines (config-linux.md).
-const NAMESPACE_TYPES: &[&str] = &[
-    "pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time",
-];
+const NAMESPACE_TYPES: &[&str] = &["pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"];
 
 /// System calls newer than some libseccomp releases: a profile may name
 /// them (Docker's default does) even when the linked libseccomp cannot
@@ -53,10 +51,7 @@ pub struct SpecError {
 
 impl SpecError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -64,19 +59,13 @@ impl SpecError {
 /// request's rootfs path (empty = `root.path`); it must be an absolute
 /// path to an existing directory.
 pub fn parse_spec(json: &[u8], rootfs_override: &str) -> Result<(Spec, PathBuf), SpecError> {
-    let value: Value = serde_json::from_slice(json)
-        .map_err(|e| SpecError::new("oci_spec_json", format!("not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(json).map_err(|e| SpecError::new("oci_spec_json", format!("not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(SpecError::new("oci_spec_json", "not a JSON object"));
     }
     match value.get("ociVersion").and_then(Value::as_str) {
         Some(v) if v.starts_with("1.") => {}
-        Some(v) => {
-            return Err(SpecError::new(
-                "ociVersion",
-                format!("unsupported version {v:?} (want 1.x)"),
-            ))
-        }
+        Some(v) => return Err(SpecError::new("ociVersion", format!("unsupported version {v:?} (want 1.x)"))),
         None => return Err(SpecError::new("ociVersion", "missing")),
     }
     match value.get("process") {
@@ -97,29 +86,15 @@ pub fn parse_spec(json: &[u8], rootfs_override: &str) -> Result<(Spec, PathBuf),
     };
     let (rootfs, rootfs_field) = rootfs;
     if !rootfs.is_absolute() {
-        return Err(SpecError::new(
-            rootfs_field,
-            format!("{} is not an absolute path", rootfs.display()),
-        ));
+        return Err(SpecError::new(rootfs_field, format!("{} is not an absolute path", rootfs.display())));
     }
     match std::fs::metadata(&rootfs) {
         Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(SpecError::new(
-                rootfs_field,
-                format!("{} is not a directory", rootfs.display()),
-            ))
-        }
-        Err(e) => {
-            return Err(SpecError::new(
-                rootfs_field,
-                format!("{}: {e}", rootfs.display()),
-            ))
-        }
+        Ok(_) => return Err(SpecError::new(rootfs_field, format!("{} is not a directory", rootfs.display()))),
+        Err(e) => return Err(SpecError::new(rootfs_field, format!("{}: {e}", rootfs.display()))),
     }
 
-    let spec: Spec = serde_json::from_value(value)
-        .map_err(|e| SpecError::new("oci_spec_json", e.to_string()))?;
+    let spec: Spec = serde_json::from_value(value).map_err(|e| SpecError::new("oci_spec_json", e.to_string()))?;
     if spec.linux().is_none() {
         return Err(SpecError::new("linux", "missing (a Linux container needs it)"));
     }
@@ -128,8 +103,7 @@ pub fn parse_spec(json: &[u8], rootfs_override: &str) -> Result<(Spec, PathBuf),
 
 /// Parses and validates an OCI `process` object (ExecProcess).
 pub fn parse_process(json: &[u8]) -> Result<Process, SpecError> {
-    let value: Value = serde_json::from_slice(json)
-        .map_err(|e| SpecError::new("process_json", format!("not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(json).map_err(|e| SpecError::new("process_json", format!("not valid JSON: {e}")))?;
     check_process(&value, "process")?;
     serde_json::from_value(value).map_err(|e| SpecError::new("process_json", e.to_string()))
 }
@@ -159,12 +133,7 @@ fn check_process(process: &Value, at: &str) -> Result<(), SpecError> {
     }
     match process.get("cwd") {
         Some(Value::String(cwd)) if cwd.starts_with('/') => {}
-        Some(Value::String(cwd)) => {
-            return Err(SpecError::new(
-                format!("{at}.cwd"),
-                format!("{cwd:?} is not an absolute path"),
-            ))
-        }
+        Some(Value::String(cwd)) => return Err(SpecError::new(format!("{at}.cwd"), format!("{cwd:?} is not an absolute path"))),
         Some(_) => return Err(SpecError::new(format!("{at}.cwd"), "not a string")),
         None => return Err(SpecError::new(format!("{at}.cwd"), "missing")),
     }
@@ -173,21 +142,13 @@ fn check_process(process: &Value, at: &str) -> Result<(), SpecError> {
 
 fn check_linux(linux: &Value) -> Result<(), SpecError> {
     if let Some(namespaces) = linux.get("namespaces") {
-        let namespaces = namespaces
-            .as_array()
-            .ok_or_else(|| SpecError::new("linux.namespaces", "not an array"))?;
+        let namespaces = namespaces.as_array().ok_or_else(|| SpecError::new("linux.namespaces", "not an array"))?;
         let mut seen: Vec<&str> = Vec::new();
         for (i, ns) in namespaces.iter().enumerate() {
             let field = format!("linux.namespaces[{i}].type");
-            let ty = ns
-                .get("type")
-                .and_then(Value::as_str)
-                .ok_or_else(|| SpecError::new(&field, "missing"))?;
+            let ty = ns.get("type").and_then(Value::as_str).ok_or_else(|| SpecError::new(&field, "missing"))?;
             if !NAMESPACE_TYPES.contains(&ty) {
-                return Err(SpecError::new(
-                    field,
-                    format!("unknown namespace type {ty:?} (want one of {NAMESPACE_TYPES:?})"),
-                ));
+                return Err(SpecError::new(field, format!("unknown namespace type {ty:?} (want one of {NAMESPACE_TYPES:?})")));
             }
             if seen.contains(&ty) {
                 return Err(SpecError::new(field, format!("namespace {ty:?} given twice")));
@@ -195,10 +156,7 @@ fn check_linux(linux: &Value) -> Result<(), SpecError> {
             seen.push(ty);
             if let Some(path) = ns.get("path").and_then(Value::as_str) {
                 if !path.is_empty() && !Path::new(path).exists() {
-                    return Err(SpecError::new(
-                        format!("linux.namespaces[{i}].path"),
-                        format!("{path} does not exist"),
-                    ));
+                    return Err(SpecError::new(format!("linux.namespaces[{i}].path"), format!("{path} does not exist")));
                 }
             }
         }
@@ -213,9 +171,7 @@ fn check_seccomp(seccomp: &Value) -> Result<(), SpecError> {
     let Some(syscalls) = seccomp.get("syscalls") else {
         return Ok(());
     };
-    let syscalls = syscalls
-        .as_array()
-        .ok_or_else(|| SpecError::new("linux.seccomp.syscalls", "not an array"))?;
+    let syscalls = syscalls.as_array().ok_or_else(|| SpecError::new("linux.seccomp.syscalls", "not an array"))?;
     for (i, rule) in syscalls.iter().enumerate() {
         let names = rule
             .get("names")
@@ -223,17 +179,12 @@ fn check_seccomp(seccomp: &Value) -> Result<(), SpecError> {
             .ok_or_else(|| SpecError::new(format!("linux.seccomp.syscalls[{i}].names"), "missing"))?;
         for (j, name) in names.iter().enumerate() {
             let field = format!("linux.seccomp.syscalls[{i}].names[{j}]");
-            let name = name
-                .as_str()
-                .ok_or_else(|| SpecError::new(&field, "not a string"))?;
+            let name = name.as_str().ok_or_else(|| SpecError::new(&field, "not a string"))?;
             if RECENT_SYSCALLS.contains(&name) {
                 continue;
             }
             if libseccomp::ScmpSyscall::from_name(name).is_err() {
-                return Err(SpecError::new(
-                    field,
-                    format!("unknown system call {name:?}"),
-                ));
+                return Err(SpecError::new(field, format!("unknown system call {name:?}")));
             }
         }
     }
@@ -263,11 +214,7 @@ pub fn has_mount_namespace(spec: &Spec) -> bool {
     spec.linux()
         .as_ref()
         .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|nss| {
-            nss.iter().any(|ns| {
-                ns.typ() == oci_spec::runtime::LinuxNamespaceType::Mount && ns.path().is_none()
-            })
-        })
+        .is_some_and(|nss| nss.iter().any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Mount && ns.path().is_none()))
 }
 
 /// The spec as libcontainer gets it:
@@ -339,8 +286,7 @@ pub fn ensure_home(process: &mut Process, rootfs: &Path) {
         .and_then(|passwd| {
             passwd.lines().find_map(|line| {
                 let fields: Vec<&str> = line.split(':').collect();
-                (fields.len() >= 6 && fields[2].parse::<u32>().ok() == Some(uid))
-                    .then(|| fields[5].to_string())
+                (fields.len() >= 6 && fields[2].parse::<u32>().ok() == Some(uid)).then(|| fields[5].to_string())
             })
         })
         .filter(|h| !h.is_empty())
@@ -402,11 +348,7 @@ pub fn needed_controllers(resources: &LinuxResources) -> Vec<&'static str> {
     if resources.pids().is_some() {
         needed.push("pids");
     }
-    if resources
-        .block_io()
-        .as_ref()
-        .is_some_and(|b| b.weight().is_some() || b.weight_device().is_some())
-    {
+    if resources.block_io().as_ref().is_some_and(|b| b.weight().is_some() || b.weight_device().is_some()) {
         needed.push("io");
     }
     needed
@@ -437,10 +379,7 @@ mod tests {
         let env = spec.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
         assert!(env.contains(&"A=1".to_string()), "{env:?}");
         assert!(!env.contains(&"PATH=/nope".to_string()), "the spec's PATH wins: {env:?}");
-        assert_eq!(
-            spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
-            Some(PathBuf::from("/carapace/c1"))
-        );
+        assert_eq!(spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()), Some(PathBuf::from("/carapace/c1")));
     }
 
     #[test]
@@ -449,15 +388,9 @@ mod tests {
         type Patch = Box<dyn Fn(&mut Value)>;
         let cases: Vec<(Patch, &str)> = vec![
             (Box::new(|v| v["process"]["args"] = serde_json::json!([])), "process.args"),
-            (
-                Box::new(|v| v["process"].as_object_mut().map(|p| p.remove("args")).map(drop).unwrap_or(())),
-                "process.args",
-            ),
+            (Box::new(|v| v["process"].as_object_mut().map(|p| p.remove("args")).map(drop).unwrap_or(())), "process.args"),
             (Box::new(|v| v["process"]["cwd"] = "tmp".into()), "process.cwd"),
-            (
-                Box::new(|v| v["linux"]["namespaces"][1]["type"] = "bogus".into()),
-                "linux.namespaces[1].type",
-            ),
+            (Box::new(|v| v["linux"]["namespaces"][1]["type"] = "bogus".into()), "linux.namespaces[1].type"),
             (
                 Box::new(|v| {
                     v["linux"]["seccomp"] = serde_json::json!({

@@ -64,11 +64,7 @@ pub struct StdioPorts {
 
 impl From<&carapace_protocol::agent::StdioStreams> for StdioPorts {
     fn from(s: &carapace_protocol::agent::StdioStreams) -> Self {
-        Self {
-            stdin: s.stdin_port,
-            stdout: s.stdout_port,
-            stderr: s.stderr_port,
-        }
+        Self { stdin: s.stdin_port, stdout: s.stdout_port, stderr: s.stderr_port }
     }
 }
 
@@ -76,16 +72,9 @@ impl From<&carapace_protocol::agent::StdioStreams> for StdioPorts {
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
     #[error("connecting the {stream} stream to host port {port}: {cause}")]
-    Connect {
-        stream: &'static str,
-        port: u32,
-        cause: io::Error,
-    },
+    Connect { stream: &'static str, port: u32, cause: io::Error },
     #[error("creating a pipe for {stream}: {cause}")]
-    Pipe {
-        stream: &'static str,
-        cause: nix::Error,
-    },
+    Pipe { stream: &'static str, cause: nix::Error },
     #[error("opening /dev/null: {0}")]
     DevNull(io::Error),
     #[error("creating an eventfd: {0}")]
@@ -110,12 +99,7 @@ impl Dialer {
     pub fn connect(&self, port: u32) -> io::Result<OwnedFd> {
         match self {
             Self::Vsock { cid } => {
-                let fd = socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )?;
+                let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
                 connect(fd.as_raw_fd(), &VsockAddr::new(*cid, port))?;
                 Ok(fd)
             }
@@ -159,50 +143,26 @@ pub struct PendingIo {
 /// Connects the streams of `ports` and, without a terminal, makes the
 /// pipes the process gets. With `terminal`, no [`ChildStdio`] is returned:
 /// the process gets the pty slave, and stderr is unused.
-pub fn prepare(
-    dialer: &Dialer,
-    ports: StdioPorts,
-    terminal: bool,
-) -> Result<(PendingIo, Option<ChildStdio>), StdioError> {
+pub fn prepare(dialer: &Dialer, ports: StdioPorts, terminal: bool) -> Result<(PendingIo, Option<ChildStdio>), StdioError> {
     let connect = |stream: &'static str, port: u32| -> Result<Option<OwnedFd>, StdioError> {
         if port == 0 {
             return Ok(None);
         }
-        dialer
-            .connect(port)
-            .map(Some)
-            .map_err(|source| StdioError::Connect {
-                stream,
-                port,
-                cause: source,
-            })
+        dialer.connect(port).map(Some).map_err(|source| StdioError::Connect { stream, port, cause: source })
     };
     let stdin_sock = connect("stdin", ports.stdin)?;
     let stdout_sock = connect("stdout", ports.stdout)?;
-    let stderr_sock = if terminal {
-        None
-    } else {
-        connect("stderr", ports.stderr)?
-    };
+    let stderr_sock = if terminal { None } else { connect("stderr", ports.stderr)? };
 
     if terminal {
-        let pending = PendingIo {
-            terminal,
-            stdin: stdin_sock.map(|s| (s, None)),
-            stdout: stdout_sock.map(|s| (s, None)),
-            stderr: None,
-        };
+        let pending = PendingIo { terminal, stdin: stdin_sock.map(|s| (s, None)), stdout: stdout_sock.map(|s| (s, None)), stderr: None };
         return Ok((pending, None));
     }
 
     let mut null: Option<OwnedFd> = None;
     let mut dev_null = || -> Result<OwnedFd, StdioError> {
         if null.is_none() {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/null")
-                .map_err(StdioError::DevNull)?;
+            let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(StdioError::DevNull)?;
             null = Some(f.into());
         }
         match &null {
@@ -219,9 +179,7 @@ pub fn prepare(
         }
         None => (dev_null()?, None),
     };
-    let mut output = |stream: &'static str,
-                      sock: Option<OwnedFd>|
-     -> Result<(OwnedFd, Option<Stream>), StdioError> {
+    let mut output = |stream: &'static str, sock: Option<OwnedFd>| -> Result<(OwnedFd, Option<Stream>), StdioError> {
         match sock {
             Some(sock) => {
                 let (r, w) = make_pipe(stream)?;
@@ -234,19 +192,7 @@ pub fn prepare(
     };
     let (child_out, stdout) = output("stdout", stdout_sock)?;
     let (child_err, stderr) = output("stderr", stderr_sock)?;
-    Ok((
-        PendingIo {
-            terminal,
-            stdin,
-            stdout,
-            stderr,
-        },
-        Some(ChildStdio {
-            stdin: child_in,
-            stdout: child_out,
-            stderr: child_err,
-        }),
-    ))
+    Ok((PendingIo { terminal, stdin, stdout, stderr }, Some(ChildStdio { stdin: child_in, stdout: child_out, stderr: child_err })))
 }
 
 fn make_pipe(stream: &'static str) -> Result<(OwnedFd, OwnedFd), StdioError> {
@@ -322,10 +268,7 @@ impl PendingIo {
     /// Starts the copiers; `master` is the pty master of a terminal
     /// process (required iff [`PendingIo::terminal`]).
     pub fn start(self, name: &str, master: Option<OwnedFd>) -> Result<ProcessIo, StdioError> {
-        let exit = Arc::new(ExitSignal {
-            exited: AtomicBool::new(false),
-            fd: eventfd()?,
-        });
+        let exit = Arc::new(ExitSignal { exited: AtomicBool::new(false), fd: eventfd()? });
         let drain = Arc::new(Drain::default());
         let tty = master.map(Arc::new);
         if let Some(master) = &tty {
@@ -347,10 +290,7 @@ impl PendingIo {
             None => {
                 for (stream, entry) in [("stdout", self.stdout), ("stderr", self.stderr)] {
                     if let Some((sock, Some(r))) = entry {
-                        set_nonblocking(r.as_fd()).map_err(|source| StdioError::Pipe {
-                            stream,
-                            cause: source,
-                        })?;
+                        set_nonblocking(r.as_fd()).map_err(|source| StdioError::Pipe { stream, cause: source })?;
                         outputs.push((stream, sock, Source::Pipe(r)));
                     }
                 }
@@ -370,36 +310,20 @@ impl PendingIo {
         }
         let stdin = match input {
             Some((sock, sink)) => {
-                let control = Arc::new(StdinControl {
-                    requested: AtomicBool::new(false),
-                    fd: eventfd()?,
-                });
-                set_nonblocking(sock.as_fd()).map_err(|source| StdioError::Pipe {
-                    stream: "stdin",
-                    cause: source,
-                })?;
+                let control = Arc::new(StdinControl { requested: AtomicBool::new(false), fd: eventfd()? });
+                set_nonblocking(sock.as_fd()).map_err(|source| StdioError::Pipe { stream: "stdin", cause: source })?;
                 let c = control.clone();
                 spawn(format!("stdin:{name}"), move || copy_in(sock, sink, &c))?;
                 Some(control)
             }
             None => None,
         };
-        Ok(ProcessIo {
-            exit,
-            drain,
-            stdin,
-            tty,
-        })
+        Ok(ProcessIo { exit, drain, stdin, tty })
     }
 }
 
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), StdioError> {
-    std::thread::Builder::new()
-        .name(name)
-        .stack_size(COPIER_STACK)
-        .spawn(f)
-        .map(drop)
-        .map_err(StdioError::Thread)
+    std::thread::Builder::new().name(name).stack_size(COPIER_STACK).spawn(f).map(drop).map_err(StdioError::Thread)
 }
 
 impl ProcessIo {
@@ -411,17 +335,9 @@ impl ProcessIo {
 
     /// Blocks until every output stream has been drained after the exit.
     pub fn wait_drained(&self) {
-        let mut pending = self
-            .drain
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut pending = self.drain.pending.lock().unwrap_or_else(PoisonError::into_inner);
         while *pending > 0 {
-            pending = self
-                .drain
-                .cond
-                .wait(pending)
-                .unwrap_or_else(PoisonError::into_inner);
+            pending = self.drain.cond.wait(pending).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -451,12 +367,7 @@ impl ProcessIo {
 
 /// TIOCSWINSZ on a pty.
 pub fn set_winsize(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> Result<(), StdioError> {
-    let size = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads a winsize struct from the valid pointer we
     // pass; fd is a live descriptor borrowed for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) };
@@ -622,10 +533,7 @@ fn copy_in(source: OwnedFd, sink: Sink, control: &StdinControl) {
                     by_request = true;
                     break;
                 }
-                let mut fds = [
-                    PollFd::new(source.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(control.fd.as_fd(), PollFlags::POLLIN),
-                ];
+                let mut fds = [PollFd::new(source.as_fd(), PollFlags::POLLIN), PollFd::new(control.fd.as_fd(), PollFlags::POLLIN)];
                 match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) | Err(nix::Error::EINTR) => {}
                     Err(e) => {
@@ -665,19 +573,9 @@ mod tests {
     #[test]
     fn pipes_copy_both_ways_and_drain_after_exit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dialer = Dialer::Unix {
-            base: dir.path().join("agent.sock"),
-        };
-        let (lin, lout, lerr) = (
-            listener(dir.path(), 10),
-            listener(dir.path(), 11),
-            listener(dir.path(), 12),
-        );
-        let ports = StdioPorts {
-            stdin: 10,
-            stdout: 11,
-            stderr: 12,
-        };
+        let dialer = Dialer::Unix { base: dir.path().join("agent.sock") };
+        let (lin, lout, lerr) = (listener(dir.path(), 10), listener(dir.path(), 11), listener(dir.path(), 12));
+        let ports = StdioPorts { stdin: 10, stdout: 11, stderr: 12 };
         let (pending, child) = prepare(&dialer, ports, false).expect("prepare");
         let child = child.expect("pipes");
         let io = pending.start("t", None).expect("start");
@@ -728,9 +626,7 @@ mod tests {
     #[test]
     fn unconnected_ports_get_dev_null() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dialer = Dialer::Unix {
-            base: dir.path().join("agent.sock"),
-        };
+        let dialer = Dialer::Unix { base: dir.path().join("agent.sock") };
         let (pending, child) = prepare(&dialer, StdioPorts::default(), false).expect("prepare");
         let child = child.expect("fds");
         let mut out = std::fs::File::from(child.stdout);
@@ -745,14 +641,8 @@ mod tests {
     #[test]
     fn a_missing_listener_names_the_stream() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dialer = Dialer::Unix {
-            base: dir.path().join("agent.sock"),
-        };
-        let ports = StdioPorts {
-            stdin: 0,
-            stdout: 7,
-            stderr: 0,
-        };
+        let dialer = Dialer::Unix { base: dir.path().join("agent.sock") };
+        let ports = StdioPorts { stdin: 0, stdout: 7, stderr: 0 };
         let err = prepare(&dialer, ports, false).expect_err("nobody listens");
         assert!(err.to_string().contains("stdout"), "{err}");
         assert!(err.to_string().contains('7'), "{err}");

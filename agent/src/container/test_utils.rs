@@ -21,9 +21,7 @@ pub fn manager(dir: &Path) -> (ContainerManager, Arc<RecordingSyscall>) {
     let sys = Arc::new(RecordingSyscall::default());
     let config = ManagerConfig {
         state_dir: dir.join("state"),
-        dialer: Dialer::Unix {
-            base: dir.join("agent.sock"),
-        },
+        dialer: Dialer::Unix { base: dir.join("agent.sock") },
         cgroup_root: dir.join("cgroup"),
         default_env: Vec::new(),
     };
@@ -33,39 +31,21 @@ pub fn manager(dir: &Path) -> (ContainerManager, Arc<RecordingSyscall>) {
 
 /// A process with no stdio streams (/dev/null).
 pub fn process(pid: i32) -> Arc<Process> {
-    let (pending, _child) = stdio::prepare(
-        &Dialer::Unix {
-            base: "/nonexistent".into(),
-        },
-        StdioPorts::default(),
-        false,
-    )
-    .expect("stdio to /dev/null");
+    let (pending, _child) =
+        stdio::prepare(&Dialer::Unix { base: "/nonexistent".into() }, StdioPorts::default(), false).expect("stdio to /dev/null");
     let io = pending.start("test", None).expect("start io");
     Arc::new(Process::new(pid, io, 0))
 }
 
 /// Marks a process exited with `code`.
 pub fn exit(process: &Process, code: i32) {
-    process.record_exit(ChildExit {
-        pid: process.pid(),
-        kind: ExitKind::Exited(code),
-    });
+    process.record_exit(ChildExit { pid: process.pid(), kind: ExitKind::Exited(code) });
 }
 
 /// Puts a container `id` with init `pid` in the manager; its cgroup is a
 /// plain directory listing `cgroup_pids`.
-pub fn add_container(
-    manager: &ContainerManager,
-    id: &str,
-    pid: i32,
-    started: bool,
-    cgroup_pids: &[u32],
-) -> Arc<Container> {
-    let cgroup = Cgroup::new(
-        &manager.config.cgroup_root,
-        &Path::new("/carapace").join(id),
-    );
+pub fn add_container(manager: &ContainerManager, id: &str, pid: i32, started: bool, cgroup_pids: &[u32]) -> Arc<Container> {
+    let cgroup = Cgroup::new(&manager.config.cgroup_root, &Path::new("/carapace").join(id));
     std::fs::create_dir_all(cgroup.dir()).expect("cgroup dir");
     let procs: String = cgroup_pids.iter().map(|p| format!("{p}\n")).collect();
     std::fs::write(cgroup.dir().join("cgroup.procs"), procs).expect("cgroup.procs");
@@ -78,11 +58,7 @@ pub fn add_container(
         mounts_before: None,
         rootfs: manager.config.state_dir.join("rootfs"),
         init: process(pid),
-        inner: Mutex::new(Inner {
-            lc: LcContainer::default(),
-            started,
-            execs: HashMap::new(),
-        }),
+        inner: Mutex::new(Inner { lc: LcContainer::default(), started, execs: HashMap::new() }),
     });
     super::lock(&manager.containers).insert(id.to_string(), container.clone());
     container

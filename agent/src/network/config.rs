@@ -71,11 +71,7 @@ impl NetworkConfig {
         for (i, iface) in interfaces.iter().enumerate() {
             let parsed = parse_interface(i, iface)?;
             if !macs.insert(parsed.mac) {
-                return Err(NetworkError::invalid(
-                    format!("interfaces[{i}].mac"),
-                    &iface.mac,
-                    "given for an earlier interface too",
-                ));
+                return Err(NetworkError::invalid(format!("interfaces[{i}].mac"), &iface.mac, "given for an earlier interface too"));
             }
             if !device_macs.insert(parsed.device_mac()) {
                 let field = if parsed.device_mac.is_some() { "device_mac" } else { "mac" };
@@ -87,11 +83,7 @@ impl NetworkConfig {
             }
             if let Some(name) = &parsed.name {
                 if !names.insert(name.clone()) {
-                    return Err(NetworkError::invalid(
-                        format!("interfaces[{i}].name"),
-                        name,
-                        "given to an earlier interface too",
-                    ));
+                    return Err(NetworkError::invalid(format!("interfaces[{i}].name"), name, "given to an earlier interface too"));
                 }
             }
             config.interfaces.push(parsed);
@@ -117,14 +109,9 @@ impl InterfaceConfig {
 
 /// A unicast MAC address, or an error naming `field`.
 fn parse_unicast_mac(field: String, value: &str) -> Result<[u8; 6], NetworkError> {
-    let mac = parse_mac(value)
-        .ok_or_else(|| NetworkError::invalid(&field, value, "not a MAC address (02:00:00:00:00:01)"))?;
+    let mac = parse_mac(value).ok_or_else(|| NetworkError::invalid(&field, value, "not a MAC address (02:00:00:00:00:01)"))?;
     if mac == [0; 6] || mac[0] & 1 != 0 {
-        return Err(NetworkError::invalid(
-            field,
-            value,
-            "not the address of a single device (all zeros, or multicast)",
-        ));
+        return Err(NetworkError::invalid(field, value, "not the address of a single device (all zeros, or multicast)"));
     }
     Ok(mac)
 }
@@ -134,14 +121,12 @@ fn parse_interface(i: usize, iface: &agent::Interface) -> Result<InterfaceConfig
     let device_mac = if iface.device_mac.is_empty() {
         None
     } else {
-        Some(parse_unicast_mac(format!("interfaces[{i}].device_mac"), &iface.device_mac)?)
-            .filter(|device_mac| *device_mac != mac)
+        Some(parse_unicast_mac(format!("interfaces[{i}].device_mac"), &iface.device_mac)?).filter(|device_mac| *device_mac != mac)
     };
     let name = if iface.name.is_empty() {
         None
     } else {
-        check_name(&iface.name)
-            .map_err(|reason| NetworkError::invalid(format!("interfaces[{i}].name"), &iface.name, reason))?;
+        check_name(&iface.name).map_err(|reason| NetworkError::invalid(format!("interfaces[{i}].name"), &iface.name, reason))?;
         Some(iface.name.clone())
     };
     let mtu = match iface.mtu {
@@ -159,16 +144,9 @@ fn parse_interface(i: usize, iface: &agent::Interface) -> Result<InterfaceConfig
     for (j, a) in iface.addresses.iter().enumerate() {
         let field = || format!("interfaces[{i}].addresses[{j}]");
         let shown = || format!("{}/{}", a.address, a.prefix_len);
-        let address: IpAddr = a
-            .address
-            .parse()
-            .map_err(|_| NetworkError::invalid(field(), &a.address, "not an IP address"))?;
+        let address: IpAddr = a.address.parse().map_err(|_| NetworkError::invalid(field(), &a.address, "not an IP address"))?;
         if address.is_unspecified() || address.is_multicast() {
-            return Err(NetworkError::invalid(
-                field(),
-                shown(),
-                "not an address a device can have",
-            ));
+            return Err(NetworkError::invalid(field(), shown(), "not an address a device can have"));
         }
         let max = max_prefix_len(address);
         let prefix_len = u8::try_from(a.prefix_len)
@@ -177,21 +155,12 @@ fn parse_interface(i: usize, iface: &agent::Interface) -> Result<InterfaceConfig
             .ok_or_else(|| NetworkError::invalid(field(), shown(), format!("prefix_len must be 1 to {max}")))?;
         addresses.push(Cidr { address, prefix_len });
     }
-    Ok(InterfaceConfig {
-        mac,
-        device_mac,
-        name,
-        mtu,
-        addresses,
-    })
+    Ok(InterfaceConfig { mac, device_mac, name, mtu, addresses })
 }
 
 fn parse_route(i: usize, route: &agent::Route) -> Result<RouteConfig, NetworkError> {
     let destination = if route.destination.is_empty() {
-        Cidr {
-            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            prefix_len: 0,
-        }
+        Cidr { address: IpAddr::V4(Ipv4Addr::UNSPECIFIED), prefix_len: 0 }
     } else {
         parse_network(&route.destination)
             .map_err(|reason| NetworkError::invalid(format!("routes[{i}].destination"), &route.destination, reason))?
@@ -200,22 +169,12 @@ fn parse_route(i: usize, route: &agent::Route) -> Result<RouteConfig, NetworkErr
         if value.is_empty() {
             return Ok(None);
         }
-        let ip: IpAddr = value
-            .parse()
-            .map_err(|_| NetworkError::invalid(format!("routes[{i}].{field}"), value, "not an IP address"))?;
+        let ip: IpAddr = value.parse().map_err(|_| NetworkError::invalid(format!("routes[{i}].{field}"), value, "not an IP address"))?;
         if ip.is_ipv4() != destination.address.is_ipv4() {
-            return Err(NetworkError::invalid(
-                format!("routes[{i}].{field}"),
-                value,
-                "not of the destination's address family",
-            ));
+            return Err(NetworkError::invalid(format!("routes[{i}].{field}"), value, "not of the destination's address family"));
         }
         if ip.is_unspecified() || ip.is_multicast() {
-            return Err(NetworkError::invalid(
-                format!("routes[{i}].{field}"),
-                value,
-                "not a host's address",
-            ));
+            return Err(NetworkError::invalid(format!("routes[{i}].{field}"), value, "not a host's address"));
         }
         Ok(Some(ip))
     };
@@ -224,34 +183,20 @@ fn parse_route(i: usize, route: &agent::Route) -> Result<RouteConfig, NetworkErr
     let device = if route.device.is_empty() {
         None
     } else {
-        check_name(&route.device)
-            .map_err(|reason| NetworkError::invalid(format!("routes[{i}].device"), &route.device, reason))?;
+        check_name(&route.device).map_err(|reason| NetworkError::invalid(format!("routes[{i}].device"), &route.device, reason))?;
         Some(route.device.clone())
     };
     if gateway.is_none() && device.is_none() {
-        return Err(NetworkError::invalid(
-            format!("routes[{i}]"),
-            &route.destination,
-            "needs a gateway or a device",
-        ));
+        return Err(NetworkError::invalid(format!("routes[{i}]"), &route.destination, "needs a gateway or a device"));
     }
-    let scope = u8::try_from(route.scope)
-        .ok()
-        .filter(|s| ROUTE_SCOPES.contains(s))
-        .ok_or_else(|| {
-            NetworkError::invalid(
-                format!("routes[{i}].scope"),
-                route.scope.to_string(),
-                "not a route scope (0 universe, 200 site, 253 link, 254 host)",
-            )
-        })?;
-    Ok(RouteConfig {
-        destination,
-        gateway,
-        device,
-        source,
-        scope,
-    })
+    let scope = u8::try_from(route.scope).ok().filter(|s| ROUTE_SCOPES.contains(s)).ok_or_else(|| {
+        NetworkError::invalid(
+            format!("routes[{i}].scope"),
+            route.scope.to_string(),
+            "not a route scope (0 universe, 200 site, 253 link, 254 host)",
+        )
+    })?;
+    Ok(RouteConfig { destination, gateway, device, source, scope })
 }
 
 fn max_prefix_len(address: IpAddr) -> u8 {
@@ -291,10 +236,7 @@ fn check_name(name: &str) -> Result<(), String> {
     if name == "." || name == ".." {
         return Err("not a device name".into());
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| matches!(c, '/' | ':' | '%' | '\0') || c.is_whitespace())
-    {
+    if let Some(c) = name.chars().find(|c| matches!(c, '/' | ':' | '%' | '\0') || c.is_whitespace()) {
         return Err(format!("contains {c:?}"));
     }
     Ok(())
@@ -304,9 +246,7 @@ fn check_name(name: &str) -> Result<(), String> {
 /// bits must be clear (the kernel would refuse them for IPv4 and silently
 /// clear them for IPv6).
 fn parse_network(s: &str) -> Result<Cidr, String> {
-    let (address, len) = s
-        .split_once('/')
-        .ok_or_else(|| "not a CIDR (address/prefix length)".to_string())?;
+    let (address, len) = s.split_once('/').ok_or_else(|| "not a CIDR (address/prefix length)".to_string())?;
     let address: IpAddr = address.parse().map_err(|_| "not a CIDR: bad address".to_string())?;
     let max = max_prefix_len(address);
     let prefix_len = Some(len)
@@ -391,17 +331,8 @@ mod tests {
     #[test]
     fn a_full_request_parses() {
         let config = NetworkConfig::from_request(
-            &[iface(
-                "02:00:00:00:00:01",
-                "eth0",
-                &[("10.88.0.5", 16), ("fd00::5", 64)],
-                1400,
-            )],
-            &[
-                route("", "10.88.0.1", ""),
-                route("10.88.0.1/32", "", "eth0"),
-                route("::/0", "fd00::1", "eth0"),
-            ],
+            &[iface("02:00:00:00:00:01", "eth0", &[("10.88.0.5", 16), ("fd00::5", 64)], 1400)],
+            &[route("", "10.88.0.1", ""), route("10.88.0.1/32", "", "eth0"), route("::/0", "fd00::1", "eth0")],
         )
         .expect("valid");
         assert_eq!(config.interfaces[0].mac, [2, 0, 0, 0, 0, 1]);
@@ -409,10 +340,7 @@ mod tests {
         assert_eq!(config.interfaces[0].mtu, Some(1400));
         assert_eq!(
             config.interfaces[0].addresses[1],
-            Cidr {
-                address: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)),
-                prefix_len: 64
-            }
+            Cidr { address: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)), prefix_len: 64 }
         );
         let default = &config.routes[0];
         assert_eq!(default.destination.address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
@@ -428,100 +356,49 @@ mod tests {
     fn bad_interfaces_are_named() {
         let ok = ("10.0.0.2", 24);
         let cases: &[(agent::Interface, &str)] = &[
-            (
-                iface("02:00:00:00:00", "", &[ok], 0),
-                "interfaces[0].mac \"02:00:00:00:00\": not a MAC address",
-            ),
-            (
-                iface("01:00:5e:00:00:01", "", &[ok], 0),
-                "interfaces[0].mac \"01:00:5e:00:00:01\": not the address of a single device",
-            ),
+            (iface("02:00:00:00:00", "", &[ok], 0), "interfaces[0].mac \"02:00:00:00:00\": not a MAC address"),
+            (iface("01:00:5e:00:00:01", "", &[ok], 0), "interfaces[0].mac \"01:00:5e:00:00:01\": not the address of a single device"),
             (iface("00:00:00:00:00:00", "", &[ok], 0), "interfaces[0].mac"),
-            (
-                iface("02:00:00:00:00:01", "a-very-long-name0", &[ok], 0),
-                "interfaces[0].name \"a-very-long-name0\": longer than 15 bytes",
-            ),
-            (
-                iface("02:00:00:00:00:01", "a/b", &[ok], 0),
-                "interfaces[0].name \"a/b\": contains '/'",
-            ),
+            (iface("02:00:00:00:00:01", "a-very-long-name0", &[ok], 0), "interfaces[0].name \"a-very-long-name0\": longer than 15 bytes"),
+            (iface("02:00:00:00:00:01", "a/b", &[ok], 0), "interfaces[0].name \"a/b\": contains '/'"),
             (iface("02:00:00:00:00:01", "eth%d", &[ok], 0), "contains '%'"),
             (iface("02:00:00:00:00:01", "et h", &[ok], 0), "contains ' '"),
             (iface("02:00:00:00:00:01", "..", &[ok], 0), "not a device name"),
-            (
-                iface("02:00:00:00:00:01", "", &[ok], 67),
-                "interfaces[0].mtu \"67\": out of range",
-            ),
-            (
-                iface("02:00:00:00:00:01", "", &[ok, ("10.0.0.300", 24)], 0),
-                "interfaces[0].addresses[1] \"10.0.0.300\": not an IP address",
-            ),
-            (
-                iface("02:00:00:00:00:01", "", &[("10.0.0.2/24", 24)], 0),
-                "interfaces[0].addresses[0] \"10.0.0.2/24\": not an IP address",
-            ),
+            (iface("02:00:00:00:00:01", "", &[ok], 67), "interfaces[0].mtu \"67\": out of range"),
+            (iface("02:00:00:00:00:01", "", &[ok, ("10.0.0.300", 24)], 0), "interfaces[0].addresses[1] \"10.0.0.300\": not an IP address"),
+            (iface("02:00:00:00:00:01", "", &[("10.0.0.2/24", 24)], 0), "interfaces[0].addresses[0] \"10.0.0.2/24\": not an IP address"),
             (
                 iface("02:00:00:00:00:01", "", &[("10.0.0.2", 33)], 0),
                 "interfaces[0].addresses[0] \"10.0.0.2/33\": prefix_len must be 1 to 32",
             ),
-            (
-                iface("02:00:00:00:00:01", "", &[("fd00::2", 129)], 0),
-                "prefix_len must be 1 to 128",
-            ),
-            (
-                iface("02:00:00:00:00:01", "", &[("10.0.0.2", 0)], 0),
-                "prefix_len must be 1 to 32",
-            ),
-            (
-                iface("02:00:00:00:00:01", "", &[("10.0.0.2", 256 + 24)], 0),
-                "prefix_len must be 1 to 32",
-            ),
-            (
-                iface("02:00:00:00:00:01", "", &[("0.0.0.0", 8)], 0),
-                "not an address a device can have",
-            ),
+            (iface("02:00:00:00:00:01", "", &[("fd00::2", 129)], 0), "prefix_len must be 1 to 128"),
+            (iface("02:00:00:00:00:01", "", &[("10.0.0.2", 0)], 0), "prefix_len must be 1 to 32"),
+            (iface("02:00:00:00:00:01", "", &[("10.0.0.2", 256 + 24)], 0), "prefix_len must be 1 to 32"),
+            (iface("02:00:00:00:00:01", "", &[("0.0.0.0", 8)], 0), "not an address a device can have"),
         ];
         for (bad, expected) in cases {
             let message = error(std::slice::from_ref(bad), &[]);
             assert!(message.contains(expected), "{message:?} lacks {expected:?}");
         }
-        let twice = [
-            iface("02:00:00:00:00:01", "eth0", &[], 0),
-            iface("02:00:00:00:00:01", "eth1", &[], 0),
-        ];
+        let twice = [iface("02:00:00:00:00:01", "eth0", &[], 0), iface("02:00:00:00:00:01", "eth1", &[], 0)];
         assert!(error(&twice, &[]).starts_with("interfaces[1].mac"));
-        let twice = [
-            iface("02:00:00:00:00:01", "eth0", &[], 0),
-            iface("02:00:00:00:00:02", "eth0", &[], 0),
-        ];
+        let twice = [iface("02:00:00:00:00:01", "eth0", &[], 0), iface("02:00:00:00:00:02", "eth0", &[], 0)];
         assert!(error(&twice, &[]).starts_with("interfaces[1].name"));
     }
 
     #[test]
     fn bad_routes_are_named() {
         let cases: &[(agent::Route, &str)] = &[
-            (
-                route("10.88.0.0", "10.0.0.1", ""),
-                "routes[1].destination \"10.88.0.0\": not a CIDR",
-            ),
+            (route("10.88.0.0", "10.0.0.1", ""), "routes[1].destination \"10.88.0.0\": not a CIDR"),
             (route("10.88.0.0/33", "10.0.0.1", ""), "prefix length must be 0 to 32"),
             (route("10.88.0.0/+8", "10.0.0.1", ""), "prefix length"),
             (route("10.88.0.0/", "10.0.0.1", ""), "prefix length"),
-            (
-                route("10.88.0.1/16", "10.0.0.1", ""),
-                "routes[1].destination \"10.88.0.1/16\": host bits are set",
-            ),
+            (route("10.88.0.1/16", "10.0.0.1", ""), "routes[1].destination \"10.88.0.1/16\": host bits are set"),
             (route("fd00::1/64", "fd00::2", ""), "host bits are set"),
             (route("x/8", "10.0.0.1", ""), "bad address"),
             (route("", "x", ""), "routes[1].gateway \"x\": not an IP address"),
-            (
-                route("", "fd00::1", ""),
-                "routes[1].gateway \"fd00::1\": not of the destination's address family",
-            ),
-            (
-                route("10.0.0.0/8", "", ""),
-                "routes[1] \"10.0.0.0/8\": needs a gateway or a device",
-            ),
+            (route("", "fd00::1", ""), "routes[1].gateway \"fd00::1\": not of the destination's address family"),
+            (route("10.0.0.0/8", "", ""), "routes[1] \"10.0.0.0/8\": needs a gateway or a device"),
             (route("10.0.0.0/8", "", "a/b"), "routes[1].device \"a/b\""),
         ];
         let good = route("", "10.0.0.1", "");
@@ -547,14 +424,8 @@ mod tests {
         assert!(host_bits_clear("10.1.0.1".parse().expect("ip"), 32));
         assert!(host_bits_clear("fd00::".parse().expect("ip"), 16));
         assert!(!host_bits_clear("fd00::1".parse().expect("ip"), 127));
-        assert_eq!(
-            broadcast(Ipv4Addr::new(10, 88, 0, 5), 16),
-            Some(Ipv4Addr::new(10, 88, 255, 255))
-        );
-        assert_eq!(
-            broadcast(Ipv4Addr::new(10, 88, 0, 5), 30),
-            Some(Ipv4Addr::new(10, 88, 0, 7))
-        );
+        assert_eq!(broadcast(Ipv4Addr::new(10, 88, 0, 5), 16), Some(Ipv4Addr::new(10, 88, 255, 255)));
+        assert_eq!(broadcast(Ipv4Addr::new(10, 88, 0, 5), 30), Some(Ipv4Addr::new(10, 88, 0, 7)));
         assert_eq!(broadcast(Ipv4Addr::new(10, 88, 0, 5), 31), None);
         assert_eq!(broadcast(Ipv4Addr::new(10, 88, 0, 5), 32), None);
     }

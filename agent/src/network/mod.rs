@@ -33,11 +33,7 @@ pub use config::NetworkConfig;
 pub enum NetworkError {
     /// A field of the request is malformed; nothing was changed.
     #[error("{field} {value:?}: {reason}")]
-    Invalid {
-        field: String,
-        value: String,
-        reason: String,
-    },
+    Invalid { field: String, value: String, reason: String },
     /// The request names a device the guest does not have; nothing was
     /// changed.
     #[error("{field} {value:?}: no such device")]
@@ -47,10 +43,7 @@ pub enum NetworkError {
     Refused { item: String, errno: Errno },
     /// The rtnetlink socket failed.
     #[error("rtnetlink {op}: {cause}")]
-    Socket {
-        op: &'static str,
-        cause: std::io::Error,
-    },
+    Socket { op: &'static str, cause: std::io::Error },
     /// The kernel's answer made no sense to us.
     #[error("rtnetlink: {0}")]
     Reply(String),
@@ -67,11 +60,7 @@ impl NetworkError {
     }
 
     pub(crate) fn invalid(field: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid {
-            field: field.into(),
-            value: value.into(),
-            reason: reason.into(),
-        }
+        Self::Invalid { field: field.into(), value: value.into(), reason: reason.into() }
     }
 }
 
@@ -83,12 +72,7 @@ impl NetworkConfig {
         if self.is_empty() {
             return Ok(());
         }
-        let _span = tracing::info_span!(
-            "network",
-            interfaces = self.interfaces.len(),
-            routes = self.routes.len()
-        )
-        .entered();
+        let _span = tracing::info_span!("network", interfaces = self.interfaces.len(), routes = self.routes.len()).entered();
         let mut socket = rtnetlink::Rtnetlink::open()?;
         let links = socket.links()?;
         let requests = plan::plan(self, &links)?;
@@ -111,16 +95,10 @@ mod tests {
 
     #[test]
     fn messages_and_codes() {
-        let e = NetworkError::NoSuchDevice {
-            field: "interfaces[0].mac".into(),
-            value: "02:00:00:00:00:09".into(),
-        };
+        let e = NetworkError::NoSuchDevice { field: "interfaces[0].mac".into(), value: "02:00:00:00:00:09".into() };
         assert_eq!(e.to_string(), "interfaces[0].mac \"02:00:00:00:00:09\": no such device");
         assert_eq!(e.code(), Code::INVALID_ARGUMENT);
-        let e = NetworkError::Refused {
-            item: "interfaces[0].addresses[1]".into(),
-            errno: Errno::EEXIST,
-        };
+        let e = NetworkError::Refused { item: "interfaces[0].addresses[1]".into(), errno: Errno::EEXIST };
         assert_eq!(e.to_string(), "interfaces[0].addresses[1]: File exists");
         assert_eq!(e.code(), Code::INTERNAL);
         let e = NetworkError::invalid("routes[1].gateway", "x", "not an IP address");

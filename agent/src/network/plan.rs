@@ -55,10 +55,7 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
         let field = if iface.device_mac.is_some() { "device_mac" } else { "mac" };
         let mut matching = links.iter().filter(|l| l.mac == Some(found_by));
         let Some(link) = matching.next() else {
-            return Err(NetworkError::NoSuchDevice {
-                field: format!("interfaces[{i}].{field}"),
-                value: format_mac(&found_by),
-            });
+            return Err(NetworkError::NoSuchDevice { field: format!("interfaces[{i}].{field}"), value: format_mac(&found_by) });
         };
         if let Some(other) = matching.next() {
             return Err(NetworkError::invalid(
@@ -79,11 +76,7 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
             }
             // Not every driver changes the address of a running device.
             if up {
-                requests.push(set_up(
-                    link.index,
-                    false,
-                    format!("interfaces[{i}]: taking {name} down to change its address"),
-                ));
+                requests.push(set_up(link.index, false, format!("interfaces[{i}]: taking {name} down to change its address")));
                 up = false;
             }
             requests.push(set_link(
@@ -94,19 +87,11 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
         }
         if let Some(new) = iface.name.as_deref().filter(|new| *new != link.name) {
             if names.get(new).is_some_and(|index| *index != link.index) {
-                return Err(NetworkError::invalid(
-                    format!("interfaces[{i}].name"),
-                    new,
-                    "already the name of another device",
-                ));
+                return Err(NetworkError::invalid(format!("interfaces[{i}].name"), new, "already the name of another device"));
             }
             // The kernel renames only devices that are down.
             if up {
-                requests.push(set_up(
-                    link.index,
-                    false,
-                    format!("interfaces[{i}]: taking {name} down to rename it"),
-                ));
+                requests.push(set_up(link.index, false, format!("interfaces[{i}]: taking {name} down to rename it")));
                 up = false;
             }
             requests.push(set_link(
@@ -119,18 +104,10 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
             name = new;
         }
         if let Some(mtu) = iface.mtu {
-            requests.push(set_link(
-                link.index,
-                LinkAttribute::Mtu(mtu),
-                format!("interfaces[{i}].mtu {mtu} ({name})"),
-            ));
+            requests.push(set_link(link.index, LinkAttribute::Mtu(mtu), format!("interfaces[{i}].mtu {mtu} ({name})")));
         }
         for (j, cidr) in iface.addresses.iter().enumerate() {
-            requests.push(add_address(
-                link.index,
-                *cidr,
-                format!("interfaces[{i}].addresses[{j}]"),
-            ));
+            requests.push(add_address(link.index, *cidr, format!("interfaces[{i}].addresses[{j}]")));
         }
         if !up {
             requests.push(set_up(link.index, true, format!("interfaces[{i}]: bringing {name} up")));
@@ -140,10 +117,11 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
     for (i, route) in config.routes.iter().enumerate() {
         let oif = match &route.device {
             None => None,
-            Some(device) => Some(*names.get(device).ok_or_else(|| NetworkError::NoSuchDevice {
-                field: format!("routes[{i}].device"),
-                value: device.clone(),
-            })?),
+            Some(device) => Some(
+                *names
+                    .get(device)
+                    .ok_or_else(|| NetworkError::NoSuchDevice { field: format!("routes[{i}].device"), value: device.clone() })?,
+            ),
         };
         requests.push(add_route(route, oif, format!("routes[{i}] ({})", describe(route))));
     }
@@ -153,11 +131,7 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Result<Vec<Request
 /// A route as `ip route` shows it, for errors.
 fn describe(route: &RouteConfig) -> String {
     let d = route.destination;
-    let mut out = if d.prefix_len == 0 {
-        "default".to_string()
-    } else {
-        format!("{}/{}", d.address, d.prefix_len)
-    };
+    let mut out = if d.prefix_len == 0 { "default".to_string() } else { format!("{}/{}", d.address, d.prefix_len) };
     if let Some(gateway) = route.gateway {
         out += &format!(" via {gateway}");
     }
@@ -185,22 +159,14 @@ fn set_up(index: u32, up: bool, item: String) -> Request {
     link.header.index = index;
     link.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
     link.header.change_mask = LinkFlags::Up;
-    Request {
-        item,
-        message: RouteNetlinkMessage::SetLink(link),
-        flags: 0,
-    }
+    Request { item, message: RouteNetlinkMessage::SetLink(link), flags: 0 }
 }
 
 fn set_link(index: u32, attribute: LinkAttribute, item: String) -> Request {
     let mut link = LinkMessage::default();
     link.header.index = index;
     link.attributes.push(attribute);
-    Request {
-        item,
-        message: RouteNetlinkMessage::SetLink(link),
-        flags: 0,
-    }
+    Request { item, message: RouteNetlinkMessage::SetLink(link), flags: 0 }
 }
 
 fn add_address(index: u32, cidr: Cidr, item: String) -> Request {
@@ -242,9 +208,7 @@ fn add_route(route: &RouteConfig, oif: Option<u32>, item: String) -> Request {
     message.header.scope = RouteScope::from(route.scope);
     message.header.kind = RouteType::Unicast;
     if destination.prefix_len > 0 {
-        message
-            .attributes
-            .push(RouteAttribute::Destination(destination.address.into()));
+        message.attributes.push(RouteAttribute::Destination(destination.address.into()));
     }
     if let Some(gateway) = route.gateway {
         message.attributes.push(RouteAttribute::Gateway(gateway.into()));
@@ -274,30 +238,10 @@ mod tests {
 
     fn links() -> Vec<Link> {
         vec![
-            Link {
-                index: 1,
-                name: "lo".into(),
-                mac: Some([0; 6]),
-                up: false,
-            },
-            Link {
-                index: 2,
-                name: "eth0".into(),
-                mac: Some(MAC_A),
-                up: true,
-            },
-            Link {
-                index: 3,
-                name: "eth1".into(),
-                mac: Some(MAC_B),
-                up: false,
-            },
-            Link {
-                index: 4,
-                name: "tunl0".into(),
-                mac: None,
-                up: false,
-            },
+            Link { index: 1, name: "lo".into(), mac: Some([0; 6]), up: false },
+            Link { index: 2, name: "eth0".into(), mac: Some(MAC_A), up: true },
+            Link { index: 3, name: "eth1".into(), mac: Some(MAC_B), up: false },
+            Link { index: 4, name: "tunl0".into(), mac: None, up: false },
         ]
     }
 
@@ -361,10 +305,7 @@ mod tests {
                         AddressAttribute::Local(ip) => Some(*ip),
                         _ => None,
                     });
-                    format!(
-                        "addr {} {:?}/{} {:?}",
-                        a.header.index, ip, a.header.prefix_len, a.header.flags
-                    )
+                    format!("addr {} {:?}/{} {:?}", a.header.index, ip, a.header.prefix_len, a.header.flags)
                 }
                 RouteNetlinkMessage::NewRoute(m) => {
                     format!("route /{} {:?}", m.header.destination_prefix_length, m.attributes)
@@ -377,15 +318,8 @@ mod tests {
     #[test]
     fn renames_sizes_addresses_and_routes_in_order() {
         let config = config(
-            &[
-                ("02:00:00:00:00:0A", "net0", &[("10.88.0.5", 16), ("fd00::5", 64)], 1400),
-                ("02:00:00:00:00:0b", "", &[], 0),
-            ],
-            &[
-                ("", "10.88.0.1", ""),
-                ("10.99.0.1/32", "", "net0"),
-                ("10.98.0.0/16", "", "eth1"),
-            ],
+            &[("02:00:00:00:00:0A", "net0", &[("10.88.0.5", 16), ("fd00::5", 64)], 1400), ("02:00:00:00:00:0b", "", &[], 0)],
+            &[("", "10.88.0.1", ""), ("10.99.0.1/32", "", "net0"), ("10.98.0.0/16", "", "eth1")],
         );
         let requests = plan(&config, &links()).expect("plan");
         assert_eq!(
@@ -409,12 +343,8 @@ mod tests {
         assert_eq!(requests[5].item, "interfaces[0].addresses[1]");
         assert_eq!(requests[8].item, "routes[0] (default via 10.88.0.1)");
         assert_eq!(requests[10].item, "routes[2] (10.98.0.0/16 dev eth1)");
-        let RouteNetlinkMessage::NewAddress(v4) = &requests[4].message else {
-            panic!("not an address")
-        };
-        assert!(v4
-            .attributes
-            .contains(&AddressAttribute::Broadcast("10.88.255.255".parse().expect("ip"))));
+        let RouteNetlinkMessage::NewAddress(v4) = &requests[4].message else { panic!("not an address") };
+        assert!(v4.attributes.contains(&AddressAttribute::Broadcast("10.88.255.255".parse().expect("ip"))));
     }
 
     #[test]
@@ -429,13 +359,7 @@ mod tests {
     #[test]
     fn names_can_move_along() {
         // eth1 gives its name up before eth0 takes it.
-        let config = config(
-            &[
-                ("02:00:00:00:00:0b", "eth2", &[], 0),
-                ("02:00:00:00:00:0a", "eth1", &[], 0),
-            ],
-            &[("10.0.0.0/8", "", "eth2")],
-        );
+        let config = config(&[("02:00:00:00:00:0b", "eth2", &[], 0), ("02:00:00:00:00:0a", "eth1", &[], 0)], &[("10.0.0.0/8", "", "eth2")]);
         let requests = plan(&config, &links()).expect("plan");
         assert_eq!(
             summary(&requests),
@@ -507,10 +431,7 @@ mod tests {
 
         let taken = config(&[("02:00:00:00:00:0a", "eth1", &[], 0)], &[]);
         let e = plan(&taken, &links()).expect_err("name taken");
-        assert_eq!(
-            e.to_string(),
-            "interfaces[0].name \"eth1\": already the name of another device"
-        );
+        assert_eq!(e.to_string(), "interfaces[0].name \"eth1\": already the name of another device");
 
         // Routes name devices by their new names only.
         let old_name = config(&[("02:00:00:00:00:0a", "net0", &[], 0)], &[("10.0.0.0/8", "", "eth0")]);

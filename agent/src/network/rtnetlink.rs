@@ -12,8 +12,8 @@ use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, RawFd};
 
 use netlink_packet_core::{
-    ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK,
-    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{LinkFlags, LinkMessage, LinkMessageBuffer};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -68,9 +68,7 @@ impl Rtnetlink {
             }
             tracing::debug!("the link dump was interrupted by a change; again");
         }
-        Err(NetworkError::Reply(format!(
-            "the link dump was interrupted {DUMP_ATTEMPTS} times"
-        )))
+        Err(NetworkError::Reply(format!("the link dump was interrupted {DUMP_ATTEMPTS} times")))
     }
 
     /// One RTM_GETLINK dump; None if the kernel flags it inconsistent.
@@ -78,12 +76,7 @@ impl Rtnetlink {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut buf = Vec::new();
-        append(
-            &mut buf,
-            seq,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-        );
+        append(&mut buf, seq, NLM_F_REQUEST | NLM_F_DUMP, RouteNetlinkMessage::GetLink(LinkMessage::default()));
         self.send(&buf)?;
 
         let mut slots = Slots::new(DUMP_SLOTS, DUMP_SLOT_SIZE);
@@ -101,26 +94,18 @@ impl Rtnetlink {
                     match message.kind {
                         NLMSG_DONE => {
                             // A dump that failed ends with its errno.
-                            let code = message
-                                .payload
-                                .get(..4)
-                                .and_then(|b| b.try_into().ok())
-                                .map(i32::from_ne_bytes);
+                            let code = message.payload.get(..4).and_then(|b| b.try_into().ok()).map(i32::from_ne_bytes);
                             return match code {
-                                Some(code) if code < 0 => Err(NetworkError::Refused {
-                                    item: "listing the links".into(),
-                                    errno: Errno::from_raw(-code),
-                                }),
+                                Some(code) if code < 0 => {
+                                    Err(NetworkError::Refused { item: "listing the links".into(), errno: Errno::from_raw(-code) })
+                                }
                                 _ => Ok(consistent.then_some(links)),
                             };
                         }
                         NLMSG_ERROR => {
                             return Err(match error_code(message.payload)? {
                                 0 => NetworkError::Reply("the link dump was acknowledged, not answered".into()),
-                                code => NetworkError::Refused {
-                                    item: "listing the links".into(),
-                                    errno: Errno::from_raw(-code),
-                                },
+                                code => NetworkError::Refused { item: "listing the links".into(), errno: Errno::from_raw(-code) },
                             })
                         }
                         RTM_NEWLINK => links.push(parse_link(message.payload)?),
@@ -141,12 +126,7 @@ impl Rtnetlink {
             let mut buf = Vec::new();
             for request in batch {
                 self.seq = self.seq.wrapping_add(1);
-                append(
-                    &mut buf,
-                    self.seq,
-                    NLM_F_REQUEST | NLM_F_ACK | request.flags,
-                    request.message.clone(),
-                );
+                append(&mut buf, self.seq, NLM_F_REQUEST | NLM_F_ACK | request.flags, request.message.clone());
             }
             self.send(&buf)?;
 
@@ -169,10 +149,7 @@ impl Rtnetlink {
             }
 
             let mut refused = batch.iter().zip(&codes).filter_map(|(request, code)| match code {
-                Some(code) if *code < 0 => Some(NetworkError::Refused {
-                    item: request.item.clone(),
-                    errno: Errno::from_raw(-code),
-                }),
+                Some(code) if *code < 0 => Some(NetworkError::Refused { item: request.item.clone(), errno: Errno::from_raw(-code) }),
                 _ => None,
             });
             if let Some(first) = refused.next() {
@@ -186,10 +163,7 @@ impl Rtnetlink {
     }
 
     fn send(&self, buf: &[u8]) -> Result<(), NetworkError> {
-        let sent = self
-            .socket
-            .send(buf, 0)
-            .map_err(|source| NetworkError::Socket { op: "send", cause: source })?;
+        let sent = self.socket.send(buf, 0).map_err(|source| NetworkError::Socket { op: "send", cause: source })?;
         if sent != buf.len() {
             return Err(NetworkError::Socket {
                 op: "send",
@@ -227,15 +201,9 @@ struct Message<'a> {
 fn messages(mut datagram: &[u8]) -> Result<Vec<Message<'_>>, NetworkError> {
     let mut out = Vec::new();
     while !datagram.is_empty() {
-        let buf = NetlinkBuffer::new_checked(datagram)
-            .map_err(|e| NetworkError::Reply(format!("a malformed message: {e}")))?;
+        let buf = NetlinkBuffer::new_checked(datagram).map_err(|e| NetworkError::Reply(format!("a malformed message: {e}")))?;
         let len = buf.length() as usize;
-        out.push(Message {
-            kind: buf.message_type(),
-            flags: buf.flags(),
-            seq: buf.sequence_number(),
-            payload: buf.payload(),
-        });
+        out.push(Message { kind: buf.message_type(), flags: buf.flags(), seq: buf.sequence_number(), payload: buf.payload() });
         datagram = datagram.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
     Ok(out)
@@ -243,8 +211,7 @@ fn messages(mut datagram: &[u8]) -> Result<Vec<Message<'_>>, NetworkError> {
 
 /// The (negative) errno of an NLMSG_ERROR, 0 for an acknowledgement.
 fn error_code(payload: &[u8]) -> Result<i32, NetworkError> {
-    let buf = ErrorBuffer::new_checked(&payload)
-        .map_err(|e| NetworkError::Reply(format!("a malformed error message: {e}")))?;
+    let buf = ErrorBuffer::new_checked(&payload).map_err(|e| NetworkError::Reply(format!("a malformed error message: {e}")))?;
     Ok(buf.code().map_or(0, |c| c.get()))
 }
 
@@ -283,11 +250,7 @@ struct Slots {
 
 impl Slots {
     fn new(count: usize, size: usize) -> Self {
-        Self {
-            buf: vec![0; count * size],
-            size,
-            lens: Vec::with_capacity(count),
-        }
+        Self { buf: vec![0; count * size], size, lens: Vec::with_capacity(count) }
     }
 
     /// Waits for a datagram, then takes as many more as are queued and fit;
@@ -296,35 +259,22 @@ impl Slots {
         self.lens.clear();
         loop {
             let mut headers = MultiHeaders::<NetlinkAddr>::preallocate(self.buf.len() / self.size, None);
-            let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
-                self.buf.chunks_mut(self.size).map(|c| [IoSliceMut::new(c)]).collect();
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self.buf.chunks_mut(self.size).map(|c| [IoSliceMut::new(c)]).collect();
             match recvmmsg(fd, &mut headers, iovs.iter_mut(), MsgFlags::MSG_WAITFORONE, None) {
                 Ok(received) => {
                     for datagram in received {
                         if datagram.flags.contains(MsgFlags::MSG_TRUNC) {
-                            return Err(NetworkError::Reply(format!(
-                                "an answer was longer than {} bytes",
-                                self.size
-                            )));
+                            return Err(NetworkError::Reply(format!("an answer was longer than {} bytes", self.size)));
                         }
                         self.lens.push(datagram.bytes);
                     }
                     break;
                 }
                 Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    return Err(NetworkError::Socket {
-                        op: "recvmmsg",
-                        cause: e.into(),
-                    })
-                }
+                Err(e) => return Err(NetworkError::Socket { op: "recvmmsg", cause: e.into() }),
             }
         }
-        Ok(self
-            .buf
-            .chunks(self.size)
-            .zip(&self.lens)
-            .map(|(slot, len)| &slot[..*len]))
+        Ok(self.buf.chunks(self.size).zip(&self.lens).map(|(slot, len)| &slot[..*len]))
     }
 }
 
@@ -338,20 +288,9 @@ mod tests {
         let mut link = LinkMessage::default();
         link.header.index = 7;
         // A 3-byte name makes the message's length not a multiple of 4.
-        link.attributes
-            .push(netlink_packet_route::link::LinkAttribute::IfName("ab".into()));
-        append(
-            &mut buf,
-            5,
-            NLM_F_REQUEST | NLM_F_ACK,
-            RouteNetlinkMessage::SetLink(link),
-        );
-        append(
-            &mut buf,
-            6,
-            NLM_F_REQUEST,
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-        );
+        link.attributes.push(netlink_packet_route::link::LinkAttribute::IfName("ab".into()));
+        append(&mut buf, 5, NLM_F_REQUEST | NLM_F_ACK, RouteNetlinkMessage::SetLink(link));
+        append(&mut buf, 6, NLM_F_REQUEST, RouteNetlinkMessage::GetLink(LinkMessage::default()));
         let parsed = messages(&buf).expect("messages");
         assert_eq!(parsed.len(), 2);
         assert_eq!((parsed[0].seq, parsed[0].flags), (5, NLM_F_REQUEST | NLM_F_ACK));
@@ -376,15 +315,7 @@ mod tests {
         nla(13, &1500u32.to_ne_bytes()); // IFLA_MTU: skipped
         nla(IFLA_ADDRESS, &[2, 0, 0, 0, 0, 1]);
         let link = parse_link(&payload).expect("link");
-        assert_eq!(
-            link,
-            Link {
-                index: 3,
-                name: "eth0".into(),
-                mac: Some([2, 0, 0, 0, 0, 1]),
-                up: true
-            }
-        );
+        assert_eq!(link, Link { index: 3, name: "eth0".into(), mac: Some([2, 0, 0, 0, 0, 1]), up: true });
         assert!(parse_link(&payload[..10]).is_err());
 
         let mut error = (-17i32).to_ne_bytes().to_vec();
@@ -397,12 +328,7 @@ mod tests {
     #[test]
     fn a_truncated_datagram_is_an_error() {
         let mut buf = Vec::new();
-        append(
-            &mut buf,
-            1,
-            NLM_F_REQUEST,
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-        );
+        append(&mut buf, 1, NLM_F_REQUEST, RouteNetlinkMessage::GetLink(LinkMessage::default()));
         assert!(messages(&buf[..buf.len() - 4]).is_err());
     }
 }

@@ -28,11 +28,7 @@ pub struct AgentService {
 
 impl AgentService {
     pub fn new(shutdown: ShutdownTrigger, containers: Arc<ContainerManager>, sandbox: Sandbox) -> Self {
-        Self {
-            shutdown,
-            containers,
-            sandbox,
-        }
+        Self { shutdown, containers, sandbox }
     }
 }
 
@@ -45,11 +41,7 @@ fn answer<T, E: std::fmt::Display + Into<ttrpc::Error>>(call: &'static str, r: R
 }
 
 impl Agent for AgentService {
-    fn create_sandbox(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::CreateSandboxRequest,
-    ) -> ttrpc::Result<agent::CreateSandboxResponse> {
+    fn create_sandbox(&self, _ctx: &TtrpcContext, req: agent::CreateSandboxRequest) -> ttrpc::Result<agent::CreateSandboxResponse> {
         let resp = answer("CreateSandbox", self.sandbox.create(&req))?;
         if req.settings.as_ref().is_some_and(|s| s.shared_pid_namespace) {
             self.containers.share_pid_namespace();
@@ -57,143 +49,83 @@ impl Agent for AgentService {
         Ok(resp)
     }
 
-    fn destroy_sandbox(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: agent::DestroySandboxRequest,
-    ) -> ttrpc::Result<agent::DestroySandboxResponse> {
+    fn destroy_sandbox(&self, _ctx: &TtrpcContext, _req: agent::DestroySandboxRequest) -> ttrpc::Result<agent::DestroySandboxResponse> {
         answer("DestroySandbox", self.sandbox.destroy(self.containers.count()))?;
         Ok(agent::DestroySandboxResponse::new())
     }
 
-    fn create_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::CreateContainerRequest,
-    ) -> ttrpc::Result<agent::CreateContainerResponse> {
+    fn create_container(&self, _ctx: &TtrpcContext, req: agent::CreateContainerRequest) -> ttrpc::Result<agent::CreateContainerResponse> {
         let pid = answer("CreateContainer", self.containers.create(&req))?;
         let mut resp = agent::CreateContainerResponse::new();
         resp.pid = pid;
         Ok(resp)
     }
 
-    fn start_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::StartContainerRequest,
-    ) -> ttrpc::Result<agent::StartContainerResponse> {
+    fn start_container(&self, _ctx: &TtrpcContext, req: agent::StartContainerRequest) -> ttrpc::Result<agent::StartContainerResponse> {
         let pid = answer("StartContainer", self.containers.start(&req.container_id))?;
         let mut resp = agent::StartContainerResponse::new();
         resp.pid = pid;
         Ok(resp)
     }
 
-    fn exec_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::ExecProcessRequest,
-    ) -> ttrpc::Result<agent::ExecProcessResponse> {
+    fn exec_process(&self, _ctx: &TtrpcContext, req: agent::ExecProcessRequest) -> ttrpc::Result<agent::ExecProcessResponse> {
         let pid = answer("ExecProcess", self.containers.exec(&req))?;
         let mut resp = agent::ExecProcessResponse::new();
         resp.pid = pid;
         Ok(resp)
     }
 
-    fn signal_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::SignalProcessRequest,
-    ) -> ttrpc::Result<agent::SignalProcessResponse> {
+    fn signal_process(&self, _ctx: &TtrpcContext, req: agent::SignalProcessRequest) -> ttrpc::Result<agent::SignalProcessResponse> {
         answer("SignalProcess", self.containers.signal(&req))?;
         Ok(agent::SignalProcessResponse::new())
     }
 
-    fn wait_process(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::WaitProcessRequest,
-    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+    fn wait_process(&self, _ctx: &TtrpcContext, req: agent::WaitProcessRequest) -> ttrpc::Result<agent::WaitProcessResponse> {
         answer("WaitProcess", self.containers.wait(&req))
     }
 
-    fn resize_tty(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::ResizeTtyRequest,
-    ) -> ttrpc::Result<agent::ResizeTtyResponse> {
+    fn resize_tty(&self, _ctx: &TtrpcContext, req: agent::ResizeTtyRequest) -> ttrpc::Result<agent::ResizeTtyResponse> {
         answer("ResizeTty", self.containers.resize(&req))?;
         Ok(agent::ResizeTtyResponse::new())
     }
 
-    fn close_stdin(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::CloseStdinRequest,
-    ) -> ttrpc::Result<agent::CloseStdinResponse> {
+    fn close_stdin(&self, _ctx: &TtrpcContext, req: agent::CloseStdinRequest) -> ttrpc::Result<agent::CloseStdinResponse> {
         answer("CloseStdin", self.containers.close_stdin(&req))?;
         Ok(agent::CloseStdinResponse::new())
     }
 
-    fn stats_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::StatsContainerRequest,
-    ) -> ttrpc::Result<agent::StatsContainerResponse> {
+    fn stats_container(&self, _ctx: &TtrpcContext, req: agent::StatsContainerRequest) -> ttrpc::Result<agent::StatsContainerResponse> {
         answer("StatsContainer", self.containers.stats(&req.container_id))
     }
 
-    fn list_processes(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::ListProcessesRequest,
-    ) -> ttrpc::Result<agent::ListProcessesResponse> {
+    fn list_processes(&self, _ctx: &TtrpcContext, req: agent::ListProcessesRequest) -> ttrpc::Result<agent::ListProcessesResponse> {
         let pids = answer("ListProcesses", self.containers.pids(&req.container_id))?;
         let mut resp = agent::ListProcessesResponse::new();
         resp.pids = pids;
         Ok(resp)
     }
 
-    fn update_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::UpdateContainerRequest,
-    ) -> ttrpc::Result<agent::UpdateContainerResponse> {
+    fn update_container(&self, _ctx: &TtrpcContext, req: agent::UpdateContainerRequest) -> ttrpc::Result<agent::UpdateContainerResponse> {
         answer("UpdateContainer", self.containers.update(&req))?;
         Ok(agent::UpdateContainerResponse::new())
     }
 
-    fn pause_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::PauseContainerRequest,
-    ) -> ttrpc::Result<agent::PauseContainerResponse> {
+    fn pause_container(&self, _ctx: &TtrpcContext, req: agent::PauseContainerRequest) -> ttrpc::Result<agent::PauseContainerResponse> {
         answer("PauseContainer", self.containers.pause(&req.container_id))?;
         Ok(agent::PauseContainerResponse::new())
     }
 
-    fn resume_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::ResumeContainerRequest,
-    ) -> ttrpc::Result<agent::ResumeContainerResponse> {
+    fn resume_container(&self, _ctx: &TtrpcContext, req: agent::ResumeContainerRequest) -> ttrpc::Result<agent::ResumeContainerResponse> {
         answer("ResumeContainer", self.containers.resume(&req.container_id))?;
         Ok(agent::ResumeContainerResponse::new())
     }
 
-    fn remove_container(
-        &self,
-        _ctx: &TtrpcContext,
-        req: agent::RemoveContainerRequest,
-    ) -> ttrpc::Result<agent::RemoveContainerResponse> {
+    fn remove_container(&self, _ctx: &TtrpcContext, req: agent::RemoveContainerRequest) -> ttrpc::Result<agent::RemoveContainerResponse> {
         answer("RemoveContainer", self.containers.remove(&req.container_id, req.force))?;
         Ok(agent::RemoveContainerResponse::new())
     }
 
-    fn shutdown(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: agent::ShutdownRequest,
-    ) -> ttrpc::Result<agent::ShutdownResponse> {
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: agent::ShutdownRequest) -> ttrpc::Result<agent::ShutdownResponse> {
         tracing::info!("shutdown requested");
         self.shutdown.request().map_err(AgentError::Shutdown)?;
         Ok(agent::ShutdownResponse::new())

@@ -1,8 +1,6 @@
 //! `carapace.health.v1.Health`.
 
-use carapace_protocol::health::{
-    check_response::ServingStatus, CheckRequest, CheckResponse, VersionRequest, VersionResponse,
-};
+use carapace_protocol::health::{check_response::ServingStatus, CheckRequest, CheckResponse, VersionRequest, VersionResponse};
 use carapace_protocol::{Health, API_VERSION};
 use ttrpc::TtrpcContext;
 
@@ -23,11 +21,7 @@ impl Health for HealthService {
 
     fn version(&self, _ctx: &TtrpcContext, req: VersionRequest) -> ttrpc::Result<VersionResponse> {
         if req.client_api_version > API_VERSION {
-            tracing::debug!(
-                client = req.client_api_version,
-                agent = API_VERSION,
-                "client speaks a newer API"
-            );
+            tracing::debug!(client = req.client_api_version, agent = API_VERSION, "client speaks a newer API");
         }
         let mut resp = VersionResponse::new();
         resp.agent_version = AGENT_VERSION.to_string();

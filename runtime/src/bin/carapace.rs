@@ -208,8 +208,7 @@ enum Command {
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     let level = if cli.debug { "debug" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CARAPACE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CARAPACE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     // The monitor's stderr is the container's: it logs beside its state.
     let log = match (&cli.log, &cli.command) {
@@ -219,11 +218,8 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     };
     let writer: Box<dyn Fn() -> Box<dyn std::io::Write> + Send + Sync> = match log {
         Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("--log {}", path.display()))?;
+            let file =
+                std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("--log {}", path.display()))?;
             Box::new(move || match file.try_clone() {
                 Ok(f) => Box::new(f) as Box<dyn std::io::Write>,
                 Err(_) => Box::new(std::io::sink()),
@@ -276,12 +272,7 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 }
 
 fn create_options(a: &CreateArgs) -> CreateOptions {
-    CreateOptions {
-        id: a.id.clone(),
-        bundle: a.bundle.clone(),
-        pid_file: a.pid_file.clone(),
-        console_socket: a.console_socket.clone(),
-    }
+    CreateOptions { id: a.id.clone(), bundle: a.bundle.clone(), pid_file: a.pid_file.clone(), console_socket: a.console_socket.clone() }
 }
 
 /// An exit status as a process exit code (signals as 128+N).
@@ -359,7 +350,14 @@ fn list(rt: &Runtime, format: Format, quiet: bool) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|r| {
                     let pid = if r.status == Status::Stopped { 0 } else { r.pid };
-                    [r.id.clone(), pid.to_string(), r.status.to_string(), r.bundle.display().to_string(), r.created.clone(), r.owner.clone()]
+                    [
+                        r.id.clone(),
+                        pid.to_string(),
+                        r.status.to_string(),
+                        r.bundle.display().to_string(),
+                        r.created.clone(),
+                        r.owner.clone(),
+                    ]
                 })
                 .collect();
             let head = ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from);

@@ -24,9 +24,7 @@ use std::sync::Arc;
 use carapace_protocol::agent;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
-};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
@@ -72,13 +70,7 @@ pub struct PodNetwork {
 /// The network namespace a spec asks to join (`linux.namespaces` of type
 /// network with a path), if any.
 pub fn netns_path(spec: &Spec) -> Option<PathBuf> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|n| n.typ() == LinuxNamespaceType::Network)
-        .and_then(|n| n.path().clone())
+    spec.linux().as_ref()?.namespaces().as_ref()?.iter().find(|n| n.typ() == LinuxNamespaceType::Network).and_then(|n| n.path().clone())
 }
 
 /// Creates a tap for each Ethernet interface of `netns` and redirects the
@@ -137,10 +129,7 @@ impl PodNetwork {
     /// The VM's network devices: the taps (taken from here) with each
     /// interface's MAC and MTU.
     pub fn take_taps(&mut self) -> Vec<NetDevice> {
-        self.endpoints
-            .iter_mut()
-            .filter_map(|ep| Some(NetDevice { tap: Arc::new(ep.tap.take()?), mac: ep.mac, mtu: ep.mtu }))
-            .collect()
+        self.endpoints.iter_mut().filter_map(|ep| Some(NetDevice { tap: Arc::new(ep.tap.take()?), mac: ep.mac, mtu: ep.mtu })).collect()
     }
 
     /// Removes the redirects from the namespace's interfaces (dropping it
@@ -173,16 +162,12 @@ impl Drop for PodNetwork {
 
 /// Runs `f` on a thread of its own in network namespace `path` (a network
 /// namespace belongs to a thread, so the caller's stays as it is).
-fn in_netns<T: Send>(
-    path: &Path,
-    f: impl FnOnce() -> Result<T, NetworkError> + Send,
-) -> Result<T, NetworkError> {
+fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> Result<T, NetworkError> + Send) -> Result<T, NetworkError> {
     let ns_err = |source| NetworkError::Namespace { path: path.to_path_buf(), source };
     let ns = File::open(path).map_err(ns_err)?;
     std::thread::scope(|s| {
         s.spawn(move || {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| ns_err(std::io::Error::from(e)))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ns_err(std::io::Error::from(e)))?;
             f()
         })
         .join()
@@ -211,8 +196,7 @@ fn discover(nl: &mut Netlink) -> std::io::Result<(Vec<Endpoint>, HashMap<u32, St
         }
         let Some(name) = name else { continue };
         names.insert(link.header.index, name.clone());
-        let ethernet = link.header.link_layer_type == LinkLayerType::Ether
-            && !link.header.flags.contains(LinkFlags::Loopback);
+        let ethernet = link.header.link_layer_type == LinkLayerType::Ether && !link.header.flags.contains(LinkFlags::Loopback);
         if let (true, false, Some(mac)) = (ethernet, name.starts_with(TAP_PREFIX), mac) {
             indexes.push(link.header.index);
             endpoints.push(Endpoint { tap: None, tap_name: String::new(), name, mac, mtu, addresses: Vec::new() });
@@ -317,10 +301,8 @@ fn wire(nl: &mut Netlink, ep: &mut Endpoint, tap_name: &str) -> Result<OwnedFd, 
     nl.call(RouteNetlinkMessage::SetLink(up), 0).map_err(step(format!("bringing tap {tap_name} up")))?;
     // A redirect left by a VM that died without detaching is replaced.
     tc::remove_redirect(nl, veth_index).map_err(step(format!("clearing {}'s ingress qdisc", ep.name)))?;
-    tc::redirect(nl, veth_index, tap_index)
-        .map_err(step(format!("redirecting {} to {tap_name}", ep.name)))?;
-    tc::redirect(nl, tap_index, veth_index)
-        .map_err(step(format!("redirecting {tap_name} to {}", ep.name)))?;
+    tc::redirect(nl, veth_index, tap_index).map_err(step(format!("redirecting {} to {tap_name}", ep.name)))?;
+    tc::redirect(nl, tap_index, veth_index).map_err(step(format!("redirecting {tap_name} to {}", ep.name)))?;
     Ok(fd)
 }
 

@@ -54,7 +54,8 @@ fn boot_creates_the_sandbox_then_containers_join_the_pods_namespaces() {
     in_mount_ns(|| {
         let tmp = tempfile::tempdir().expect("tempdir");
         let launcher = Arc::new(FakeLauncher::default());
-        let pause = bundle(&tmp.path().join("pause"), serde_json::json!({"io.kubernetes.cri.container-type": "sandbox"}), serde_json::json!([]));
+        let pause =
+            bundle(&tmp.path().join("pause"), serde_json::json!({"io.kubernetes.cri.container-type": "sandbox"}), serde_json::json!([]));
         let sb = boot(&launcher, tmp.path(), "pod", &pause);
         assert_eq!(sb.vmm_pid(), VMM_PID);
         let guest = launcher.guest(0);

@@ -144,7 +144,10 @@ fn a_container_lifecycle_with_exec_pause_stats_and_kill() {
     f.launcher.guest(0).finish("c1", "e1", 0);
     assert_eq!(f.wait("c1", "e1"), 0);
     assert_eq!(f.delete("c1", "e1").expect("delete exec").exit_status, 0);
-    assert!(matches!(f.svc.inner.state(&api::StateRequest { id: "c1".into(), exec_id: "e1".into(), ..Default::default() }), Err(ShimError::NotFound(_))));
+    assert!(matches!(
+        f.svc.inner.state(&api::StateRequest { id: "c1".into(), exec_id: "e1".into(), ..Default::default() }),
+        Err(ShimError::NotFound(_))
+    ));
 
     // pause, resume, pids, stats, update
     f.svc.inner.pause(&api::PauseRequest { id: "c1".into(), ..Default::default() }, true).expect("pause");
@@ -161,7 +164,10 @@ fn a_container_lifecycle_with_exec_pause_stats_and_kill() {
         value: br#"{"memory":{"limit":1048576}}"#.to_vec(),
         ..Default::default()
     };
-    f.svc.inner.update(&api::UpdateTaskRequest { id: "c1".into(), resources: Some(resources).into(), ..Default::default() }).expect("update");
+    f.svc
+        .inner
+        .update(&api::UpdateTaskRequest { id: "c1".into(), resources: Some(resources).into(), ..Default::default() })
+        .expect("update");
 
     // A running container cannot be deleted; kill it, then it can.
     assert!(matches!(f.delete("c1", ""), Err(ShimError::FailedPrecondition(_))));
@@ -276,15 +282,18 @@ fn the_config_file_sizes_the_vm_and_a_bad_one_fails_create() {
         f.svc.inner.create(&req)
     };
     let state = f.dir.path().join("state");
-    let left = || -> Vec<PathBuf> {
-        std::fs::read_dir(&state).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default()
-    };
+    let left =
+        || -> Vec<PathBuf> { std::fs::read_dir(&state).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default() };
 
     // Refused before anything exists: no VM, no sandbox directory, no event.
     let bad = f.dir.path().join("bad.toml");
-    std::fs::write(&bad, "default_vcpus = 1
+    std::fs::write(
+        &bad,
+        "default_vcpus = 1
 default_memory = 512
-").expect("write");
+",
+    )
+    .expect("write");
     let err = create("c1", &bad).expect_err("unknown key");
     assert_eq!(err.code(), ttrpc::Code::FAILED_PRECONDITION, "{err}");
     let msg = err.to_string();
@@ -297,8 +306,12 @@ default_memory = 512
 
     // A good one sizes the VM and sets the share's cache mode.
     let good = f.dir.path().join("good.toml");
-    std::fs::write(&good, "default_memory_mib = 384
-shared_fs_cache = \"none\"\nkernel_params = \"quiet\"\n").expect("write");
+    std::fs::write(
+        &good,
+        "default_memory_mib = 384
+shared_fs_cache = \"none\"\nkernel_params = \"quiet\"\n",
+    )
+    .expect("write");
     create("c1", &good).expect("create");
     let opts = f.launcher.launched.lock().expect("launched")[0].2.clone();
     assert_eq!((opts.vcpus, opts.mem_mib, opts.extra_cmdline.as_str()), (1, 384, "quiet"));
@@ -327,9 +340,8 @@ fn oom_kills_are_published_before_the_exit() {
 fn host_hooks_run_in_order_with_the_state_and_a_failing_one_fails_create() {
     let Some(f) = fixture("host_hooks_run_in_order_with_the_state_and_a_failing_one_fails_create") else { return };
     let log = f.dir.path().join("hooks.log");
-    let hook = |kind: &str| {
-        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {kind} $(cat) >> {}", log.display())]})
-    };
+    let hook =
+        |kind: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {kind} $(cat) >> {}", log.display())]});
     let with_hooks = |id: &str, hooks: serde_json::Value| {
         let b = f.bundle(id, serde_json::json!({"team": "a"}));
         let path = b.join("config.json");

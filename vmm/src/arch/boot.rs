@@ -12,8 +12,7 @@ use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use super::layout::{
-    low_ram_end, BIOS_ROM_START, CMDLINE_ADDR, EBDA_END, EBDA_START, FOUR_GIB, HIMEM_START, MMIO_HOLE_START,
-    ZERO_PAGE_ADDR,
+    low_ram_end, BIOS_ROM_START, CMDLINE_ADDR, EBDA_END, EBDA_START, FOUR_GIB, HIMEM_START, MMIO_HOLE_START, ZERO_PAGE_ADDR,
 };
 use crate::cmdline::CMDLINE_MAX_SIZE;
 
@@ -107,31 +106,16 @@ pub fn initrd_addr(size: u64, kernel_end: u64, mem_bytes: u64) -> Option<u64> {
 }
 
 /// Reads the initramfs into guest memory below the top of low RAM.
-pub fn load_initrd(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    kernel_end: u64,
-    mem_bytes: u64,
-) -> Result<LoadedInitrd, LoadError> {
+pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, mem_bytes: u64) -> Result<LoadedInitrd, LoadError> {
     let mut file = File::open(path).map_err(|source| LoadError::OpenInitramfs { path: path.into(), source })?;
-    let size = file
-        .metadata()
-        .map_err(|source| LoadError::OpenInitramfs { path: path.into(), source })?
-        .len();
-    let addr = initrd_addr(size, kernel_end, mem_bytes)
-        .ok_or_else(|| LoadError::InitramfsTooBig { path: path.into(), size })?;
+    let size = file.metadata().map_err(|source| LoadError::OpenInitramfs { path: path.into(), source })?.len();
+    let addr = initrd_addr(size, kernel_end, mem_bytes).ok_or_else(|| LoadError::InitramfsTooBig { path: path.into(), size })?;
     let len = usize::try_from(size).map_err(|_| LoadError::InitramfsTooBig { path: path.into(), size })?;
-    read_exact_into(mem, &mut file, addr, len)
-        .map_err(|source| LoadError::ReadInitramfs { path: path.into(), source })?;
+    read_exact_into(mem, &mut file, addr, len).map_err(|source| LoadError::ReadInitramfs { path: path.into(), source })?;
     Ok(LoadedInitrd { addr, size })
 }
 
-fn read_exact_into<F: ReadVolatile>(
-    mem: &GuestMemoryMmap,
-    src: &mut F,
-    addr: u64,
-    len: usize,
-) -> Result<(), vm_memory::GuestMemoryError> {
+fn read_exact_into<F: ReadVolatile>(mem: &GuestMemoryMmap, src: &mut F, addr: u64, len: usize) -> Result<(), vm_memory::GuestMemoryError> {
     mem.read_exact_volatile_from(GuestAddress(addr), src, len)
 }
 

@@ -17,10 +17,8 @@ pub const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 16;
 /// The KVM features whose use involves a VMCALL/VMMCALL hypercall. On a
 /// `kvm_pvm` host a non-PVM guest's hypercall never completes (the vCPU
 /// stays on the VMCALL): the first PV IPI hangs SMP bring-up.
-pub const HYPERCALL_FEATURES: u32 = (1 << KVM_FEATURE_PV_UNHALT)
-    | (1 << KVM_FEATURE_PV_SEND_IPI)
-    | (1 << KVM_FEATURE_PV_SCHED_YIELD)
-    | (1 << KVM_FEATURE_HC_MAP_GPA_RANGE);
+pub const HYPERCALL_FEATURES: u32 =
+    (1 << KVM_FEATURE_PV_UNHALT) | (1 << KVM_FEATURE_PV_SEND_IPI) | (1 << KVM_FEATURE_PV_SCHED_YIELD) | (1 << KVM_FEATURE_HC_MAP_GPA_RANGE);
 
 /// Level type "SMT" in leaf 0xb/0x1f ECX[15:8].
 const LEVEL_TYPE_SMT: u32 = 1;
@@ -97,15 +95,7 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            ebx: 0x0a0b_0c0d,
-            ecx: 0x1111,
-            edx: 0x2222,
-            eax: 0x3333,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, ebx: 0x0a0b_0c0d, ecx: 0x1111, edx: 0x2222, eax: 0x3333, ..Default::default() }
     }
 
     #[test]

@@ -28,12 +28,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// The boot GDT: null, code (64-bit, present, ring 0), data, TSS.
-pub const BOOT_GDT: [u64; 4] = [
-    0,
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const BOOT_GDT: [u64; 4] = [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// The KVM view of descriptor `entry` loaded with selector `index * 8`.
 pub fn segment_from_entry(entry: u64, index: u16) -> kvm_segment {
@@ -65,11 +60,9 @@ pub fn segment_from_entry(entry: u64, index: u16) -> kvm_segment {
 pub fn write_gdt_idt(mem: &GuestMemoryMmap) -> Result<(), TableError> {
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         let addr = GDT_ADDR + (i as u64) * 8;
-        mem.write_obj(*entry, GuestAddress(addr))
-            .map_err(|source| TableError::Write { what: "GDT", addr, source })?;
+        mem.write_obj(*entry, GuestAddress(addr)).map_err(|source| TableError::Write { what: "GDT", addr, source })?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_ADDR))
-        .map_err(|source| TableError::Write { what: "IDT", addr: IDT_ADDR, source })
+    mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(|source| TableError::Write { what: "IDT", addr: IDT_ADDR, source })
 }
 
 #[cfg(test)]

@@ -100,10 +100,7 @@ mod tests {
     #[test]
     fn regions_split_around_the_hole() {
         assert_eq!(ram_regions(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
-        assert_eq!(
-            ram_regions(4 << 30),
-            vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(FOUR_GIB), (4 << 30) - MMIO_HOLE_START)]
-        );
+        assert_eq!(ram_regions(4 << 30), vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(FOUR_GIB), (4 << 30) - MMIO_HOLE_START)]);
         assert_eq!(low_ram_end(8 << 30), MMIO_HOLE_START);
     }
 

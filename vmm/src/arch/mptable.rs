@@ -117,8 +117,7 @@ pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
 /// Writes the MP table for `num_cpus` vCPUs at [`MPTABLE_ADDR`].
 pub fn write(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), TableError> {
     let bytes = build(num_cpus, MPTABLE_ADDR);
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_ADDR))
-        .map_err(|source| TableError::Write { what: "MP table", addr: MPTABLE_ADDR, source })
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_ADDR)).map_err(|source| TableError::Write { what: "MP table", addr: MPTABLE_ADDR, source })
 }
 
 #[cfg(test)]

@@ -24,14 +24,16 @@ pub fn identity_gib(low_ram_end: u64) -> u64 {
 
 /// Writes the tables; returns the value for CR3.
 pub fn write_page_tables(mem: &GuestMemoryMmap, low_ram_end: u64) -> Result<u64, TableError> {
-    let write = |what, addr: u64, val: u64| {
-        mem.write_obj(val, GuestAddress(addr)).map_err(|source| TableError::Write { what, addr, source })
-    };
+    let write =
+        |what, addr: u64, val: u64| mem.write_obj(val, GuestAddress(addr)).map_err(|source| TableError::Write { what, addr, source });
     let gib = identity_gib(low_ram_end);
     // Clear the PML4 and PDPT pages: stale entries must not survive.
     for page in [PML4_ADDR, PDPT_ADDR] {
-        mem.write_slice(&[0u8; 0x1000], GuestAddress(page))
-            .map_err(|source| TableError::Write { what: "page table", addr: page, source })?;
+        mem.write_slice(&[0u8; 0x1000], GuestAddress(page)).map_err(|source| TableError::Write {
+            what: "page table",
+            addr: page,
+            source,
+        })?;
     }
     write("PML4", PML4_ADDR, PDPT_ADDR | PTE_PRESENT_RW)?;
     for g in 0..gib {

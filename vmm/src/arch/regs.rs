@@ -50,14 +50,14 @@ pub enum RegsError {
 /// The MSRs a Linux guest expects set at boot (index, value).
 pub fn boot_msrs() -> Vec<(u32, u64)> {
     vec![
-        (0x174, 0),         // SYSENTER_CS
-        (0x175, 0),         // SYSENTER_ESP
-        (0x176, 0),         // SYSENTER_EIP
-        (0xc000_0081, 0),   // STAR
-        (0xc000_0082, 0),   // LSTAR
-        (0xc000_0083, 0),   // CSTAR
-        (0xc000_0084, 0),   // SYSCALL_MASK
-        (0xc000_0102, 0),   // KERNEL_GS_BASE
+        (0x174, 0),       // SYSENTER_CS
+        (0x175, 0),       // SYSENTER_ESP
+        (0x176, 0),       // SYSENTER_EIP
+        (0xc000_0081, 0), // STAR
+        (0xc000_0082, 0), // LSTAR
+        (0xc000_0083, 0), // CSTAR
+        (0xc000_0084, 0), // SYSCALL_MASK
+        (0xc000_0102, 0), // KERNEL_GS_BASE
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ]
@@ -66,14 +66,7 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
 /// General registers of the boot vCPU: RIP at the kernel's 64-bit entry,
 /// RSI at the zero page.
 pub fn boot_regs(entry: u64) -> kvm_regs {
-    kvm_regs {
-        rflags: 0x2,
-        rip: entry,
-        rsp: BOOT_STACK_TOP,
-        rbp: BOOT_STACK_TOP,
-        rsi: ZERO_PAGE_ADDR,
-        ..Default::default()
-    }
+    kvm_regs { rflags: 0x2, rip: entry, rsp: BOOT_STACK_TOP, rbp: BOOT_STACK_TOP, rsi: ZERO_PAGE_ADDR, ..Default::default() }
 }
 
 /// Special registers of the boot vCPU: flat segments from the boot GDT,
@@ -138,8 +131,11 @@ pub fn setup_lapic(vcpu: &VcpuFd, cpu: u8) -> Result<(), RegsError> {
 /// (some hosts, `kvm_pvm` among them, do not implement them all).
 pub fn setup_msrs(vcpu: &VcpuFd, cpu: u8) -> Result<(), RegsError> {
     for (index, data) in boot_msrs() {
-        let msrs = Msrs::from_entries(&[kvm_msr_entry { index, data, ..Default::default() }])
-            .map_err(|_| RegsError::Kvm { cpu, what: "building the MSR list", source: kvm_ioctls::Error::new(libc::EINVAL) })?;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry { index, data, ..Default::default() }]).map_err(|_| RegsError::Kvm {
+            cpu,
+            what: "building the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
         match vcpu.set_msrs(&msrs) {
             Ok(1) => {}
             Ok(_) => warn!(cpu, "KVM did not accept MSR {index:#x} = {data:#x}; continuing without it"),

@@ -39,8 +39,8 @@ use tracing::debug;
 mod rules;
 mod spawn;
 
-pub use spawn::spawn;
 pub(crate) use spawn::install_spawner;
+pub use spawn::spawn;
 
 /// The kinds of thread the VMM runs, each with its own allow-list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -206,17 +206,7 @@ fn vcpu(rules: &mut Rules) {
 /// `<uds>_<port>`, moving bytes).
 fn vsock(rules: &mut Rules) {
     event_loop(rules);
-    allow(
-        rules,
-        &[
-            libc::SYS_accept4,
-            libc::SYS_connect,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_shutdown,
-            libc::SYS_fcntl,
-        ],
-    );
+    allow(rules, &[libc::SYS_accept4, libc::SYS_connect, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_shutdown, libc::SYS_fcntl]);
     rules.insert(libc::SYS_socket, arg_in(0, &[libc::AF_UNIX as u64]));
     rules.insert(libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO]));
 }
@@ -314,18 +304,6 @@ fn net(rules: &mut Rules) {
 
 /// The spawner: creating threads, which then confine themselves.
 fn spawner(rules: &mut Rules) {
-    allow(
-        rules,
-        &[
-            libc::SYS_clone3,
-            libc::SYS_clone,
-            libc::SYS_set_robust_list,
-            libc::SYS_rseq,
-            libc::SYS_seccomp,
-        ],
-    );
-    rules.insert(
-        libc::SYS_prctl,
-        arg_in(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64]),
-    );
+    allow(rules, &[libc::SYS_clone3, libc::SYS_clone, libc::SYS_set_robust_list, libc::SYS_rseq, libc::SYS_seccomp]);
+    rules.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64]));
 }

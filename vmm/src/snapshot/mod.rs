@@ -145,9 +145,8 @@ pub fn decode_state(bytes: &[u8], path: &Path) -> Result<VmState, SnapshotError>
     if stored != computed {
         return Err(SnapshotError::Checksum { path: path_buf(), stored, computed });
     }
-    let (state, used) =
-        bincode::serde::decode_from_slice::<VmState, _>(&bytes[HEADER_LEN..end], bincode::config::standard())
-            .map_err(|source| SnapshotError::Decode { path: path_buf(), source })?;
+    let (state, used) = bincode::serde::decode_from_slice::<VmState, _>(&bytes[HEADER_LEN..end], bincode::config::standard())
+        .map_err(|source| SnapshotError::Decode { path: path_buf(), source })?;
     if used != end - HEADER_LEN {
         return Err(SnapshotError::TrailingBytes { path: path_buf(), extra: (end - HEADER_LEN - used) as u64 });
     }
@@ -168,17 +167,14 @@ pub fn write_state(dir: &Path, state: &VmState) -> Result<(), SnapshotError> {
 /// Reads and checks `dir/state`.
 pub fn read_state(dir: &Path) -> Result<VmState, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let bytes =
-        std::fs::read(&path).map_err(|source| SnapshotError::Io { what: "state", path: path.clone(), source })?;
+    let bytes = std::fs::read(&path).map_err(|source| SnapshotError::Io { what: "state", path: path.clone(), source })?;
     decode_state(&bytes, &path)
 }
 
 /// Checks that a snapshot of shape `snapshot` can be restored into a VM
 /// configured as `config`; the error names the first difference.
 pub fn check_shape(snapshot: &Shape, config: &Shape) -> Result<(), SnapshotError> {
-    let mismatch = |what: &str, s: String, c: String| {
-        Err(SnapshotError::ShapeMismatch { what: what.to_string(), snapshot: s, config: c })
-    };
+    let mismatch = |what: &str, s: String, c: String| Err(SnapshotError::ShapeMismatch { what: what.to_string(), snapshot: s, config: c });
     if snapshot.vcpus != config.vcpus {
         return mismatch("vcpus", snapshot.vcpus.to_string(), config.vcpus.to_string());
     }
@@ -266,11 +262,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotE
 /// length; the file holds them one after the other), copy-on-write: the
 /// guest's writes go to private pages and never reach the file, which is
 /// opened read-only.
-pub fn map_memory(
-    path: &Path,
-    ranges: &[(GuestAddress, usize)],
-    mem_mib: u32,
-) -> Result<GuestMemoryMmap, SnapshotError> {
+pub fn map_memory(path: &Path, ranges: &[(GuestAddress, usize)], mem_mib: u32) -> Result<GuestMemoryMmap, SnapshotError> {
     let io = |source| SnapshotError::Io { what: "memory", path: path.to_path_buf(), source };
     let file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
@@ -289,8 +281,7 @@ pub fn map_memory(
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| map_err(e.to_string()))?;
-        let region =
-            GuestRegionMmap::new(region, addr).ok_or_else(|| map_err(format!("region at {addr:#x?} overflows")))?;
+        let region = GuestRegionMmap::new(region, addr).ok_or_else(|| map_err(format!("region at {addr:#x?} overflows")))?;
         regions.push(region);
         off += size as u64;
     }

@@ -13,10 +13,7 @@ fn shape() -> Shape {
         vcpus: 2,
         mem_mib: 256,
         pvm: true,
-        devices: vec![
-            DeviceShape { device_type: 19, tag: None },
-            DeviceShape { device_type: 26, tag: Some("root".into()) },
-        ],
+        devices: vec![DeviceShape { device_type: 19, tag: None }, DeviceShape { device_type: 26, tag: Some("root".into()) }],
     }
 }
 
@@ -151,9 +148,7 @@ fn wrong_version_is_refused_naming_both() {
     let mut bytes = encode_state(&vm_state()).unwrap();
     bytes[8..12].copy_from_slice(&(STATE_VERSION + 1).to_le_bytes());
     let e = decode_state(&bytes, Path::new("/t/state")).unwrap_err();
-    assert!(
-        matches!(e, SnapshotError::WrongVersion { found, expected, .. } if found == STATE_VERSION + 1 && expected == STATE_VERSION)
-    );
+    assert!(matches!(e, SnapshotError::WrongVersion { found, expected, .. } if found == STATE_VERSION + 1 && expected == STATE_VERSION));
     let msg = e.to_string();
     assert!(msg.contains(&format!("version {}", STATE_VERSION + 1)) && msg.contains("/t/state"), "{msg}");
 }
@@ -180,10 +175,7 @@ fn wrong_shape_is_refused_naming_the_difference() {
         (Box::new(|s| s.vcpus = 1), "vcpus: the snapshot has 2, the config 1"),
         (Box::new(|s| s.mem_mib = 512), "mem_mib: the snapshot has 256, the config 512"),
         (Box::new(|s| s.pvm = false), "host kind"),
-        (
-            Box::new(|s| s.devices.pop().map(|_| ()).unwrap()),
-            "virtio devices: the snapshot has [vsock, fs \"root\"], the config [vsock]",
-        ),
+        (Box::new(|s| s.devices.pop().map(|_| ()).unwrap()), "virtio devices: the snapshot has [vsock, fs \"root\"], the config [vsock]"),
         (Box::new(|s| s.devices[1].tag = Some("other".into())), "fs \"other\""),
         (Box::new(|s| s.devices.swap(0, 1)), "[fs \"root\", vsock]"),
         (Box::new(|s| s.devices.push(DeviceShape { device_type: 1, tag: None })), "net"),
@@ -363,10 +355,7 @@ fn save_reads_mp_state_first_and_vcpu_events_last() {
     let calls = fake.calls.borrow();
     assert_eq!(calls.first(), Some(&"KVM_GET_MP_STATE"));
     assert_eq!(calls.last(), Some(&"KVM_GET_VCPU_EVENTS"));
-    assert_eq!(
-        s.msrs.iter().map(|m| (m.index, m.data)).collect::<Vec<_>>(),
-        [(0x10, 0x20), (0x6e0, 0x20), (0xc000_0082, 0x1_8000_0104)]
-    );
+    assert_eq!(s.msrs.iter().map(|m| (m.index, m.data)).collect::<Vec<_>>(), [(0x10, 0x20), (0x6e0, 0x20), (0xc000_0082, 0x1_8000_0104)]);
 }
 
 #[test]
@@ -375,10 +364,8 @@ fn refused_msrs_on_the_list_are_skipped_and_others_fail() {
     // The host refuses IA32_FEATURE_CONTROL: skipped, the MSRs after it still set.
     let fake = FakeVcpu { refuse: vec![0x3a], ..Default::default() };
     let mut state = vcpu_state(0);
-    state.msrs = [0x10, 0x3a, 0x6e0, 0xc000_0082, 0x174]
-        .iter()
-        .map(|&index| kvm_msr_entry { index, data: 1, ..Default::default() })
-        .collect();
+    state.msrs =
+        [0x10, 0x3a, 0x6e0, 0xc000_0082, 0x174].iter().map(|&index| kvm_msr_entry { index, data: 1, ..Default::default() }).collect();
     let skipped = vcpu::restore(&fake, 0, &state).unwrap();
     assert_eq!(skipped, [0x3a]);
     // TSC deadline moved after the TSC and everything else.
@@ -401,8 +388,7 @@ fn refused_msrs_on_the_list_are_skipped_and_others_fail() {
 
 #[test]
 fn msrs_go_in_chunks_kvm_accepts() {
-    let entries: Vec<kvm_msr_entry> =
-        (0..600u32).map(|index| kvm_msr_entry { index: 0x1000 + index, ..Default::default() }).collect();
+    let entries: Vec<kvm_msr_entry> = (0..600u32).map(|index| kvm_msr_entry { index: 0x1000 + index, ..Default::default() }).collect();
     let mut sizes = Vec::new();
     let (done, skipped) = vcpu::msrs_skipping_refused(0, "write", entries, |chunk| {
         sizes.push(chunk.len());

@@ -5,8 +5,8 @@
 //! tests); [`kvm_ioctls::VcpuFd`] is the real implementation.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use tracing::{debug, warn};
@@ -87,10 +87,8 @@ pub fn msrs_skipping_refused(
     let mut pos = 0;
     while pos < entries.len() {
         let end = (pos + KVM_MAX_MSR_ENTRIES).min(entries.len());
-        let n = op(&mut entries[pos..end]).map_err(|source| SnapshotError::Kvm {
-            what: if what == "read" { "KVM_GET_MSRS" } else { "KVM_SET_MSRS" },
-            source,
-        })?;
+        let n = op(&mut entries[pos..end])
+            .map_err(|source| SnapshotError::Kvm { what: if what == "read" { "KVM_GET_MSRS" } else { "KVM_SET_MSRS" }, source })?;
         let n = n.min(end - pos);
         done.extend_from_slice(&entries[pos..pos + n]);
         pos += n;

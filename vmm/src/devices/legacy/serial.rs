@@ -30,11 +30,7 @@ pub fn open_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, SerialErro
         SerialOutput::None => Box::new(io::sink()),
         SerialOutput::Stdout => Box::new(io::stdout()),
         SerialOutput::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| SerialError::Open { path: path.clone(), source })?,
+            OpenOptions::new().create(true).append(true).open(path).map_err(|source| SerialError::Open { path: path.clone(), source })?,
         ),
     })
 }
@@ -70,13 +66,9 @@ impl SerialDevice {
     }
 
     /// A UART with the registers of a snapshot.
-    pub fn from_state(
-        state: &vm_superio::serial::SerialState,
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, String> {
-        let serial = Serial::from_state(state, EventFdTrigger(irq), NoEvents, out)
-            .map_err(|e| format!("serial: cannot restore the UART: {e:?}"))?;
+    pub fn from_state(state: &vm_superio::serial::SerialState, irq: EventFd, out: Box<dyn Write + Send>) -> Result<Self, String> {
+        let serial =
+            Serial::from_state(state, EventFdTrigger(irq), NoEvents, out).map_err(|e| format!("serial: cannot restore the UART: {e:?}"))?;
         Ok(SerialDevice { serial, write_failed: false })
     }
 

@@ -33,8 +33,8 @@ use std::sync::Arc;
 
 use tracing::debug;
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -230,19 +230,11 @@ impl MmioTransport {
             }),
             VIRTIO_MMIO_QUEUE_READY => self.with_queue("QueueReady", |q| q.set_ready(v == 1)),
             VIRTIO_MMIO_QUEUE_DESC_LOW => self.with_queue_config("QueueDescLow", |q| q.set_desc_table_address(Some(v), None)),
-            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
-                self.with_queue_config("QueueDescHigh", |q| q.set_desc_table_address(None, Some(v)))
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
-                self.with_queue_config("QueueDriverLow", |q| q.set_avail_ring_address(Some(v), None))
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
-                self.with_queue_config("QueueDriverHigh", |q| q.set_avail_ring_address(None, Some(v)))
-            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => self.with_queue_config("QueueDescHigh", |q| q.set_desc_table_address(None, Some(v))),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.with_queue_config("QueueDriverLow", |q| q.set_avail_ring_address(Some(v), None)),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.with_queue_config("QueueDriverHigh", |q| q.set_avail_ring_address(None, Some(v))),
             VIRTIO_MMIO_QUEUE_USED_LOW => self.with_queue_config("QueueDeviceLow", |q| q.set_used_ring_address(Some(v), None)),
-            VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                self.with_queue_config("QueueDeviceHigh", |q| q.set_used_ring_address(None, Some(v)))
-            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH => self.with_queue_config("QueueDeviceHigh", |q| q.set_used_ring_address(None, Some(v))),
             VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             VIRTIO_MMIO_STATUS => self.set_status(v),
@@ -252,10 +244,7 @@ impl MmioTransport {
     }
 
     fn write_driver_features(&mut self, v: u32) {
-        if !self.has(VIRTIO_CONFIG_S_DRIVER)
-            || self.has(VIRTIO_CONFIG_S_FEATURES_OK)
-            || self.has(VIRTIO_CONFIG_S_FAILED)
-        {
+        if !self.has(VIRTIO_CONFIG_S_DRIVER) || self.has(VIRTIO_CONFIG_S_FEATURES_OK) || self.has(VIRTIO_CONFIG_S_FAILED) {
             crate::guest_warn!(status = self.status, "virtio-mmio: DriverFeatures write out of order ignored");
             return;
         }
@@ -291,10 +280,7 @@ impl MmioTransport {
         let offered = self.device.avail_features();
         let version_1 = 1u64 << VIRTIO_F_VERSION_1;
         if self.driver_features_high || self.driver_features & !offered != 0 {
-            crate::guest_warn!(
-                driver = self.driver_features,
-                offered, "virtio-mmio: driver accepted features the device does not offer"
-            );
+            crate::guest_warn!(driver = self.driver_features, offered, "virtio-mmio: driver accepted features the device does not offer");
             return false;
         }
         if offered & version_1 == 0 || self.driver_features & version_1 == 0 {
@@ -615,12 +601,7 @@ mod tests {
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             self.rec.lock().expect("lock").config_writes.push((offset, data.to_vec()));
         }
-        fn activate(
-            &mut self,
-            _mem: GuestMemoryMmap,
-            _interrupt: Arc<Interrupt>,
-            queues: Vec<ActiveQueue>,
-        ) -> Result<(), ActivateError> {
+        fn activate(&mut self, _mem: GuestMemoryMmap, _interrupt: Arc<Interrupt>, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
             if self.fail_activate {
                 return Err(ActivateError::BadConfig("no".into()));
             }

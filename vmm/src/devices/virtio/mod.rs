@@ -136,12 +136,7 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device: from here it processes `queues` (in queue-index order)
     /// against `mem`, and raises `interrupt` when it has used buffers.
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError>;
+    fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>, queues: Vec<ActiveQueue>) -> Result<(), ActivateError>;
     /// For a snapshot: stops the running device for good and returns its
     /// queues as its worker left them (`None`: it was not running). An
     /// error says why this device's state cannot be snapshotted.

@@ -26,8 +26,8 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
 use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
 use fuse_backend_rs::api::filesystem::{
-    Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, ListxattrReply,
-    OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
+    Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader,
+    ZeroCopyWriter,
 };
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
@@ -78,16 +78,9 @@ pub(crate) fn passthrough_config(root: &str, cache: CacheMode) -> Config {
 /// Builds the FUSE server for a validated configuration (`root` is
 /// [`FsConfig::validate`]'s result).
 pub(crate) fn build_server(config: &FsConfig, root: &Path) -> Result<FsServer, FsError> {
-    let root_str = root
-        .to_str()
-        .ok_or_else(|| FsError::SharedDirNotUtf8(root.to_path_buf()))?;
-    let fs =
-        PassthroughFs::<()>::new(passthrough_config(root_str, config.cache)).map_err(|source| {
-            FsError::Backend {
-                path: root.to_path_buf(),
-                source,
-            }
-        })?;
+    let root_str = root.to_str().ok_or_else(|| FsError::SharedDirNotUtf8(root.to_path_buf()))?;
+    let fs = PassthroughFs::<()>::new(passthrough_config(root_str, config.cache))
+        .map_err(|source| FsError::Backend { path: root.to_path_buf(), source })?;
     Ok(Server::new(ShareFs::new(fs, config.read_only)))
 }
 
@@ -149,11 +142,7 @@ impl<F> ShareFs<F> {
 /// switch again (it would drop the capabilities the caller keeps).
 fn as_caller<T>(ctx: &Context, op: impl FnOnce(&Context) -> io::Result<T>) -> io::Result<T> {
     let _caller = CallerCreds::switch(ctx.uid, ctx.gid)?;
-    op(&Context {
-        uid: 0,
-        gid: 0,
-        ..*ctx
-    })
+    op(&Context { uid: 0, gid: 0, ..*ctx })
 }
 
 impl<F: FileSystem<Inode = u64, Handle = u64>> ShareFs<F> {
@@ -204,23 +193,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         self.inner.batch_forget(ctx, requests)
     }
 
-    fn getattr(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: Option<u64>,
-    ) -> io::Result<(stat64, Duration)> {
+    fn getattr(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
         self.inner.getattr(ctx, inode, handle)
     }
 
-    fn setattr(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        attr: stat64,
-        handle: Option<u64>,
-        valid: SetattrValid,
-    ) -> io::Result<(stat64, Duration)> {
+    fn setattr(&self, ctx: &Context, inode: u64, attr: stat64, handle: Option<u64>, valid: SetattrValid) -> io::Result<(stat64, Duration)> {
         self.writable()?;
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
@@ -229,42 +206,19 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         self.inner.readlink(ctx, inode)
     }
 
-    fn symlink(
-        &self,
-        ctx: &Context,
-        linkname: &CStr,
-        parent: u64,
-        name: &CStr,
-    ) -> io::Result<Entry> {
+    fn symlink(&self, ctx: &Context, linkname: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
         self.writable()?;
         check_entry_name(name)?;
         as_caller(ctx, |ctx| self.inner.symlink(ctx, linkname, parent, name))
     }
 
-    fn mknod(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        name: &CStr,
-        mode: u32,
-        rdev: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
+    fn mknod(&self, ctx: &Context, inode: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry> {
         self.writable()?;
         check_entry_name(name)?;
-        as_caller(ctx, |ctx| {
-            self.inner.mknod(ctx, inode, name, mode, rdev, umask)
-        })
+        as_caller(ctx, |ctx| self.inner.mknod(ctx, inode, name, mode, rdev, umask))
     }
 
-    fn mkdir(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &CStr,
-        mode: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
+    fn mkdir(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
         self.writable()?;
         check_entry_name(name)?;
         as_caller(ctx, |ctx| self.inner.mkdir(ctx, parent, name, mode, umask))
@@ -282,20 +236,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         self.inner.rmdir(ctx, parent, name)
     }
 
-    fn rename(
-        &self,
-        ctx: &Context,
-        olddir: u64,
-        oldname: &CStr,
-        newdir: u64,
-        newname: &CStr,
-        flags: u32,
-    ) -> io::Result<()> {
+    fn rename(&self, ctx: &Context, olddir: u64, oldname: &CStr, newdir: u64, newname: &CStr, flags: u32) -> io::Result<()> {
         self.writable()?;
         check_entry_name(oldname)?;
         check_entry_name(newname)?;
-        self.inner
-            .rename(ctx, olddir, oldname, newdir, newname, flags)
+        self.inner.rename(ctx, olddir, oldname, newdir, newname, flags)
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
@@ -304,13 +249,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         self.inner.link(ctx, inode, newparent, newname)
     }
 
-    fn open(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        flags: u32,
-        fuse_flags: u32,
-    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+    fn open(&self, ctx: &Context, inode: u64, flags: u32, fuse_flags: u32) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         if open_flags_write(flags) {
             self.writable()?;
         }
@@ -341,8 +280,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.inner
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        self.inner.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
 
     fn write(
@@ -359,18 +297,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
-        self.inner.write(
-            ctx,
-            inode,
-            handle,
-            r,
-            size,
-            offset,
-            lock_owner,
-            delayed_write,
-            flags,
-            fuse_flags,
-        )
+        self.inner.write(ctx, inode, handle, r, size, offset, lock_owner, delayed_write, flags, fuse_flags)
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
@@ -381,18 +308,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         self.inner.fsync(ctx, inode, datasync, handle)
     }
 
-    fn fallocate(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        mode: u32,
-        offset: u64,
-        length: u64,
-    ) -> io::Result<()> {
+    fn fallocate(&self, ctx: &Context, inode: u64, handle: u64, mode: u32, offset: u64, length: u64) -> io::Result<()> {
         self.writable()?;
-        self.inner
-            .fallocate(ctx, inode, handle, mode, offset, length)
+        self.inner.fallocate(ctx, inode, handle, mode, offset, length)
     }
 
     fn release(
@@ -405,35 +323,20 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
         self.inner.statfs(ctx, inode)
     }
 
-    fn setxattr(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        name: &CStr,
-        value: &[u8],
-        flags: u32,
-    ) -> io::Result<()> {
+    fn setxattr(&self, ctx: &Context, inode: u64, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
         self.writable()?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
-    fn getxattr(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        name: &CStr,
-        size: u32,
-    ) -> io::Result<GetxattrReply> {
-        self.inner
-            .getxattr(ctx, inode, name, size.min(XATTR_SIZE_MAX))
+    fn getxattr(&self, ctx: &Context, inode: u64, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size.min(XATTR_SIZE_MAX))
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
@@ -445,12 +348,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         self.inner.removexattr(ctx, inode, name)
     }
 
-    fn opendir(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        flags: u32,
-    ) -> io::Result<(Option<u64>, OpenOptions)> {
+    fn opendir(&self, ctx: &Context, inode: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
         if open_flags_write(flags) {
             self.writable()?;
         }
@@ -467,14 +365,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner.readdir(
-            ctx,
-            inode,
-            handle,
-            size.min(READDIR_SIZE_MAX),
-            offset,
-            add_entry,
-        )
+        self.inner.readdir(ctx, inode, handle, size.min(READDIR_SIZE_MAX), offset, add_entry)
     }
 
     fn readdirplus(
@@ -486,14 +377,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner.readdirplus(
-            ctx,
-            inode,
-            handle,
-            size.min(READDIR_SIZE_MAX),
-            offset,
-            add_entry,
-        )
+        self.inner.readdirplus(ctx, inode, handle, size.min(READDIR_SIZE_MAX), offset, add_entry)
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -537,63 +421,27 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         self.inner.access(ctx, inode, mask)
     }
 
-    fn lseek(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        offset: u64,
-        whence: u32,
-    ) -> io::Result<u64> {
+    fn lseek(&self, ctx: &Context, inode: u64, handle: u64, offset: u64, whence: u32) -> io::Result<u64> {
         self.inner.lseek(ctx, inode, handle, offset, whence)
     }
 
-    fn getlk(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<FileLock> {
+    fn getlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<FileLock> {
         self.inner.getlk(ctx, inode, handle, owner, lock, flags)
     }
 
-    fn setlk(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<()> {
+    fn setlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()> {
         self.inner.setlk(ctx, inode, handle, owner, lock, flags)
     }
 
     // SETLKW would block the worker until another holder lets go: refused,
     // the guest kernel then keeps locks locally (as without POSIX_LOCKS).
-    fn setlkw(
-        &self,
-        _ctx: &Context,
-        _inode: u64,
-        _handle: u64,
-        _owner: u64,
-        _lock: FileLock,
-        _flags: u32,
-    ) -> io::Result<()> {
+    fn setlkw(&self, _ctx: &Context, _inode: u64, _handle: u64, _owner: u64, _lock: FileLock, _flags: u32) -> io::Result<()> {
         Err(errno(libc::ENOSYS))
     }
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)]
 mod tests {
     use std::collections::BTreeMap;
     use std::ffi::CString;
@@ -601,9 +449,7 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::path::Path;
 
-    use fuse_backend_rs::abi::fuse_abi::{
-        InitIn, InitIn2, InitOut, Opcode, KERNEL_VERSION, ROOT_ID,
-    };
+    use fuse_backend_rs::abi::fuse_abi::{InitIn, InitIn2, InitOut, Opcode, KERNEL_VERSION, ROOT_ID};
     use vm_memory::ByteValued;
 
     use super::*;
@@ -617,13 +463,7 @@ mod tests {
         let p = CString::new(path.to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path; mknod reads it only.
         let rc = unsafe { libc::mknod(p.as_ptr(), kind | 0o666, dev) };
-        assert_eq!(
-            rc,
-            0,
-            "mknod {}: {}",
-            path.display(),
-            io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "mknod {}: {}", path.display(), io::Error::last_os_error());
     }
 
     fn host_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -631,8 +471,7 @@ mod tests {
         let n = CString::new(name).unwrap();
         let mut buf = [0u8; 256];
         // SAFETY: valid NUL-terminated strings and a buffer of the given size.
-        let rc =
-            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let rc = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         usize::try_from(rc).ok().map(|len| buf[..len].to_vec())
     }
 
@@ -692,8 +531,7 @@ mod tests {
             major: KERNEL_VERSION,
             minor: 38,
             max_readahead: 0x2_0000,
-            flags: (FsOptions::ASYNC_READ | FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits()
-                as u32,
+            flags: (FsOptions::ASYNC_READ | FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits() as u32,
         };
         let out: InitOut = obj(&h.call(Opcode::Init, 0, &[init.as_slice()]).result().unwrap());
         let big = (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES).bits() as u32;
@@ -703,10 +541,7 @@ mod tests {
         // A guest that offers neither gets neither (one-page writes).
         let mem = test_mem();
         let mut h = Harness::share(&mem, dir.path(), false, CacheMode::Auto);
-        let init = InitIn {
-            flags: FsOptions::ASYNC_READ.bits() as u32,
-            ..init
-        };
+        let init = InitIn { flags: FsOptions::ASYNC_READ.bits() as u32, ..init };
         let out: InitOut = obj(&h.call(Opcode::Init, 0, &[init.as_slice()]).result().unwrap());
         assert_eq!(out.flags & big, 0);
         assert_eq!(out.max_pages, 0);
@@ -736,22 +571,11 @@ mod tests {
             max_readahead: 0,
             flags: (FsOptions::INIT_EXT | FsOptions::ASYNC_READ).bits() as u32,
         };
-        let init2 = InitIn2 {
-            flags2: (FsOptions::PERFILE_DAX.bits() >> 32) as u32,
-            unused: [0; 11],
-        };
-        let out: InitOut = obj(&h
-            .call(Opcode::Init, 0, &[init.as_slice(), init2.as_slice()])
-            .result()
-            .unwrap());
+        let init2 = InitIn2 { flags2: (FsOptions::PERFILE_DAX.bits() >> 32) as u32, unused: [0; 11] };
+        let out: InitOut = obj(&h.call(Opcode::Init, 0, &[init.as_slice(), init2.as_slice()]).result().unwrap());
         let enabled = u64::from(out.flags) | (u64::from(out.flags2) << 32);
         assert_eq!(enabled & FsOptions::PERFILE_DAX.bits(), 0);
-        assert_eq!(
-            h.call(Opcode::SetupMapping, ROOT_ID, &[&[0u8; 40]])
-                .result()
-                .unwrap_err(),
-            libc::EINVAL
-        );
+        assert_eq!(h.call(Opcode::SetupMapping, ROOT_ID, &[&[0u8; 40]]).result().unwrap_err(), libc::EINVAL);
     }
 
     #[test]
@@ -815,43 +639,24 @@ mod tests {
             let e = h.lookup(ROOT_ID, name).unwrap();
             // The entry is the link itself, not its target.
             assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK, "{name}");
-            assert_eq!(
-                e.attr.ino,
-                fs::symlink_metadata(share.join(name)).unwrap().ino(),
-                "{name}"
-            );
+            assert_eq!(e.attr.ino, fs::symlink_metadata(share.join(name)).unwrap().ino(), "{name}");
             assert_ne!(e.attr.ino, fs::metadata(&secret).unwrap().ino(), "{name}");
             // Its text goes to the guest, which resolves it in its own mount.
             assert!(h.readlink(e.nodeid).is_ok());
 
             // Nothing reaches the target.
-            assert_eq!(
-                h.open(e.nodeid, libc::O_RDONLY).unwrap_err(),
-                libc::EACCES,
-                "{name}"
-            );
-            assert_eq!(
-                h.open(e.nodeid, libc::O_WRONLY | libc::O_TRUNC)
-                    .unwrap_err(),
-                libc::EACCES,
-                "{name}"
-            );
+            assert_eq!(h.open(e.nodeid, libc::O_RDONLY).unwrap_err(), libc::EACCES, "{name}");
+            assert_eq!(h.open(e.nodeid, libc::O_WRONLY | libc::O_TRUNC).unwrap_err(), libc::EACCES, "{name}");
             let mut trunc = setattr_in(SetattrValid::SIZE.bits());
             trunc.size = 0;
-            assert!(
-                h.setattr(e.nodeid, trunc).is_err(),
-                "{name}: truncate through a link"
-            );
+            assert!(h.setattr(e.nodeid, trunc).is_err(), "{name}: truncate through a link");
             let mut chmod = setattr_in(SetattrValid::MODE.bits());
             chmod.mode = libc::S_IFREG | 0o666;
             let _ = h.setattr(e.nodeid, chmod);
             let mut chown = setattr_in(SetattrValid::UID.bits());
             chown.uid = 4321;
             let _ = h.setattr(e.nodeid, chown);
-            assert!(
-                h.setxattr(e.nodeid, "user.evil", b"1").is_err(),
-                "{name}: user xattrs on a link"
-            );
+            assert!(h.setxattr(e.nodeid, "user.evil", b"1").is_err(), "{name}: user xattrs on a link");
             assert!(h.getxattr(e.nodeid, "user.evil", 64).is_err());
             assert!(h.opendir(e.nodeid).is_err());
         }
@@ -865,14 +670,7 @@ mod tests {
         let d = h.lookup(ROOT_ID, "dirlink").unwrap();
         assert_eq!(d.attr.mode & libc::S_IFMT, libc::S_IFLNK);
         assert_eq!(h.lookup(d.nodeid, "secret").unwrap_err(), libc::ENOTDIR);
-        assert!(h
-            .create(
-                d.nodeid,
-                "planted",
-                libc::O_WRONLY | libc::O_CREAT,
-                libc::S_IFREG | 0o644
-            )
-            .is_err());
+        assert!(h.create(d.nodeid, "planted", libc::O_WRONLY | libc::O_CREAT, libc::S_IFREG | 0o644).is_err());
         assert!(h.mkdir(d.nodeid, "planted-dir", 0o755).is_err());
         assert!(h.symlink(d.nodeid, "planted-link", "x").is_err());
         assert!(h.unlink(d.nodeid, "secret").is_err());
@@ -880,10 +678,7 @@ mod tests {
         assert!(h.opendir(d.nodeid).is_err());
         let fh = 1;
         assert!(h.readdir(d.nodeid, fh, 0, 4096).is_err());
-        let names: Vec<_> = fs::read_dir(&outside)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec!["secret"]);
         assert!(!share.join("stolen").exists());
     }
@@ -911,10 +706,7 @@ mod tests {
 
         // Names with `/` are refused everywhere.
         assert_eq!(h.lookup(ROOT_ID, "../sibling").unwrap_err(), libc::EINVAL);
-        assert_eq!(
-            h.lookup(ROOT_ID, "../outside/secret").unwrap_err(),
-            libc::EINVAL
-        );
+        assert_eq!(h.lookup(ROOT_ID, "../outside/secret").unwrap_err(), libc::EINVAL);
         assert_eq!(h.lookup(ROOT_ID, "sub/..").unwrap_err(), libc::EINVAL);
         assert_eq!(h.lookup(ROOT_ID, "/etc").unwrap_err(), libc::EINVAL);
     }
@@ -928,56 +720,21 @@ mod tests {
         let f = h.lookup(ROOT_ID, "f").unwrap();
         let creat = libc::O_WRONLY | libc::O_CREAT;
         for bad in ["../escape", "a/b", "/abs", ".", "..", "sub/"] {
-            assert_eq!(
-                h.create(ROOT_ID, bad, creat, libc::S_IFREG | 0o644)
-                    .unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
-            assert_eq!(
-                h.mkdir(ROOT_ID, bad, 0o755).unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
-            assert_eq!(
-                h.mknod(ROOT_ID, bad, libc::S_IFIFO | 0o644, 0).unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
-            assert_eq!(
-                h.symlink(ROOT_ID, bad, "f").unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
-            assert_eq!(
-                h.link(f.nodeid, ROOT_ID, bad).unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
-            assert_eq!(
-                h.rename(ROOT_ID, "f", ROOT_ID, bad).unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
-            assert_eq!(
-                h.rename(ROOT_ID, bad, ROOT_ID, "g").unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
+            assert_eq!(h.create(ROOT_ID, bad, creat, libc::S_IFREG | 0o644).unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.mkdir(ROOT_ID, bad, 0o755).unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.mknod(ROOT_ID, bad, libc::S_IFIFO | 0o644, 0).unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.symlink(ROOT_ID, bad, "f").unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.link(f.nodeid, ROOT_ID, bad).unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.rename(ROOT_ID, "f", ROOT_ID, bad).unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.rename(ROOT_ID, bad, ROOT_ID, "g").unwrap_err(), libc::EINVAL, "{bad}");
             assert_eq!(h.unlink(ROOT_ID, bad).unwrap_err(), libc::EINVAL, "{bad}");
             assert_eq!(h.rmdir(ROOT_ID, bad).unwrap_err(), libc::EINVAL, "{bad}");
         }
         // Nothing appeared next to the share, and the share is as it was.
-        let mut around: Vec<_> = fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut around: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         around.sort();
         assert_eq!(around, vec!["outside", "share", "sibling"]);
-        let inside: Vec<_> = fs::read_dir(&share)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let inside: Vec<_> = fs::read_dir(&share).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(inside, vec!["f"]);
     }
 
@@ -991,76 +748,31 @@ mod tests {
         let mem = test_mem();
         let mut h = Harness::mounted(&mem, dir.path());
 
-        for (name, kind) in [
-            ("null", libc::S_IFCHR),
-            ("loop", libc::S_IFBLK),
-            ("fifo", libc::S_IFIFO),
-        ] {
+        for (name, kind) in [("null", libc::S_IFCHR), ("loop", libc::S_IFBLK), ("fifo", libc::S_IFIFO)] {
             let e = h.lookup(ROOT_ID, name).unwrap();
-            assert_eq!(
-                e.attr.mode & libc::S_IFMT,
-                kind,
-                "{name}: the guest sees the node"
-            );
-            for flags in [
-                libc::O_RDONLY,
-                libc::O_WRONLY,
-                libc::O_RDWR,
-                libc::O_RDONLY | libc::O_NONBLOCK,
-            ] {
-                assert_eq!(
-                    h.open(e.nodeid, flags).unwrap_err(),
-                    libc::EACCES,
-                    "{name} {flags:#o}"
-                );
+            assert_eq!(e.attr.mode & libc::S_IFMT, kind, "{name}: the guest sees the node");
+            for flags in [libc::O_RDONLY, libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_NONBLOCK] {
+                assert_eq!(h.open(e.nodeid, flags).unwrap_err(), libc::EACCES, "{name} {flags:#o}");
             }
             assert_eq!(h.opendir(e.nodeid).unwrap_err(), libc::EACCES, "{name}");
             let mut trunc = setattr_in(SetattrValid::SIZE.bits());
             trunc.size = 0;
-            assert!(
-                h.setattr(e.nodeid, trunc).is_err(),
-                "{name}: truncate opens the node"
-            );
+            assert!(h.setattr(e.nodeid, trunc).is_err(), "{name}: truncate opens the node");
             // Handles are per inode: a guessed handle does not work either.
-            assert_eq!(
-                h.read(e.nodeid, 1, 0, 16).unwrap_err(),
-                libc::EBADF,
-                "{name}"
-            );
+            assert_eq!(h.read(e.nodeid, 1, 0, 16).unwrap_err(), libc::EBADF, "{name}");
             // CREATE of an existing node (no O_EXCL) must not open it.
-            assert!(
-                h.create(
-                    ROOT_ID,
-                    name,
-                    libc::O_RDWR | libc::O_CREAT,
-                    libc::S_IFREG | 0o644
-                )
-                .is_err(),
-                "{name}"
-            );
+            assert!(h.create(ROOT_ID, name, libc::O_RDWR | libc::O_CREAT, libc::S_IFREG | 0o644).is_err(), "{name}");
             // Metadata still works.
             h.getattr(e.nodeid).unwrap();
         }
 
         // A node the guest makes (overlayfs whiteouts are 0:0 char devices)
         // exists on the host but is not opened either.
-        let wh = h
-            .mknod(ROOT_ID, "whiteout", libc::S_IFCHR | 0o600, 0)
-            .unwrap();
+        let wh = h.mknod(ROOT_ID, "whiteout", libc::S_IFCHR | 0o600, 0).unwrap();
         assert!(fs::symlink_metadata(dir.path().join("whiteout")).is_ok());
         assert_eq!(h.open(wh.nodeid, libc::O_RDONLY).unwrap_err(), libc::EACCES);
-        let mem_dev = h
-            .mknod(
-                ROOT_ID,
-                "mem",
-                libc::S_IFCHR | 0o600,
-                libc::makedev(1, 1) as u32,
-            )
-            .unwrap();
-        assert_eq!(
-            h.open(mem_dev.nodeid, libc::O_RDWR).unwrap_err(),
-            libc::EACCES
-        );
+        let mem_dev = h.mknod(ROOT_ID, "mem", libc::S_IFCHR | 0o600, libc::makedev(1, 1) as u32).unwrap();
+        assert_eq!(h.open(mem_dev.nodeid, libc::O_RDWR).unwrap_err(), libc::EACCES);
     }
 
     #[test]
@@ -1075,10 +787,7 @@ mod tests {
         let fh_a = h.open(a.nodeid, libc::O_RDONLY).unwrap().fh;
         // a's handle with b's inode.
         assert_eq!(h.read(b.nodeid, fh_a, 0, 4).unwrap_err(), libc::EBADF);
-        assert_eq!(
-            h.read(a.nodeid, fh_a + 1000, 0, 4).unwrap_err(),
-            libc::EBADF
-        );
+        assert_eq!(h.read(a.nodeid, fh_a + 1000, 0, 4).unwrap_err(), libc::EBADF);
         for node in [0, 2_000_000, u64::MAX] {
             assert_eq!(h.getattr(node).unwrap_err(), libc::EBADF, "{node}");
             assert_eq!(h.lookup(node, "a").unwrap_err(), libc::EBADF, "{node}");
@@ -1098,24 +807,12 @@ mod tests {
             for entry in fs::read_dir(&d).unwrap() {
                 let path = entry.unwrap().path();
                 let meta = fs::symlink_metadata(&path).unwrap();
-                let content = if meta.is_file() {
-                    fs::read(&path).unwrap()
-                } else {
-                    Vec::new()
-                };
+                let content = if meta.is_file() { fs::read(&path).unwrap() } else { Vec::new() };
                 if meta.is_dir() {
                     stack.push(path.clone());
                 }
                 let key = path.strip_prefix(dir).unwrap().to_str().unwrap().to_owned();
-                out.insert(
-                    key,
-                    (
-                        meta.mode(),
-                        meta.len(),
-                        content,
-                        host_xattr(&path, "user.tag"),
-                    ),
-                );
+                out.insert(key, (meta.mode(), meta.len(), content, host_xattr(&path, "user.tag")));
             }
         }
         out
@@ -1130,15 +827,7 @@ mod tests {
         std::os::unix::fs::symlink("f", dir.path().join("l")).unwrap();
         let fpath = CString::new(dir.path().join("f").to_str().unwrap()).unwrap();
         // SAFETY: valid NUL-terminated strings and a value of the given length.
-        let rc = unsafe {
-            libc::setxattr(
-                fpath.as_ptr(),
-                c"user.tag".as_ptr(),
-                b"v".as_ptr().cast(),
-                1,
-                0,
-            )
-        };
+        let rc = unsafe { libc::setxattr(fpath.as_ptr(), c"user.tag".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
         assert_eq!(rc, 0);
         let before = snapshot(dir.path());
 
@@ -1161,58 +850,18 @@ mod tests {
 
         // Every change is refused with EROFS.
         let creat = libc::O_WRONLY | libc::O_CREAT;
-        assert_eq!(
-            h.write(f.nodeid, fh, 0, b"XX").unwrap_err(),
-            erofs(),
-            "write"
-        );
-        assert_eq!(
-            h.create(ROOT_ID, "new", creat, libc::S_IFREG | 0o644)
-                .unwrap_err(),
-            erofs(),
-            "create"
-        );
-        assert_eq!(
-            h.create(ROOT_ID, "f", libc::O_RDONLY, libc::S_IFREG | 0o644)
-                .unwrap_err(),
-            erofs(),
-            "create existing"
-        );
+        assert_eq!(h.write(f.nodeid, fh, 0, b"XX").unwrap_err(), erofs(), "write");
+        assert_eq!(h.create(ROOT_ID, "new", creat, libc::S_IFREG | 0o644).unwrap_err(), erofs(), "create");
+        assert_eq!(h.create(ROOT_ID, "f", libc::O_RDONLY, libc::S_IFREG | 0o644).unwrap_err(), erofs(), "create existing");
         assert_eq!(h.mkdir(ROOT_ID, "nd", 0o755).unwrap_err(), erofs(), "mkdir");
-        assert_eq!(
-            h.mknod(ROOT_ID, "nod", libc::S_IFIFO | 0o644, 0)
-                .unwrap_err(),
-            erofs(),
-            "mknod"
-        );
+        assert_eq!(h.mknod(ROOT_ID, "nod", libc::S_IFIFO | 0o644, 0).unwrap_err(), erofs(), "mknod");
         assert_eq!(h.unlink(ROOT_ID, "f").unwrap_err(), erofs(), "unlink");
-        assert_eq!(
-            h.unlink(d.nodeid, "inner").unwrap_err(),
-            erofs(),
-            "unlink in a subdir"
-        );
+        assert_eq!(h.unlink(d.nodeid, "inner").unwrap_err(), erofs(), "unlink in a subdir");
         assert_eq!(h.rmdir(ROOT_ID, "d").unwrap_err(), erofs(), "rmdir");
-        assert_eq!(
-            h.rename(ROOT_ID, "f", ROOT_ID, "g").unwrap_err(),
-            erofs(),
-            "rename"
-        );
-        assert_eq!(
-            h.rename2(ROOT_ID, "f", ROOT_ID, "l", libc::RENAME_EXCHANGE)
-                .unwrap_err(),
-            erofs(),
-            "rename2"
-        );
-        assert_eq!(
-            h.link(f.nodeid, ROOT_ID, "hl").unwrap_err(),
-            erofs(),
-            "link"
-        );
-        assert_eq!(
-            h.symlink(ROOT_ID, "sl", "f").unwrap_err(),
-            erofs(),
-            "symlink"
-        );
+        assert_eq!(h.rename(ROOT_ID, "f", ROOT_ID, "g").unwrap_err(), erofs(), "rename");
+        assert_eq!(h.rename2(ROOT_ID, "f", ROOT_ID, "l", libc::RENAME_EXCHANGE).unwrap_err(), erofs(), "rename2");
+        assert_eq!(h.link(f.nodeid, ROOT_ID, "hl").unwrap_err(), erofs(), "link");
+        assert_eq!(h.symlink(ROOT_ID, "sl", "f").unwrap_err(), erofs(), "symlink");
         for valid in [
             SetattrValid::SIZE,
             SetattrValid::MODE,
@@ -1221,44 +870,15 @@ mod tests {
         ] {
             let mut arg = setattr_in(valid.bits());
             arg.mode = libc::S_IFREG | 0o777;
-            assert_eq!(
-                h.setattr(f.nodeid, arg).unwrap_err(),
-                erofs(),
-                "setattr {valid:?}"
-            );
+            assert_eq!(h.setattr(f.nodeid, arg).unwrap_err(), erofs(), "setattr {valid:?}");
         }
-        assert_eq!(
-            h.setxattr(f.nodeid, "user.tag", b"changed").unwrap_err(),
-            erofs(),
-            "setxattr"
-        );
-        assert_eq!(
-            h.removexattr(f.nodeid, "user.tag").unwrap_err(),
-            erofs(),
-            "removexattr"
-        );
-        assert_eq!(
-            h.fallocate(f.nodeid, fh, 0, 1 << 20).unwrap_err(),
-            erofs(),
-            "fallocate"
-        );
-        for flags in [
-            libc::O_WRONLY,
-            libc::O_RDWR,
-            libc::O_RDONLY | libc::O_TRUNC,
-            libc::O_WRONLY | libc::O_APPEND,
-        ] {
-            assert_eq!(
-                h.open(f.nodeid, flags).unwrap_err(),
-                erofs(),
-                "open {flags:#o}"
-            );
+        assert_eq!(h.setxattr(f.nodeid, "user.tag", b"changed").unwrap_err(), erofs(), "setxattr");
+        assert_eq!(h.removexattr(f.nodeid, "user.tag").unwrap_err(), erofs(), "removexattr");
+        assert_eq!(h.fallocate(f.nodeid, fh, 0, 1 << 20).unwrap_err(), erofs(), "fallocate");
+        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC, libc::O_WRONLY | libc::O_APPEND] {
+            assert_eq!(h.open(f.nodeid, flags).unwrap_err(), erofs(), "open {flags:#o}");
         }
-        assert_eq!(
-            h.access(f.nodeid, libc::W_OK).unwrap_err(),
-            erofs(),
-            "access W_OK"
-        );
+        assert_eq!(h.access(f.nodeid, libc::W_OK).unwrap_err(), erofs(), "access W_OK");
 
         assert_eq!(snapshot(dir.path()), before, "the host directory changed");
     }
@@ -1281,12 +901,7 @@ mod tests {
     fn thread_creds() -> (u32, u32, caps::CapsHashSet, caps::CapsHashSet) {
         // SAFETY: geteuid and getegid only read this thread's credentials.
         let ids = unsafe { (libc::geteuid(), libc::getegid()) };
-        (
-            ids.0,
-            ids.1,
-            caps::read(None, caps::CapSet::Effective).unwrap(),
-            caps::read(None, caps::CapSet::Permitted).unwrap(),
-        )
+        (ids.0, ids.1, caps::read(None, caps::CapSet::Effective).unwrap(), caps::read(None, caps::CapSet::Permitted).unwrap())
     }
 
     /// The guest kernel checks permissions itself (virtio-fs mounts with
@@ -1312,9 +927,7 @@ mod tests {
         h.gid = 1000;
 
         let creat = libc::O_WRONLY | libc::O_CREAT;
-        let (f, open) = h
-            .create(d.nodeid, "file", creat, libc::S_IFREG | 0o644)
-            .unwrap();
+        let (f, open) = h.create(d.nodeid, "file", creat, libc::S_IFREG | 0o644).unwrap();
         assert_eq!(h.write(f.nodeid, open.fh, 0, b"hi").unwrap(), 2);
         assert_eq!(thread_creds(), before, "after CREATE");
         h.mkdir(d.nodeid, "dir", 0o755).unwrap();
@@ -1327,30 +940,16 @@ mod tests {
         }
         assert_eq!(fs::read(locked.join("file")).unwrap(), b"hi");
         // CREATE without O_EXCL of a root-owned 0644 file opens it.
-        let (e, _) = h
-            .create(d.nodeid, "existing", creat, libc::S_IFREG | 0o644)
-            .unwrap();
+        let (e, _) = h.create(d.nodeid, "existing", creat, libc::S_IFREG | 0o644).unwrap();
         assert_eq!(e.attr.uid, 0);
 
         // The same caller is still held to the share: names are checked
         // and nothing appears outside it.
         for bad in ["../escape", "a/b", ".."] {
-            assert_eq!(
-                h.create(d.nodeid, bad, creat, libc::S_IFREG | 0o644)
-                    .unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
-            assert_eq!(
-                h.mkdir(d.nodeid, bad, 0o755).unwrap_err(),
-                libc::EINVAL,
-                "{bad}"
-            );
+            assert_eq!(h.create(d.nodeid, bad, creat, libc::S_IFREG | 0o644).unwrap_err(), libc::EINVAL, "{bad}");
+            assert_eq!(h.mkdir(d.nodeid, bad, 0o755).unwrap_err(), libc::EINVAL, "{bad}");
         }
-        let mut around: Vec<_> = fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut around: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         around.sort();
         assert_eq!(around, vec!["outside", "share", "sibling"]);
         assert_eq!(thread_creds(), before, "after refused requests");

@@ -28,11 +28,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 
 /// The capabilities a non-root caller's request keeps on the host: those
 /// the guest kernel has already checked for its own caller.
-pub(crate) const CALLER_DAC_CAPS: [Capability; 3] = [
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_DAC_READ_SEARCH,
-    Capability::CAP_FOWNER,
-];
+pub(crate) const CALLER_DAC_CAPS: [Capability; 3] = [Capability::CAP_DAC_OVERRIDE, Capability::CAP_DAC_READ_SEARCH, Capability::CAP_FOWNER];
 
 fn caps_error(e: &caps::errors::CapsError) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, e.to_string())
@@ -65,17 +61,12 @@ impl CallerCreds {
     /// Switches this thread to `uid`/`gid` (nothing to do for root), with
     /// [`CALLER_DAC_CAPS`] effective when `uid` is not 0.
     pub(crate) fn switch(uid: u32, gid: u32) -> io::Result<Self> {
-        let mut guard = Self {
-            old_uid: None,
-            old_gid: None,
-            old_effective: None,
-        };
+        let mut guard = Self { old_uid: None, old_gid: None, old_effective: None };
         // SAFETY: geteuid and getegid only read this thread's credentials.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         if uid != euid || uid != 0 {
             // Saved before the uid switch clears it.
-            guard.old_effective =
-                Some(caps::read(None, CapSet::Effective).map_err(|e| caps_error(&e))?);
+            guard.old_effective = Some(caps::read(None, CapSet::Effective).map_err(|e| caps_error(&e))?);
         }
         // The gid first: once the uid is not 0 the thread may not change it.
         if gid != egid {
@@ -135,12 +126,7 @@ mod tests {
     fn creds() -> Creds {
         // SAFETY: geteuid and getegid only read this thread's credentials.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        (
-            uid,
-            gid,
-            caps::read(None, CapSet::Effective).unwrap(),
-            caps::read(None, CapSet::Permitted).unwrap(),
-        )
+        (uid, gid, caps::read(None, CapSet::Effective).unwrap(), caps::read(None, CapSet::Permitted).unwrap())
     }
 
     /// Runs `f` on a thread of its own: credentials are per thread, and a

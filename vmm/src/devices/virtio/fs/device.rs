@@ -24,8 +24,7 @@ use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 
 /// Feature bits the device offers.
-pub(crate) const AVAIL_FEATURES: u64 =
-    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
+pub(crate) const AVAIL_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
 
 /// A running worker thread and the eventfd that stops it.
 struct Worker {
@@ -72,10 +71,7 @@ fn config_space(tag: &str) -> [u8; CONFIG_SPACE_SIZE] {
 /// Raises the soft limit on open files to the hard limit: the backend holds
 /// one descriptor per inode the guest knows of. Best effort.
 fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit only writes the rlimit struct we pass, which lives
     // for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
@@ -85,10 +81,7 @@ fn raise_nofile_limit() {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: setrlimit only reads the rlimit struct we pass.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            debug!(
-                "virtio-fs: cannot raise RLIMIT_NOFILE: {}",
-                std::io::Error::last_os_error()
-            );
+            debug!("virtio-fs: cannot raise RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -117,14 +110,7 @@ impl Fs {
         }
         raise_nofile_limit();
         let server = build_server(&config, &root)?;
-        Ok(Fs {
-            config_space: config_space(&config.tag),
-            config,
-            root,
-            acked_features: 0,
-            server: Some(Arc::new(server)),
-            worker: None,
-        })
+        Ok(Fs { config_space: config_space(&config.tag), config, root, acked_features: 0, server: Some(Arc::new(server)), worker: None })
     }
 
     /// The mount tag.
@@ -174,15 +160,10 @@ impl Fs {
     fn build_confined(&self) -> Result<FsServer, FsError> {
         let (config, root) = (self.config.clone(), self.root.clone());
         let backend_err = |source| FsError::Backend { path: self.root.clone(), source };
-        let handle = crate::seccomp::spawn(
-            crate::seccomp::ThreadKind::Fs,
-            thread_name(&self.config.tag),
-            move || build_server(&config, &root),
-        )
-        .map_err(backend_err)?;
-        handle
-            .join()
-            .map_err(|_| backend_err(std::io::Error::other("the thread building the server panicked")))?
+        let handle =
+            crate::seccomp::spawn(crate::seccomp::ThreadKind::Fs, thread_name(&self.config.tag), move || build_server(&config, &root))
+                .map_err(backend_err)?;
+        handle.join().map_err(|_| backend_err(std::io::Error::other("the thread building the server panicked")))?
     }
 }
 
@@ -202,10 +183,7 @@ impl VirtioDevice for Fs {
     fn set_acked_features(&mut self, features: u64) {
         let unknown = features & !AVAIL_FEATURES;
         if unknown != 0 {
-            warn!(
-                "virtio-fs {}: driver acked unoffered features {unknown:#x}",
-                self.config.tag
-            );
+            warn!("virtio-fs {}: driver acked unoffered features {unknown:#x}", self.config.tag);
         }
         self.acked_features = features & AVAIL_FEATURES;
     }
@@ -213,53 +191,28 @@ impl VirtioDevice for Fs {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let start = usize::try_from(offset).ok();
         for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .and_then(|s| s.checked_add(i))
-                .and_then(|j| self.config_space.get(j))
-                .copied()
-                .unwrap_or(0);
+            *byte = start.and_then(|s| s.checked_add(i)).and_then(|j| self.config_space.get(j)).copied().unwrap_or(0);
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "virtio-fs {}: ignoring a {}-byte config write at {offset}",
-            self.config.tag,
-            data.len()
-        );
+        debug!("virtio-fs {}: ignoring a {}-byte config write at {offset}", self.config.tag, data.len());
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
         if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
+            return Err(ActivateError::QueueCount { expected: NUM_QUEUES, got: queues.len() });
         }
         if self.worker.is_some() {
-            return Err(ActivateError::BadConfig(
-                "virtio-fs device already active".into(),
-            ));
+            return Err(ActivateError::BadConfig("virtio-fs device already active".into()));
         }
         let Some(server) = self.server.clone() else {
-            return Err(ActivateError::BadConfig(format!(
-                "virtio-fs {}: backend unavailable after a failed reset",
-                self.config.tag
-            )));
+            return Err(ActivateError::BadConfig(format!("virtio-fs {}: backend unavailable after a failed reset", self.config.tag)));
         };
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let worker_kill = kill.try_clone()?;
         let worker = FsWorker::new(server, mem, interrupt, queues);
-        let handle = crate::seccomp::spawn(
-            crate::seccomp::ThreadKind::Fs,
-            thread_name(&self.config.tag),
-            move || worker.run(worker_kill),
-        )?;
+        let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Fs, thread_name(&self.config.tag), move || worker.run(worker_kill))?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
     }
@@ -312,12 +265,7 @@ impl Drop for Fs {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)]
 mod tests {
     use std::os::unix::io::AsRawFd;
 
@@ -345,16 +293,8 @@ mod tests {
         assert_eq!(fs.device_type(), 26);
         assert_eq!(fs.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
         assert_ne!(fs.avail_features() & (1 << 32), 0, "VIRTIO_F_VERSION_1");
-        assert_ne!(
-            fs.avail_features() & (1 << 29),
-            0,
-            "VIRTIO_RING_F_EVENT_IDX"
-        );
-        assert_ne!(
-            fs.avail_features() & (1 << 28),
-            0,
-            "VIRTIO_RING_F_INDIRECT_DESC"
-        );
+        assert_ne!(fs.avail_features() & (1 << 29), 0, "VIRTIO_RING_F_EVENT_IDX");
+        assert_ne!(fs.avail_features() & (1 << 28), 0, "VIRTIO_RING_F_INDIRECT_DESC");
         assert_eq!(fs.tag(), "rootfs");
         assert!(!fs.is_active());
     }
@@ -456,31 +396,15 @@ mod tests {
         let (_dir, mut fs) = new_fs("t");
         let mem = test_mem();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let queues = vec![ActiveQueue {
-            queue: Queue::new(QUEUE_SIZE).unwrap(),
-            notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        }];
+        let queues = vec![ActiveQueue { queue: Queue::new(QUEUE_SIZE).unwrap(), notify: EventFd::new(libc::EFD_NONBLOCK).unwrap() }];
         let err = fs.activate(mem, interrupt, queues).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ActivateError::QueueCount {
-                    expected: 2,
-                    got: 1
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, ActivateError::QueueCount { expected: 2, got: 1 }), "{err}");
         assert!(!fs.is_active());
     }
 
     /// Waits (generously, without asserting on time) for the irqfd.
     fn wait_irq(interrupt: &Interrupt) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: interrupt.irqfd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: interrupt.irqfd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd, living across the call.
         let n = unsafe { libc::poll(&mut pfd, 1, 60_000) };
         n == 1 && interrupt.irqfd().read().is_ok()
@@ -502,44 +426,21 @@ mod tests {
             let req_notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let notify_handle = req_notify.try_clone().unwrap();
             let queues = vec![
-                ActiveQueue {
-                    queue: hiprio.create_queue().unwrap(),
-                    notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-                },
-                ActiveQueue {
-                    queue: req.create_queue().unwrap(),
-                    notify: req_notify,
-                },
+                ActiveQueue { queue: hiprio.create_queue().unwrap(), notify: EventFd::new(libc::EFD_NONBLOCK).unwrap() },
+                ActiveQueue { queue: req.create_queue().unwrap(), notify: req_notify },
             ];
             fs.activate(mem.clone(), interrupt.clone(), queues).unwrap();
             assert!(fs.is_active());
 
             // INIT on the request queue.
             let unique = 7 + round;
-            let init = InitIn {
-                major: KERNEL_VERSION,
-                minor: 31,
-                max_readahead: 0,
-                flags: 0,
-            };
-            let mut bytes = in_header(Opcode::Init as u32, unique, 0, init.as_slice().len())
-                .as_slice()
-                .to_vec();
+            let init = InitIn { major: KERNEL_VERSION, minor: 31, max_readahead: 0, flags: 0 };
+            let mut bytes = in_header(Opcode::Init as u32, unique, 0, init.as_slice().len()).as_slice().to_vec();
             bytes.extend_from_slice(init.as_slice());
             mem.write_slice(&bytes, GuestAddress(0x20000)).unwrap();
             let descs = [
-                RawDescriptor::from(SplitDescriptor::new(
-                    0x20000,
-                    u32::try_from(bytes.len()).unwrap(),
-                    VRING_DESC_F_NEXT as u16,
-                    1,
-                )),
-                RawDescriptor::from(SplitDescriptor::new(
-                    0x30000,
-                    0x1000,
-                    VRING_DESC_F_WRITE as u16,
-                    0,
-                )),
+                RawDescriptor::from(SplitDescriptor::new(0x20000, u32::try_from(bytes.len()).unwrap(), VRING_DESC_F_NEXT as u16, 1)),
+                RawDescriptor::from(SplitDescriptor::new(0x30000, 0x1000, VRING_DESC_F_WRITE as u16, 0)),
             ];
             req.add_desc_chains(&descs, 0).unwrap();
             notify_handle.write(1).unwrap();
@@ -586,42 +487,19 @@ mod tests {
         let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
         let req = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let init = InitIn {
-            major: KERNEL_VERSION,
-            minor: 31,
-            max_readahead: 0,
-            flags: 0,
-        };
-        let mut bytes = in_header(Opcode::Init as u32, 1, 0, init.as_slice().len())
-            .as_slice()
-            .to_vec();
+        let init = InitIn { major: KERNEL_VERSION, minor: 31, max_readahead: 0, flags: 0 };
+        let mut bytes = in_header(Opcode::Init as u32, 1, 0, init.as_slice().len()).as_slice().to_vec();
         bytes.extend_from_slice(init.as_slice());
         mem.write_slice(&bytes, GuestAddress(0x20000)).unwrap();
         let descs = [
-            RawDescriptor::from(SplitDescriptor::new(
-                0x20000,
-                u32::try_from(bytes.len()).unwrap(),
-                VRING_DESC_F_NEXT as u16,
-                1,
-            )),
-            RawDescriptor::from(SplitDescriptor::new(
-                0x30000,
-                0x1000,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )),
+            RawDescriptor::from(SplitDescriptor::new(0x20000, u32::try_from(bytes.len()).unwrap(), VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x30000, 0x1000, VRING_DESC_F_WRITE as u16, 0)),
         ];
         // Queued before activation: the worker's first pass picks it up.
         req.add_desc_chains(&descs, 0).unwrap();
         let queues = vec![
-            ActiveQueue {
-                queue: hiprio.create_queue().unwrap(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            },
-            ActiveQueue {
-                queue: req.create_queue().unwrap(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            },
+            ActiveQueue { queue: hiprio.create_queue().unwrap(), notify: EventFd::new(libc::EFD_NONBLOCK).unwrap() },
+            ActiveQueue { queue: req.create_queue().unwrap(), notify: EventFd::new(libc::EFD_NONBLOCK).unwrap() },
         ];
         fs.activate(mem.clone(), interrupt.clone(), queues).unwrap();
         assert!(wait_irq(&interrupt), "no interrupt from the worker");
@@ -638,8 +516,7 @@ mod tests {
         use crate::devices::bus::BusDevice;
         use crate::devices::virtio::mmio::MmioTransport;
         use virtio_bindings::virtio_config::{
-            VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-            VIRTIO_CONFIG_S_FEATURES_OK,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
         };
         use virtio_bindings::virtio_mmio::*;
 
@@ -669,11 +546,7 @@ mod tests {
         assert_eq!(nrq, 1);
 
         wr(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        wr(
-            &mut t,
-            VIRTIO_MMIO_STATUS,
-            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
-        );
+        wr(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
         let mut features = 0u64;
         for sel in 0..2u32 {
             wr(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
@@ -682,34 +555,20 @@ mod tests {
         assert_eq!(features, AVAIL_FEATURES);
         for sel in 0..2u32 {
             wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
-            wr(
-                &mut t,
-                VIRTIO_MMIO_DRIVER_FEATURES,
-                (features >> (32 * sel)) as u32,
-            );
+            wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
         }
         let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
         wr(&mut t, VIRTIO_MMIO_STATUS, s);
-        assert_ne!(
-            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
-            0
-        );
+        assert_ne!(rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
 
         // hiprio + `num_request_queues` request queues, as Linux sets them up.
-        let mocks = [
-            MockSplitQueue::create(&mem, GuestAddress(0x8000), 16),
-            MockSplitQueue::create(&mem, GuestAddress(0x10000), 16),
-        ];
+        let mocks = [MockSplitQueue::create(&mem, GuestAddress(0x8000), 16), MockSplitQueue::create(&mem, GuestAddress(0x10000), 16)];
         assert_eq!(mocks.len(), 1 + nrq as usize);
         for (i, q) in mocks.iter().enumerate() {
             wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, i as u32);
             assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
             wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
-            wr(
-                &mut t,
-                VIRTIO_MMIO_QUEUE_DESC_LOW,
-                q.desc_table_addr().0 as u32,
-            );
+            wr(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, q.desc_table_addr().0 as u32);
             wr(&mut t, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
             wr(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.avail_addr().0 as u32);
             wr(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
@@ -718,45 +577,21 @@ mod tests {
             wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
         }
         wr(&mut t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
-        assert!(
-            t.is_activated(),
-            "status {:#x}",
-            rd(&mut t, VIRTIO_MMIO_STATUS)
-        );
+        assert!(t.is_activated(), "status {:#x}", rd(&mut t, VIRTIO_MMIO_STATUS));
 
-        let init = InitIn {
-            major: KERNEL_VERSION,
-            minor: 36,
-            max_readahead: 0,
-            flags: 0,
-        };
-        let mut bytes = in_header(Opcode::Init as u32, 42, 0, init.as_slice().len())
-            .as_slice()
-            .to_vec();
+        let init = InitIn { major: KERNEL_VERSION, minor: 36, max_readahead: 0, flags: 0 };
+        let mut bytes = in_header(Opcode::Init as u32, 42, 0, init.as_slice().len()).as_slice().to_vec();
         bytes.extend_from_slice(init.as_slice());
         mem.write_slice(&bytes, GuestAddress(0x20000)).unwrap();
         let descs = [
-            RawDescriptor::from(SplitDescriptor::new(
-                0x20000,
-                u32::try_from(bytes.len()).unwrap(),
-                VRING_DESC_F_NEXT as u16,
-                1,
-            )),
-            RawDescriptor::from(SplitDescriptor::new(
-                0x30000,
-                0x1000,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )),
+            RawDescriptor::from(SplitDescriptor::new(0x20000, u32::try_from(bytes.len()).unwrap(), VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x30000, 0x1000, VRING_DESC_F_WRITE as u16, 0)),
         ];
         mocks[1].add_desc_chains(&descs, 0).unwrap();
         // EVENT_IDX: the driver asks for an interrupt on the first used entry.
         wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
         assert!(wait_irq(&interrupt), "no interrupt");
-        assert_ne!(
-            rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
-            0
-        );
+        assert_ne!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING, 0);
         wr(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
         let out: OutHeader = mem.read_obj(GuestAddress(0x30000)).unwrap();
         assert_eq!((out.error, out.unique), (0, 42));
@@ -776,21 +611,12 @@ mod tests {
         let req = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let queues = vec![
-            ActiveQueue {
-                queue: hiprio.create_queue().unwrap(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            },
-            ActiveQueue {
-                queue: req.create_queue().unwrap(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            },
+            ActiveQueue { queue: hiprio.create_queue().unwrap(), notify: EventFd::new(libc::EFD_NONBLOCK).unwrap() },
+            ActiveQueue { queue: req.create_queue().unwrap(), notify: EventFd::new(libc::EFD_NONBLOCK).unwrap() },
         ];
         fs.activate(mem.clone(), interrupt.clone(), queues).unwrap();
         let again = (0..NUM_QUEUES)
-            .map(|_| ActiveQueue {
-                queue: Queue::new(QUEUE_SIZE).unwrap(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            })
+            .map(|_| ActiveQueue { queue: Queue::new(QUEUE_SIZE).unwrap(), notify: EventFd::new(libc::EFD_NONBLOCK).unwrap() })
             .collect();
         let err = fs.activate(mem, interrupt, again).unwrap_err();
         assert!(matches!(err, ActivateError::BadConfig(_)), "{err}");

@@ -32,20 +32,8 @@ pub(crate) struct FsWorker {
 }
 
 impl FsWorker {
-    pub(crate) fn new(
-        server: Arc<FsServer>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Self {
-        Self {
-            server,
-            mem,
-            interrupt,
-            queues,
-            broken: false,
-            stats: RequestStats::default(),
-        }
+    pub(crate) fn new(server: Arc<FsServer>, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>, queues: Vec<ActiveQueue>) -> Self {
+        Self { server, mem, interrupt, queues, broken: false, stats: RequestStats::default() }
     }
 
     /// Runs until `kill` is signalled; returns what it served.
@@ -64,17 +52,9 @@ impl FsWorker {
         let epoll = Epoll::new()?;
         for (index, q) in self.queues.iter().enumerate() {
             let token = u64::try_from(index).unwrap_or(TOKEN_KILL - 1);
-            epoll.ctl(
-                ControlOperation::Add,
-                q.notify.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )?;
+            epoll.ctl(ControlOperation::Add, q.notify.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
         }
-        epoll.ctl(
-            ControlOperation::Add,
-            kill.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_KILL),
-        )?;
+        epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_KILL))?;
 
         // The driver may have queued requests before we started polling.
         for index in 0..self.queues.len() {
@@ -97,10 +77,7 @@ impl FsWorker {
                     debug!("virtio-fs: worker stopping");
                     return Ok(());
                 }
-                let Some(index) = usize::try_from(token)
-                    .ok()
-                    .filter(|&i| i < self.queues.len())
-                else {
+                let Some(index) = usize::try_from(token).ok().filter(|&i| i < self.queues.len()) else {
                     continue;
                 };
                 // Non-blocking eventfds: EAGAIN only means someone drained it.
@@ -145,10 +122,7 @@ pub(crate) fn isolate_umask() {
     // SAFETY: unshare(CLONE_FS) only detaches this thread's file-system
     // attributes (root, cwd, umask); it touches no memory.
     if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-        warn!(
-            "virtio-fs: cannot unshare the worker's umask: {}",
-            io::Error::last_os_error()
-        );
+        warn!("virtio-fs: cannot unshare the worker's umask: {}", io::Error::last_os_error());
         return;
     }
     // SAFETY: umask has no preconditions and cannot fail.

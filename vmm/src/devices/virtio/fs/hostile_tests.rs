@@ -5,21 +5,13 @@
 //! the device marking itself DEVICE_NEEDS_RESET; never in a panic, a hang,
 //! or a change outside the share.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)]
 
 use std::fs;
 use std::mem::size_of;
 use std::sync::Arc;
 
-use fuse_backend_rs::abi::fuse_abi::{
-    CreateIn, InHeader, LinkIn, MkdirIn, MknodIn, Opcode, OutHeader, ReadIn, RenameIn, WriteIn,
-    ROOT_ID,
-};
+use fuse_backend_rs::abi::fuse_abi::{CreateIn, InHeader, LinkIn, MkdirIn, MknodIn, Opcode, OutHeader, ReadIn, RenameIn, WriteIn, ROOT_ID};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -52,10 +44,7 @@ fn send(h: &mut Harness<'_>, opcode: u32, body: &[u8], len: Option<u32>) -> Opti
 }
 
 fn host_names(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -78,18 +67,10 @@ fn names_without_a_terminator_are_refused() {
         (Opcode::Unlink, b"f".to_vec()),
         (Opcode::Rmdir, name.to_vec()),
         (Opcode::Mkdir, [MkdirIn { mode: 0o755, umask: 0 }.as_slice(), name].concat()),
-        (
-            Opcode::Mknod,
-            [MknodIn { mode: libc::S_IFREG | 0o644, ..Default::default() }.as_slice(), name].concat(),
-        ),
+        (Opcode::Mknod, [MknodIn { mode: libc::S_IFREG | 0o644, ..Default::default() }.as_slice(), name].concat()),
         (
             Opcode::Create,
-            [
-                CreateIn { flags: (libc::O_CREAT | libc::O_WRONLY) as u32, mode: 0o644, ..Default::default() }
-                    .as_slice(),
-                name,
-            ]
-            .concat(),
+            [CreateIn { flags: (libc::O_CREAT | libc::O_WRONLY) as u32, mode: 0o644, ..Default::default() }.as_slice(), name].concat(),
         ),
         // Symlink: name and target, the second without its NUL.
         (Opcode::Symlink, b"link\0target".to_vec()),
@@ -124,12 +105,8 @@ fn raw_names_with_separators_are_refused() {
         let mkdir = [MkdirIn { mode: 0o755, umask: 0 }.as_slice(), name].concat();
         assert_eq!(send(&mut h, Opcode::Mkdir as u32, &mkdir, None), Some(libc::EINVAL));
         assert_eq!(send(&mut h, Opcode::Unlink as u32, name, None), Some(libc::EINVAL));
-        let create = [
-            CreateIn { flags: (libc::O_CREAT | libc::O_WRONLY) as u32, mode: 0o644, ..Default::default() }
-                .as_slice(),
-            name,
-        ]
-        .concat();
+        let create =
+            [CreateIn { flags: (libc::O_CREAT | libc::O_WRONLY) as u32, mode: 0o644, ..Default::default() }.as_slice(), name].concat();
         assert_eq!(send(&mut h, Opcode::Create as u32, &create, None), Some(libc::EINVAL));
     }
     for name in [&b"../secret\0"[..], b"a/b\0", b"/etc\0"] {
@@ -183,9 +160,7 @@ fn argument_sizes_that_lie() {
     let mem = test_mem();
     let dir = tempfile::tempdir().unwrap();
     let mut h = Harness::mounted(&mem, dir.path());
-    let (e, open) = h
-        .create(ROOT_ID, "f", libc::O_RDWR | libc::O_CREAT, libc::S_IFREG | 0o644)
-        .unwrap();
+    let (e, open) = h.create(ROOT_ID, "f", libc::O_RDWR | libc::O_CREAT, libc::S_IFREG | 0o644).unwrap();
     for size in [100u32, 1 << 20, u32::MAX] {
         let w = WriteIn { fh: open.fh, offset: 0, size, ..Default::default() };
         let body = [w.as_slice(), b"only a few bytes"].concat();
@@ -240,25 +215,15 @@ fn hostile_indirect_and_long_chains() {
     }
     write_desc(nested, Descriptor::new(table, 64, VRING_DESC_F_INDIRECT as u16, 0));
     let indirect = VRING_DESC_F_INDIRECT as u16;
-    let chains: [(u64, u32); 5] = [
-        (table, 16 * 4096),
-        (nested, 16),
-        (table, 24),
-        (MEM_SIZE as u64 + 0x1000, 64),
-        (table, 0),
-    ];
+    let chains: [(u64, u32); 5] = [(table, 16 * 4096), (nested, 16), (table, 24), (MEM_SIZE as u64 + 0x1000, 64), (table, 0)];
     let before = h.used_idx();
     for (addr, len) in chains {
         let head = h.push_chain(&[(REPLY_ADDR, 0x1000, true)]);
-        h.vq.desc_table()
-            .store(head, RawDescriptor::from(Descriptor::new(addr, len, indirect, 0)))
-            .unwrap();
+        h.vq.desc_table().store(head, RawDescriptor::from(Descriptor::new(addr, len, indirect, 0))).unwrap();
     }
     // A chain through every descriptor of the ring, in a cycle.
     for i in 0..QSIZE {
-        h.vq.desc_table()
-            .store(i, RawDescriptor::from(Descriptor::new(REQ_ADDR, 1, next, (i + 1) % QSIZE)))
-            .unwrap();
+        h.vq.desc_table().store(i, RawDescriptor::from(Descriptor::new(REQ_ADDR, 1, next, (i + 1) % QSIZE))).unwrap();
     }
     h.push_head(3);
     let _ = h.process();

@@ -177,10 +177,7 @@ pub fn validate_tag(tag: &str) -> Result<(), FsError> {
         return Err(FsError::EmptyTag);
     }
     if tag.len() > defs::TAG_LEN {
-        return Err(FsError::TagTooLong {
-            tag: tag.to_owned(),
-            len: tag.len(),
-        });
+        return Err(FsError::TagTooLong { tag: tag.to_owned(), len: tag.len() });
     }
     if tag.as_bytes().contains(&0) {
         return Err(FsError::TagHasNul(tag.to_owned()));
@@ -210,20 +207,14 @@ impl FsConfig {
         let path = &self.shared_dir;
         let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => FsError::SharedDirMissing(path.clone()),
-            _ => FsError::SharedDirAccess {
-                path: path.clone(),
-                source: e,
-            },
+            _ => FsError::SharedDirAccess { path: path.clone(), source: e },
         })?;
         if !meta.is_dir() {
             return Err(FsError::SharedDirNotADirectory(path.clone()));
         }
         // The backend opens its root with O_NOFOLLOW: hand it a path without
         // symbolic links.
-        let canonical = std::fs::canonicalize(path).map_err(|e| FsError::SharedDirAccess {
-            path: path.clone(),
-            source: e,
-        })?;
+        let canonical = std::fs::canonicalize(path).map_err(|e| FsError::SharedDirAccess { path: path.clone(), source: e })?;
         if canonical.to_str().is_none() || OsStr::as_bytes(canonical.as_os_str()).contains(&0) {
             return Err(FsError::SharedDirNotUtf8(path.clone()));
         }
@@ -232,22 +223,12 @@ impl FsConfig {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)]
 mod tests {
     use super::*;
 
     fn cfg(tag: &str, dir: PathBuf) -> FsConfig {
-        FsConfig {
-            tag: tag.into(),
-            shared_dir: dir,
-            read_only: false,
-            cache: CacheMode::Auto,
-        }
+        FsConfig { tag: tag.into(), shared_dir: dir, read_only: false, cache: CacheMode::Auto }
     }
 
     #[test]
@@ -259,10 +240,7 @@ mod tests {
         assert!(matches!(err, FsError::TagTooLong { len: 37, .. }));
         assert!(err.to_string().contains("37 bytes"), "{err}");
         // 36 bytes is a byte count, not a char count.
-        assert!(matches!(
-            validate_tag(&"é".repeat(19)),
-            Err(FsError::TagTooLong { len: 38, .. })
-        ));
+        assert!(matches!(validate_tag(&"é".repeat(19)), Err(FsError::TagTooLong { len: 38, .. })));
         assert!(matches!(validate_tag("a\0b"), Err(FsError::TagHasNul(_))));
     }
 
@@ -280,10 +258,7 @@ mod tests {
         let missing = tmp.path().join("nope");
         let err = cfg("t", missing.clone()).validate().unwrap_err();
         assert!(matches!(err, FsError::SharedDirMissing(ref p) if *p == missing));
-        assert!(
-            err.to_string().contains(&missing.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&missing.display().to_string()), "{err}");
     }
 
     #[test]
@@ -293,10 +268,7 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let err = cfg("t", file.clone()).validate().unwrap_err();
         assert!(matches!(err, FsError::SharedDirNotADirectory(ref p) if *p == file));
-        assert!(
-            err.to_string().contains(&file.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&file.display().to_string()), "{err}");
     }
 
     #[test]
@@ -312,9 +284,7 @@ mod tests {
 
     #[test]
     fn bad_tag_is_reported_before_the_directory() {
-        let err = cfg("", PathBuf::from("/nonexistent"))
-            .validate()
-            .unwrap_err();
+        let err = cfg("", PathBuf::from("/nonexistent")).validate().unwrap_err();
         assert!(matches!(err, FsError::EmptyTag));
     }
 
@@ -332,16 +302,11 @@ mod tests {
         assert_eq!(back, c);
 
         // A list, as the VMM config carries it; defaults for the optional fields.
-        let list: Vec<FsConfig> = serde_json::from_str(
-            r#"[{"tag":"a","shared_dir":"/a"},{"tag":"b","shared_dir":"/b","cache":"none"}]"#,
-        )
-        .unwrap();
+        let list: Vec<FsConfig> =
+            serde_json::from_str(r#"[{"tag":"a","shared_dir":"/a"},{"tag":"b","shared_dir":"/b","cache":"none"}]"#).unwrap();
         assert_eq!(list[0].cache, CacheMode::Auto);
         assert!(!list[0].read_only);
         assert_eq!(list[1].cache, CacheMode::None);
-        assert!(serde_json::from_str::<FsConfig>(
-            r#"{"tag":"a","shared_dir":"/a","cache":"sometimes"}"#
-        )
-        .is_err());
+        assert!(serde_json::from_str::<FsConfig>(r#"{"tag":"a","shared_dir":"/a","cache":"sometimes"}"#).is_err());
     }
 }

@@ -42,11 +42,7 @@ pub(crate) fn process_queue<F: FileSystem + Sync>(
 ) -> Result<bool, FsError> {
     let mut used_any = false;
     let result = drain_queue(server, mem, queue, stats, &mut used_any);
-    let notify = if used_any {
-        queue.needs_notification(mem).map_err(FsError::Queue)?
-    } else {
-        false
-    };
+    let notify = if used_any { queue.needs_notification(mem).map_err(FsError::Queue)? } else { false };
     result.map(|()| notify)
 }
 
@@ -77,9 +73,7 @@ fn drain_queue<F: FileSystem + Sync>(
 
 /// Opcodes that have no reply.
 fn is_no_reply(opcode: u32) -> bool {
-    opcode == Opcode::Forget as u32
-        || opcode == Opcode::BatchForget as u32
-        || opcode == Opcode::Interrupt as u32
+    opcode == Opcode::Forget as u32 || opcode == Opcode::BatchForget as u32 || opcode == Opcode::Interrupt as u32
 }
 
 /// Opcode values inside the known range that the ABI leaves unassigned
@@ -134,10 +128,7 @@ fn handle_chain<F: FileSystem + Sync>(
                 debug!("virtio-fs: bad request {} (no reply): {e}", header.opcode);
                 return 0;
             }
-            crate::guest_warn!(
-                "virtio-fs: bad request {} (unique {}): {e}",
-                header.opcode, header.unique
-            );
+            crate::guest_warn!("virtio-fs: bad request {} (unique {}): {e}", header.opcode, header.unique);
             let errno = match e {
                 FuseError::EncodeMessage(_) | FuseError::FailedToWrite(_) => libc::EIO,
                 _ => libc::EINVAL,
@@ -153,11 +144,7 @@ fn reply_error(mut writer: VirtioFsWriter<'_>, unique: u64, errno: i32) -> u32 {
     // The header is 16 bytes.
     #[allow(clippy::cast_possible_truncation)]
     const LEN: u32 = std::mem::size_of::<OutHeader>() as u32;
-    let out = OutHeader {
-        len: LEN,
-        error: -errno,
-        unique,
-    };
+    let out = OutHeader { len: LEN, error: -errno, unique };
     match writer.write_all(out.as_slice()) {
         Ok(()) => LEN,
         Err(e) => {
@@ -168,12 +155,7 @@ fn reply_error(mut writer: VirtioFsWriter<'_>, unique: u64, errno: i32) -> u32 {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)]
 mod tests {
     use std::collections::HashSet;
     use std::fs;
@@ -181,8 +163,7 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use fuse_backend_rs::abi::fuse_abi::{
-        BatchForgetIn, EntryOut, ForgetOne, GetxattrIn, InHeader, Opcode, OutHeader, SetattrValid,
-        ROOT_ID,
+        BatchForgetIn, EntryOut, ForgetOne, GetxattrIn, InHeader, Opcode, OutHeader, SetattrValid, ROOT_ID,
     };
     use vm_memory::ByteValued;
 
@@ -223,11 +204,7 @@ mod tests {
         let mem = test_mem();
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("hello.txt"), b"hello world").unwrap();
-        fs::set_permissions(
-            dir.path().join("hello.txt"),
-            fs::Permissions::from_mode(0o640),
-        )
-        .unwrap();
+        fs::set_permissions(dir.path().join("hello.txt"), fs::Permissions::from_mode(0o640)).unwrap();
         std::os::unix::fs::chown(dir.path().join("hello.txt"), Some(1234), Some(5678)).unwrap();
         let mut h = Harness::mounted(&mem, dir.path());
 
@@ -249,11 +226,7 @@ mod tests {
         assert_eq!(a.attr.mtime, u64::try_from(meta.mtime()).unwrap());
 
         assert_eq!(h.lookup(ROOT_ID, "missing").unwrap_err(), libc::ENOENT);
-        assert_eq!(
-            h.getattr(0xdead_beef).unwrap_err(),
-            libc::EBADF,
-            "unknown inode"
-        );
+        assert_eq!(h.getattr(0xdead_beef).unwrap_err(), libc::EBADF, "unknown inode");
     }
 
     #[test]
@@ -267,24 +240,14 @@ mod tests {
         let e = h.lookup(ROOT_ID, "data").unwrap();
         let fh = h.open(e.nodeid, libc::O_RDONLY).unwrap().fh;
         assert_eq!(h.read(e.nodeid, fh, 0, 16).unwrap(), &content[..16]);
-        assert_eq!(
-            h.read(e.nodeid, fh, 4096, 65536).unwrap(),
-            &content[4096..4096 + 65536]
-        );
+        assert_eq!(h.read(e.nodeid, fh, 4096, 65536).unwrap(), &content[4096..4096 + 65536]);
         // Short read at EOF, empty read past it.
-        assert_eq!(
-            h.read(e.nodeid, fh, 99_990, 100).unwrap(),
-            &content[99_990..]
-        );
+        assert_eq!(h.read(e.nodeid, fh, 99_990, 100).unwrap(), &content[99_990..]);
         assert!(h.read(e.nodeid, fh, 200_000, 100).unwrap().is_empty());
         // A read larger than the reply buffer is refused, not overflowed.
         assert!(h.read(e.nodeid, fh, 0, REPLY_LEN * 2).is_err());
         h.release(e.nodeid, fh).unwrap();
-        assert_eq!(
-            h.read(e.nodeid, fh, 0, 16).unwrap_err(),
-            libc::EBADF,
-            "released handle"
-        );
+        assert_eq!(h.read(e.nodeid, fh, 0, 16).unwrap_err(), libc::EBADF, "released handle");
     }
 
     #[test]
@@ -293,14 +256,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut h = Harness::mounted(&mem, dir.path());
 
-        let (e, open) = h
-            .create(
-                ROOT_ID,
-                "new.txt",
-                libc::O_RDWR | libc::O_CREAT,
-                libc::S_IFREG | 0o664,
-            )
-            .unwrap();
+        let (e, open) = h.create(ROOT_ID, "new.txt", libc::O_RDWR | libc::O_CREAT, libc::S_IFREG | 0o664).unwrap();
         assert_eq!(kind(e.attr.mode), libc::S_IFREG);
         assert_eq!(h.write(e.nodeid, open.fh, 0, b"first line\n").unwrap(), 11);
         assert_eq!(h.write(e.nodeid, open.fh, 11, b"second\n").unwrap(), 7);
@@ -317,13 +273,7 @@ mod tests {
 
         // Exclusive create of an existing name.
         assert_eq!(
-            h.create(
-                ROOT_ID,
-                "new.txt",
-                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
-                libc::S_IFREG | 0o644
-            )
-            .unwrap_err(),
+            h.create(ROOT_ID, "new.txt", libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, libc::S_IFREG | 0o644).unwrap_err(),
             libc::EEXIST
         );
     }
@@ -336,14 +286,7 @@ mod tests {
         let mut h = Harness::mounted(&mem, dir.path());
         h.uid = 1000;
         h.gid = 1001;
-        let (e, open) = h
-            .create(
-                ROOT_ID,
-                "mine",
-                libc::O_WRONLY | libc::O_CREAT,
-                libc::S_IFREG | 0o600,
-            )
-            .unwrap();
+        let (e, open) = h.create(ROOT_ID, "mine", libc::O_WRONLY | libc::O_CREAT, libc::S_IFREG | 0o600).unwrap();
         h.release(e.nodeid, open.fh).unwrap();
         let d = h.mkdir(ROOT_ID, "mydir", 0o755).unwrap();
         let s = h.symlink(ROOT_ID, "mylink", "mine").unwrap();
@@ -361,14 +304,7 @@ mod tests {
         let locked = h.mkdir(ROOT_ID, "locked", 0o755).unwrap();
         h.uid = 1000;
         h.gid = 1000;
-        let (e, _) = h
-            .create(
-                locked.nodeid,
-                "theirs",
-                libc::O_WRONLY | libc::O_CREAT,
-                libc::S_IFREG | 0o644,
-            )
-            .unwrap();
+        let (e, _) = h.create(locked.nodeid, "theirs", libc::O_WRONLY | libc::O_CREAT, libc::S_IFREG | 0o644).unwrap();
         assert_eq!((e.attr.uid, e.attr.gid), (1000, 1000));
         let meta = fs::metadata(dir.path().join("locked/theirs")).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
@@ -417,9 +353,7 @@ mod tests {
     fn large_directory_pages_through_readdir() {
         let mem = test_mem();
         let dir = tempfile::tempdir().unwrap();
-        let expected: HashSet<String> = (0..3000)
-            .map(|i| format!("entry-with-a-longish-name-{i:05}"))
-            .collect();
+        let expected: HashSet<String> = (0..3000).map(|i| format!("entry-with-a-longish-name-{i:05}")).collect();
         for name in &expected {
             fs::write(dir.path().join(name), b"").unwrap();
         }
@@ -477,14 +411,11 @@ mod tests {
 
         // RENAME2 with RENAME_NOREPLACE refuses to replace.
         fs::write(dir.path().join("other"), b"keep").unwrap();
-        let err = h
-            .rename2(ROOT_ID, "victim", ROOT_ID, "other", libc::RENAME_NOREPLACE)
-            .unwrap_err();
+        let err = h.rename2(ROOT_ID, "victim", ROOT_ID, "other", libc::RENAME_NOREPLACE).unwrap_err();
         assert_eq!(err, libc::EEXIST);
         assert_eq!(fs::read(dir.path().join("other")).unwrap(), b"keep");
         // RENAME_EXCHANGE swaps.
-        h.rename2(ROOT_ID, "victim", ROOT_ID, "other", libc::RENAME_EXCHANGE)
-            .unwrap();
+        h.rename2(ROOT_ID, "victim", ROOT_ID, "other", libc::RENAME_EXCHANGE).unwrap();
         assert_eq!(fs::read(dir.path().join("other")).unwrap(), b"payload");
         assert_eq!(fs::read(dir.path().join("victim")).unwrap(), b"keep");
     }
@@ -498,10 +429,7 @@ mod tests {
 
         let s = h.symlink(ROOT_ID, "sym", "target").unwrap();
         assert_eq!(kind(s.attr.mode), libc::S_IFLNK);
-        assert_eq!(
-            fs::read_link(dir.path().join("sym")).unwrap().to_str(),
-            Some("target")
-        );
+        assert_eq!(fs::read_link(dir.path().join("sym")).unwrap().to_str(), Some("target"));
         assert_eq!(h.readlink(s.nodeid).unwrap(), b"target");
         // Dangling and absolute targets are stored verbatim.
         let abs = h.symlink(ROOT_ID, "abs", "/etc/passwd").unwrap();
@@ -511,10 +439,7 @@ mod tests {
         let l = h.link(t.nodeid, ROOT_ID, "hard").unwrap();
         assert_eq!(l.attr.ino, t.attr.ino);
         assert_eq!(l.attr.nlink, 2);
-        assert_eq!(
-            fs::metadata(dir.path().join("hard")).unwrap().ino(),
-            fs::metadata(dir.path().join("target")).unwrap().ino()
-        );
+        assert_eq!(fs::metadata(dir.path().join("hard")).unwrap().ino(), fs::metadata(dir.path().join("target")).unwrap().ino());
         assert!(h.readlink(t.nodeid).is_err(), "not a link");
     }
 
@@ -537,10 +462,7 @@ mod tests {
         let mut arg = setattr_in(SetattrValid::MODE.bits());
         arg.mode = libc::S_IFREG | 0o4711;
         assert_eq!(h.setattr(e.nodeid, arg).unwrap().attr.mode & 0o7777, 0o4711);
-        assert_eq!(
-            fs::metadata(dir.path().join("f")).unwrap().mode() & 0o7777,
-            0o4711
-        );
+        assert_eq!(fs::metadata(dir.path().join("f")).unwrap().mode() & 0o7777, 0o4711);
 
         let mut arg = setattr_in(SetattrValid::UID.bits() | SetattrValid::GID.bits());
         arg.uid = 4242;
@@ -559,8 +481,7 @@ mod tests {
 
         // Truncate through an open handle (ftruncate path).
         let fh = h.open(e.nodeid, libc::O_RDWR).unwrap().fh;
-        let mut arg =
-            setattr_in(SetattrValid::SIZE.bits() | fuse_backend_rs::abi::fuse_abi::FATTR_FH);
+        let mut arg = setattr_in(SetattrValid::SIZE.bits() | fuse_backend_rs::abi::fuse_abi::FATTR_FH);
         arg.fh = fh;
         arg.size = 1;
         h.setattr(e.nodeid, arg).unwrap();
@@ -577,51 +498,26 @@ mod tests {
 
         h.setxattr(e.nodeid, "user.carapace", b"value-1").unwrap();
         assert_eq!(h.getxattr_len(e.nodeid, "user.carapace").unwrap(), 7);
-        assert_eq!(
-            h.getxattr(e.nodeid, "user.carapace", 64).unwrap(),
-            b"value-1"
-        );
-        assert_eq!(
-            h.getxattr(e.nodeid, "user.carapace", 3).unwrap_err(),
-            libc::ERANGE
-        );
-        assert_eq!(
-            h.getxattr(e.nodeid, "user.none", 64).unwrap_err(),
-            libc::ENODATA
-        );
+        assert_eq!(h.getxattr(e.nodeid, "user.carapace", 64).unwrap(), b"value-1");
+        assert_eq!(h.getxattr(e.nodeid, "user.carapace", 3).unwrap_err(), libc::ERANGE);
+        assert_eq!(h.getxattr(e.nodeid, "user.none", 64).unwrap_err(), libc::ENODATA);
         let list = h.listxattr(e.nodeid, 1024).unwrap();
-        assert!(
-            list.split(|&b| b == 0).any(|n| n == b"user.carapace"),
-            "{list:?}"
-        );
+        assert!(list.split(|&b| b == 0).any(|n| n == b"user.carapace"), "{list:?}");
 
         // The host file carries it.
         let mut buf = [0u8; 32];
         let path = std::ffi::CString::new(dir.path().join("f").to_str().unwrap()).unwrap();
         // SAFETY: valid NUL-terminated strings and a buffer of the given size.
-        let n = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                c"user.carapace".as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = unsafe { libc::getxattr(path.as_ptr(), c"user.carapace".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         assert_eq!(usize::try_from(n).unwrap(), 7);
         assert_eq!(&buf[..7], b"value-1");
 
         // Huge sizes from the guest are clamped, not allocated.
-        assert_eq!(
-            h.getxattr(e.nodeid, "user.carapace", u32::MAX).unwrap(),
-            b"value-1"
-        );
+        assert_eq!(h.getxattr(e.nodeid, "user.carapace", u32::MAX).unwrap(), b"value-1");
         assert!(h.listxattr(e.nodeid, u32::MAX).is_ok());
 
         h.removexattr(e.nodeid, "user.carapace").unwrap();
-        assert_eq!(
-            h.getxattr(e.nodeid, "user.carapace", 64).unwrap_err(),
-            libc::ENODATA
-        );
+        assert_eq!(h.getxattr(e.nodeid, "user.carapace", 64).unwrap_err(), libc::ENODATA);
     }
 
     #[test]
@@ -632,8 +528,7 @@ mod tests {
         let st = h.statfs(ROOT_ID).unwrap();
         assert!(st.st.blocks > 0);
         assert!(st.st.namelen >= 255);
-        h.access(ROOT_ID, libc::R_OK | libc::W_OK | libc::X_OK)
-            .unwrap();
+        h.access(ROOT_ID, libc::R_OK | libc::W_OK | libc::X_OK).unwrap();
     }
 
     #[test]
@@ -649,18 +544,10 @@ mod tests {
 
         // BATCH_FORGET, with a count larger than the message.
         let e = h.lookup(ROOT_ID, "f").unwrap();
-        let one = ForgetOne {
-            nodeid: e.nodeid,
-            nlookup: 1,
-        };
-        let batch = BatchForgetIn {
-            count: 1000,
-            dummy: 0,
-        };
+        let one = ForgetOne { nodeid: e.nodeid, nlookup: 1 };
+        let batch = BatchForgetIn { count: 1000, dummy: 0 };
         let unique = h.next_unique();
-        let mut req = in_header(Opcode::BatchForget as u32, unique, 0, 24)
-            .as_slice()
-            .to_vec();
+        let mut req = in_header(Opcode::BatchForget as u32, unique, 0, 24).as_slice().to_vec();
         req.extend_from_slice(batch.as_slice());
         req.extend_from_slice(one.as_slice());
         assert_eq!(h.send_raw(&req, 64).0, 0, "no reply, even to a bad batch");
@@ -679,15 +566,10 @@ mod tests {
             let req_addr = REQ_ADDR + i * 0x1000;
             let reply_addr = REPLY_ADDR + i * 0x1000;
             let arg = fuse_backend_rs::abi::fuse_abi::GetattrIn::default();
-            let mut req = in_header(Opcode::Getattr as u32, 100 + i, ROOT_ID, size_of_val(&arg))
-                .as_slice()
-                .to_vec();
+            let mut req = in_header(Opcode::Getattr as u32, 100 + i, ROOT_ID, size_of_val(&arg)).as_slice().to_vec();
             req.extend_from_slice(arg.as_slice());
             vm_memory::Bytes::write_slice(&mem, &req, vm_memory::GuestAddress(req_addr)).unwrap();
-            heads.push(h.push_chain(&[
-                (req_addr, req.len() as u32, false),
-                (reply_addr, 0x1000, true),
-            ]));
+            heads.push(h.push_chain(&[(req_addr, req.len() as u32, false), (reply_addr, 0x1000, true)]));
         }
         let getattrs = h.stats.count(Opcode::Getattr as u32);
         assert!(h.process().unwrap(), "the driver is notified");
@@ -696,11 +578,7 @@ mod tests {
         for (i, head) in heads.iter().enumerate() {
             let (id, len) = h.used(2 - i as u16);
             assert_eq!(id, u32::from(*head));
-            let out: OutHeader = vm_memory::Bytes::read_obj(
-                &mem,
-                vm_memory::GuestAddress(REPLY_ADDR + i as u64 * 0x1000),
-            )
-            .unwrap();
+            let out: OutHeader = vm_memory::Bytes::read_obj(&mem, vm_memory::GuestAddress(REPLY_ADDR + i as u64 * 0x1000)).unwrap();
             assert_eq!((out.error, out.unique, out.len), (0, 100 + i as u64, len));
         }
         // Nothing more to do: no notification.
@@ -718,15 +596,10 @@ mod tests {
         let avail_event = GuestAddress(USED_ADDR + 4 + 8 * u64::from(QSIZE));
 
         let arg = fuse_backend_rs::abi::fuse_abi::GetattrIn::default();
-        let mut req = in_header(Opcode::Getattr as u32, 500, ROOT_ID, size_of_val(&arg))
-            .as_slice()
-            .to_vec();
+        let mut req = in_header(Opcode::Getattr as u32, 500, ROOT_ID, size_of_val(&arg)).as_slice().to_vec();
         req.extend_from_slice(arg.as_slice());
         mem.write_slice(&req, GuestAddress(REQ_ADDR)).unwrap();
-        let chain = [
-            (REQ_ADDR, req.len() as u32, false),
-            (REPLY_ADDR, 0x1000, true),
-        ];
+        let chain = [(REQ_ADDR, req.len() as u32, false), (REPLY_ADDR, 0x1000, true)];
 
         // The driver wants to hear only once the used index passes 10.
         mem.write_obj(10u16, used_event).unwrap();
@@ -734,10 +607,7 @@ mod tests {
         assert!(!h.process().unwrap(), "interrupt suppressed");
         assert_eq!(h.used_idx(), 2);
         // The device asks to be kicked at the next new chain.
-        assert_eq!(
-            mem.read_obj::<u16>(avail_event).unwrap(),
-            h.vq.avail().idx().load()
-        );
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), h.vq.avail().idx().load());
 
         // Now the driver waits for the next used entry.
         mem.write_obj(h.used_idx(), used_event).unwrap();
@@ -774,23 +644,14 @@ mod tests {
         let (_, len) = h.used(0);
         assert_eq!(len as usize, size_of::<OutHeader>() + size_of::<EntryOut>());
         let mut reply = vec![0u8; 20];
-        vm_memory::Bytes::read_slice(&mem, &mut reply, vm_memory::GuestAddress(REPLY_ADDR))
-            .unwrap();
+        vm_memory::Bytes::read_slice(&mem, &mut reply, vm_memory::GuestAddress(REPLY_ADDR)).unwrap();
         let out: OutHeader = obj(&reply);
         assert_eq!((out.error, out.unique), (0, 77));
         let mut rest = vec![0u8; size_of::<EntryOut>() - 4];
-        vm_memory::Bytes::read_slice(
-            &mem,
-            &mut rest,
-            vm_memory::GuestAddress(REPLY_ADDR + 0x1000),
-        )
-        .unwrap();
+        vm_memory::Bytes::read_slice(&mem, &mut rest, vm_memory::GuestAddress(REPLY_ADDR + 0x1000)).unwrap();
         reply.extend_from_slice(&rest);
         let entry: EntryOut = obj(&reply[size_of::<OutHeader>()..]);
-        assert_eq!(
-            entry.attr.ino,
-            fs::metadata(dir.path().join("split-name")).unwrap().ino()
-        );
+        assert_eq!(entry.attr.ino, fs::metadata(dir.path().join("split-name")).unwrap().ino());
     }
 
     // --- malformed requests: an error reply or a dropped chain, never a
@@ -863,28 +724,18 @@ mod tests {
         assert_eq!((out.error, out.unique), (-libc::EINVAL, 13));
 
         // SETXATTR whose size disagrees with the value.
-        let arg = fuse_backend_rs::abi::fuse_abi::SetxattrIn {
-            size: 100,
-            flags: 0,
-        };
+        let arg = fuse_backend_rs::abi::fuse_abi::SetxattrIn { size: 100, flags: 0 };
         let body = [arg.as_slice(), b"user.x\0", b"abc"].concat();
-        let mut req = in_header(Opcode::Setxattr as u32, 14, ROOT_ID, body.len())
-            .as_slice()
-            .to_vec();
+        let mut req = in_header(Opcode::Setxattr as u32, 14, ROOT_ID, body.len()).as_slice().to_vec();
         req.extend_from_slice(&body);
         let (_, reply) = h.send_raw(&req, 256);
         let out: OutHeader = obj(&reply);
         assert_eq!((out.error, out.unique), (-libc::EINVAL, 14));
 
         // GETXATTR without a NUL-terminated name.
-        let arg = GetxattrIn {
-            size: 10,
-            padding: 0,
-        };
+        let arg = GetxattrIn { size: 10, padding: 0 };
         let body = [arg.as_slice(), b"user.x"].concat();
-        let mut req = in_header(Opcode::Getxattr as u32, 15, ROOT_ID, body.len())
-            .as_slice()
-            .to_vec();
+        let mut req = in_header(Opcode::Getxattr as u32, 15, ROOT_ID, body.len()).as_slice().to_vec();
         req.extend_from_slice(&body);
         let (_, reply) = h.send_raw(&req, 256);
         let out: OutHeader = obj(&reply);
@@ -897,20 +748,13 @@ mod tests {
         let mem = test_mem();
         let dir = tempfile::tempdir().unwrap();
         let mut h = Harness::mounted(&mem, dir.path());
-        for (i, opcode) in [0u32, 7, 19, 50, 999, 4096, u32::MAX]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, opcode) in [0u32, 7, 19, 50, 999, 4096, u32::MAX].into_iter().enumerate() {
             let unique = 1000 + i as u64;
             let req = in_header(opcode, unique, ROOT_ID, 0);
             let (len, reply) = h.send_raw(req.as_slice(), 64);
             assert_eq!(len, 16, "opcode {opcode}");
             let out: OutHeader = obj(&reply);
-            assert_eq!(
-                (out.error, out.unique),
-                (-libc::ENOSYS, unique),
-                "opcode {opcode}"
-            );
+            assert_eq!((out.error, out.unique), (-libc::ENOSYS, unique), "opcode {opcode}");
         }
         still_serving(&mut h);
     }
@@ -935,11 +779,7 @@ mod tests {
         h.push_chain(&[(u64::MAX - 4, 64, false), (REPLY_ADDR, 256, true)]);
         let before = h.used_idx();
         h.process().unwrap();
-        assert_eq!(
-            h.used_idx(),
-            before.wrapping_add(4),
-            "every chain is given back"
-        );
+        assert_eq!(h.used_idx(), before.wrapping_add(4), "every chain is given back");
         for back in 0..4 {
             assert_eq!(h.used(back).1, 0);
         }
@@ -982,23 +822,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut h = Harness::mounted(&mem, dir.path());
         // A descriptor whose `next` points at itself.
-        let desc =
-            virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
-                REQ_ADDR,
-                64,
-                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16,
-                5,
-            ));
+        let desc = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+            REQ_ADDR,
+            64,
+            virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16,
+            5,
+        ));
         h.vq.desc_table().store(5, desc).unwrap();
         h.push_head(5);
         // A head index beyond the queue.
         h.push_head(QSIZE + 3);
         // Overlapping descriptors whose lengths add up past 4 GiB.
-        h.push_chain(&[
-            (0, u32::MAX, false),
-            (0, u32::MAX, false),
-            (REPLY_ADDR, 256, true),
-        ]);
+        h.push_chain(&[(0, u32::MAX, false), (0, u32::MAX, false), (REPLY_ADDR, 256, true)]);
         let before = h.used_idx();
         let _ = h.process();
         assert!(h.used_idx().wrapping_sub(before) >= 2);

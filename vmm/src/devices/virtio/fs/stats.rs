@@ -71,19 +71,14 @@ pub(crate) struct RequestStats {
 
 impl Default for RequestStats {
     fn default() -> Self {
-        Self {
-            by_opcode: [0; NAMES.len()],
-            other: 0,
-        }
+        Self { by_opcode: [0; NAMES.len()], other: 0 }
     }
 }
 
 impl RequestStats {
     /// Counts one request with this opcode (`None`: no readable header).
     pub(crate) fn record(&mut self, opcode: Option<u32>) {
-        let slot = opcode
-            .and_then(|op| usize::try_from(op).ok())
-            .and_then(|op| self.by_opcode.get_mut(op));
+        let slot = opcode.and_then(|op| usize::try_from(op).ok()).and_then(|op| self.by_opcode.get_mut(op));
         match slot {
             Some(n) => *n += 1,
             None => self.other += 1,
@@ -98,11 +93,7 @@ impl RequestStats {
     /// How many requests with this opcode.
     #[cfg(test)]
     pub(crate) fn count(&self, opcode: u32) -> u64 {
-        usize::try_from(opcode)
-            .ok()
-            .and_then(|op| self.by_opcode.get(op))
-            .copied()
-            .unwrap_or(0)
+        usize::try_from(opcode).ok().and_then(|op| self.by_opcode.get(op)).copied().unwrap_or(0)
     }
 }
 
@@ -147,10 +138,7 @@ mod tests {
         s.record(None);
         assert_eq!(s.count(1), 2);
         assert_eq!(s.total(), 7);
-        assert_eq!(
-            s.to_string(),
-            "7 requests: LOOKUP 2, opcode7 1, WRITE 1, other 3"
-        );
+        assert_eq!(s.to_string(), "7 requests: LOOKUP 2, opcode7 1, WRITE 1, other 3");
     }
 
     #[test]

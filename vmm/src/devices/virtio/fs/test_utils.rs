@@ -3,20 +3,15 @@
 //! requests into descriptors, runs them through [`process_queue`] and
 //! decodes the replies.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)]
 
 use std::mem::size_of;
 use std::path::Path;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, CreateIn, EntryOut, FallocateIn, GetattrIn, GetxattrIn, GetxattrOut, InHeader, InitIn,
-    InitOut, LinkIn, MkdirIn, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
-    Rename2In, RenameIn, SetattrIn, SetxattrIn, StatfsOut, WriteIn, WriteOut, KERNEL_VERSION,
+    AttrOut, CreateIn, EntryOut, FallocateIn, GetattrIn, GetxattrIn, GetxattrOut, InHeader, InitIn, InitOut, LinkIn, MkdirIn, MknodIn,
+    Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, Rename2In, RenameIn, SetattrIn, SetxattrIn, StatfsOut, WriteIn, WriteOut,
+    KERNEL_VERSION,
 };
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
@@ -52,26 +47,12 @@ pub(crate) fn test_mem() -> GuestMemoryMmap {
 }
 
 pub(crate) fn fs_config(tag: &str, dir: &Path, read_only: bool, cache: CacheMode) -> FsConfig {
-    FsConfig {
-        tag: tag.to_owned(),
-        shared_dir: dir.to_path_buf(),
-        read_only,
-        cache,
-    }
+    FsConfig { tag: tag.to_owned(), shared_dir: dir.to_path_buf(), read_only, cache }
 }
 
 /// A FUSE request header for `args_len` bytes of arguments.
 pub(crate) fn in_header(opcode: u32, unique: u64, nodeid: u64, args_len: usize) -> InHeader {
-    InHeader {
-        len: (size_of::<InHeader>() + args_len) as u32,
-        opcode,
-        unique,
-        nodeid,
-        uid: 0,
-        gid: 0,
-        pid: 1,
-        padding: 0,
-    }
+    InHeader { len: (size_of::<InHeader>() + args_len) as u32, opcode, unique, nodeid, uid: 0, gid: 0, pid: 1, padding: 0 }
 }
 
 /// A name as FUSE sends it: NUL terminated.
@@ -100,12 +81,7 @@ impl Reply {
 }
 
 pub(crate) fn obj<T: ByteValued>(body: &[u8]) -> T {
-    assert!(
-        body.len() >= size_of::<T>(),
-        "reply body too short: {} < {}",
-        body.len(),
-        size_of::<T>()
-    );
+    assert!(body.len() >= size_of::<T>(), "reply body too short: {} < {}", body.len(), size_of::<T>());
     T::from_slice(&body[..size_of::<T>()]).copied().unwrap()
 }
 
@@ -149,18 +125,7 @@ impl<'a> Harness<'a> {
         queue.set_used_ring_address(Some(USED_ADDR as u32), Some(0));
         queue.set_ready(true);
         assert!(queue.is_valid(mem));
-        Harness {
-            mem,
-            vq,
-            queue,
-            server,
-            uid: 0,
-            gid: 0,
-            stats: RequestStats::default(),
-            unique: 0,
-            next_desc: 0,
-            avail_idx: 0,
-        }
+        Harness { mem, vq, queue, server, uid: 0, gid: 0, stats: RequestStats::default(), unique: 0, next_desc: 0, avail_idx: 0 }
     }
 
     /// A harness over a share of `dir`, without INIT.
@@ -184,16 +149,10 @@ impl<'a> Harness<'a> {
     /// available ring; returns its head index.
     pub fn push_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
         assert!(!descs.is_empty() && descs.len() < usize::from(QSIZE));
-        let indices: Vec<u16> = (0..descs.len() as u16)
-            .map(|i| (self.next_desc + i) % QSIZE)
-            .collect();
+        let indices: Vec<u16> = (0..descs.len() as u16).map(|i| (self.next_desc + i) % QSIZE).collect();
         self.next_desc = (self.next_desc + descs.len() as u16) % QSIZE;
         for (pos, &(addr, len, writable)) in descs.iter().enumerate() {
-            let mut flags = if writable {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
+            let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
             let next = if pos + 1 < descs.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
                 indices[pos + 1]
@@ -228,10 +187,7 @@ impl<'a> Harness<'a> {
     /// The used element `back` places back from the newest: (head, length).
     pub fn used(&self, back: u16) -> (u32, u32) {
         let idx = self.used_idx().wrapping_sub(1 + back) % QSIZE;
-        let elem: VirtqUsedElem = self
-            .mem
-            .read_obj(GuestAddress(USED_ADDR + 4 + 8 * u64::from(idx)))
-            .unwrap();
+        let elem: VirtqUsedElem = self.mem.read_obj(GuestAddress(USED_ADDR + 4 + 8 * u64::from(idx))).unwrap();
         (elem.id(), elem.len())
     }
 
@@ -243,42 +199,26 @@ impl<'a> Harness<'a> {
     /// Sends raw request bytes with a reply buffer of `reply_len` bytes;
     /// returns the used length and the reply buffer's contents.
     pub fn send_raw(&mut self, request: &[u8], reply_len: u32) -> (u32, Vec<u8>) {
-        self.mem
-            .write_slice(request, GuestAddress(REQ_ADDR))
-            .unwrap();
+        self.mem.write_slice(request, GuestAddress(REQ_ADDR)).unwrap();
         let mut descs = vec![(REQ_ADDR, request.len() as u32, false)];
         if reply_len > 0 {
             // Zero the reply area so stale replies cannot pass for new ones.
-            self.mem
-                .write_slice(&vec![0u8; reply_len as usize], GuestAddress(REPLY_ADDR))
-                .unwrap();
+            self.mem.write_slice(&vec![0u8; reply_len as usize], GuestAddress(REPLY_ADDR)).unwrap();
             descs.push((REPLY_ADDR, reply_len, true));
         }
         let head = self.push_chain(&descs);
         let before = self.used_idx();
         self.process().unwrap();
-        assert_eq!(
-            self.used_idx(),
-            before.wrapping_add(1),
-            "the chain was not returned"
-        );
+        assert_eq!(self.used_idx(), before.wrapping_add(1), "the chain was not returned");
         let (id, len) = self.used(0);
         assert_eq!(id, u32::from(head));
         let mut reply = vec![0u8; reply_len as usize];
-        self.mem
-            .read_slice(&mut reply, GuestAddress(REPLY_ADDR))
-            .unwrap();
+        self.mem.read_slice(&mut reply, GuestAddress(REPLY_ADDR)).unwrap();
         (len, reply)
     }
 
     /// Sends a request made of `args` after a header; decodes the reply.
-    pub fn call_with(
-        &mut self,
-        opcode: Opcode,
-        nodeid: u64,
-        args: &[&[u8]],
-        reply_len: u32,
-    ) -> Reply {
+    pub fn call_with(&mut self, opcode: Opcode, nodeid: u64, args: &[&[u8]], reply_len: u32) -> Reply {
         let args_len: usize = args.iter().map(|a| a.len()).sum();
         let unique = self.next_unique();
         let mut hdr = in_header(opcode as u32, unique, nodeid, args_len);
@@ -289,10 +229,7 @@ impl<'a> Harness<'a> {
             req.extend_from_slice(a);
         }
         let (used_len, reply) = self.send_raw(&req, reply_len);
-        assert!(
-            used_len as usize >= size_of::<OutHeader>(),
-            "no reply to {opcode:?} (used {used_len})"
-        );
+        assert!(used_len as usize >= size_of::<OutHeader>(), "no reply to {opcode:?} (used {used_len})");
         let header: OutHeader = obj(&reply);
         assert_eq!(header.unique, unique, "reply to another request");
         assert_eq!(header.len, used_len, "header length and used length differ");
@@ -307,166 +244,83 @@ impl<'a> Harness<'a> {
     // --- typed requests -------------------------------------------------
 
     pub fn init(&mut self) -> Result<InitOut, i32> {
-        let init = InitIn {
-            major: KERNEL_VERSION,
-            minor: CLIENT_MINOR,
-            max_readahead: 0x2_0000,
-            flags: 0,
-        };
-        self.call(Opcode::Init, 0, &[init.as_slice()])
-            .result()
-            .map(|b| obj(&b))
+        let init = InitIn { major: KERNEL_VERSION, minor: CLIENT_MINOR, max_readahead: 0x2_0000, flags: 0 };
+        self.call(Opcode::Init, 0, &[init.as_slice()]).result().map(|b| obj(&b))
     }
 
     pub fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
-        self.call(Opcode::Lookup, parent, &[&cname(name)])
-            .result()
-            .map(|b| obj(&b))
+        self.call(Opcode::Lookup, parent, &[&cname(name)]).result().map(|b| obj(&b))
     }
 
     pub fn forget(&mut self, node: u64, nlookup: u64) -> u32 {
         let arg = fuse_backend_rs::abi::fuse_abi::ForgetIn { nlookup };
         let unique = self.next_unique();
-        let mut req = in_header(Opcode::Forget as u32, unique, node, size_of_val(&arg))
-            .as_slice()
-            .to_vec();
+        let mut req = in_header(Opcode::Forget as u32, unique, node, size_of_val(&arg)).as_slice().to_vec();
         req.extend_from_slice(arg.as_slice());
         self.send_raw(&req, 0).0
     }
 
     pub fn getattr(&mut self, node: u64) -> Result<AttrOut, i32> {
         let arg = GetattrIn::default();
-        self.call(Opcode::Getattr, node, &[arg.as_slice()])
-            .result()
-            .map(|b| obj(&b))
+        self.call(Opcode::Getattr, node, &[arg.as_slice()]).result().map(|b| obj(&b))
     }
 
     pub fn setattr(&mut self, node: u64, arg: SetattrIn) -> Result<AttrOut, i32> {
-        self.call(Opcode::Setattr, node, &[arg.as_slice()])
-            .result()
-            .map(|b| obj(&b))
+        self.call(Opcode::Setattr, node, &[arg.as_slice()]).result().map(|b| obj(&b))
     }
 
     pub fn mkdir(&mut self, parent: u64, name: &str, mode: u32) -> Result<EntryOut, i32> {
         let arg = MkdirIn { mode, umask: 0o022 };
-        self.call(Opcode::Mkdir, parent, &[arg.as_slice(), &cname(name)])
-            .result()
-            .map(|b| obj(&b))
+        self.call(Opcode::Mkdir, parent, &[arg.as_slice(), &cname(name)]).result().map(|b| obj(&b))
     }
 
-    pub fn mknod(
-        &mut self,
-        parent: u64,
-        name: &str,
-        mode: u32,
-        rdev: u32,
-    ) -> Result<EntryOut, i32> {
-        let arg = MknodIn {
-            mode,
-            rdev,
-            umask: 0,
-            padding: 0,
-        };
-        self.call(Opcode::Mknod, parent, &[arg.as_slice(), &cname(name)])
-            .result()
-            .map(|b| obj(&b))
+    pub fn mknod(&mut self, parent: u64, name: &str, mode: u32, rdev: u32) -> Result<EntryOut, i32> {
+        let arg = MknodIn { mode, rdev, umask: 0, padding: 0 };
+        self.call(Opcode::Mknod, parent, &[arg.as_slice(), &cname(name)]).result().map(|b| obj(&b))
     }
 
-    pub fn create(
-        &mut self,
-        parent: u64,
-        name: &str,
-        flags: i32,
-        mode: u32,
-    ) -> Result<(EntryOut, OpenOut), i32> {
-        let arg = CreateIn {
-            flags: flags as u32,
-            mode,
-            umask: 0o022,
-            fuse_flags: 0,
-        };
-        self.call(Opcode::Create, parent, &[arg.as_slice(), &cname(name)])
-            .result()
-            .map(|b| {
-                let entry: EntryOut = obj(&b);
-                let open: OpenOut = obj(&b[size_of::<EntryOut>()..]);
-                (entry, open)
-            })
+    pub fn create(&mut self, parent: u64, name: &str, flags: i32, mode: u32) -> Result<(EntryOut, OpenOut), i32> {
+        let arg = CreateIn { flags: flags as u32, mode, umask: 0o022, fuse_flags: 0 };
+        self.call(Opcode::Create, parent, &[arg.as_slice(), &cname(name)]).result().map(|b| {
+            let entry: EntryOut = obj(&b);
+            let open: OpenOut = obj(&b[size_of::<EntryOut>()..]);
+            (entry, open)
+        })
     }
 
     pub fn open(&mut self, node: u64, flags: i32) -> Result<OpenOut, i32> {
-        let arg = OpenIn {
-            flags: flags as u32,
-            fuse_flags: 0,
-        };
-        self.call(Opcode::Open, node, &[arg.as_slice()])
-            .result()
-            .map(|b| obj(&b))
+        let arg = OpenIn { flags: flags as u32, fuse_flags: 0 };
+        self.call(Opcode::Open, node, &[arg.as_slice()]).result().map(|b| obj(&b))
     }
 
     pub fn opendir(&mut self, node: u64) -> Result<OpenOut, i32> {
-        let arg = OpenIn {
-            flags: libc::O_RDONLY as u32,
-            fuse_flags: 0,
-        };
-        self.call(Opcode::Opendir, node, &[arg.as_slice()])
-            .result()
-            .map(|b| obj(&b))
+        let arg = OpenIn { flags: libc::O_RDONLY as u32, fuse_flags: 0 };
+        self.call(Opcode::Opendir, node, &[arg.as_slice()]).result().map(|b| obj(&b))
     }
 
     pub fn release(&mut self, node: u64, fh: u64) -> Result<(), i32> {
-        let arg = ReleaseIn {
-            fh,
-            ..Default::default()
-        };
-        self.call(Opcode::Release, node, &[arg.as_slice()])
-            .result()
-            .map(|_| ())
+        let arg = ReleaseIn { fh, ..Default::default() };
+        self.call(Opcode::Release, node, &[arg.as_slice()]).result().map(|_| ())
     }
 
     pub fn releasedir(&mut self, node: u64, fh: u64) -> Result<(), i32> {
-        let arg = ReleaseIn {
-            fh,
-            ..Default::default()
-        };
-        self.call(Opcode::Releasedir, node, &[arg.as_slice()])
-            .result()
-            .map(|_| ())
+        let arg = ReleaseIn { fh, ..Default::default() };
+        self.call(Opcode::Releasedir, node, &[arg.as_slice()]).result().map(|_| ())
     }
 
     pub fn read(&mut self, node: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
-        let arg = ReadIn {
-            fh,
-            offset,
-            size,
-            ..Default::default()
-        };
+        let arg = ReadIn { fh, offset, size, ..Default::default() };
         self.call(Opcode::Read, node, &[arg.as_slice()]).result()
     }
 
     pub fn write(&mut self, node: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
-        let arg = WriteIn {
-            fh,
-            offset,
-            size: data.len() as u32,
-            ..Default::default()
-        };
-        self.call(Opcode::Write, node, &[arg.as_slice(), data])
-            .result()
-            .map(|b| obj::<WriteOut>(&b).size)
+        let arg = WriteIn { fh, offset, size: data.len() as u32, ..Default::default() };
+        self.call(Opcode::Write, node, &[arg.as_slice(), data]).result().map(|b| obj::<WriteOut>(&b).size)
     }
 
     pub fn fallocate(&mut self, node: u64, fh: u64, offset: u64, length: u64) -> Result<(), i32> {
-        let arg = FallocateIn {
-            fh,
-            offset,
-            length,
-            mode: 0,
-            padding: 0,
-        };
-        self.call(Opcode::Fallocate, node, &[arg.as_slice()])
-            .result()
-            .map(|_| ())
+        let arg = FallocateIn { fh, offset, length, mode: 0, padding: 0 };
+        self.call(Opcode::Fallocate, node, &[arg.as_slice()]).result().map(|_| ())
     }
 
     fn parse_dirents(body: &[u8], plus: bool) -> Vec<DirItem> {
@@ -486,51 +340,19 @@ impl<'a> Harness<'a> {
             let type_ = u32::from_ne_bytes(body[at + 20..at + 24].try_into().unwrap());
             let name = String::from_utf8(body[at + 24..at + 24 + namelen].to_vec()).unwrap();
             at += (24 + namelen + 7) & !7;
-            items.push(DirItem {
-                name,
-                ino,
-                off,
-                type_,
-                entry,
-            });
+            items.push(DirItem { name, ino, off, type_, entry });
         }
         items
     }
 
-    pub fn readdir(
-        &mut self,
-        node: u64,
-        fh: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<DirItem>, i32> {
-        let arg = ReadIn {
-            fh,
-            offset,
-            size,
-            ..Default::default()
-        };
-        self.call(Opcode::Readdir, node, &[arg.as_slice()])
-            .result()
-            .map(|b| Self::parse_dirents(&b, false))
+    pub fn readdir(&mut self, node: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<DirItem>, i32> {
+        let arg = ReadIn { fh, offset, size, ..Default::default() };
+        self.call(Opcode::Readdir, node, &[arg.as_slice()]).result().map(|b| Self::parse_dirents(&b, false))
     }
 
-    pub fn readdirplus(
-        &mut self,
-        node: u64,
-        fh: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<DirItem>, i32> {
-        let arg = ReadIn {
-            fh,
-            offset,
-            size,
-            ..Default::default()
-        };
-        self.call(Opcode::Readdirplus, node, &[arg.as_slice()])
-            .result()
-            .map(|b| Self::parse_dirents(&b, true))
+    pub fn readdirplus(&mut self, node: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<DirItem>, i32> {
+        let arg = ReadIn { fh, offset, size, ..Default::default() };
+        self.call(Opcode::Readdirplus, node, &[arg.as_slice()]).result().map(|b| Self::parse_dirents(&b, true))
     }
 
     /// Lists a whole directory with READDIR, page by page.
@@ -550,54 +372,25 @@ impl<'a> Harness<'a> {
     }
 
     pub fn unlink(&mut self, parent: u64, name: &str) -> Result<(), i32> {
-        self.call(Opcode::Unlink, parent, &[&cname(name)])
-            .result()
-            .map(|_| ())
+        self.call(Opcode::Unlink, parent, &[&cname(name)]).result().map(|_| ())
     }
 
     pub fn rmdir(&mut self, parent: u64, name: &str) -> Result<(), i32> {
-        self.call(Opcode::Rmdir, parent, &[&cname(name)])
-            .result()
-            .map(|_| ())
+        self.call(Opcode::Rmdir, parent, &[&cname(name)]).result().map(|_| ())
     }
 
     pub fn rename(&mut self, olddir: u64, old: &str, newdir: u64, new: &str) -> Result<(), i32> {
         let arg = RenameIn { newdir };
-        self.call(
-            Opcode::Rename,
-            olddir,
-            &[arg.as_slice(), &cname(old), &cname(new)],
-        )
-        .result()
-        .map(|_| ())
+        self.call(Opcode::Rename, olddir, &[arg.as_slice(), &cname(old), &cname(new)]).result().map(|_| ())
     }
 
-    pub fn rename2(
-        &mut self,
-        olddir: u64,
-        old: &str,
-        newdir: u64,
-        new: &str,
-        flags: u32,
-    ) -> Result<(), i32> {
-        let arg = Rename2In {
-            newdir,
-            flags,
-            padding: 0,
-        };
-        self.call(
-            Opcode::Rename2,
-            olddir,
-            &[arg.as_slice(), &cname(old), &cname(new)],
-        )
-        .result()
-        .map(|_| ())
+    pub fn rename2(&mut self, olddir: u64, old: &str, newdir: u64, new: &str, flags: u32) -> Result<(), i32> {
+        let arg = Rename2In { newdir, flags, padding: 0 };
+        self.call(Opcode::Rename2, olddir, &[arg.as_slice(), &cname(old), &cname(new)]).result().map(|_| ())
     }
 
     pub fn symlink(&mut self, parent: u64, name: &str, target: &str) -> Result<EntryOut, i32> {
-        self.call(Opcode::Symlink, parent, &[&cname(name), &cname(target)])
-            .result()
-            .map(|b| obj(&b))
+        self.call(Opcode::Symlink, parent, &[&cname(name), &cname(target)]).result().map(|b| obj(&b))
     }
 
     pub fn readlink(&mut self, node: u64) -> Result<Vec<u8>, i32> {
@@ -606,70 +399,44 @@ impl<'a> Harness<'a> {
 
     pub fn link(&mut self, node: u64, newparent: u64, name: &str) -> Result<EntryOut, i32> {
         let arg = LinkIn { oldnodeid: node };
-        self.call(Opcode::Link, newparent, &[arg.as_slice(), &cname(name)])
-            .result()
-            .map(|b| obj(&b))
+        self.call(Opcode::Link, newparent, &[arg.as_slice(), &cname(name)]).result().map(|b| obj(&b))
     }
 
     pub fn setxattr(&mut self, node: u64, name: &str, value: &[u8]) -> Result<(), i32> {
-        let arg = SetxattrIn {
-            size: value.len() as u32,
-            flags: 0,
-        };
-        self.call(
-            Opcode::Setxattr,
-            node,
-            &[arg.as_slice(), &cname(name), value],
-        )
-        .result()
-        .map(|_| ())
+        let arg = SetxattrIn { size: value.len() as u32, flags: 0 };
+        self.call(Opcode::Setxattr, node, &[arg.as_slice(), &cname(name), value]).result().map(|_| ())
     }
 
     pub fn getxattr(&mut self, node: u64, name: &str, size: u32) -> Result<Vec<u8>, i32> {
         let arg = GetxattrIn { size, padding: 0 };
-        self.call(Opcode::Getxattr, node, &[arg.as_slice(), &cname(name)])
-            .result()
+        self.call(Opcode::Getxattr, node, &[arg.as_slice(), &cname(name)]).result()
     }
 
     /// GETXATTR with size 0: the value's length.
     pub fn getxattr_len(&mut self, node: u64, name: &str) -> Result<u32, i32> {
-        self.getxattr(node, name, 0)
-            .map(|b| obj::<GetxattrOut>(&b).size)
+        self.getxattr(node, name, 0).map(|b| obj::<GetxattrOut>(&b).size)
     }
 
     pub fn listxattr(&mut self, node: u64, size: u32) -> Result<Vec<u8>, i32> {
         let arg = GetxattrIn { size, padding: 0 };
-        self.call(Opcode::Listxattr, node, &[arg.as_slice()])
-            .result()
+        self.call(Opcode::Listxattr, node, &[arg.as_slice()]).result()
     }
 
     pub fn removexattr(&mut self, node: u64, name: &str) -> Result<(), i32> {
-        self.call(Opcode::Removexattr, node, &[&cname(name)])
-            .result()
-            .map(|_| ())
+        self.call(Opcode::Removexattr, node, &[&cname(name)]).result().map(|_| ())
     }
 
     pub fn statfs(&mut self, node: u64) -> Result<StatfsOut, i32> {
-        self.call(Opcode::Statfs, node, &[])
-            .result()
-            .map(|b| obj(&b))
+        self.call(Opcode::Statfs, node, &[]).result().map(|b| obj(&b))
     }
 
     pub fn access(&mut self, node: u64, mask: i32) -> Result<(), i32> {
-        let arg = fuse_backend_rs::abi::fuse_abi::AccessIn {
-            mask: mask as u32,
-            padding: 0,
-        };
-        self.call(Opcode::Access, node, &[arg.as_slice()])
-            .result()
-            .map(|_| ())
+        let arg = fuse_backend_rs::abi::fuse_abi::AccessIn { mask: mask as u32, padding: 0 };
+        self.call(Opcode::Access, node, &[arg.as_slice()]).result().map(|_| ())
     }
 }
 
 /// A SETATTR argument with `valid` bits set.
 pub(crate) fn setattr_in(valid: u32) -> SetattrIn {
-    SetattrIn {
-        valid,
-        ..Default::default()
-    }
+    SetattrIn { valid, ..Default::default() }
 }

@@ -9,9 +9,8 @@ use tracing::{error, info};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;
@@ -57,11 +56,7 @@ fn offloads(features: u64) -> (TxOffloads, Offloads) {
     let csum = has(features, VIRTIO_NET_F_CSUM);
     let guest_csum = has(features, VIRTIO_NET_F_GUEST_CSUM);
     (
-        TxOffloads {
-            csum,
-            tso4: csum && has(features, VIRTIO_NET_F_HOST_TSO4),
-            tso6: csum && has(features, VIRTIO_NET_F_HOST_TSO6),
-        },
+        TxOffloads { csum, tso4: csum && has(features, VIRTIO_NET_F_HOST_TSO4), tso6: csum && has(features, VIRTIO_NET_F_HOST_TSO6) },
         Offloads {
             csum: guest_csum,
             tso4: guest_csum && has(features, VIRTIO_NET_F_GUEST_TSO4),
@@ -205,12 +200,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         crate::guest_warn!(offset, "net: guest wrote the read-only config space");
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
         if queues.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), got: queues.len() });
         }
@@ -230,8 +220,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         };
         let worker = NetWorker::new(mem, interrupt, queues, backend, self.metrics.clone(), self.acked_features);
         tracing::debug!(features = format_args!("{:#x}", self.acked_features), "net: activating");
-        let handle =
-            crate::seccomp::spawn(crate::seccomp::ThreadKind::Net, "net".into(), move || worker.run(worker_kill))?;
+        let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Net, "net".into(), move || worker.run(worker_kill))?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
     }
@@ -412,27 +401,14 @@ impl<B: NetBackend> NetWorker<B> {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let mut guest_hdr = [0u8; VNET_HDR_LEN];
-                let built = gather_tx(
-                    &self.mem,
-                    chain,
-                    &self.tx_hdr,
-                    &mut guest_hdr,
-                    &mut self.tx_iovecs.0,
-                    &mut self.tx_spans,
-                )
-                .and_then(|len| {
-                    *self.tx_hdr = tx_header(&guest_hdr, self.tx_offloads)?;
-                    Ok(len)
-                });
+                let built =
+                    gather_tx(&self.mem, chain, &self.tx_hdr, &mut guest_hdr, &mut self.tx_iovecs.0, &mut self.tx_spans).and_then(|len| {
+                        *self.tx_hdr = tx_header(&guest_hdr, self.tx_offloads)?;
+                        Ok(len)
+                    });
                 match built {
                     Ok(len) => {
-                        let frame = TxFrame {
-                            mem: &self.mem,
-                            iovecs: &self.tx_iovecs.0,
-                            spans: &self.tx_spans,
-                            hdr: &self.tx_hdr,
-                            len,
-                        };
+                        let frame = TxFrame { mem: &self.mem, iovecs: &self.tx_iovecs.0, spans: &self.tx_spans, hdr: &self.tx_hdr, len };
                         let written = self.backend.write_frame(&frame);
                         self.tx_iovecs.0.clear();
                         match written {
@@ -588,21 +564,13 @@ impl<B: NetBackend> NetWorker<B> {
         // over more; if it did, the guest would take a corrupt frame.
         let Some(hdr) = rx_header(&frame[..VNET_HDR_LEN], self.rx_offloads) else {
             NetMetrics::inc(&self.metrics.rx_dropped);
-            crate::guest_warn!(
-                flags = frame[0],
-                gso_type = frame[1],
-                "net: dropping an offloaded frame the guest cannot take"
-            );
+            crate::guest_warn!(flags = frame[0], gso_type = frame[1], "net: dropping an offloaded frame the guest cannot take");
             return None;
         };
         let used = u32::try_from(n).ok().filter(|_| n as u64 <= capacity);
         let Some(used) = used else {
             NetMetrics::inc(&self.metrics.rx_dropped);
-            crate::guest_warn!(
-                len = n - VNET_HDR_LEN,
-                capacity,
-                "net: dropping a frame larger than the guest's rx buffer"
-            );
+            crate::guest_warn!(len = n - VNET_HDR_LEN, capacity, "net: dropping a frame larger than the guest's rx buffer");
             return None;
         };
         let mut src: &[u8] = &hdr;

@@ -186,9 +186,7 @@ impl NetConfig {
         match &self.tap {
             TapSource::Fd(fd) if *fd < 0 => Err(NetError::BadFd(*fd)),
             TapSource::Name(n) if n.is_empty() => Err(NetError::EmptyTapName),
-            TapSource::Name(n)
-                if n.len() > defs::MAX_IFNAME_LEN || n.contains(['/', '\0', ' ', ':']) || n == "." || n == ".." =>
-            {
+            TapSource::Name(n) if n.len() > defs::MAX_IFNAME_LEN || n.contains(['/', '\0', ' ', ':']) || n == "." || n == ".." => {
                 Err(NetError::BadTapName(n.clone()))
             }
             _ => Ok(()),

@@ -44,14 +44,8 @@ pub struct PairPeer {
 pub fn pair() -> (PairBackend, PairPeer) {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for the call to fill.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
+    let rc =
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
     assert_eq!(rc, 0, "socketpair: {}", io::Error::last_os_error());
     // SAFETY: both fds were just created and are owned by nothing else.
     let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
@@ -198,16 +192,7 @@ impl TestGuest {
             assert!(queue.is_valid(&mem));
             let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
             active.push(ActiveQueue { queue, notify: notify.try_clone().expect("clone") });
-            queues.push(GuestQueue {
-                size: QUEUE_SIZE,
-                desc,
-                avail,
-                used,
-                next_desc: 0,
-                avail_idx: 0,
-                used_seen: 0,
-                notify,
-            });
+            queues.push(GuestQueue { size: QUEUE_SIZE, desc, avail, used, next_desc: 0, avail_idx: 0, used_seen: 0, notify });
         }
         (TestGuest { mem, queues, tx_next: TX_AREA.0, rx_bufs: HashMap::new() }, active)
     }
@@ -317,8 +302,7 @@ impl TestGuest {
         let mut bounds = vec![0usize];
         bounds.extend(cuts.iter().copied().filter(|&c| c > 0 && c < bytes.len()));
         bounds.push(bytes.len());
-        let bufs: Vec<_> =
-            bounds.windows(2).map(|w| (addr.unchecked_add(w[0] as u64), (w[1] - w[0]) as u32, false)).collect();
+        let bufs: Vec<_> = bounds.windows(2).map(|w| (addr.unchecked_add(w[0] as u64), (w[1] - w[0]) as u32, false)).collect();
         self.add_chain(TXQ_INDEX, &bufs)
     }
 

@@ -2,13 +2,7 @@
 //! socketpair backend, the worker thread, hostile chains, and a real tap in
 //! a throwaway network namespace.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)]
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -156,8 +150,7 @@ fn config_syntax_and_errors_name_the_value() {
 fn tx_frames_reach_the_backend_intact() {
     let (mut g, mut w, peer, irq) = worker();
     let dst = [0x02, 0, 0, 0, 0, 0x99];
-    let frames: Vec<Vec<u8>> =
-        [60usize, 14, 1514, 9014, MAX_FRAME_LEN].iter().map(|&n| eth_frame(dst, n as u8, n)).collect();
+    let frames: Vec<Vec<u8>> = [60usize, 14, 1514, 9014, MAX_FRAME_LEN].iter().map(|&n| eth_frame(dst, n as u8, n)).collect();
     for f in &frames {
         g.send(f);
     }
@@ -304,22 +297,13 @@ fn hostile_tx_chains_are_dropped_and_the_device_goes_on() {
     // (more pieces than writev takes), one outside memory, one nested.
     let table = 0x40_0000u64;
     for i in 0..4096u16 {
-        let d = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
-            data.0,
-            1,
-            NEXT,
-            (i + 1) % 4096,
-        ));
+        let d = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(data.0, 1, NEXT, (i + 1) % 4096));
         g.mem.write_obj(d, GuestAddress(table + 16 * u64::from(i))).expect("indirect");
     }
-    for (i, (addr, len, flags)) in [
-        (table, 16 * 4096, INDIRECT),
-        (0xff_0000_0000, 64, INDIRECT),
-        (table, 20, INDIRECT),
-        (data.0, 76, INDIRECT | WRITE),
-    ]
-    .into_iter()
-    .enumerate()
+    for (i, (addr, len, flags)) in
+        [(table, 16 * 4096, INDIRECT), (0xff_0000_0000, 64, INDIRECT), (table, 20, INDIRECT), (data.0, 76, INDIRECT | WRITE)]
+            .into_iter()
+            .enumerate()
     {
         let idx = base + 10 + i as u16;
         g.raw_desc(TXQ_INDEX, idx, addr, len, flags, 0);
@@ -430,10 +414,7 @@ fn tx_offload_headers_are_checked_against_the_features() {
     assert_eq!(w.process_tx(), TxState::Done);
     let got = peer.recv_all();
     let hdrs: Vec<&[u8]> = got.iter().map(|b| &b[..VNET_HDR_LEN]).collect();
-    assert_eq!(
-        hdrs,
-        vec![&vhdr(1, 0, 0, 0, 34, 16)[..], &vhdr(1, 1, 54, 1448, 34, 16)[..], &vhdr(1, 0, 0, 0, 34, 16)[..]]
-    );
+    assert_eq!(hdrs, vec![&vhdr(1, 0, 0, 0, 34, 16)[..], &vhdr(1, 1, 54, 1448, 34, 16)[..], &vhdr(1, 0, 0, 0, 34, 16)[..]]);
     assert!(got.iter().all(|b| b[VNET_HDR_LEN..] == f[..]));
     assert_eq!(count(&w.metrics.tx_malformed), 4);
     assert_eq!(g.take_used(TXQ_INDEX).len(), 7);
@@ -467,8 +448,7 @@ fn rx_offload_headers_are_checked_against_the_features() {
     peer.send(&framed(vhdr(4, 0, 0, 0, 0, 0), &small)); // unknown flag
     g.post_rx(2, 2048);
     // A big-packets chain, as Linux posts without MRG_RXBUF.
-    let chain: Vec<(u32, bool)> =
-        std::iter::once((VNET_HDR_LEN as u32, true)).chain((0..17).map(|_| (4096, true))).collect();
+    let chain: Vec<(u32, bool)> = std::iter::once((VNET_HDR_LEN as u32, true)).chain((0..17).map(|_| (4096, true))).collect();
     g.post_rx_chain(&chain);
     g.post_rx(1, 2048);
     w.process_rx();
@@ -541,10 +521,7 @@ fn worker_thread_moves_frames_and_idles_when_starved() {
     // Wrong queue count.
     let (_, mut one) = TestGuest::new();
     one.truncate(1);
-    assert!(matches!(
-        d.activate(g.mem.clone(), irq.clone(), one),
-        Err(ActivateError::QueueCount { expected: 2, got: 1 })
-    ));
+    assert!(matches!(d.activate(g.mem.clone(), irq.clone(), one), Err(ActivateError::QueueCount { expected: 2, got: 1 })));
     d.activate(g.mem.clone(), irq.clone(), queues).expect("activate");
     assert!(d.is_active() && d.backend().is_none());
 
@@ -691,9 +668,7 @@ fn packet_socket_for(ifindex: i32, ethertype: u16) -> std::os::fd::OwnedFd {
     sll.sll_protocol = proto;
     sll.sll_ifindex = ifindex;
     // SAFETY: `sll` is a valid sockaddr_ll of the given size.
-    let rc = unsafe {
-        libc::bind(s, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-    };
+    let rc = unsafe { libc::bind(s, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
     assert_eq!(rc, 0);
     let tv = libc::timeval { tv_sec: 10, tv_usec: 0 };
     // SAFETY: `tv` is a valid timeval of the given size.
@@ -745,9 +720,7 @@ fn real_tap_carries_frames_both_ways() {
         // first: look for ours.
         let got = wait_for("frame in the guest", || {
             w.process_rx();
-            g.recv()
-                .into_iter()
-                .find(|b| b.len() > VNET_HDR_LEN + 14 && b[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [0x88, 0xb5])
+            g.recv().into_iter().find(|b| b.len() > VNET_HDR_LEN + 14 && b[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [0x88, 0xb5])
         });
         assert_eq!(got, rx_bytes(&f));
     });
@@ -869,11 +842,7 @@ fn deleted_tap_interface_does_not_spin() {
         // Deleting the interface: the last fd is the device's, so make it
         // non-persistent and detach by a netlink-free route: TUNSETPERSIST
         // does not delete an attached tap, so use the ip tool if present.
-        let deleted = std::process::Command::new("ip")
-            .args(["link", "del", "cpnet3"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let deleted = std::process::Command::new("ip").args(["link", "del", "cpnet3"]).status().map(|s| s.success()).unwrap_or(false);
         if !deleted {
             carapace_test_support::skip("deleted_tap_interface_does_not_spin (the deletion part)", "the `ip` tool");
             return;

@@ -167,10 +167,7 @@ impl Connection {
 
     /// Whether input from the stream may be forwarded to the guest now.
     fn can_read(&self) -> bool {
-        self.state == ConnState::Established
-            && !self.stream_eof
-            && self.peer_shutdown & SHUTDOWN_RCV == 0
-            && self.peer_avail_credit() > 0
+        self.state == ConnState::Established && !self.stream_eof && self.peer_shutdown & SHUTDOWN_RCV == 0 && self.peer_avail_credit() > 0
     }
 
     /// The epoll events the multiplexer should wait for (empty: none, but
@@ -530,9 +527,7 @@ fn is_transient(e: &io::Error) -> bool {
 pub(crate) fn send_nosignal(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a live slice valid for reads of `buf.len()` bytes, and
     // `send` does not keep the pointer; `fd` is a socket the caller owns.
-    let r = unsafe {
-        libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
-    };
+    let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 

@@ -132,12 +132,7 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
         crate::guest_warn!(offset, "vsock: guest wrote the read-only config space");
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
         if queues.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), got: queues.len() });
         }
@@ -157,9 +152,7 @@ impl<B: VsockBackend + 'static> VirtioDevice for Vsock<B> {
         };
         let mut worker = VsockWorker::new(mem, interrupt, queues, backend, self.metrics.clone());
         worker.send_transport_reset = std::mem::take(&mut self.restoring);
-        let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Vsock, "vsock".into(), move || {
-            worker.run(worker_kill)
-        })?;
+        let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Vsock, "vsock".into(), move || worker.run(worker_kill))?;
         self.worker = Some(Worker { kill, handle });
         Ok(())
     }
@@ -663,20 +656,13 @@ mod tests {
         //    16, outside guest memory, empty, and one of 4096 one-byte
         //    descriptors that loops back on itself.
         for i in 0..4096u16 {
-            let d = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
-                hdr_at,
-                1,
-                NEXT,
-                (i + 1) % 4096,
-            ));
+            let d = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(hdr_at, 1, NEXT, (i + 1) % 4096));
             g.mem.write_obj(d, GuestAddress(table + 16 * u64::from(i))).expect("indirect");
         }
         let nested = 0x32_0000u64;
         let d = virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(table, 64, INDIRECT, 0));
         g.mem.write_obj(d, GuestAddress(nested)).expect("nested");
-        for (i, (addr, len)) in [(nested, 16u32), (table, 20), (0xff_0000_0000, 64), (table, 0), (table, 16 * 4096)]
-            .into_iter()
-            .enumerate()
+        for (i, (addr, len)) in [(nested, 16u32), (table, 20), (0xff_0000_0000, 64), (table, 0), (table, 16 * 4096)].into_iter().enumerate()
         {
             let idx = base + 10 + i as u16;
             raw_chain(&mut g, TXQ_INDEX, &[(idx, addr, len, INDIRECT, 0)], idx);
@@ -795,10 +781,7 @@ mod tests {
         // Wrong queue count.
         let (_, mut two) = TestGuest::new();
         two.truncate(2);
-        assert!(matches!(
-            d.activate(g.mem.clone(), irq.clone(), two),
-            Err(ActivateError::QueueCount { expected: 3, got: 2 })
-        ));
+        assert!(matches!(d.activate(g.mem.clone(), irq.clone(), two), Err(ActivateError::QueueCount { expected: 3, got: 2 })));
         assert!(!d.is_active());
 
         d.activate(g.mem.clone(), irq.clone(), queues).expect("activate");

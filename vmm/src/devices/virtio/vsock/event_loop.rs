@@ -107,7 +107,6 @@ impl<B: VsockBackend> VsockWorker<B> {
     }
 }
 
-
 fn drain(evt: &EventFd) {
     // Non-blocking eventfds: EAGAIN just means another wake-up got it.
     let _ = evt.read();

@@ -38,11 +38,7 @@ fn fill_queue(mem: &GuestMemoryMmap, inp: &mut Input<'_>, base: u64, size: u16) 
     for i in 0..u64::from(size) {
         let sel = inp.u8();
         // Mostly addresses in guest memory; sometimes anything at all.
-        let addr = if sel & 0xc0 == 0 {
-            inp.u64()
-        } else {
-            QW_DATA + u64::from(inp.u32()) % (QW_MEM as u64 - QW_DATA)
-        };
+        let addr = if sel & 0xc0 == 0 { inp.u64() } else { QW_DATA + u64::from(inp.u32()) % (QW_MEM as u64 - QW_DATA) };
         let len = if sel & 0x30 == 0 { inp.u32() } else { u32::from(inp.u16()) };
         let flags = u16::from(sel & 0x7) | if sel & 0x8 != 0 { inp.u16() } else { 0 };
         let next = inp.u16() % size.saturating_add(2);

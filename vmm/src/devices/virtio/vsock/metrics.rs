@@ -29,5 +29,4 @@ impl VsockMetrics {
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
-
 }

@@ -142,18 +142,13 @@ where
     }
 
     let Some(h) = hdr else {
-        return Err(TxError::NoHeader(
-            err.unwrap_or(VsockError::DescChainTooShort(usize::try_from(total).unwrap_or(usize::MAX))),
-        ));
+        return Err(TxError::NoHeader(err.unwrap_or(VsockError::DescChainTooShort(usize::try_from(total).unwrap_or(usize::MAX)))));
     };
     if let Some(e) = err {
         return Err(TxError::BadBody(h, e));
     }
     if pkt.data.len() < data_len {
-        return Err(TxError::BadBody(
-            h,
-            VsockError::DescChainTooShort(PKT_HDR_SIZE + pkt.data.len()),
-        ));
+        return Err(TxError::BadBody(h, VsockError::DescChainTooShort(PKT_HDR_SIZE + pkt.data.len())));
     }
     pkt.hdr = h;
     Ok(())
@@ -242,18 +237,7 @@ mod tests {
     }
 
     fn sample_hdr(len: u32) -> VsockHeader {
-        VsockHeader {
-            src_cid: 3,
-            dst_cid: 2,
-            src_port: 1234,
-            dst_port: 5678,
-            len,
-            type_: 1,
-            op: 5,
-            flags: 0,
-            buf_alloc: 4096,
-            fwd_cnt: 7,
-        }
+        VsockHeader { src_cid: 3, dst_cid: 2, src_port: 1234, dst_port: 5678, len, type_: 1, op: 5, flags: 0, buf_alloc: 4096, fwd_cnt: 7 }
     }
 
     #[test]
@@ -275,10 +259,7 @@ mod tests {
         m.write_slice(&bytes, GuestAddress(0x1000)).expect("write");
         // Split the 54 bytes at 3, 44 (header/data boundary), 50.
         let cuts = [0u64, 3, 44, 50, 54];
-        let descs: Vec<Descriptor> = cuts
-            .windows(2)
-            .map(|w| desc(0x1000 + w[0], (w[1] - w[0]) as u32, false))
-            .collect();
+        let descs: Vec<Descriptor> = cuts.windows(2).map(|w| desc(0x1000 + w[0], (w[1] - w[0]) as u32, false)).collect();
         let mut pkt = VsockPacket::default();
         read_tx_chain(&m, descs.into_iter(), &mut pkt).expect("parse");
         assert_eq!(pkt.hdr, h);
@@ -316,8 +297,7 @@ mod tests {
     fn rx_write_split() {
         let m = mem();
         let mut rx = RxBuffers::default();
-        rx.parse([desc(0x1000, 10, true), desc(0x2000, 40, true), desc(0x3000, 100, true)].into_iter())
-            .expect("parse");
+        rx.parse([desc(0x1000, 10, true), desc(0x2000, 40, true), desc(0x3000, 100, true)].into_iter()).expect("parse");
         assert_eq!(rx.max_data(), 150 - 44);
         let pkt = VsockPacket { hdr: sample_hdr(20), data: vec![0xab; 20] };
         assert_eq!(rx.write(&m, &pkt).expect("write"), 64);
@@ -330,13 +310,7 @@ mod tests {
         m.read_slice(&mut data[6..], GuestAddress(0x3000)).expect("read");
         assert_eq!(data, [0xab; 20]);
 
-        assert!(matches!(
-            rx.parse([desc(0x1000, 100, false)].into_iter()),
-            Err(VsockError::UnwritableDescriptor)
-        ));
-        assert!(matches!(
-            rx.parse([desc(0x1000, 43, true)].into_iter()),
-            Err(VsockError::DescChainTooShort(43))
-        ));
+        assert!(matches!(rx.parse([desc(0x1000, 100, false)].into_iter()), Err(VsockError::UnwritableDescriptor)));
+        assert!(matches!(rx.parse([desc(0x1000, 43, true)].into_iter()), Err(VsockError::DescChainTooShort(43))));
     }
 }

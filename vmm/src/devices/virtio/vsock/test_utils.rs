@@ -179,16 +179,7 @@ impl TestGuest {
             assert!(queue.is_valid(&mem));
             let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
             active.push(ActiveQueue { queue, notify: notify.try_clone().expect("clone") });
-            queues.push(GuestQueue {
-                size: QUEUE_SIZE,
-                desc,
-                avail,
-                used,
-                next_desc: 0,
-                avail_idx: 0,
-                used_seen: 0,
-                notify,
-            });
+            queues.push(GuestQueue { size: QUEUE_SIZE, desc, avail, used, next_desc: 0, avail_idx: 0, used_seen: 0, notify });
         }
         (TestGuest { mem, queues, tx_next: TX_AREA.0, rx_bufs: HashMap::new() }, active)
     }

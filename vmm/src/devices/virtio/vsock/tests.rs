@@ -30,10 +30,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_max_level(tracing::Level::DEBUG)
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_test_writer().with_max_level(tracing::Level::DEBUG).try_init();
         let dir = tempfile::tempdir().expect("tempdir");
         let uds = dir.path().join("v.sock");
         let mut dev = Vsock::new(TEST_GUEST_CID, uds.clone()).expect("vsock");
@@ -60,9 +57,7 @@ impl Harness {
 
     /// Waits for a packet with `op` from host port `host` to guest port `guest`.
     fn wait_op(&mut self, guest: u32, host: u32, op: u16) -> VsockPacket {
-        let p = self.wait_pkt(&format!("op {op} {host}->{guest}"), |p| {
-            p.hdr.op == op && p.hdr.dst_port == guest && p.hdr.src_port == host
-        });
+        let p = self.wait_pkt(&format!("op {op} {host}->{guest}"), |p| p.hdr.op == op && p.hdr.dst_port == guest && p.hdr.src_port == host);
         assert_eq!((p.hdr.src_cid, p.hdr.dst_cid, p.hdr.type_), (HOST_CID, TEST_GUEST_CID, TYPE_STREAM));
         p
     }

@@ -21,8 +21,8 @@ use tracing::debug;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::csm::{ConnState, Connection};
-use super::metrics::VsockMetrics;
 use super::defs::*;
+use super::metrics::VsockMetrics;
 use super::packet::{VsockHeader, VsockPacket};
 use super::{VsockBackend, VsockError};
 
@@ -98,13 +98,7 @@ impl VsockUnixBackend {
         let path_id = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
         listener.set_nonblocking(true).map_err(bind_err)?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-            )
-            .map_err(VsockError::Epoll)?;
+        epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN)).map_err(VsockError::Epoll)?;
         Ok(VsockUnixBackend {
             guest_cid,
             path,
@@ -171,18 +165,12 @@ impl VsockUnixBackend {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            if let Err(e) = self
-                .epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd_token(fd)))
-            {
+            if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd_token(fd))) {
                 crate::guest_warn!("vsock: cannot poll client: {e}");
                 continue;
             }
             self.fds.insert(fd, FdOwner::Client);
-            self.clients.insert(
-                fd,
-                PendingClient { stream, line: Vec::new(), deadline: Instant::now() + CONNECT_LINE_TIMEOUT },
-            );
+            self.clients.insert(fd, PendingClient { stream, line: Vec::new(), deadline: Instant::now() + CONNECT_LINE_TIMEOUT });
         }
     }
 
@@ -275,9 +263,7 @@ impl VsockUnixBackend {
             let fd = conn.fd();
             let res = match (conn.registered, want) {
                 (None, Some(ev)) => self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, fd_token(fd))),
-                (Some(_), Some(ev)) => {
-                    self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(ev, fd_token(fd)))
-                }
+                (Some(_), Some(ev)) => self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(ev, fd_token(fd))),
                 (Some(_), None) => self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()),
                 (None, None) => Ok(()),
             };
@@ -380,11 +366,7 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     // SAFETY: `addr` is a valid sockaddr_un, `len` does not exceed its size,
     // and `fd` is an open socket.
     let r = unsafe {
-        libc::connect(
-            fd,
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            libc::socklen_t::try_from(len).unwrap_or(libc::socklen_t::MAX),
-        )
+        libc::connect(fd, std::ptr::addr_of!(addr).cast::<libc::sockaddr>(), libc::socklen_t::try_from(len).unwrap_or(libc::socklen_t::MAX))
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -522,12 +504,7 @@ impl VsockBackend for VsockUnixBackend {
             crate::guest_warn!("vsock: client sent no CONNECT line in time");
             self.drop_client(fd);
         }
-        let due: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.expiry().is_some_and(|t| t <= now))
-            .map(|(k, _)| *k)
-            .collect();
+        let due: Vec<ConnKey> = self.conns.iter().filter(|(_, c)| c.expiry().is_some_and(|t| t <= now)).map(|(k, _)| *k).collect();
         for key in due {
             if let Some(conn) = self.conns.get_mut(&key) {
                 conn.expire(now);
@@ -581,10 +558,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.sock");
         assert!(matches!(VsockUnixBackend::new(2, path.clone()), Err(VsockError::InvalidCid(2))));
-        assert!(matches!(
-            VsockUnixBackend::new(u64::from(u32::MAX), path.clone()),
-            Err(VsockError::InvalidCid(_))
-        ));
+        assert!(matches!(VsockUnixBackend::new(u64::from(u32::MAX), path.clone()), Err(VsockError::InvalidCid(_))));
 
         let b = VsockUnixBackend::new(3, path.clone()).expect("bind");
         // Live listener: refused.
