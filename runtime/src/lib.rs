@@ -31,6 +31,7 @@ pub mod smoke;
 pub mod spec;
 pub mod state;
 pub mod stdio;
+pub mod template;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod vm;

@@ -28,6 +28,7 @@ use crate::launcher::{LaunchError, Launcher, SandboxVm};
 use crate::network::{self, NetworkError, PodNetwork};
 use crate::pod;
 use crate::share::{self, HostBind, ShareError};
+use crate::template;
 
 #[cfg(test)]
 mod tests;
@@ -100,6 +101,15 @@ pub struct PreparedContainer {
     pub view: share::GuestView,
 }
 
+/// A VM restored from a template has the template's NICs (MAC
+/// [`template::template_mac`], in order): the agent finds each by that
+/// address and gives it the sandbox's.
+fn bind_template_nics(req: &mut agent::CreateSandboxRequest) {
+    for (i, iface) in req.interfaces.iter_mut().enumerate() {
+        iface.device_mac = network::format_mac(&template::template_mac(i));
+    }
+}
+
 impl Sandbox {
     /// Boots the sandbox: nothing of it is left behind when this fails.
     #[tracing::instrument(name = "boot_sandbox", skip_all, fields(sandbox = %s.id))]
@@ -120,6 +130,9 @@ impl Sandbox {
         if let Some(n) = &network {
             n.describe(&mut req);
         }
+        if vm.restored() {
+            bind_template_nics(&mut req);
+        }
         let guest = vm.guest();
         let sb = Self { id: s.id.to_string(), dir: s.dir.to_path_buf(), shared, vm, guest, network: Mutex::new(network) };
         if let Err(e) = sb.guest.create_sandbox(&req) {
@@ -128,6 +141,11 @@ impl Sandbox {
         }
         tracing::info!(vmm_pid = sb.vm.pid(), vcpus = opts.vcpus, mem_mib = opts.mem_mib, "sandbox ready");
         Ok(sb)
+    }
+
+    /// Whether the VM was restored from a template rather than booted.
+    pub fn restored(&self) -> bool {
+        self.vm.restored()
     }
 
     /// The sandbox's agent.

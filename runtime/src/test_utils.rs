@@ -221,6 +221,7 @@ pub struct FakeVm {
     pub guest: Arc<FakeGuest>,
     pub uds: PathBuf,
     pub stopped: Arc<AtomicBool>,
+    pub restored: bool,
 }
 
 impl SandboxVm for FakeVm {
@@ -232,6 +233,9 @@ impl SandboxVm for FakeVm {
     }
     fn pid(&self) -> u32 {
         VMM_PID
+    }
+    fn restored(&self) -> bool {
+        self.restored
     }
     fn stop(&self) {
         let _ = self.guest.shutdown(1);
@@ -245,6 +249,8 @@ pub type Launched = (Arc<FakeGuest>, Arc<AtomicBool>, VmOptions);
 #[derive(Debug, Default)]
 pub struct FakeLauncher {
     pub launched: Mutex<Vec<Launched>>,
+    /// Its VMs say they were restored from a template.
+    pub restore: AtomicBool,
 }
 
 impl Launcher for Arc<FakeLauncher> {
@@ -254,7 +260,7 @@ impl Launcher for Arc<FakeLauncher> {
         let guest = Arc::new(FakeGuest::new(uds.clone()));
         let stopped = Arc::new(AtomicBool::new(false));
         self.launched.lock().expect("launched").push((guest.clone(), stopped.clone(), opts.clone()));
-        Ok(Box::new(FakeVm { guest, uds, stopped }))
+        Ok(Box::new(FakeVm { guest, uds, stopped, restored: self.restore.load(Ordering::SeqCst) }))
     }
 }
 

@@ -42,8 +42,10 @@ pub enum VmError {
     EarlyExit { status: ExitStatus, log: String, console: String },
     #[error("the agent did not answer within {waited:?}: {source}; console tail:\n{console}")]
     AgentTimeout { waited: Duration, source: ClientError, console: String },
-    #[error("waiting for the VMM: {0}")]
-    Wait(std::io::Error),
+    #[error("waiting for the VMM")]
+    Wait(#[source] std::io::Error),
+    #[error("the VMM did not write its snapshot ({outcome}); VMM log:\n{log}")]
+    Snapshot { outcome: String, log: String },
 }
 
 /// A network interface of a sandbox VM: a virtio-net device on a tap the
@@ -73,6 +75,11 @@ pub struct VmOptions {
     pub fs: Vec<FsConfig>,
     /// Network interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub net: Vec<NetDevice>,
+    /// Start from this snapshot (a template) instead of booting: it must
+    /// have this VM's shape (see [`crate::template`]).
+    pub restore_from: Option<PathBuf>,
+    /// On SIGUSR2 the VMM writes a snapshot here and exits 0.
+    pub snapshot_to: Option<PathBuf>,
 }
 
 impl Default for VmOptions {
@@ -83,6 +90,8 @@ impl Default for VmOptions {
             extra_cmdline: String::new(),
             fs: Vec::new(),
             net: Vec::new(),
+            restore_from: None,
+            snapshot_to: None,
         }
     }
 }
@@ -151,8 +160,8 @@ impl Vm {
             // Inherited fds are passed as `--net` arguments: a number in a
             // config file would outlive the process it means something in.
             net: Vec::new(),
-            snapshot_to: None,
-            restore_from: None,
+            snapshot_to: opts.snapshot_to.clone(),
+            restore_from: opts.restore_from.clone(),
         };
         let config_path = dir.join("vmm.json");
         let text = serde_json::to_vec_pretty(&config).map_err(|e| VmError::Config { path: config_path.clone(), source: e.into() })?;
@@ -261,6 +270,21 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Has the VMM (started with `snapshot_to`) write its snapshot and exit
+    /// (SIGUSR2), and waits up to `timeout` for it to be done.
+    pub fn snapshot(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
+        if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR2) {
+            return Err(VmError::Snapshot { outcome: format!("cannot signal pid {pid}: {e}"), log: tail(&self.dir.join("vmm.log"), 2000) });
+        }
+        let outcome = match self.wait_timeout(timeout)? {
+            Some(status) if status.success() => return Ok(()),
+            Some(status) => format!("exited {status}"),
+            None => format!("still running after {timeout:?}"),
+        };
+        Err(VmError::Snapshot { outcome, log: tail(&self.dir.join("vmm.log"), 2000) })
     }
 
     /// Kills the VMM (SIGKILL) and reaps it.

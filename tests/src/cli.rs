@@ -50,12 +50,20 @@ pub struct Cli {
     pub bin: PathBuf,
     pub root: PathBuf,
     assets: Assets,
+    env: Vec<(String, PathBuf)>,
 }
 
 impl Cli {
     pub fn new(root: &Path) -> Self {
         let assets = Assets::get();
-        Self { bin: assets.bin("carapace"), root: root.to_path_buf(), assets }
+        Self { bin: assets.bin("carapace"), root: root.to_path_buf(), assets, env: Vec::new() }
+    }
+
+    /// The same, with `name=value` in every command's environment (over
+    /// the asset paths: e.g. `CARAPACE_CONFIG`, or another initramfs).
+    pub fn with_env(mut self, name: &str, value: &Path) -> Self {
+        self.env.push((name.to_string(), value.to_path_buf()));
+        self
     }
 
     /// A command with `--root` and the guest assets set.
@@ -67,6 +75,7 @@ impl Cli {
             .env("CARAPACE_KERNEL", &self.assets.kernel)
             .env("CARAPACE_INITRAMFS", &self.assets.initramfs)
             .env("CARAPACE_BIN_DIR", &self.assets.bin_dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         cmd
     }

@@ -300,3 +300,32 @@ fn an_oom_killed_container_is_reported_as_oom() {
     assert!(oom.is_some() && oom < exit, "TaskOOM must come before TaskExit: {topics:?}\n{text}");
     assert_clean(&c, tmp.path());
 }
+
+/// Issue 12: the shim starts sandboxes from VM templates too (the same
+/// launcher as the CLI): the first `ctr run` makes the template of its VM
+/// shape in the config's `template_dir` and starts from it, the second
+/// starts from it without making one; nothing of either is left.
+#[test]
+fn ctr_run_starts_sandboxes_from_a_vm_template() {
+    let Some((tmp, c)) = setup("ctr_run_starts_sandboxes_from_a_vm_template") else { return };
+    let templates = tmp.path().join("templates");
+    let config = tmp.path().join("templates.toml");
+    std::fs::write(&config, format!("template_dir = {:?}\n", templates.display().to_string())).expect("config");
+    let config_arg = config.display().to_string();
+    for (i, id) in ["tpl-first", "tpl-second"].into_iter().enumerate() {
+        let (code, out, err) = ctr_run(
+            &c,
+            tmp.path(),
+            id,
+            &["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", &config_arg, "--snapshotter", "native", IMAGE, id, "sh", "-c", "echo up; exit 5"],
+        );
+        assert_eq!(code, Some(5), "{id}: {out}{err}\n{}", c.log_tail());
+        assert!(out.contains("up"), "{id}: {out}");
+        let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
+        assert_eq!(log.matches("template made").count(), 1, "{id}: one template is made, by the first run\n{}", c.log_tail());
+        assert_eq!(log.matches("restored from template").count(), i + 1, "{id} did not start from the template\n{}", c.log_tail());
+        assert_clean(&c, tmp.path());
+    }
+    let made: Vec<_> = std::fs::read_dir(&templates).expect("template dir").filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert!(made.iter().any(|n| n.to_string_lossy().len() == 16), "no template directory in {made:?}");
+}

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use carapace_runtime::container::{CreateOptions, ExecOverrides, Runtime};
 use carapace_runtime::monitor::{self, ExecRequest};
 use carapace_runtime::state::{dir_name, StateStore, Status};
+use carapace_runtime::template::{self, TemplateStore};
 use carapace_runtime::{host, proc, spec};
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,20 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateAction {
+    /// List the templates under the config's `template_dir`.
+    List {
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove templates by key (VMs started from them run on).
+    Rm {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -178,6 +193,11 @@ enum Command {
     },
     /// Print the runtime's and the spec's versions.
     Version,
+    /// List or remove VM templates (the snapshots sandboxes start from).
+    Template {
+        #[command(subcommand)]
+        action: TemplateAction,
+    },
     /// Check that this host can run microVMs (one line per requirement).
     Check {
         /// Also boot a microVM and check that its agent answers.
@@ -249,8 +269,45 @@ fn global_args(cli: &Cli) -> Vec<String> {
     args
 }
 
+fn template(action: TemplateAction) -> anyhow::Result<ExitCode> {
+    let config = carapace_runtime::config::load(None)?;
+    let store = TemplateStore::new(&config.template_dir);
+    match action {
+        TemplateAction::List { format } => {
+            let listed = store.list()?;
+            match format {
+                Format::Json => print_json(&serde_json::Value::Array(listed.iter().map(template::Listed::to_json).collect()))?,
+                Format::Table => {
+                    println!("{:<16}  {:>5}  {:>7}  {:>8}  {:<20}  DEVICES", "KEY", "VCPUS", "MEM_MIB", "DISK_MIB", "CREATED");
+                    for l in listed {
+                        let disk = l.disk_bytes / (1024 * 1024);
+                        match &l.description {
+                            Some(d) => {
+                                let created = chrono::DateTime::from_timestamp(i64::try_from(d.created_unix).unwrap_or(0), 0)
+                                    .map_or_else(String::new, |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                                let devices = d.shape.devices.join(",");
+                                println!("{:<16}  {:>5}  {:>7}  {disk:>8}  {created:<20}  {devices}", l.key, d.shape.vcpus, d.shape.mem_mib);
+                            }
+                            None => println!("{:<16}  {:>5}  {:>7}  {disk:>8}  {:<20}  (incomplete)", l.key, "-", "-", "-"),
+                        }
+                    }
+                }
+            }
+        }
+        TemplateAction::Rm { keys } => {
+            for key in keys {
+                store.remove(&key)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn check(boot: bool) -> anyhow::Result<ExitCode> {
-    let items = host::check_host();
+    let mut items = host::check_host();
+    if let Ok(config) = carapace_runtime::config::load(None) {
+        items.push(template::check_item(&config));
+    }
     for item in &items {
         println!("{item}");
     }
@@ -462,6 +519,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("spec: {}", spec::OCI_VERSION);
         }
         Command::Check { boot } => return check(boot),
+        Command::Template { action } => return template(action),
         Command::Monitor { ready_fd, bundle, console_socket, id } => {
             let status = monitor::container(&rt, &id, &bundle, console_socket.as_deref(), Some(ready_fd));
             return Ok(code(status));

@@ -42,6 +42,57 @@ pub enum NetworkError {
     Netlink { path: PathBuf, step: String, source: std::io::Error },
     #[error("network namespace {}: the worker thread panicked", path.display())]
     Thread { path: PathBuf },
+    #[error("cannot make taps in a network namespace of their own")]
+    Isolated(#[source] std::io::Error),
+}
+
+/// Taps in a network namespace of their own, for a VM that must have NICs
+/// but no network: a template VM (see [`crate::template`]). A thread stays
+/// in the namespace, keeping it and the taps alive, until this is dropped.
+#[derive(Debug)]
+pub struct IsolatedTaps {
+    pub taps: Vec<Arc<OwnedFd>>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IsolatedTaps {
+    pub fn open(count: usize) -> Result<Self, NetworkError> {
+        let (made_tx, made_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("isolated-taps".into())
+            .spawn(move || {
+                // A network namespace belongs to a thread: this one's only.
+                let made = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| (0..count).map(|i| tap::create(&format!("{TAP_PREFIX}{i}"))).collect::<std::io::Result<Vec<_>>>());
+                let ok = made.is_ok();
+                let _ = made_tx.send(made);
+                if ok {
+                    let _ = stop_rx.recv();
+                }
+            })
+            .map_err(NetworkError::Isolated)?;
+        let mut keeper = Self { taps: Vec::new(), stop: Some(stop_tx), thread: Some(thread) };
+        match made_rx.recv() {
+            Ok(Ok(taps)) => {
+                keeper.taps = taps.into_iter().map(Arc::new).collect();
+                Ok(keeper)
+            }
+            Ok(Err(e)) => Err(NetworkError::Isolated(e)),
+            Err(_) => Err(NetworkError::Isolated(std::io::Error::other("the namespace thread died"))),
+        }
+    }
+}
+
+impl Drop for IsolatedTaps {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// One interface of the pod's namespace and the tap that carries it into

@@ -119,3 +119,17 @@ fn agent_errors_keep_the_status_code() {
     let e = SandboxError::agent("CreateSandbox", ttrpc::Error::LocalClosed);
     assert!(matches!(e, SandboxError::Agent { code: None, .. }));
 }
+
+/// A restored VM's NICs are found by the template's MACs, in order.
+#[test]
+fn a_restored_vms_nics_are_found_by_the_template_macs() {
+    let mut req = agent::CreateSandboxRequest::new();
+    for mac in ["0a:00:00:00:00:01", "0a:00:00:00:00:02"] {
+        let mut iface = agent::Interface::new();
+        iface.mac = mac.into();
+        req.interfaces.push(iface);
+    }
+    super::bind_template_nics(&mut req);
+    let found: Vec<(&str, &str)> = req.interfaces.iter().map(|i| (i.device_mac.as_str(), i.mac.as_str())).collect();
+    assert_eq!(found, [("02:ca:fe:00:00:00", "0a:00:00:00:00:01"), ("02:ca:fe:00:00:01", "0a:00:00:00:00:02")]);
+}
