@@ -24,7 +24,10 @@ fn killed_cli_vmm_and_guest_init_leave_nothing_behind() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cli = Cli::new(&tmp.path().join("root"));
+    // Cold boots: step 1 kills `create` while the guest kernel boots.
+    let config = tmp.path().join("cold.toml");
+    std::fs::write(&config, "vm_templates = false\n").expect("config");
+    let cli = Cli::new(&tmp.path().join("root")).with_env("CARAPACE_CONFIG", &config);
     let netns = PodNetns::create("faults");
     let sleeper = bundle(&cli, &tmp.path().join("sleeper"), |s| {
         s["process"]["args"] = json!(["sleep", "100000"]);
