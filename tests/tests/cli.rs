@@ -355,7 +355,8 @@ fn specs_the_guest_cannot_run_fail_create_before_any_vm() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cli = Cli::new(&tmp.path().join("root"));
     let root = cli.root.display().to_string();
-    let cases: [(&str, &dyn Fn(&mut Value), &str); 3] = [
+    type Edit<'a> = &'a dyn Fn(&mut Value);
+    let cases: [(&str, Edit, &str); 3] = [
         (
             "noprocess",
             &|s: &mut Value| {
