@@ -7,7 +7,8 @@ guest_dir="$repo/build/guest"
 
 APT_PACKAGES=(build-essential flex bison bc libelf-dev libssl-dev cpio
     linux-source-6.1 busybox-static musl-tools python3 qemu-system-x86 jq
-    libseccomp-dev pkg-config containerd runc umoci)
+    libseccomp-dev pkg-config containerd runc umoci
+    protobuf-compiler containernetworking-plugins)
 
 log() { printf '==> %s\n' "$*" >&2; }
 

@@ -159,15 +159,36 @@ fn validate(config: &Path, dir: &Path, spec: &Spec) -> Result<PathBuf, BundleErr
     }
     validate_hooks(config, spec)?;
     validate_vm_size(config, spec)?;
+    // Optional in the schema, but create has nothing to run without it
+    // (runc refuses it too).
+    let process = spec.process().as_ref().ok_or_else(|| field(config, "process", "missing: create needs the process to run"))?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(field(config, "process.args", "must name at least the program to run"));
+    }
+    if !process.cwd().is_absolute() {
+        return Err(field(config, "process.cwd", format!("{:?} is not an absolute path", process.cwd())));
+    }
+    validate_guest_support(config, spec)?;
+    Ok(rootfs)
+}
+
+/// Features the guest kernel has not (no LSM, no resctrl): asked for, they
+/// would fail in the guest after a boot, or be dropped silently; runc
+/// refuses them on a host without them too.
+fn validate_guest_support(config: &Path, spec: &Spec) -> Result<(), BundleError> {
+    let shown = |v: &str| format!("{:?}", v.chars().take(64).collect::<String>());
     if let Some(process) = spec.process() {
-        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-            return Err(field(config, "process.args", "must name at least the program to run"));
+        if let Some(profile) = process.apparmor_profile().as_deref().filter(|p| !p.is_empty()) {
+            return Err(field(config, "process.apparmorProfile", format!("{}: AppArmor is not available in the guest", shown(profile))));
         }
-        if !process.cwd().is_absolute() {
-            return Err(field(config, "process.cwd", format!("{:?} is not an absolute path", process.cwd())));
+        if let Some(label) = process.selinux_label().as_deref().filter(|l| !l.is_empty()) {
+            return Err(field(config, "process.selinuxLabel", format!("{}: SELinux is not available in the guest", shown(label))));
         }
     }
-    Ok(rootfs)
+    if spec.linux().as_ref().is_some_and(|l| l.intel_rdt().is_some()) {
+        return Err(field(config, "linux.intelRdt", "Intel RDT (resctrl) is not available in the guest"));
+    }
+    Ok(())
 }
 
 /// The VM size annotations: a value that is not a number in range is
@@ -233,6 +254,8 @@ mod tests {
     const GOOD: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
         "process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#;
 
+    const PROCESS: &str = r#""process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}"#;
+
     fn err(config: &str) -> String {
         let dir = bundle(config);
         Bundle::load(dir.path()).expect_err("must fail").to_string()
@@ -255,13 +278,14 @@ mod tests {
         assert!(err(r#"{"ociVersion":"1","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"tmp"}}"#)
             .contains("process.cwd"));
         assert!(err(r#"{"ociVersion":"1","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#).contains("root"));
-        let hook = |h: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"hooks":{h}}}"#);
+        let hook = |h: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},{PROCESS},"hooks":{h}}}"#);
         assert!(
             err(&hook(r#"{"poststop":[{"path":"/nonexistent/hook"}]}"#)).contains("hooks.poststop: path /nonexistent/hook does not exist")
         );
         assert!(err(&hook(r#"{"createRuntime":[{"path":"hook"}]}"#)).contains("hooks.createRuntime: path hook is not absolute"));
         assert!(err(&hook(r#"{"prestart":[{"path":"/bin/sh","timeout":0}]}"#)).contains("timeout 0"));
-        let sized = |k: &str, v: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"annotations":{{"{k}":"{v}"}}}}"#);
+        let sized =
+            |k: &str, v: &str| format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},{PROCESS},"annotations":{{"{k}":"{v}"}}}}"#);
         assert!(err(&sized(VCPUS_ANNOTATION, "100000"))
             .contains("annotations.io.carapace.vcpus: \"100000\" is not a number of vCPUs from 1 to 64"));
         assert!(err(&sized(VCPUS_ANNOTATION, "0")).contains("vCPUs from 1"));
@@ -269,10 +293,34 @@ mod tests {
         assert!(err(&sized(MEMORY_MIB_ANNOTATION, "lots")).contains("\"lots\" is not a number of MiB"));
         let dir = bundle(&sized(MEMORY_MIB_ANNOTATION, "300"));
         assert!(Bundle::load(dir.path()).is_ok(), "an in-range size is fine");
-        let long = format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},"hostname":"{}"}}"#, "h".repeat(65));
+        let long = format!(r#"{{"ociVersion":"1","root":{{"path":"rootfs"}},{PROCESS},"hostname":"{}"}}"#, "h".repeat(65));
         assert!(err(&long).contains("hostname: 65 bytes"));
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(Bundle::load(empty.path()).expect_err("no config").to_string().contains("config.json not found"));
+    }
+
+    #[test]
+    fn refuses_no_process_and_what_the_guest_cannot_do() {
+        let e = err(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#);
+        assert!(e.contains("config.json: field process: missing"), "{e}");
+        let with = |process_extra: &str, linux: &str| {
+            err(&format!(
+                r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"linux":{linux},
+                "process":{{"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/"{process_extra}}}}}"#
+            ))
+        };
+        let e = with(r#","apparmorProfile":"cri-containerd.apparmor.d""#, "{}");
+        assert!(e.contains(r#"field process.apparmorProfile: "cri-containerd.apparmor.d": AppArmor is not available"#), "{e}");
+        let e = with(r#","selinuxLabel":"system_u:system_r:container_t:s0""#, "{}");
+        assert!(e.contains(r#"field process.selinuxLabel: "system_u:system_r:container_t:s0""#), "{e}");
+        let e = with("", r#"{"intelRdt":{"closID":"c1"}}"#);
+        assert!(e.contains("field linux.intelRdt"), "{e}");
+        // Empty values ask for nothing.
+        let dir = bundle(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+            "process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/","apparmorProfile":"","selinuxLabel":""}}"#,
+        );
+        assert!(Bundle::load(dir.path()).is_ok());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Fakes of the sandbox's seams (the VM launcher and the agent) for unit
 //! tests of the sandbox core and of both front ends over it. The fake agent
 //! plays the guest: it connects to the stdio ports, and processes exit when
-//! signalled or told to.
+//! signalled or told to. Failures on demand: CreateContainer refuses a
+//! container whose id starts with `bad`, StartContainer one whose id starts
+//! with `nostart`, ExecProcess an exec id starting with `bad`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -110,6 +112,9 @@ impl Guest for FakeGuest {
     }
     fn start_container(&self, req: &StartContainerRequest) -> ttrpc::Result<StartContainerResponse> {
         self.call("StartContainer");
+        if req.container_id.starts_with("nostart") {
+            return Err(status(ttrpc::Code::INTERNAL, "starting the container: exec: no such file or directory"));
+        }
         let mut procs = self.procs.lock().expect("procs");
         let p =
             procs.get_mut(&(req.container_id.clone(), String::new())).ok_or_else(|| status(ttrpc::Code::NOT_FOUND, "no such container"))?;
@@ -118,6 +123,9 @@ impl Guest for FakeGuest {
     }
     fn exec_process(&self, req: &ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
         self.call("ExecProcess");
+        if req.exec_id.starts_with("bad") {
+            return Err(status(ttrpc::Code::INTERNAL, "executing the process: exec: \"/nonexistent\": no such file or directory"));
+        }
         let process: serde_json::Value = serde_json::from_slice(&req.process_json).expect("process json");
         assert!(process["args"].is_array());
         self.say(req.stdio.as_ref().expect("stdio"), &format!("exec:{}", req.exec_id));

@@ -270,11 +270,28 @@ pub fn serve(flags: &Flags) -> Result<(), BootstrapError> {
     signal_started();
     tracing::info!(socket = %flags.socket, "serving the Task API");
     exit.wait();
-    server.shutdown();
+    shutdown_within(server, SERVER_SHUTDOWN);
     let path = flags.socket.strip_prefix("unix://").unwrap_or(&flags.socket);
     let _ = std::fs::remove_file(path);
     tracing::info!("shim exits");
     Ok(())
+}
+
+/// How long the ttrpc server may take to close its connections at exit.
+const SERVER_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Stops `server`, waiting at most `limit`: the server joins its handler
+/// threads, and one stuck in a call must not keep the shim alive (its
+/// process exits, threads and all, once this returns).
+fn shutdown_within(server: ttrpc::Server, limit: std::time::Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("server-shutdown".into()).spawn(move || {
+        server.shutdown();
+        let _ = tx.send(());
+    });
+    if spawned.is_ok() && rx.recv_timeout(limit).is_err() {
+        tracing::warn!("a Task call still runs {limit:?} after shutdown; exiting without it");
+    }
 }
 
 /// `-info`: the runtime's name (containerd 2.x asks before any start).

@@ -8,6 +8,10 @@ use crate::io::{Relay, StdioPaths};
 
 /// Exit status reported when the VM died under a process.
 pub const LOST: u32 = 255;
+/// Exit status of a process that never started (its Start failed), or
+/// that the shim gave up on when it shut down: containerd's runc shim
+/// reports 255 for a process whose runtime call failed.
+pub const NOT_RUN: u32 = 255;
 
 /// containerd's process states (PAUSED is the container's, see
 /// [`crate::container::Container::paused`]).
@@ -113,6 +117,13 @@ impl Process {
         s.status = Status::Stopped;
         self.exited.notify_all();
         true
+    }
+
+    /// Records an exit of `status` now unless one was recorded: the process
+    /// did not start, or the shim stops waiting for it. Waiters return.
+    /// True if this call recorded it.
+    pub fn abandon(&self, status: u32) -> bool {
+        self.set_exited(Exit { status, at: SystemTime::now() })
     }
 
     /// Blocks until the process has exited.

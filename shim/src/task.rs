@@ -39,7 +39,7 @@ use crate::container::Container;
 use crate::error::ShimError;
 use crate::events::{self, topics, EventSink};
 use crate::io::{PendingIo, StdioPaths};
-use crate::process::{Exit, Process, Status, LOST};
+use crate::process::{Exit, Process, Status, LOST, NOT_RUN};
 use crate::{rootfs, stats};
 
 /// How long output may still flow after a process exited before its exit
@@ -352,7 +352,10 @@ impl Inner {
         if req.exec_id.is_empty() {
             let mut sreq = agent::StartContainerRequest::new();
             sreq.container_id = req.id.clone();
-            agent_call("StartContainer", e.sb.guest().start_container(&sreq))?;
+            if let Err(err) = e.sb.guest().start_container(&sreq) {
+                self.init_start_failed(&e);
+                return Err(ShimError::agent("StartContainer", err));
+            }
             {
                 let _order = lock(&self.containers);
                 p.set_running();
@@ -361,22 +364,36 @@ impl Inner {
             let hooks = e.c.hooks.poststart().as_deref().unwrap_or(&[]);
             hooks::run_warn("poststart", hooks, &e.c.hook_state("running", pid));
         } else {
-            if e.c.init.status() != Status::Running {
-                return Err(ShimError::FailedPrecondition(format!("container {} is not running", req.id)));
-            }
-            let pending = PendingIo::bind(e.sb.vsock_uds(), &p.stdio)?;
-            let mut ereq = agent::ExecProcessRequest::new();
-            ereq.container_id = req.id.clone();
-            ereq.exec_id = req.exec_id.clone();
-            ereq.process_json = p.spec_json.clone();
-            ereq.terminal = p.stdio.terminal;
-            ereq.stdio = Some(pending.streams()).into();
-            let mut relay = pending.start();
-            let resp = match e.sb.guest().exec_process(&ereq) {
-                Ok(r) => r,
+            let started = (|| {
+                if e.c.init.status() != Status::Running {
+                    return Err(ShimError::FailedPrecondition(format!("container {} is not running", req.id)));
+                }
+                let pending = PendingIo::bind(e.sb.vsock_uds(), &p.stdio)?;
+                let mut ereq = agent::ExecProcessRequest::new();
+                ereq.container_id = req.id.clone();
+                ereq.exec_id = req.exec_id.clone();
+                ereq.process_json = p.spec_json.clone();
+                ereq.terminal = p.stdio.terminal;
+                ereq.stdio = Some(pending.streams()).into();
+                let mut relay = pending.start();
+                match e.sb.guest().exec_process(&ereq) {
+                    Ok(r) => Ok((r, relay)),
+                    Err(err) => {
+                        relay.cancel();
+                        Err(ShimError::agent("ExecProcess", err))
+                    }
+                }
+            })();
+            let (resp, relay) = match started {
+                Ok(x) => x,
                 Err(err) => {
-                    relay.cancel();
-                    return Err(ShimError::agent("ExecProcess", err));
+                    // Never ran: its waiters (containerd calls Wait before
+                    // Start) get an exit now, and Kill and Delete find it
+                    // stopped. No TaskExit, as there was no process, which
+                    // is what containerd's runc shim does.
+                    p.abandon(NOT_RUN);
+                    tracing::warn!(exec_id = %req.exec_id, error = %err, "exec did not start; reported exited with {NOT_RUN}");
+                    return Err(err);
                 }
             };
             let _order = lock(&self.containers);
@@ -388,6 +405,37 @@ impl Inner {
             );
         }
         Ok(api::StartResponse { pid, ..Default::default() })
+    }
+
+    /// StartContainer failed: the init is reported exited (waiters return,
+    /// TaskExit goes out as for an init that died, as with runc) and
+    /// whatever the guest still holds of it is killed; Delete removes it.
+    fn init_start_failed(&self, e: &Entry) {
+        let mut kill = agent::SignalProcessRequest::new();
+        kill.container_id = e.c.id.clone();
+        kill.signal = 9;
+        kill.all = true;
+        if let Err(err) = e.sb.guest().signal_process(&kill) {
+            tracing::debug!(error = %err, "killing the container that did not start");
+        }
+        let order = lock(&self.containers);
+        let at = SystemTime::now();
+        if !e.c.init.set_exited(Exit { status: NOT_RUN, at }) {
+            return;
+        }
+        drop(order);
+        tracing::warn!(container = %e.c.id, "the container did not start; reported exited with {NOT_RUN}");
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            TaskExit {
+                container_id: e.c.id.clone(),
+                id: e.c.id.clone(),
+                pid: e.sb.vmm_pid(),
+                exit_status: NOT_RUN,
+                exited_at: Some(events::timestamp(at)).into(),
+                ..Default::default()
+            },
+        );
     }
 
     // ------------------------------------------------------------ delete
@@ -405,6 +453,8 @@ impl Inner {
                 return Err(ShimError::FailedPrecondition(format!("process {} is running", req.exec_id)));
             }
             e.c.remove_exec(&req.exec_id);
+            // One added but never started: its waiters return.
+            p.abandon(NOT_RUN);
             p.cancel_io();
             return Ok(response(p.exit()));
         }
@@ -429,6 +479,8 @@ impl Inner {
             }),
         };
         for p in e.c.all_execs() {
+            // Gone with the container (or never started): waiters return.
+            p.abandon(128 + 9);
             p.cancel_io();
         }
         init.cancel_io();
@@ -630,6 +682,16 @@ impl Inner {
         }
         if let Some(sb) = lock(&self.sandbox).take() {
             sb.stop();
+        }
+        // A Wait still blocked would hold its ttrpc handler, and the server
+        // waits for its handlers before the shim can exit: every process
+        // left is reported lost, which returns its waiters.
+        let left: Vec<Arc<Process>> =
+            lock(&self.containers).values().flat_map(|e| std::iter::once(e.c.init.clone()).chain(e.c.all_execs())).collect();
+        for p in left {
+            if p.abandon(LOST) {
+                tracing::warn!(container = %p.container_id, exec_id = %p.exec_id, "shutting down with the process unfinished; reported lost");
+            }
         }
         tracing::info!("shutting down");
         let exit = self.exit.clone();

@@ -26,45 +26,30 @@ pub struct Containerd {
     /// The `carapace` CLI (what the runc shim is pointed at).
     pub carapace: PathBuf,
     assets: Assets,
+    /// Runs in a network namespace of its own (the CRI variant).
+    private_net: bool,
 }
 
-/// Starts containerd on `dir/config.toml`, its log appended to
-/// `dir/containerd.log`.
-fn spawn(dir: &Path, assets: &Assets) -> Child {
-    let log = File::options().create(true).append(true).open(dir.join("containerd.log")).expect("containerd.log");
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![assets.bin_dir.clone()];
-    paths.extend(std::env::split_paths(&path));
-    // The shims and the runtime they start inherit this environment.
-    Command::new("containerd")
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .env("PATH", std::env::join_paths(paths).expect("PATH"))
-        .env("CARAPACE_KERNEL", &assets.kernel)
-        .env("CARAPACE_INITRAMFS", &assets.initramfs)
-        .env("CARAPACE_BIN_DIR", &assets.bin_dir)
-        .env("CARAPACE_SHIM_ROOT", dir.join("carapace-shim"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log fd"))
-        .stderr(log)
-        .spawn()
-        .expect("containerd (apt containerd; scripts/setup.sh installs it)")
-}
+/// The pause image the CRI variant's pods start with: one static binary,
+/// `/pause`, and no environment at all (no `PATH`).
+pub const PAUSE_IMAGE: &str = "docker.io/library/carapace-pause:latest";
+/// The CRI namespace of containerd.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The CRI runtime handler (RuntimeClass) that names the carapace shim.
+pub const CRI_HANDLER: &str = "carapace";
+/// Where the CRI variant's stream server listens, in its network namespace.
+pub const CRI_STREAM_PORT: u16 = 10010;
+/// The CNI bridge's subnet (in containerd's own network namespace).
+pub const CRI_POD_SUBNET: &str = "10.232.0.0/24";
 
-static NEXT_NAMESPACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-impl Containerd {
-    /// Starts containerd in `dir` and waits until it answers.
-    pub fn start(dir: &Path, assets: &Assets) -> Self {
-        std::fs::create_dir_all(dir).expect("containerd dir");
-        let d = dir.display();
-        let config = format!(
-            r#"version = 2
+/// The shared part of both configurations.
+fn base_config(d: &std::path::Display<'_>, disabled: &str) -> String {
+    format!(
+        r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
+{disabled}  "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.zfs",
@@ -86,24 +71,130 @@ disabled_plugins = [
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
 "#
-        );
+    )
+}
+
+/// Starts containerd on `dir/config.toml`, its log appended to
+/// `dir/containerd.log`; with `private_net`, in a network namespace of its
+/// own (loopback up), where CNI makes its bridge and the CRI its stream
+/// server listens, away from the host's.
+fn spawn(dir: &Path, assets: &Assets, private_net: bool) -> Child {
+    let log = File::options().create(true).append(true).open(dir.join("containerd.log")).expect("containerd.log");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![assets.bin_dir.clone()];
+    paths.extend(std::env::split_paths(&path));
+    let mut cmd = if private_net {
+        // unshare and sh exec: the child's pid is containerd's.
+        let mut c = Command::new("unshare");
+        c.args(["--net", "sh", "-c", "ip link set lo up && exec containerd --config \"$0\""]).arg(dir.join("config.toml"));
+        c
+    } else {
+        let mut c = Command::new("containerd");
+        c.arg("--config").arg(dir.join("config.toml"));
+        c
+    };
+    // The shims and the runtime they start inherit this environment.
+    cmd.env("PATH", std::env::join_paths(paths).expect("PATH"))
+        .env("CARAPACE_KERNEL", &assets.kernel)
+        .env("CARAPACE_INITRAMFS", &assets.initramfs)
+        .env("CARAPACE_BIN_DIR", &assets.bin_dir)
+        .env("CARAPACE_SHIM_ROOT", dir.join("carapace-shim"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("containerd (apt containerd; scripts/setup.sh installs it)")
+}
+
+static NEXT_NAMESPACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn next_namespace() -> usize {
+    NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Where Debian's containernetworking-plugins puts the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The shim's runtime type.
+pub const RUNTIME_TYPE: &str = "io.containerd.carapace.v2";
+
+impl Containerd {
+    /// Starts containerd in `dir` (CRI off) and waits until it answers.
+    pub fn start(dir: &Path, assets: &Assets) -> Self {
+        std::fs::create_dir_all(dir).expect("containerd dir");
+        let d = dir.display();
+        let config = base_config(&d, "  \"io.containerd.grpc.v1.cri\",\n");
         std::fs::write(dir.join("config.toml"), config).expect("containerd config");
-        let child = spawn(dir, assets);
+        Self::launch(dir, assets, false, format!("carapace-test-{}-{}", std::process::id(), next_namespace()))
+    }
+
+    /// Starts containerd in `dir` with its CRI plugin: the `carapace`
+    /// runtime handler (`io.containerd.carapace.v2`) as the default, the
+    /// native snapshotter, [`PAUSE_IMAGE`] as the sandbox image, a CNI
+    /// bridge (Debian's containernetworking-plugins) and the stream server
+    /// on 127.0.0.1:[`CRI_STREAM_PORT`], all in a network namespace of its
+    /// own. The images are to be imported into [`CRI_NAMESPACE`].
+    pub fn start_cri(dir: &Path, assets: &Assets) -> Self {
+        std::fs::create_dir_all(dir.join("cni")).expect("containerd dir");
+        let d = dir.display();
+        let mut config = base_config(&d, "");
+        config.push_str(&format!(
+            r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "{CRI_STREAM_PORT}"
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "{CRI_HANDLER}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{CRI_HANDLER}]
+      runtime_type = "{RUNTIME_TYPE}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{d}/cni"
+    max_conf_num = 1
+"#
+        ));
+        std::fs::write(dir.join("config.toml"), config).expect("containerd config");
+        let cni = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "carapace-test",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "cni-cp0",
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": CRI_POD_SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": dir.join("cni-ipam"),
+                }
+            }]
+        });
+        std::fs::write(dir.join("cni/10-carapace.conflist"), cni.to_string()).expect("CNI config");
+        Self::launch(dir, assets, true, CRI_NAMESPACE.to_string())
+    }
+
+    fn launch(dir: &Path, assets: &Assets, private_net: bool, namespace: String) -> Self {
+        let child = spawn(dir, assets, private_net);
         let c = Self {
             child,
             dir: dir.to_path_buf(),
             // One namespace per containerd: tests of one binary run side by
             // side, and the runc shim's root is per namespace.
-            namespace: format!(
-                "carapace-test-{}-{}",
-                std::process::id(),
-                NEXT_NAMESPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ),
+            namespace,
             carapace: assets.bin("carapace"),
             assets: assets.clone(),
+            private_net,
         };
         c.wait_up();
         c
+    }
+
+    /// containerd's pid (its network namespace is the pods' host side).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn wait_up(&self) {
@@ -121,7 +212,7 @@ disabled_plugins = [
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        self.child = spawn(&self.dir, &self.assets);
+        self.child = spawn(&self.dir, &self.assets, self.private_net);
         self.wait_up();
     }
 
@@ -186,18 +277,23 @@ disabled_plugins = [
 
     /// Builds the busybox image and imports it (native snapshotter).
     pub fn import_busybox(&self, work: &Path) {
-        let tar = busybox_image(work);
+        self.import_image(&busybox_image(work), IMAGE);
+    }
+
+    /// Imports the image tar `tar` as `name` (`name` without its tag as
+    /// the base name), unpacked for the native snapshotter.
+    pub fn import_image(&self, tar: &Path, name: &str) {
         self.ctr_ok(&[
             "images",
             "import",
             "--base-name",
-            IMAGE.trim_end_matches(":latest"),
+            name.trim_end_matches(":latest"),
             "--snapshotter",
             "native",
             &tar.display().to_string(),
         ]);
         let images = self.ctr_ok(&["images", "list", "--quiet"]);
-        assert!(images.lines().any(|l| l == IMAGE), "{IMAGE} not imported: {images}");
+        assert!(images.lines().any(|l| l == name), "{name} not imported: {images}");
     }
 
     /// Pids of shims (of any runtime) started by this containerd.
@@ -298,8 +394,15 @@ pub fn signal(pid: u32, sig: Signal) {
 
 /// Builds a busybox OCI image layout with umoci, as a tar `ctr` imports.
 pub fn busybox_image(work: &Path) -> PathBuf {
-    let layout = work.join("layout");
-    let unpacked = work.join("unpacked");
+    image_tar(work, "busybox", busybox_rootfs, &["--config.cmd", "sh"])
+}
+
+/// Builds an OCI image with umoci in `work/<name>-*`: a rootfs `fill`
+/// fills, the image configuration `umoci config` sets from `config`;
+/// returns a tar of the layout, as `ctr images import` takes it.
+pub fn image_tar(work: &Path, name: &str, fill: impl FnOnce(&Path), config: &[&str]) -> PathBuf {
+    let layout = work.join(format!("{name}-layout"));
+    let unpacked = work.join(format!("{name}-unpacked"));
     let image = format!("{}:latest", layout.display());
     let umoci = |args: &[&str]| {
         let out = Command::new("umoci").args(args).output().expect("umoci (apt umoci; scripts/setup.sh installs it)");
@@ -308,13 +411,23 @@ pub fn busybox_image(work: &Path) -> PathBuf {
     umoci(&["init", "--layout", &layout.display().to_string()]);
     umoci(&["new", "--image", &image]);
     umoci(&["unpack", "--image", &image, &unpacked.display().to_string()]);
-    busybox_rootfs(&unpacked.join("rootfs"));
+    fill(&unpacked.join("rootfs"));
     umoci(&["repack", "--image", &image, &unpacked.display().to_string()]);
-    umoci(&["config", "--image", &image, "--config.cmd", "sh"]);
-    let tar = work.join("busybox-oci.tar");
+    let mut args = vec!["config", "--image", &image];
+    args.extend_from_slice(config);
+    umoci(&args);
+    let tar = work.join(format!("{name}-oci.tar"));
     let out = Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg(".").output().expect("tar");
     assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
     tar
+}
+
+/// Compiles `tests/cri/<name>.c` into a static binary at `out` (musl-gcc,
+/// from musl-tools).
+pub fn static_c_binary(name: &str, out: &Path) {
+    let src = crate::repo_root().join("tests/cri").join(format!("{name}.c"));
+    let res = Command::new("musl-gcc").args(["-static", "-O2", "-o"]).arg(out).arg(&src).output().expect("musl-gcc (apt musl-tools)");
+    assert!(res.status.success(), "musl-gcc {}: {}", src.display(), String::from_utf8_lossy(&res.stderr));
 }
 
 /// Waits for `child`, killing it after `timeout` (a deadline against a hang,

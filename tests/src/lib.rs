@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod containerd;
 pub mod cpio;
+pub mod cri;
 pub mod guest;
 pub mod netns;
 

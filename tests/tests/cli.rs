@@ -340,6 +340,74 @@ fn bad_input_is_refused_and_leaves_nothing() {
     cli.assert_nothing_left();
 }
 
+/// Issue 14 item 6: what the guest cannot run is refused by `create` on the
+/// host, before any VM: a config without `process`, an AppArmor profile, an
+/// SELinux label. The error names the field (and the value); no VMM process
+/// ever appears (watched during each create) and nothing is left. The
+/// elapsed time is printed, not asserted.
+#[test]
+fn specs_the_guest_cannot_run_fail_create_before_any_vm() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if !carapace_test_support::can_run("specs_the_guest_cannot_run_fail_create_before_any_vm", &[carapace_test_support::Need::Root]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cli = Cli::new(&tmp.path().join("root"));
+    let root = cli.root.display().to_string();
+    type Edit<'a> = &'a dyn Fn(&mut Value);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "noprocess",
+            &|s: &mut Value| {
+                s.as_object_mut().expect("spec").remove("process");
+            },
+            "field process: missing",
+        ),
+        (
+            "apparmor",
+            &|s: &mut Value| s["process"]["apparmorProfile"] = json!("cri-containerd.apparmor.d"),
+            "field process.apparmorProfile: \"cri-containerd.apparmor.d\": AppArmor is not available in the guest",
+        ),
+        (
+            "selinux",
+            &|s: &mut Value| s["process"]["selinuxLabel"] = json!("system_u:system_r:container_t:s0"),
+            "field process.selinuxLabel: \"system_u:system_r:container_t:s0\"",
+        ),
+    ];
+    for (id, edit, want) in cases {
+        let b = bundle(&cli, &tmp.path().join(id), edit);
+        // Any VMM of this root, seen while create runs.
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (stop, root) = (stop.clone(), root.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    seen.extend(processes_matching("carapace-vmm").into_iter().filter(|p| {
+                        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&root))
+                    }));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                seen
+            })
+        };
+        let started = std::time::Instant::now();
+        let out = cli.run(&["create", "--bundle", &b.display().to_string(), id]);
+        let elapsed = started.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        let vmms = watcher.join().expect("watcher");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{id}: create succeeded");
+        assert!(err.contains(want) && err.contains("config.json"), "{id}: {err}");
+        assert!(vmms.is_empty(), "{id}: a VMM was started: {vmms:?}");
+        eprintln!("{id}: create refused in {:.1} ms: {}", elapsed.as_secs_f64() * 1000.0, err.trim());
+        let e = cli.fails(&["state", id]);
+        assert!(e.contains("does not exist"), "{id}: {e}");
+        cli.assert_nothing_left();
+    }
+}
+
 /// Force-deletes a container when dropped, so a failed assertion leaves no
 /// VM running (declared after the tempdir, it is dropped before it).
 struct DeleteOnDrop<'a>(&'a Cli, &'a str);

@@ -386,3 +386,121 @@ fn host_hooks_run_in_order_with_the_state_and_a_failing_one_fails_create() {
     assert!(err.to_string().contains("createRuntime hook /bin/false"), "{err}");
     assert!(f.svc.container_ids().is_empty());
 }
+
+fn exec_request(id: &str, exec_id: &str, args: &[&str]) -> api::ExecProcessRequest {
+    let process = serde_json::json!({"args": args, "cwd": "/"});
+    api::ExecProcessRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        spec: Some(containerd_shim::protos::protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: process.to_string().into_bytes(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// Calls Wait in a thread, as containerd does before Start; the answer
+/// comes on the channel.
+fn wait_in_thread(f: &Fixture, id: &str, exec_id: &str) -> std::sync::mpsc::Receiver<Result<u32, String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let svc = f.svc.clone();
+    let req = api::WaitRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+    std::thread::spawn(move || {
+        let _ = tx.send(svc.inner.wait(&req).map(|w| w.exit_status).map_err(|e| e.to_string()));
+    });
+    rx
+}
+
+/// How long a test lets a woken waiter take to answer (a deadline against
+/// a hang, not a speed check).
+const WAKE: Duration = Duration::from_secs(10);
+
+#[test]
+fn an_exec_that_fails_to_start_is_reported_exited_and_can_be_deleted() {
+    let Some(f) = fixture("an_exec_that_fails_to_start_is_reported_exited_and_can_be_deleted") else { return };
+    f.create("c1", serde_json::json!({})).expect("create");
+    start(&f, "c1", "");
+    f.svc.inner.exec(&exec_request("c1", "bad-e1", &["/nonexistent"])).expect("exec added");
+    let waiter = wait_in_thread(&f, "c1", "bad-e1");
+    let waiter2 = wait_in_thread(&f, "c1", "bad-e1");
+    // Both waiters are in before Start, as containerd's are.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(waiter.try_recv().is_err(), "Wait returned before the exec was started");
+
+    let err = f.svc.inner.start(&api::StartRequest { id: "c1".into(), exec_id: "bad-e1".into(), ..Default::default() });
+    let err = err.expect_err("the agent refuses the exec");
+    assert!(err.to_string().contains("ExecProcess") && err.to_string().contains("/nonexistent"), "{err}");
+    assert_eq!(waiter.recv_timeout(WAKE).expect("Wait returned"), Ok(NOT_RUN));
+    assert_eq!(waiter2.recv_timeout(WAKE).expect("second Wait returned"), Ok(NOT_RUN));
+    let st = f.state("c1", "bad-e1");
+    assert_eq!((st.status.enum_value(), st.exit_status), (Ok(api::Status::STOPPED), NOT_RUN));
+    // A Wait after the failure returns at once too.
+    assert_eq!(f.wait("c1", "bad-e1"), NOT_RUN);
+    // containerd's WithProcessKill: a kill of the stopped exec is NOT_FOUND,
+    // then the delete goes through.
+    let kill = api::KillRequest { id: "c1".into(), exec_id: "bad-e1".into(), signal: 9, ..Default::default() };
+    assert!(matches!(f.svc.inner.kill(&kill), Err(ShimError::NotFound(_))));
+    assert_eq!(f.delete("c1", "bad-e1").expect("delete exec").exit_status, NOT_RUN);
+    // No exit event for a process that never ran (as with runc); the
+    // container itself still runs.
+    assert_eq!(f.events.topics(), ["/tasks/create", "/tasks/start", "/tasks/exec-added"]);
+    assert_eq!(f.state("c1", "").status.enum_value(), Ok(api::Status::RUNNING));
+
+    // An exec added and never started, deleted with its container: its waiter returns.
+    f.svc.inner.exec(&exec_request("c1", "e2", &["true"])).expect("exec added");
+    let pending = wait_in_thread(&f, "c1", "e2");
+    f.svc.inner.kill(&api::KillRequest { id: "c1".into(), signal: 9, ..Default::default() }).expect("kill");
+    assert_eq!(f.wait("c1", ""), 137);
+    f.delete("c1", "").expect("delete");
+    assert_eq!(pending.recv_timeout(WAKE).expect("the never-started exec's Wait returned"), Ok(137));
+    f.svc.inner.shutdown(&api::ShutdownRequest::default());
+    f.exit.wait();
+}
+
+#[test]
+fn a_container_that_fails_to_start_is_reported_exited_and_can_be_deleted() {
+    let Some(f) = fixture("a_container_that_fails_to_start_is_reported_exited_and_can_be_deleted") else { return };
+    f.create("nostart1", serde_json::json!({})).expect("create");
+    let waiter = wait_in_thread(&f, "nostart1", "");
+    let err = f.svc.inner.start(&api::StartRequest { id: "nostart1".into(), ..Default::default() }).expect_err("start fails");
+    assert!(err.to_string().contains("StartContainer"), "{err}");
+    assert_eq!(waiter.recv_timeout(WAKE).expect("Wait returned"), Ok(NOT_RUN));
+    assert_eq!(f.state("nostart1", "").status.enum_value(), Ok(api::Status::STOPPED));
+    let exits: Vec<TaskExit> = f
+        .events
+        .events()
+        .iter()
+        .filter(|e| e.topic == "/tasks/exit")
+        .map(|e| TaskExit::parse_from_bytes(&e.event.value).expect("TaskExit"))
+        .collect();
+    assert_eq!(exits.len(), 1, "{:?}", f.events.topics());
+    assert_eq!((exits[0].id.as_str(), exits[0].exit_status, exits[0].pid), ("nostart1", NOT_RUN, VMM_PID));
+    let deleted = f.delete("nostart1", "").expect("delete");
+    assert_eq!(deleted.exit_status, NOT_RUN);
+    assert!(f.launcher.stopped(0));
+    assert_eq!(f.events.topics().last(), Some(&"/tasks/delete"));
+}
+
+#[test]
+fn shutdown_returns_every_pending_waiter() {
+    let Some(f) = fixture("shutdown_returns_every_pending_waiter") else { return };
+    f.create("c1", serde_json::json!({})).expect("create");
+    start(&f, "c1", "");
+    f.svc.inner.exec(&exec_request("c1", "e1", &["true"])).expect("exec added");
+    let init = wait_in_thread(&f, "c1", "");
+    let exec = wait_in_thread(&f, "c1", "e1");
+    std::thread::sleep(Duration::from_millis(100));
+    // Not now, with a container left: nothing happens.
+    f.svc.inner.shutdown(&api::ShutdownRequest::default());
+    assert!(init.try_recv().is_err(), "a plain Shutdown with containers left must not touch them");
+    assert!(f.svc.sandbox().is_some());
+
+    f.svc.inner.shutdown(&api::ShutdownRequest { now: true, ..Default::default() });
+    assert_eq!(init.recv_timeout(WAKE).expect("the init's Wait returned"), Ok(LOST));
+    assert_eq!(exec.recv_timeout(WAKE).expect("the exec's Wait returned"), Ok(LOST));
+    assert!(f.launcher.stopped(0));
+    f.exit.wait();
+}
