@@ -5,6 +5,8 @@ use std::fs::OpenOptions;
 use std::io::Read;
 use std::path::Path;
 
+use carapace_vmm_config::host::HostKind;
+
 use crate::assets::{self, GuestAssets};
 use crate::config::{self, Config};
 
@@ -21,7 +23,7 @@ pub enum KvmKind {
 
 /// Reads the host's virtualization kind from sysfs and /proc/cpuinfo.
 pub fn kvm_kind() -> KvmKind {
-    if Path::new("/sys/module/kvm_pvm").exists() {
+    if HostKind::detect() == HostKind::Pvm {
         return KvmKind::Pvm;
     }
     let mut cpuinfo = String::new();

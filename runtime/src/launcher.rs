@@ -230,7 +230,7 @@ fn make_template(assets: &GuestAssets, opts: &VmOptions, scratch: &Path, boot_ti
     for (i, share) in opts.fs.iter().enumerate() {
         let dir = boot.join(format!("share{i}"));
         std::fs::create_dir(&dir).map_err(io(&dir))?;
-        fs.push(carapace_vmm::devices::virtio::fs::FsConfig { shared_dir: dir, ..share.clone() });
+        fs.push(crate::vm::FsConfig { shared_dir: dir, ..share.clone() });
     }
     let taps = if opts.net.is_empty() { None } else { Some(IsolatedTaps::open(opts.net.len()).map_err(|e| make(e.into()))?) };
     let net = taps.iter().flat_map(|t| t.taps.iter()).zip(&opts.net).enumerate();

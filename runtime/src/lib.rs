@@ -4,7 +4,8 @@
 //! 1. pure data: [`annotations`], [`id`], [`state`], [`bundle`], [`hooks`],
 //!    [`spec`], [`proc`];
 //! 2. host resources: [`config`], [`assets`], [`host`], [`vm`], [`network`],
-//!    [`share`], [`stdio`];
+//!    [`share`], [`relay`] (the one stdio relay both front ends use),
+//!    [`stdio`] (the CLI's host ends of it);
 //! 3. the VM and its agent behind seams: [`guest`], [`launcher`], [`pod`];
 //! 4. the sandbox core: [`sandbox`];
 //! 5. the CLI's lifecycle over it: [`container`], [`monitor`] (the shim is
@@ -25,6 +26,7 @@ pub mod monitor;
 pub mod network;
 pub mod pod;
 pub mod proc;
+pub mod relay;
 pub mod sandbox;
 pub mod share;
 pub mod smoke;

@@ -28,10 +28,11 @@ use crate::container::{agent_error, ContainerError, Ready, Runtime};
 use crate::guest::{AgentGuest, Guest};
 use crate::launcher::MicroVmLauncher;
 use crate::proc;
+use crate::relay::{Relay, StdioPorts};
 use crate::sandbox::{Sandbox, SandboxSpec};
 use crate::share;
 use crate::state::{ContainerRecord, Status};
-use crate::stdio::{self, ConsolePty, HostIo, RawMode, Relay, StdioPorts};
+use crate::stdio::{self, ConsolePty, HostIo, RawMode, StdioError};
 use crate::vm::Vm;
 
 /// Exit status reported when the VM died under a process.
@@ -100,7 +101,6 @@ struct Session {
 /// Stdio being prepared: ports bound, host files chosen.
 struct PendingIo {
     ports: StdioPorts,
-    io: HostIo,
     raw: Option<RawMode>,
     pty: Option<ConsolePty>,
     tty: Option<File>,
@@ -122,8 +122,8 @@ fn prepare_io(uds: &Path, terminal: bool, console_socket: Option<&Path>) -> Resu
             (io, raw, None, tty)
         }
     };
-    let ports = StdioPorts::bind(uds, &io)?;
-    Ok(PendingIo { ports, io, raw, pty, tty })
+    let ports = StdioPorts::bind(uds, io.into()).map_err(StdioError::from)?;
+    Ok(PendingIo { ports, raw, pty, tty })
 }
 
 impl PendingIo {
@@ -133,7 +133,7 @@ impl PendingIo {
 
     /// Starts relaying, and for a terminal, following its window size.
     fn start(self, guest: &Arc<dyn Guest>, id: &str, exec_id: &str) -> Session {
-        let relay = self.ports.relay(self.io);
+        let relay = self.ports.start();
         let winsize = self.tty.map(|tty| {
             let guest = guest.clone();
             let (id, exec_id) = (id.to_string(), exec_id.to_string());
@@ -157,11 +157,11 @@ impl PendingIo {
 }
 
 impl Session {
-    fn finish(self, timeout: Duration) {
+    fn finish(mut self, timeout: Duration) {
         if let Some(stop) = &self.winsize {
             stop.store(true, Ordering::Relaxed);
         }
-        self.relay.finish(timeout);
+        self.relay.finish_output(timeout);
     }
 }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use carapace_protocol::client::{self, ClientError};
-use carapace_vmm::config::{SerialOutput, VmConfig, VsockConfig};
-pub use carapace_vmm::devices::virtio::fs::{CacheMode as FsCacheMode, FsConfig};
+pub use carapace_vmm_config::fs::{CacheMode as FsCacheMode, FsConfig};
+use carapace_vmm_config::{SerialOutput, VmConfig, VsockConfig};
 
 /// The VMM's cache mode for the operator's `shared_fs_cache`.
 pub fn vmm_cache_mode(mode: crate::config::CacheMode) -> FsCacheMode {
@@ -23,7 +23,7 @@ pub fn vmm_cache_mode(mode: crate::config::CacheMode) -> FsCacheMode {
         crate::config::CacheMode::Always => FsCacheMode::Always,
     }
 }
-use carapace_vmm::devices::virtio::net::MacAddr;
+use carapace_vmm_config::net::MacAddr;
 
 use crate::assets::GuestAssets;
 

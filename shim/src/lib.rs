@@ -16,7 +16,7 @@
 //!   so that it is tested without a VM.
 //! - [`container`], [`process`]: the state of containers and processes.
 //! - [`config`]: which configuration file a sandbox boots with.
-//! - [`io`]: stdio relays; [`rootfs`]: containerd's rootfs mounts and the
+//! - [`io`]: containerd's stdio URIs for the runtime's relay; [`rootfs`]: containerd's rootfs mounts and the
 //!   share; [`stats`]: cgroup v2 metrics in containerd's format;
 //!   [`pod`]: CRI annotations and VM sizing; [`guest`]: the agent calls.
 

@@ -38,7 +38,7 @@ use crate::config::ConfigSource;
 use crate::container::Container;
 use crate::error::ShimError;
 use crate::events::{self, topics, EventSink};
-use crate::io::{PendingIo, StdioPaths};
+use crate::io::{self, StdioPaths};
 use crate::process::{Exit, Process, Status, LOST, NOT_RUN};
 use crate::{rootfs, stats};
 
@@ -277,7 +277,7 @@ impl Inner {
         let prepared = sb.prepare_container(&req.id, bundle, sb.vmm_pid())?;
         let undo = || sb.remove_binds(&prepared.view.binds);
         let stdio = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
-        let pending = PendingIo::bind(sb.vsock_uds(), &stdio).inspect_err(|_| undo())?;
+        let pending = io::bind(sb.vsock_uds(), &stdio).inspect_err(|_| undo())?;
         let streams = pending.streams();
         let mut relay = pending.start();
         let pid = match sb.create_container(&prepared, streams) {
@@ -368,7 +368,7 @@ impl Inner {
                 if e.c.init.status() != Status::Running {
                     return Err(ShimError::FailedPrecondition(format!("container {} is not running", req.id)));
                 }
-                let pending = PendingIo::bind(e.sb.vsock_uds(), &p.stdio)?;
+                let pending = io::bind(e.sb.vsock_uds(), &p.stdio)?;
                 let mut ereq = agent::ExecProcessRequest::new();
                 ereq.container_id = req.id.clone();
                 ereq.exec_id = req.exec_id.clone();

@@ -2,8 +2,6 @@
 //! whether KVM is `kvm_pvm` (no VMX/SVM; the guest kernel's supervisor code
 //! is emulated instruction by instruction, see `shared/PVM-HOSTS.md`).
 
-use std::path::Path;
-
 /// The Linux x86 `COMMAND_LINE_SIZE`, including the terminating NUL.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 
@@ -18,33 +16,7 @@ pub const PVM_CMDLINE: &str = "carapace.pvm noxsave noreplace-smp rodata=off mit
      clocksource=tsc tsc=reliable \
      clearcpuid=cx16,smap,popcnt,fsgsbase,rdpid,invpcid,pcid,pku,114,erms,fsrm";
 
-/// Where `kvm_pvm` shows itself when loaded.
-pub const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
-
-/// The kind of KVM the VMM runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostKind {
-    /// Hardware virtualization (VMX/SVM): the guest runs natively.
-    Native,
-    /// `kvm_pvm`: the guest kernel is emulated and needs [`PVM_CMDLINE`].
-    Pvm,
-}
-
-impl HostKind {
-    /// Looks at this host.
-    pub fn detect() -> Self {
-        Self::detect_at(Path::new(PVM_MODULE_PATH))
-    }
-
-    /// Detection against an arbitrary module path (for tests).
-    pub fn detect_at(module: &Path) -> Self {
-        if module.exists() {
-            HostKind::Pvm
-        } else {
-            HostKind::Native
-        }
-    }
-}
+pub use carapace_vmm_config::host::{HostKind, PVM_MODULE_PATH};
 
 /// A virtio-mmio device as the kernel must be told about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,12 +99,5 @@ mod tests {
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(build(HostKind::Native, &[], &long), Err(CmdlineError::TooLong { .. })));
         assert!(matches!(build(HostKind::Native, &[], "a\tb"), Err(CmdlineError::ControlChar)));
-    }
-
-    #[test]
-    fn detection_follows_the_module_directory() {
-        let d = tempfile::tempdir().unwrap();
-        assert_eq!(HostKind::detect_at(d.path()), HostKind::Pvm);
-        assert_eq!(HostKind::detect_at(&d.path().join("kvm_pvm")), HostKind::Native);
     }
 }

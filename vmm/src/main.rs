@@ -108,7 +108,7 @@ fn parse_fs(s: &str) -> Result<FsConfig, String> {
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
-    s.parse().map_err(|e: carapace_vmm::devices::virtio::net::NetError| e.to_string())
+    s.parse().map_err(|e: carapace_vmm::devices::virtio::net::NetConfigError| e.to_string())
 }
 
 impl Cli {

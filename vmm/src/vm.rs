@@ -24,9 +24,9 @@ use crate::bus::{Bus, BusError};
 use crate::cmdline::{self, CmdlineError, HostKind, MmioSlot};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::legacy::{open_sink, SerialDevice, SerialError, I8042};
-use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::net::Net;
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmEvent, VmExit};
@@ -44,6 +44,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum VmmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     Serial(#[from] SerialError),
     #[error(transparent)]
@@ -196,10 +200,10 @@ impl Vmm {
             Some(v) => Some(Vsock::new(v.guest_cid, v.uds_path.clone())?),
             None => None,
         };
-        let shares = config.fs.iter().map(|f| Fs::new(f.clone()).map_err(ConfigError::Fs)).collect::<Result<Vec<_>, _>>()?;
+        let shares = config.fs.iter().map(|f| Fs::new(f.clone()).map_err(VmmError::Fs)).collect::<Result<Vec<_>, _>>()?;
         // Taps are opened (or inherited ones checked) before the guest
         // exists: a bad fd or name fails the start, not the guest's boot.
-        let nets = config.net.iter().map(|n| Net::new(n).map_err(ConfigError::Net)).collect::<Result<Vec<_>, _>>()?;
+        let nets = config.net.iter().map(|n| Net::new(n).map_err(VmmError::Net)).collect::<Result<Vec<_>, _>>()?;
         info!(?host, "host KVM kind");
 
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;

@@ -11,7 +11,6 @@
 //! redirect from the veth when the VM is gone.
 
 mod netlink;
-mod tap;
 mod tc;
 
 use std::collections::HashMap;
@@ -22,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use carapace_protocol::agent;
+use carapace_vmm_config::tap;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType};

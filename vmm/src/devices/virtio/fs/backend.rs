@@ -35,7 +35,7 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::creds::CallerCreds;
 use super::defs::{READDIR_SIZE_MAX, XATTR_SIZE_MAX};
-use super::{CacheMode, FsConfig, FsError};
+use super::{CacheMode, FsConfig, FsConfigError, FsError};
 
 /// The FUSE server the device runs.
 pub(crate) type FsServer = Server<ShareFs<PassthroughFs>>;
@@ -78,7 +78,7 @@ pub(crate) fn passthrough_config(root: &str, cache: CacheMode) -> Config {
 /// Builds the FUSE server for a validated configuration (`root` is
 /// [`FsConfig::validate`]'s result).
 pub(crate) fn build_server(config: &FsConfig, root: &Path) -> Result<FsServer, FsError> {
-    let root_str = root.to_str().ok_or_else(|| FsError::SharedDirNotUtf8(root.to_path_buf()))?;
+    let root_str = root.to_str().ok_or_else(|| FsError::from(FsConfigError::SharedDirNotUtf8(root.to_path_buf())))?;
     let fs = PassthroughFs::<()>::new(passthrough_config(root_str, config.cache))
         .map_err(|source| FsError::Backend { path: root.to_path_buf(), source })?;
     Ok(Server::new(ShareFs::new(fs, config.read_only)))

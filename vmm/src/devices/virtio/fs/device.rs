@@ -278,7 +278,7 @@ mod tests {
 
     use super::*;
     use crate::devices::virtio::fs::test_utils::{fs_config, in_header, test_mem};
-    use crate::devices::virtio::fs::CacheMode;
+    use crate::devices::virtio::fs::{CacheMode, FsConfigError};
     use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
 
     fn new_fs(tag: &str) -> (tempfile::TempDir, Fs) {
@@ -355,14 +355,14 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, b"").unwrap();
         let err = Fs::new(fs_config("t", &file, false, CacheMode::Auto)).unwrap_err();
-        assert!(matches!(err, FsError::SharedDirNotADirectory(_)), "{err}");
+        assert!(matches!(err, FsError::Config(FsConfigError::SharedDirNotADirectory(_))), "{err}");
         assert!(err.to_string().contains("not a directory"), "{err}");
 
         let err = Fs::new(fs_config("", dir.path(), false, CacheMode::Auto)).unwrap_err();
-        assert!(matches!(err, FsError::EmptyTag));
+        assert!(matches!(err, FsError::Config(FsConfigError::EmptyTag)));
         let long = "x".repeat(37);
         let err = Fs::new(fs_config(&long, dir.path(), false, CacheMode::Auto)).unwrap_err();
-        assert!(matches!(err, FsError::TagTooLong { .. }));
+        assert!(matches!(err, FsError::Config(FsConfigError::TagTooLong { .. })));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs::*;
 use super::metrics::NetMetrics;
 use super::tap::Tap;
-use super::{MacAddr, NetBackend, NetConfig, NetError, Offloads, TxFrame};
+use super::{MacAddr, NetBackend, NetConfig, NetConfigError, NetError, Offloads, TxFrame};
 use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 
 /// The most spans a frame may be gathered from (Linux `IOV_MAX`, the
@@ -97,9 +97,9 @@ impl<B: NetBackend + 'static> Net<B> {
     /// A net device over any backend.
     pub fn with_backend(mac: MacAddr, mtu: u32, backend: B) -> Result<Self, NetError> {
         if !mac.is_unicast() {
-            return Err(NetError::MacNotUnicast(mac));
+            return Err(NetConfigError::MacNotUnicast(mac).into());
         }
-        let mtu = u16::try_from(mtu).ok().filter(|m| u32::from(*m) >= MIN_MTU).ok_or(NetError::BadMtu(mtu))?;
+        let mtu = u16::try_from(mtu).ok().filter(|m| u32::from(*m) >= MIN_MTU).ok_or(NetConfigError::BadMtu(mtu))?;
         Ok(Net {
             mac,
             mtu,

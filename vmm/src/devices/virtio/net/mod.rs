@@ -42,7 +42,6 @@
 use std::io;
 use std::os::unix::io::RawFd;
 
-use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 mod device;
@@ -79,193 +78,17 @@ pub mod defs {
     pub const TXQ_INDEX: usize = 1;
     /// Size of each queue.
     pub const QUEUE_SIZE: u16 = 256;
-    /// The smallest MTU accepted (the IPv4 minimum).
-    pub const MIN_MTU: u32 = 68;
-    /// The largest MTU accepted (the config space field is 16 bits, and
-    /// a tap allows no more).
-    pub const MAX_MTU: u32 = 65535;
-    /// The MTU when none is configured.
-    pub const DEFAULT_MTU: u32 = 1500;
-    /// Longest interface name (`IFNAMSIZ` minus the terminator).
-    pub const MAX_IFNAME_LEN: usize = 15;
+    pub use carapace_vmm_config::net::{DEFAULT_MTU, MAX_IFNAME_LEN, MAX_MTU, MIN_MTU};
 }
 
-/// A MAC address (six octets), written `02:00:00:00:00:01`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct MacAddr(pub [u8; 6]);
+pub use carapace_vmm_config::net::{MacAddr, NetConfig, NetConfigError, TapSource};
 
-impl MacAddr {
-    /// Whether the guest may use it as its own address: not multicast (the
-    /// low bit of the first octet) and not all zeros.
-    pub fn is_unicast(&self) -> bool {
-        self.0[0] & 1 == 0 && self.0 != [0; 6]
-    }
-}
-
-impl std::fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
-
-impl std::str::FromStr for MacAddr {
-    type Err = NetError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || NetError::BadMac(s.to_string());
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for o in &mut out {
-            let p = parts.next().ok_or_else(bad)?;
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl TryFrom<String> for MacAddr {
-    type Error = NetError;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<MacAddr> for String {
-    fn from(m: MacAddr) -> String {
-        m.to_string()
-    }
-}
-
-/// Where a device's tap comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum TapSource {
-    /// An open tap file the VMM inherited (the runtime's way). The VMM
-    /// works on a duplicate; the number itself is left as it is.
-    Fd(RawFd),
-    /// A tap interface by name, created (or attached to, if it exists with
-    /// the same flags) in the VMM's network namespace.
-    Name(String),
-}
-
-fn default_mtu() -> u32 {
-    defs::DEFAULT_MTU
-}
-
-/// One network device: what the VMM's configuration carries per device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetConfig {
-    /// The tap the frames go through.
-    pub tap: TapSource,
-    /// The guest's MAC address.
-    pub mac: MacAddr,
-    /// The MTU the guest is told to use (68..=65535).
-    #[serde(default = "default_mtu")]
-    pub mtu: u32,
-}
-
-impl NetConfig {
-    /// Checks what can be checked without opening anything.
-    pub fn validate(&self) -> Result<(), NetError> {
-        if !self.mac.is_unicast() {
-            return Err(NetError::MacNotUnicast(self.mac));
-        }
-        if !(defs::MIN_MTU..=defs::MAX_MTU).contains(&self.mtu) {
-            return Err(NetError::BadMtu(self.mtu));
-        }
-        match &self.tap {
-            TapSource::Fd(fd) if *fd < 0 => Err(NetError::BadFd(*fd)),
-            TapSource::Name(n) if n.is_empty() => Err(NetError::EmptyTapName),
-            TapSource::Name(n) if n.len() > defs::MAX_IFNAME_LEN || n.contains(['/', '\0', ' ', ':']) || n == "." || n == ".." => {
-                Err(NetError::BadTapName(n.clone()))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-impl std::str::FromStr for NetConfig {
-    type Err = NetError;
-
-    /// `fd=N,mac=MAC[,mtu=M]` or `tap=NAME,mac=MAC[,mtu=M]` (the
-    /// `carapace-vmm --net` syntax).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut tap = None;
-        let mut mac = None;
-        let mut mtu = defs::DEFAULT_MTU;
-        for item in s.split(',') {
-            let (key, value) = item.split_once('=').ok_or_else(|| NetError::BadOption(item.to_string()))?;
-            match key {
-                "fd" | "tap" if tap.is_some() => return Err(NetError::TwoTaps(s.to_string())),
-                "fd" => tap = Some(TapSource::Fd(value.parse().map_err(|_| NetError::BadFdValue(value.to_string()))?)),
-                "tap" => tap = Some(TapSource::Name(value.to_string())),
-                "mac" => mac = Some(value.parse()?),
-                "mtu" => mtu = value.parse().map_err(|_| NetError::BadMtuValue(value.to_string()))?,
-                _ => return Err(NetError::BadOption(item.to_string())),
-            }
-        }
-        let config = NetConfig {
-            tap: tap.ok_or_else(|| NetError::NoTap(s.to_string()))?,
-            mac: mac.ok_or_else(|| NetError::NoMac(s.to_string()))?,
-            mtu,
-        };
-        config.validate()?;
-        Ok(config)
-    }
-}
-
-/// Errors of the net device, its configuration and its backends.
+/// Errors of the net device and its backends.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// A MAC address that is not six colon-separated hex octets.
-    #[error("invalid MAC address {0:?} (expected six hex octets like 02:00:00:00:00:01)")]
-    BadMac(String),
-    /// A multicast or all-zero MAC address.
-    #[error("MAC address {0} is not a unicast address (multicast bit set, or all zeros)")]
-    MacNotUnicast(MacAddr),
-    /// An MTU out of range.
-    #[error("net mtu {0} is out of range ({min}..={max})", min = defs::MIN_MTU, max = defs::MAX_MTU)]
-    BadMtu(u32),
-    /// An MTU that is not a number.
-    #[error("net mtu {0:?} is not a number")]
-    BadMtuValue(String),
-    /// A negative fd.
-    #[error("net fd {0} is not a file descriptor number")]
-    BadFd(RawFd),
-    /// An fd that is not a number.
-    #[error("net fd {0:?} is not a file descriptor number")]
-    BadFdValue(String),
-    /// An empty tap name.
-    #[error("net tap name is empty")]
-    EmptyTapName,
-    /// A tap name the kernel would refuse.
-    #[error("net tap name {0:?} is not a valid interface name (1-15 bytes, no '/', ':', space or NUL)")]
-    BadTapName(String),
-    /// A `--net` item that is not `key=value` or has an unknown key.
-    #[error("net option {0:?} is unknown (expected fd=N or tap=NAME, mac=MAC, mtu=M)")]
-    BadOption(String),
-    /// Neither `fd=` nor `tap=`.
-    #[error("net {0:?}: missing fd=N or tap=NAME")]
-    NoTap(String),
-    /// Both `fd=` and `tap=` (or one twice).
-    #[error("net {0:?}: give one of fd=N or tap=NAME, once")]
-    TwoTaps(String),
-    /// No `mac=`.
-    #[error("net {0:?}: missing mac=MAC")]
-    NoMac(String),
-    /// Two devices with one MAC or one fd.
-    #[error("net: {0} is used by more than one device")]
-    Duplicate(String),
+    /// The device's configuration (MAC, MTU, tap source).
+    #[error(transparent)]
+    Config(#[from] NetConfigError),
     /// The inherited fd is not open.
     #[error("net fd {fd} is not open")]
     FdNotOpen { fd: RawFd },

@@ -8,11 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tracing::debug;
 
 use super::defs::{MAX_IFNAME_LEN, VNET_HDR_LEN};
-use super::{NetBackend, NetError, Offloads, TapSource, TxFrame};
-
-/// The flags a tap must have: Ethernet frames, no packet-info prefix, a
-/// virtio-net header.
-const REQUIRED_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+use super::{NetBackend, NetConfigError, NetError, Offloads, TapSource, TxFrame};
+use carapace_vmm_config::tap;
 
 /// An open tap, non-blocking, with a 12-byte virtio-net header and every
 /// offload off.
@@ -35,30 +32,14 @@ impl Tap {
     /// attaches to it if it exists (a persistent tap with the same flags).
     pub fn open_named(name: &str) -> Result<Self, NetError> {
         if name.is_empty() {
-            return Err(NetError::EmptyTapName);
+            return Err(NetConfigError::EmptyTapName.into());
         }
         if name.len() > MAX_IFNAME_LEN || name.as_bytes().contains(&0) {
-            return Err(NetError::BadTapName(name.to_string()));
+            return Err(NetConfigError::BadTapName(name.to_string()).into());
         }
-        // SAFETY: the path is a NUL-terminated literal; the flags are valid.
-        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(NetError::OpenTun(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` was just opened and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = ifreq_named(name);
-        // REQUIRED_FLAGS fits a c_short (0x5002).
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            req.ifr_ifru.ifru_flags = REQUIRED_FLAGS as libc::c_short;
-        }
-        // SAFETY: `req` is a valid ifreq that outlives the call; TUNSETIFF
-        // reads it and writes the final name back into it.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-            return Err(NetError::CreateTap { name: name.to_string(), source: io::Error::last_os_error() });
-        }
-        let tap = Tap { fd, name: ifreq_name(&req) };
+        let fd = tap::open_tun().map_err(NetError::OpenTun)?;
+        let name = tap::attach(&fd, name).map_err(|source| NetError::CreateTap { name: name.to_string(), source })?;
+        let tap = Tap { fd, name };
         tap.configure()?;
         debug!(tap = %tap.name, "net: tap opened by name");
         Ok(tap)
@@ -68,7 +49,7 @@ impl Tap {
     /// we need and works on a duplicate (the caller keeps `fd`).
     pub fn from_fd(fd: RawFd) -> Result<Self, NetError> {
         if fd < 0 {
-            return Err(NetError::BadFd(fd));
+            return Err(NetConfigError::BadFd(fd).into());
         }
         // SAFETY: F_DUPFD_CLOEXEC takes an integer argument; on an invalid
         // fd it fails with EBADF and touches nothing.
@@ -92,7 +73,7 @@ impl Tap {
         }
         // SAFETY: TUNGETIFF filled the flags member of the union.
         let flags = libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags }) & 0xffff;
-        let name = ifreq_name(&req);
+        let name = tap::ifreq_name(&req);
         if flags & libc::IFF_TAP == 0 {
             return Err(NetError::NotATap { fd, reason: format!("{name} is a tun (IP) device, not a tap") });
         }
@@ -205,22 +186,4 @@ pub(crate) fn writev_fd(fd: RawFd, iovecs: &[libc::iovec]) -> io::Result<usize> 
             return Err(e);
         }
     }
-}
-
-fn ifreq_named(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data; all zeros is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, &src) in req.ifr_name.iter_mut().zip(name.as_bytes().iter().take(MAX_IFNAME_LEN)) {
-        #[allow(clippy::cast_possible_wrap)]
-        {
-            *dst = src as libc::c_char;
-        }
-    }
-    req
-}
-
-fn ifreq_name(req: &libc::ifreq) -> String {
-    #[allow(clippy::cast_sign_loss)]
-    let bytes: Vec<u8> = req.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
 }
