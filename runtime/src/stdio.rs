@@ -21,7 +21,7 @@ use nix::sys::termios::{self, SetArg, Termios};
 /// Errors setting up stdio.
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Listen { path: PathBuf, source: std::io::Error },
     #[error("no free stdio port near {0}")]
     NoPort(u32),
@@ -29,7 +29,7 @@ pub enum StdioError {
     Dup(std::io::Error),
     #[error("cannot open a pty: {0}")]
     Pty(nix::Error),
-    #[error("--console-socket {path}: {source}")]
+    #[error("--console-socket {path}")]
     ConsoleSocket { path: PathBuf, source: std::io::Error },
     #[error("terminal settings: {0}")]
     Termios(nix::Error),

@@ -24,7 +24,7 @@ use carapace_protocol::agent::StdioStreams;
 /// Errors setting up stdio.
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Listen { path: PathBuf, source: std::io::Error },
     #[error("no free vsock port for stdio next to {0}")]
     NoPort(PathBuf),

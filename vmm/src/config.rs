@@ -124,19 +124,19 @@ pub enum ConfigError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Net(#[from] NetError),
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     ReadFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
+    #[error("invalid config file {path}")]
     Parse {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("kernel {path}: {source}")]
+    #[error("kernel {path}")]
     KernelUnreadable {
         path: PathBuf,
         #[source]
@@ -144,7 +144,7 @@ pub enum ConfigError {
     },
     #[error("kernel {path} is not an x86_64 ELF vmlinux: {reason}")]
     KernelNotElf { path: PathBuf, reason: &'static str },
-    #[error("initramfs {path}: {source}")]
+    #[error("initramfs {path}")]
     InitramfsUnreadable {
         path: PathBuf,
         #[source]
