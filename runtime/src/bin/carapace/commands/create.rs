@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use carapace_runtime::container::{CreateOptions, Runtime};
 
+// `run` flattens these beside its own `Args`: the group clap derives for
+// a struct is named after it, and two groups named `Args` collide.
 #[derive(Debug, clap::Args)]
+#[group(id = "CreateArgs")]
 pub struct Args {
     /// The bundle directory (config.json and the rootfs).
     #[arg(short, long, default_value = ".")]
