@@ -332,7 +332,7 @@ fn record_stopped(rt: &Runtime, id: &str, result: &Result<agent::WaitProcessResp
                 if let Ok(mut record) = rt.store.load(id) {
                     mark_stopped(&mut record, result);
                     if let Err(e) = rt.store.save(&record) {
-                        tracing::warn!(error = %e, "cannot record the exit");
+                        tracing::warn!(error = %Chain(&e), "cannot record the exit");
                     }
                 }
                 return;

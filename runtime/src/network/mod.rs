@@ -146,7 +146,7 @@ impl PodNetwork {
             Err(e) => Err(NetworkError::Netlink { path: self.netns.clone(), step: "opening a netlink socket".into(), source: e }),
         });
         if let Err(e) = done {
-            tracing::debug!(error = %e, "pod network not detached");
+            tracing::debug!(error = %crate::error::Chain(&e), "pod network not detached");
         }
         self.endpoints.clear();
     }

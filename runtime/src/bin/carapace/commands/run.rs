@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use carapace_runtime::container::Runtime;
+use carapace_runtime::error::Chain;
 
 use super::{code, create};
 
@@ -49,7 +50,7 @@ fn forward_signals(rt: Runtime, id: String) {
     std::thread::spawn(move || {
         while let Ok(sig) = set.wait() {
             if let Err(e) = rt.kill(&id, sig as i32, false) {
-                tracing::warn!(error = %e, "forwarding {sig}");
+                tracing::warn!(error = %Chain(&e), "forwarding {sig}");
             }
         }
     });
