@@ -26,6 +26,14 @@ install_packages() {
         log "adding the rust target x86_64-unknown-linux-musl"
         rustup target add x86_64-unknown-linux-musl >&2
     fi
+    # scripts/test.sh checks formatting and lints before it tests.
+    local c
+    for c in rustfmt clippy; do
+        if ! rustup component list --installed | grep -q "^$c-"; then
+            log "adding the rust component $c"
+            rustup component add "$c" >&2
+        fi
+    done
 }
 
 build_all() {

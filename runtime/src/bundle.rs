@@ -12,7 +12,7 @@ pub enum BundleError {
     NotADirectory(PathBuf),
     #[error("{0}: config.json not found")]
     MissingConfig(PathBuf),
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: invalid config.json: {msg}")]
     Parse { path: PathBuf, msg: String },

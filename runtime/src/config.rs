@@ -78,7 +78,7 @@ impl std::fmt::Display for Origin {
 pub enum ConfigError {
     #[error("config file {path} (named by {origin}) does not exist")]
     Missing { path: PathBuf, origin: Origin },
-    #[error("config file {path}: {source}")]
+    #[error("config file {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {location}{message}")]
     Parse { path: PathBuf, location: String, message: String },

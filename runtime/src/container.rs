@@ -39,18 +39,41 @@ pub enum ContainerError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("{0}")]
     WrongState(String),
-    #[error("cannot reach the agent of container {id}: {err}")]
-    Connect { id: String, err: carapace_protocol::client::ClientError },
+    #[error("cannot reach the agent of container {id}")]
+    Connect {
+        id: String,
+        #[source]
+        source: carapace_protocol::client::ClientError,
+    },
     #[error("{call}: {message}")]
     Agent { call: &'static str, message: String },
-    #[error("cannot start the sandbox monitor: {0}")]
-    Spawn(std::io::Error),
+    #[error("cannot start the sandbox monitor")]
+    Spawn(#[source] std::io::Error),
+    /// A helper's report of its failure (its chain flattened: it crossed a pipe).
     #[error("{0}")]
     Create(String),
-    #[error("{path}: {err}")]
-    Io { path: PathBuf, err: std::io::Error },
-    #[error("--process {path}: {msg}")]
-    ProcessJson { path: PathBuf, msg: String },
+    #[error("the sandbox monitor exited before the container was created")]
+    NoReport,
+    #[error("reading the monitor's report")]
+    ReadReport(#[source] std::io::Error),
+    #[error("bad report from the monitor")]
+    BadReport(#[source] serde_json::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot encode the process")]
+    EncodeProcess(#[source] serde_json::Error),
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--process {path}")]
+    ProcessJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, ContainerError>;
@@ -157,7 +180,7 @@ impl Runtime {
     pub fn agent(&self, record: &ContainerRecord) -> Result<AgentClient> {
         let uds = Vm::vsock_path(&self.store.dir(&record.id)?);
         let conn = carapace_protocol::client::connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(10))
-            .map_err(|err| ContainerError::Connect { id: record.id.clone(), err })?;
+            .map_err(|source| ContainerError::Connect { id: record.id.clone(), source })?;
         Ok(AgentClient::new(conn))
     }
 
@@ -229,11 +252,10 @@ impl Runtime {
                 // The monitor tears its VM down before it exits.
                 let _ = child.wait();
                 let _ = std::fs::remove_dir_all(&dir);
-                let msg = match other {
-                    Ok(r) => r.error.unwrap_or_default(),
-                    Err(e) => e.to_string(),
-                };
-                return Err(ContainerError::Create(msg));
+                return Err(match other {
+                    Ok(r) => ContainerError::Create(r.error.unwrap_or_default()),
+                    Err(e) => e,
+                });
             }
         };
         // One host pid for the container, as runc has: the monitor's, which
@@ -415,9 +437,8 @@ impl Runtime {
         let record = self.state(id)?;
         let mut p = match from_file {
             Some(path) => {
-                let text = std::fs::read(path).map_err(|err| ContainerError::Io { path: path.into(), err })?;
-                serde_json::from_slice::<Process>(&text)
-                    .map_err(|e| ContainerError::ProcessJson { path: path.into(), msg: e.to_string() })?
+                let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.into(), source })?;
+                serde_json::from_slice::<Process>(&text).map_err(|source| ContainerError::ProcessJson { path: path.into(), source })?
             }
             None => {
                 let bundle = Bundle::load(&record.bundle)?;
@@ -468,19 +489,52 @@ pub struct ExecOverrides {
 /// Reads a helper's one-line report; EOF without one means it died.
 pub fn read_ready(read: OwnedFd) -> std::result::Result<Ready, ContainerError> {
     let mut text = String::new();
-    std::io::BufReader::new(File::from(read))
-        .read_line(&mut text)
-        .map_err(|e| ContainerError::Create(format!("reading the monitor's report: {e}")))?;
+    std::io::BufReader::new(File::from(read)).read_line(&mut text).map_err(ContainerError::ReadReport)?;
     if text.trim().is_empty() {
-        return Err(ContainerError::Create("the sandbox monitor exited before the container was created".into()));
+        return Err(ContainerError::NoReport);
     }
-    serde_json::from_str(text.trim()).map_err(|e| ContainerError::Create(format!("bad report from the monitor: {e}")))
+    serde_json::from_str(text.trim()).map_err(ContainerError::BadReport)
 }
 
 /// Writes a pid file atomically, as runc does.
 pub fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
     let tmp = path.with_extension("carapace-tmp");
-    let io = |err| ContainerError::Io { path: path.to_path_buf(), err };
+    let io = |source| ContainerError::Io { path: path.to_path_buf(), source };
     std::fs::write(&tmp, pid.to_string()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Chain;
+
+    /// The OS's words for ENOENT, which every chain below ends with.
+    fn enoent() -> String {
+        std::io::Error::from_raw_os_error(libc::ENOENT).to_string()
+    }
+
+    #[test]
+    fn a_cause_is_printed_once_by_anyhow_and_by_chain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("missing").join("pid");
+        let e = write_pid_file(&pid_file, 1).expect_err("no such directory");
+        assert_eq!(Chain(&e).to_string(), format!("{}: {}", pid_file.display(), enoent()));
+        let line = format!("{:#}", anyhow::Error::from(e).context("exec"));
+        assert_eq!(line, format!("exec: {}: {}", pid_file.display(), enoent()));
+    }
+
+    #[test]
+    fn a_wrapped_library_error_keeps_one_copy_of_its_cause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uds = dir.path().join("gone").join("vsock.sock");
+        let port = std::path::PathBuf::from(format!("{}_1", uds.display()));
+        let listen = std::os::unix::net::UnixListener::bind(&port).expect_err("no directory");
+        let relay = crate::relay::RelayError::Listen { path: port, err: listen };
+        let e = ContainerError::from(stdio::StdioError::from(relay));
+        let line = format!("{:#}", anyhow::Error::from(e));
+        assert!(line.starts_with(&format!("cannot listen on {}_", uds.display())), "{line}");
+        assert_eq!(line.matches(&enoent()).count(), 1, "{line}");
+        assert!(line.ends_with(&enoent()), "{line}");
+    }
 }

@@ -77,7 +77,7 @@ pub fn check_host() -> Vec<CheckItem> {
             c
         }
         Err(e) => {
-            items.push(item(false, "config", e.to_string()));
+            items.push(item(false, "config", crate::error::Chain(&e).to_string()));
             Config::default()
         }
     };

@@ -20,7 +20,7 @@ use crate::vm::{NetDevice, Vm, VmError, VmOptions};
 pub enum LaunchError {
     #[error(transparent)]
     Assets(#[from] AssetError),
-    #[error("sandbox VM: {0}")]
+    #[error("sandbox VM")]
     Vm(#[from] VmError),
     #[error("cannot start the VM owner thread: {0}")]
     Thread(std::io::Error),

@@ -1,7 +1,7 @@
 //! Host side of Carapace, and the sandbox core both front ends share.
 //!
 //! Layers, each importing only from those above it:
-//! 1. pure data: [`annotations`], [`id`], [`state`], [`bundle`], [`hooks`],
+//! 1. pure data: [`error`], [`annotations`], [`id`], [`state`], [`bundle`], [`hooks`],
 //!    [`spec`], [`proc`];
 //! 2. host resources: [`config`], [`assets`], [`host`], [`vm`], [`network`],
 //!    [`share`], [`relay`] (the one stdio relay both front ends use),
@@ -17,6 +17,7 @@ pub mod assets;
 pub mod bundle;
 pub mod config;
 pub mod container;
+pub mod error;
 pub mod guest;
 pub mod hooks;
 pub mod host;

@@ -25,6 +25,7 @@ use oci_spec::runtime::Process;
 use crate::bundle::Bundle;
 use crate::config;
 use crate::container::{agent_error, ContainerError, Ready, Runtime};
+use crate::error::Chain;
 use crate::guest::{AgentGuest, Guest};
 use crate::launcher::MicroVmLauncher;
 use crate::proc;
@@ -207,14 +208,14 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
     let (tx, rx) = channel();
     signal_events(tx.clone());
     if let Err(e) = share::private_mount_namespace() {
-        report(&mut ready, &failed(&e.to_string()));
+        report(&mut ready, &failed(&e));
         return 1;
     }
     let started = match boot_and_create(rt, id, bundle_dir, console_socket) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "create failed");
-            report(&mut ready, &failed(&e.to_string()));
+            tracing::error!(error = %Chain(&e), "create failed");
+            report(&mut ready, &failed(&e));
             return 1;
         }
     };
@@ -241,8 +242,9 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
     code
 }
 
-fn failed(msg: &str) -> Ready {
-    Ready { vmm_pid: 0, vmm_start_time: 0, guest_pid: 0, error: Some(msg.to_string()) }
+/// The report of a failure: the error and its causes, as one line.
+fn failed(e: &(dyn std::error::Error + 'static)) -> Ready {
+    Ready { vmm_pid: 0, vmm_start_time: 0, guest_pid: 0, error: Some(Chain(e).to_string()) }
 }
 
 struct Started {
@@ -256,7 +258,7 @@ struct Started {
 /// the container with its stdio.
 fn boot_and_create(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Option<&Path>) -> Result<Started, ContainerError> {
     let bundle = Bundle::load(bundle_dir)?;
-    let config = config::load(None).map_err(|e| ContainerError::Create(e.to_string()))?;
+    let config = config::load(None)?;
     let dir = rt.store.dir(id)?;
     let spec = SandboxSpec { id, dir: &dir, spec: &bundle.spec, bundle_dir: &bundle.dir, config: &config };
     let sandbox = Sandbox::boot(&MicroVmLauncher, spec)?;
@@ -330,7 +332,7 @@ fn record_stopped(rt: &Runtime, id: &str, result: &Result<agent::WaitProcessResp
                 if let Ok(mut record) = rt.store.load(id) {
                     mark_stopped(&mut record, result);
                     if let Err(e) = rt.store.save(&record) {
-                        tracing::warn!(error = %e, "cannot record the exit");
+                        tracing::warn!(error = %Chain(&e), "cannot record the exit");
                     }
                 }
                 return;
@@ -388,7 +390,7 @@ pub fn exec(rt: &Runtime, req: ExecRequest<'_>, ready_fd: Option<i32>) -> Result
         let mut call = agent::ExecProcessRequest::new();
         call.container_id = req.id.into();
         call.exec_id = exec_id.clone();
-        call.process_json = serde_json::to_vec(&req.process).map_err(|e| ContainerError::Create(e.to_string()))?;
+        call.process_json = serde_json::to_vec(&req.process).map_err(ContainerError::EncodeProcess)?;
         call.terminal = terminal;
         call.stdio = Some(pending.streams()).into();
         let session = pending.start(&guest, req.id, &exec_id);
@@ -398,7 +400,7 @@ pub fn exec(rt: &Runtime, req: ExecRequest<'_>, ready_fd: Option<i32>) -> Result
     let (guest, exec_id, session, pid) = match started {
         Ok(s) => s,
         Err(e) => {
-            report(&mut ready, &failed(&e.to_string()));
+            report(&mut ready, &failed(&e));
             return Err(e);
         }
     };
@@ -423,8 +425,8 @@ fn nanos_now() -> u128 {
 pub fn spawn_detached_exec(rt: &Runtime, id: &str, process: &Process, console_socket: Option<&Path>) -> Result<u32, ContainerError> {
     let dir = rt.store.dir(id)?;
     let file = dir.join(format!("exec-{}.json", std::process::id()));
-    let io = |err| ContainerError::Io { path: file.clone(), err };
-    std::fs::write(&file, serde_json::to_vec(process).map_err(|e| ContainerError::Create(e.to_string()))?).map_err(io)?;
+    let io = |source| ContainerError::Io { path: file.clone(), source };
+    std::fs::write(&file, serde_json::to_vec(process).map_err(ContainerError::EncodeProcess)?).map_err(io)?;
     let mut args: Vec<std::ffi::OsString> = vec!["--process-file".into(), file.clone().into()];
     if let Some(s) = console_socket {
         args.extend(["--console-socket".into(), s.into()]);
@@ -449,7 +451,7 @@ pub fn spawn_detached_exec(rt: &Runtime, id: &str, process: &Process, console_so
 
 /// Reads and removes the process file of `_exec`.
 pub fn read_process_file(path: &Path) -> Result<Process, ContainerError> {
-    let text = std::fs::read(path).map_err(|err| ContainerError::Io { path: path.to_path_buf(), err })?;
+    let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.to_path_buf(), source })?;
     let _ = std::fs::remove_file(path);
-    serde_json::from_slice(&text).map_err(|e| ContainerError::ProcessJson { path: path.to_path_buf(), msg: e.to_string() })
+    serde_json::from_slice(&text).map_err(|source| ContainerError::ProcessJson { path: path.to_path_buf(), source })
 }

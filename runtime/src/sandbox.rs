@@ -36,9 +36,9 @@ mod tests;
 /// Why a sandbox or a container in it could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox share: {0}")]
+    #[error("sandbox share")]
     Share(#[from] ShareError),
-    #[error("pod network: {0}")]
+    #[error("pod network")]
     Network(#[from] NetworkError),
     #[error(transparent)]
     Launch(#[from] LaunchError),

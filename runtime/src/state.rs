@@ -103,7 +103,7 @@ pub enum StateError {
     NotFound(String),
     #[error("container with id {0} already exists")]
     Exists(String),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: corrupt state: {msg}")]
     Corrupt { path: PathBuf, msg: String },

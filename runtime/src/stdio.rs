@@ -25,7 +25,7 @@ pub enum StdioError {
     Dup(std::io::Error),
     #[error("cannot open a pty: {0}")]
     Pty(nix::Error),
-    #[error("--console-socket {path}: {source}")]
+    #[error("--console-socket {path}")]
     ConsoleSocket { path: PathBuf, source: std::io::Error },
     #[error("terminal settings: {0}")]
     Termios(nix::Error),

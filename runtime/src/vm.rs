@@ -34,14 +34,14 @@ pub const GUEST_CID: u64 = 3;
 /// Errors starting or talking to a sandbox VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot write the VMM config {path}: {source}")]
+    #[error("cannot write the VMM config {path}")]
     Config { path: PathBuf, source: std::io::Error },
-    #[error("cannot start {vmm}: {source}")]
+    #[error("cannot start {vmm}")]
     Spawn { vmm: PathBuf, source: std::io::Error },
     #[error("the VMM exited ({status}) before its agent answered; VMM log: {log}; console tail:\n{console}")]
     EarlyExit { status: ExitStatus, log: String, console: String },
-    #[error("the agent did not answer within {waited:?}: {source}; console tail:\n{console}")]
-    AgentTimeout { waited: Duration, source: ClientError, console: String },
+    #[error("the agent did not answer within {waited:?}: {err}; console tail:\n{console}")]
+    AgentTimeout { waited: Duration, err: ClientError, console: String },
     #[error("waiting for the VMM")]
     Wait(#[source] std::io::Error),
     #[error("the VMM did not write its snapshot ({outcome}); VMM log:\n{log}")]
@@ -241,7 +241,7 @@ impl Vm {
                 Err(source) if start.elapsed() >= timeout => {
                     return Err(VmError::AgentTimeout {
                         waited: start.elapsed(),
-                        source,
+                        err: source,
                         console: tail(&Self::console_path(&self.dir), 2000),
                     })
                 }

@@ -50,13 +50,13 @@ const MAX_INPUT: u64 = 10 << 20;
 /// Why an action failed (printed by the binary; containerd logs it).
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("{0}")]
+    #[error(transparent)]
     Shim(#[from] containerd_shim::Error),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
-    #[error("ttrpc server: {0}")]
+    #[error("ttrpc server")]
     Ttrpc(#[from] ttrpc::Error),
-    #[error("protobuf: {0}")]
+    #[error("protobuf")]
     Protobuf(#[from] containerd_shim::protos::protobuf::Error),
     #[error(transparent)]
     Share(#[from] carapace_runtime::share::ShareError),
@@ -64,7 +64,7 @@ pub enum BootstrapError {
     NoTtrpcAddress,
     /// An id, namespace or sandbox id that could name a path outside the
     /// state root (containerd never sends one; a caller of the binary might).
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     BadId { what: &'static str, source: carapace_runtime::id::IdError },
 }
 
@@ -306,6 +306,7 @@ pub fn info() -> Result<(), BootstrapError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use carapace_runtime::error::Chain;
 
     #[test]
     fn both_task_api_names_are_served() {
@@ -330,11 +331,11 @@ mod tests {
             ("a/b", "c1", "c1", "-namespace: invalid container id"),
             ("default", "..", "..", "-id: invalid container id \"..\": it must not be"),
         ] {
-            let e = check_ids(ns, id, sb).expect_err(id).to_string();
+            let e = Chain(&check_ids(ns, id, sb).expect_err(id)).to_string();
             assert!(e.contains(want), "{e}");
         }
         let long = "x".repeat(1025);
-        assert!(check_ids("default", &long, &long).expect_err("long").to_string().contains("1025 bytes"));
+        assert!(Chain(&check_ids("default", &long, &long).expect_err("long")).to_string().contains("1025 bytes"));
     }
 
     #[test]

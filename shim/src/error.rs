@@ -3,6 +3,7 @@
 
 use carapace_runtime::bundle::BundleError;
 use carapace_runtime::config::ConfigError;
+use carapace_runtime::error::Chain;
 use carapace_runtime::hooks::HookError;
 use carapace_runtime::launcher::LaunchError;
 use carapace_runtime::network::NetworkError;
@@ -35,9 +36,9 @@ pub enum ShimError {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("sandbox share: {0}")]
+    #[error("sandbox share")]
     Share(#[from] ShareError),
-    #[error("pod network: {0}")]
+    #[error("pod network")]
     Network(#[from] NetworkError),
     #[error(transparent)]
     Hook(#[from] HookError),
@@ -82,14 +83,15 @@ impl From<SandboxError> for ShimError {
             SandboxError::Launch(e) => Self::Launch(e),
             SandboxError::Hook(e) => Self::Hook(e),
             SandboxError::Agent { call, code, message } => Self::Agent { call, code, message },
-            other @ (SandboxError::Io { .. } | SandboxError::Encode(_)) => Self::Internal(other.to_string()),
+            other @ (SandboxError::Io { .. } | SandboxError::Encode(_)) => Self::Internal(Chain(&other).to_string()),
         }
     }
 }
 
 impl From<ShimError> for ttrpc::Error {
     fn from(e: ShimError) -> Self {
-        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+        // containerd shows the status message alone: it carries the causes.
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), Chain(&e).to_string()))
     }
 }
 
@@ -114,6 +116,21 @@ mod tests {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), ttrpc::Code::ALREADY_EXISTS);
                 assert_eq!(s.message, "container c1 exists");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_status_carries_each_cause_once() {
+        let path = std::path::PathBuf::from("/var/run/netns/gone");
+        let cause = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let want = format!("pod network: network namespace /var/run/netns/gone: {cause}");
+        let e: ttrpc::Error = ShimError::from(NetworkError::Namespace { path, source: cause }).into();
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT);
+                assert_eq!(s.message, want);
             }
             other => panic!("{other:?}"),
         }

@@ -15,7 +15,7 @@ use nix::mount::{mount, MsFlags};
 pub enum RootfsError {
     #[error("rootfs mount {index} ({typ} {source_path} on {target}): {errno}")]
     Mount { index: usize, typ: String, source_path: String, target: PathBuf, errno: nix::Error },
-    #[error("rootfs: cannot create {path}: {source}")]
+    #[error("rootfs: cannot create {path}")]
     Create { path: PathBuf, source: std::io::Error },
     #[error("rootfs mount {index}: options too long ({len} bytes)")]
     OptionsTooLong { index: usize, len: usize },

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use carapace_protocol::agent;
 use carapace_runtime::bundle::Bundle;
+use carapace_runtime::error::Chain;
 use carapace_runtime::hooks;
 use carapace_runtime::launcher::Launcher;
 use carapace_runtime::pod;
@@ -706,7 +707,7 @@ impl Inner {
 /// Logs a failed call and turns it into a ttrpc status.
 fn answer<T>(call: &'static str, r: Result<T, ShimError>) -> ttrpc::Result<T> {
     r.map_err(|e| {
-        tracing::warn!(call, error = %e, "call failed");
+        tracing::warn!(call, error = %Chain(&e), "call failed");
         e.into()
     })
 }

@@ -317,7 +317,21 @@ fn ctr_run_starts_sandboxes_from_a_vm_template() {
             &c,
             tmp.path(),
             id,
-            &["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", &config_arg, "--snapshotter", "native", IMAGE, id, "sh", "-c", "echo up; exit 5"],
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--runtime-config-path",
+                &config_arg,
+                "--snapshotter",
+                "native",
+                IMAGE,
+                id,
+                "sh",
+                "-c",
+                "echo up; exit 5",
+            ],
         );
         assert_eq!(code, Some(5), "{id}: {out}{err}\n{}", c.log_tail());
         assert!(out.contains("up"), "{id}: {out}");

@@ -25,6 +25,7 @@ pub mod cmdline;
 pub mod config;
 pub mod debug;
 pub mod devices;
+pub mod error;
 pub mod exit;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

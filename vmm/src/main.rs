@@ -21,6 +21,7 @@ use anyhow::Context;
 use carapace_vmm::cmdline::HostKind;
 use carapace_vmm::devices::virtio::fs::FsConfig;
 use carapace_vmm::devices::virtio::net::NetConfig;
+use carapace_vmm::error::one_line;
 use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use carapace_vmm::seccomp::{self, Filters, SeccompLevel, ThreadKind};
 use carapace_vmm::{SerialOutput, VmConfig, VmExit, Vmm, VsockConfig};
@@ -173,7 +174,7 @@ fn spawn_signal_thread(exit: carapace_vmm::ExitSender, filters: Option<Arc<Filte
         .spawn(move || {
             if let Some(f) = filters {
                 if let Err(e) = f.apply(ThreadKind::Vmm) {
-                    eprintln!("carapace-vmm: error: {e}");
+                    eprintln!("carapace-vmm: error: {}", one_line(&e));
                     std::process::abort();
                 }
             }
@@ -197,21 +198,6 @@ fn spawn_signal_thread(exit: carapace_vmm::ExitSender, filters: Option<Arc<Filte
         })
         .context("cannot start the signal thread")?;
     Ok(())
-}
-
-/// The message of an error and its causes, skipping causes already quoted.
-fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let m = s.to_string();
-        if !line.contains(&m) {
-            line.push_str(": ");
-            line.push_str(&m);
-        }
-        cur = s.source();
-    }
-    line
 }
 
 fn run(config: VmConfig, filters: Option<Arc<Filters>>) -> anyhow::Result<i32> {

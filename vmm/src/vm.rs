@@ -29,6 +29,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::error::one_line;
 use crate::exit::{ExitSender, VmEvent, VmExit};
 use crate::seccomp::{self, Filters, SeccompError, ThreadKind};
 use crate::snapshot::{self, DeviceShape, KvmVmState, Shape, SnapshotError, TransportState, VmState};
@@ -52,9 +53,9 @@ pub enum VmmError {
     Serial(#[from] SerialError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
-    #[error("cannot open /dev/kvm: {0}")]
+    #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("KVM: {what}: {source}")]
+    #[error("KVM: {what}")]
     Kvm {
         what: &'static str,
         #[source]
@@ -64,7 +65,7 @@ pub enum VmmError {
     MissingCap(&'static str),
     #[error("vcpus {want}: this host's KVM allows at most {max}")]
     TooManyVcpus { want: u8, max: usize },
-    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    #[error("cannot allocate {mib} MiB of guest memory")]
     Memory {
         mib: u32,
         #[source]
@@ -78,17 +79,17 @@ pub enum VmmError {
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
     Cmdline(#[from] CmdlineError),
-    #[error("device bus: {0}")]
+    #[error("device bus")]
     Bus(#[from] BusError),
     #[error("too many virtio devices (no MMIO slot/GSI left)")]
     TooManyDevices,
-    #[error("cannot create an eventfd: {0}")]
+    #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
-    #[error("cannot start vCPU thread {cpu}: {source}")]
+    #[error("cannot start vCPU thread {cpu}")]
     SpawnVcpu {
         cpu: u8,
         #[source]
@@ -559,7 +560,7 @@ impl Vmm {
                 match confined {
                     Ok(()) => Some(vcpu.run()),
                     Err(e) => {
-                        exit.send(VmExit::VmmError { cpu: id, reason: e.to_string() });
+                        exit.send(VmExit::VmmError { cpu: id, reason: one_line(&e) });
                         None
                     }
                 }
@@ -579,7 +580,7 @@ impl Vmm {
         let confined = filters.as_ref().map_or(Ok(()), |f| f.apply(ThreadKind::Vmm));
         if let Err(e) = &confined {
             // The vCPUs see `stop` before their first KVM_RUN.
-            error!("{e}");
+            error!("{}", one_line(e));
             stop.store(true, Ordering::SeqCst);
         }
         go.open();
@@ -619,7 +620,7 @@ impl Vmm {
                 let fds = stop_vcpus(&stop, threads);
                 match self.take_snapshot(dir, fds) {
                     Ok(_) => VmExit::Snapshotted(dir.clone()),
-                    Err(e) => VmExit::SnapshotFailed(e.to_string()),
+                    Err(e) => VmExit::SnapshotFailed(one_line(&e)),
                 }
             }
             (None, None) => VmExit::VmmError { cpu: 0, reason: "snapshot without a directory".into() },

@@ -36,9 +36,9 @@ const TAP_PREFIX: &str = "cptap";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("network namespace {}: {source}", path.display())]
+    #[error("network namespace {}", path.display())]
     Namespace { path: PathBuf, source: std::io::Error },
-    #[error("network namespace {}: {step}: {source}", path.display())]
+    #[error("network namespace {}: {step}", path.display())]
     Netlink { path: PathBuf, step: String, source: std::io::Error },
     #[error("network namespace {}: the worker thread panicked", path.display())]
     Thread { path: PathBuf },
@@ -197,7 +197,7 @@ impl PodNetwork {
             Err(e) => Err(NetworkError::Netlink { path: self.netns.clone(), step: "opening a netlink socket".into(), source: e }),
         });
         if let Err(e) = done {
-            tracing::debug!(error = %e, "pod network not detached");
+            tracing::debug!(error = %crate::error::Chain(&e), "pod network not detached");
         }
         self.endpoints.clear();
     }

@@ -33,13 +33,13 @@ const CMDLINE_PTR: u32 = CMDLINE_ADDR as u32;
 /// Errors loading the guest's kernel, initramfs, command line or zero page.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     OpenKernel {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     LoadKernel {
         path: PathBuf,
         #[source]
@@ -47,7 +47,7 @@ pub enum LoadError {
     },
     #[error("kernel {path} ends at {end:#x}, beyond guest RAM ({ram:#x}); give the VM more memory")]
     KernelTooBig { path: PathBuf, end: u64, ram: u64 },
-    #[error("cannot open initramfs {path}: {source}")]
+    #[error("cannot open initramfs {path}")]
     OpenInitramfs {
         path: PathBuf,
         #[source]
@@ -55,7 +55,7 @@ pub enum LoadError {
     },
     #[error("initramfs {path} ({size} bytes) does not fit in guest RAM above the kernel; give the VM more memory")]
     InitramfsTooBig { path: PathBuf, size: u64 },
-    #[error("cannot read initramfs {path} into guest memory: {source}")]
+    #[error("cannot read initramfs {path} into guest memory")]
     ReadInitramfs {
         path: PathBuf,
         #[source]

@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryError;
 /// Errors writing the boot-time tables into guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("cannot write the {what} at {addr:#x} into guest memory: {source}")]
+    #[error("cannot write the {what} at {addr:#x} into guest memory")]
     Write {
         what: &'static str,
         addr: u64,

@@ -38,7 +38,7 @@ pub const APIC_MODE_EXTINT: u32 = 0x7;
 /// Errors configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
-    #[error("vCPU {cpu}: {what}: {source}")]
+    #[error("vCPU {cpu}: {what}")]
     Kvm {
         cpu: u8,
         what: &'static str,

@@ -114,21 +114,21 @@ pub enum SeccompLevel {
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     /// A filter could not be built (a bug in the allow-lists).
-    #[error("cannot build the seccomp filter for {kind} threads: {source}")]
+    #[error("cannot build the seccomp filter for {kind} threads")]
     Build {
         kind: ThreadKind,
         #[source]
         source: seccompiler::BackendError,
     },
     /// The kernel refused a filter.
-    #[error("cannot install the seccomp filter for {kind} threads: {source}")]
+    #[error("cannot install the seccomp filter for {kind} threads")]
     Install {
         kind: ThreadKind,
         #[source]
         source: seccompiler::Error,
     },
     /// The thread that starts device threads could not be started.
-    #[error("cannot start the spawner thread: {0}")]
+    #[error("cannot start the spawner thread")]
     Spawner(#[source] std::io::Error),
 }
 

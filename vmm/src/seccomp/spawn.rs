@@ -72,7 +72,7 @@ where
     let body = move || {
         if let Err(e) = filters.apply(kind) {
             // Never run device code unconfined once confinement was asked for.
-            error!("{e}");
+            error!("{}", crate::error::one_line(&e));
             std::process::abort();
         }
         f()

@@ -47,7 +47,7 @@ const PAGE_SIZE: usize = 4096;
 /// Why a snapshot could not be taken or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("snapshot {what} {path}: {source}")]
+    #[error("snapshot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -64,13 +64,13 @@ pub enum SnapshotError {
     WrongVersion { path: PathBuf, found: u32, expected: u32 },
     #[error("snapshot state {path} is corrupted: checksum {computed:#010x}, the file says {stored:#010x}")]
     Checksum { path: PathBuf, stored: u32, computed: u32 },
-    #[error("snapshot state {path} cannot be decoded: {source}")]
+    #[error("snapshot state {path} cannot be decoded")]
     Decode {
         path: PathBuf,
         #[source]
         source: bincode::error::DecodeError,
     },
-    #[error("cannot encode the snapshot state: {0}")]
+    #[error("cannot encode the snapshot state")]
     Encode(#[source] bincode::error::EncodeError),
     #[error("snapshot does not match the config: {what}: the snapshot has {snapshot}, the config {config}")]
     ShapeMismatch { what: String, snapshot: String, config: String },
@@ -78,7 +78,7 @@ pub enum SnapshotError {
     MemorySize { path: PathBuf, len: u64, expected: u64, mem_mib: u32 },
     #[error("cannot map snapshot memory {path}: {reason}")]
     MapMemory { path: PathBuf, reason: String },
-    #[error("KVM: {what}: {source}")]
+    #[error("KVM: {what}")]
     Kvm {
         what: &'static str,
         #[source]

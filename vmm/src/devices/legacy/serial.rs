@@ -16,7 +16,7 @@ use crate::devices::bus::BusDevice;
 /// Errors setting up the console.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
-    #[error("cannot open serial output file {path}: {source}")]
+    #[error("cannot open serial output file {path}")]
     Open {
         path: PathBuf,
         #[source]

@@ -29,10 +29,18 @@ pub enum ActivateError {
     QueueCount { expected: usize, got: usize },
     /// A host resource (thread, socket, epoll) could not be set up.
     #[error("cannot activate device: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The device cannot work with what the driver negotiated.
     #[error("invalid driver configuration: {0}")]
     BadConfig(String),
+}
+
+// A leaf, only ever logged with `{e}`: its cause is in its message, not a
+// `source()` as well.
+impl From<std::io::Error> for ActivateError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// The interrupt line of one virtio-mmio device: a status word the guest

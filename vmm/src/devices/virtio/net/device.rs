@@ -290,13 +290,20 @@ enum BadTx {
     #[error("tx chain is gathered from more than {MAX_TX_IOVECS} pieces")]
     TooManyPieces,
     #[error("tx descriptor outside guest memory: {0}")]
-    Memory(#[from] vm_memory::GuestMemoryError),
+    Memory(vm_memory::GuestMemoryError),
     #[error("tx descriptor address overflows")]
     Overflow,
     #[error("tx header asks for segmentation the driver did not negotiate (gso_type {0:#x})")]
     Gso(u8),
     #[error("tx header asks for segmentation into segments of 0 bytes")]
     GsoSizeZero,
+}
+
+// A leaf, logged with `{e}` as it drops a chain: the cause is in its message.
+impl From<vm_memory::GuestMemoryError> for BadTx {
+    fn from(e: vm_memory::GuestMemoryError) -> Self {
+        Self::Memory(e)
+    }
 }
 
 /// Why an rx chain was given back empty.

@@ -96,17 +96,17 @@ pub enum NetError {
     #[error("net fd {fd} is not a usable tap: {reason}")]
     NotATap { fd: RawFd, reason: String },
     /// /dev/net/tun could not be opened.
-    #[error("cannot open /dev/net/tun: {0}")]
+    #[error("cannot open /dev/net/tun")]
     OpenTun(#[source] io::Error),
     /// The named tap could not be created or attached.
-    #[error("cannot create or attach tap {name:?}: {source}")]
+    #[error("cannot create or attach tap {name:?}")]
     CreateTap {
         name: String,
         #[source]
         source: io::Error,
     },
     /// Configuring the tap failed (vnet header size, non-blocking mode).
-    #[error("cannot configure tap {what}: {source}")]
+    #[error("cannot configure tap {what}")]
     ConfigureTap {
         what: String,
         #[source]

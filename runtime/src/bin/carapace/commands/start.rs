@@ -1,0 +1,15 @@
+//! `carapace start`: start a created container.
+
+use std::process::ExitCode;
+
+use carapace_runtime::container::Runtime;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    pub id: String,
+}
+
+pub fn run(rt: &Runtime, a: &Args) -> anyhow::Result<ExitCode> {
+    rt.start(&a.id)?;
+    Ok(ExitCode::SUCCESS)
+}
