@@ -242,6 +242,11 @@ impl ContainerManager {
         lock(&self.containers).get(id).cloned().ok_or_else(|| ContainerError::NotFound(id.to_string()))
     }
 
+    /// The PID of a container's init, if the container exists.
+    pub fn init_pid(&self, id: &str) -> Option<i32> {
+        self.get(id).ok().map(|c| c.init.pid())
+    }
+
     /// How many containers exist.
     pub fn count(&self) -> usize {
         lock(&self.containers).len() + lock(&self.creating).len()
