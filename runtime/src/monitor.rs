@@ -248,6 +248,11 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
     // The exit is recorded first: output still in flight is drained after.
     if !terminated {
         record_stopped(rt, id, &result, &rx);
+        if let Ok(w) = &result {
+            // The guest clock was set from ours at CreateSandbox: a rough figure.
+            let after = i128::try_from(nanos_now()).unwrap_or(i128::MAX) - i128::from(w.exited_at_unix_nano);
+            tracing::debug!(after_exit_us = after / 1000, "exit recorded");
+        }
     }
     session.finish(if terminated { Duration::from_secs(1) } else { Duration::from_secs(5) });
     sandbox.stop();
@@ -550,4 +555,32 @@ pub fn read_process_file(path: &Path) -> Result<Process, ContainerError> {
     let text = std::fs::read(path).map_err(|err| ContainerError::Io { path: path.to_path_buf(), err })?;
     let _ = std::fs::remove_file(path);
     serde_json::from_slice(&text).map_err(|e| ContainerError::ProcessJson { path: path.to_path_buf(), msg: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::FakeGuest;
+
+    #[test]
+    fn start_goes_over_the_control_socket_and_errors_come_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wait = Duration::from_secs(10);
+        // Nobody serves: the caller is told to go to the agent itself.
+        assert!(control(dir.path(), &ControlRequest::Start, wait).expect("no socket").is_none());
+
+        let fake = Arc::new(FakeGuest::new(dir.path().join("vsock.sock")));
+        let pid = fake.add("c1", "", false);
+        let guest: Arc<dyn Guest> = fake.clone();
+        serve_control(&control_path(dir.path()), &guest, "c1");
+        let reply = control(dir.path(), &ControlRequest::Start, wait).expect("answer").expect("served");
+        assert_eq!((reply.pid, reply.error), (pid, None));
+        assert!(fake.procs.lock().expect("procs")[&("c1".to_string(), String::new())].started);
+
+        let other = tempfile::tempdir().expect("tempdir");
+        serve_control(&control_path(other.path()), &guest, "ghost");
+        let reply = control(other.path(), &ControlRequest::Start, wait).expect("answer").expect("served");
+        assert_eq!(reply.error.as_deref(), Some("StartContainer: no such container"));
+        assert_eq!(fake.calls.lock().expect("calls").as_slice(), ["StartContainer", "StartContainer"]);
+    }
 }

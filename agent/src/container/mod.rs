@@ -122,6 +122,10 @@ struct Inner {
     lc: LcContainer,
     started: bool,
     execs: HashMap<String, Arc<Process>>,
+    /// The read end of a close-on-exec pipe whose only write end is the
+    /// init's: it reads EOF once the init has exec'd the user's program
+    /// (or died). StartContainer waits on it.
+    exec_watch: Option<std::os::fd::OwnedFd>,
 }
 
 impl Container {
