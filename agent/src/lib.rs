@@ -14,7 +14,8 @@
 //! - [`sys`]: the system calls of setup, signals and unmounts behind a
 //!   trait, recorded in unit tests;
 //! - [`shutdown`]: answering Shutdown, then rebooting the guest (or exiting
-//!   on the host).
+//!   on the host);
+//! - [`usage`]: what a call cost in the guest (faults, CPU, switches).
 
 pub mod args;
 pub mod container;
@@ -29,4 +30,5 @@ pub mod service;
 pub mod shutdown;
 pub mod signals;
 pub mod sys;
+pub mod usage;
 pub mod xstate;

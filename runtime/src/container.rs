@@ -316,10 +316,22 @@ impl Runtime {
             Status::Running => return Err(ContainerError::WrongState("cannot start an already running container".into())),
             s => return Err(ContainerError::WrongState(format!("cannot start a container in the {s} state"))),
         }
-        let agent = self.agent(&record)?;
-        let mut req = agent::StartContainerRequest::new();
-        req.container_id = id.into();
-        agent.start_container(crate::agent::ctx(), &req).map_err(|e| agent_error("StartContainer", e))?;
+        // Through the monitor's agent connection; our own only if it does
+        // not answer there.
+        let dir = self.store.dir(id)?;
+        match crate::monitor::control(&dir, &crate::monitor::ControlRequest::Start, crate::agent::CALL_TIMEOUT)? {
+            Some(reply) => {
+                if let Some(message) = reply.error {
+                    return Err(ContainerError::Create(message));
+                }
+            }
+            None => {
+                let agent = self.agent(&record)?;
+                let mut req = agent::StartContainerRequest::new();
+                req.container_id = id.into();
+                agent.start_container(crate::agent::ctx(), &req).map_err(|e| agent_error("StartContainer", e))?;
+            }
+        }
         record.status = Status::Running;
         self.store.save(&record)?;
         if let Ok(bundle) = Bundle::load(&record.bundle) {

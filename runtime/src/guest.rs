@@ -40,25 +40,51 @@ fn ctx() -> ttrpc::context::Context {
     crate::agent::ctx()
 }
 
+/// Logs (at debug level, which `--debug` shows) what a call cost in the
+/// guest, as the agent measured it; `bench/lifecycle.py` reads these.
+fn log_usage(call: &'static str, usage: Option<&GuestUsage>) {
+    if let Some(u) = usage {
+        tracing::debug!(
+            call,
+            wall_us = u.wall_us,
+            user_us = u.user_us,
+            system_us = u.system_us,
+            minor_faults = u.minor_faults,
+            major_faults = u.major_faults,
+            voluntary_switches = u.voluntary_switches,
+            involuntary_switches = u.involuntary_switches,
+            "guest usage"
+        );
+    }
+}
+
 impl Guest for AgentGuest {
     fn create_sandbox(&self, req: &CreateSandboxRequest) -> ttrpc::Result<CreateSandboxResponse> {
         self.0.create_sandbox(ctx(), req)
     }
     fn create_container(&self, req: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
-        self.0.create_container(ctx(), req)
+        let r = self.0.create_container(ctx(), req);
+        log_usage("CreateContainer", r.as_ref().ok().and_then(|r| r.usage.as_ref()));
+        r
     }
     fn start_container(&self, req: &StartContainerRequest) -> ttrpc::Result<StartContainerResponse> {
-        self.0.start_container(ctx(), req)
+        let r = self.0.start_container(ctx(), req);
+        log_usage("StartContainer", r.as_ref().ok().and_then(|r| r.usage.as_ref()));
+        r
     }
     fn exec_process(&self, req: &ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
-        self.0.exec_process(ctx(), req)
+        let r = self.0.exec_process(ctx(), req);
+        log_usage("ExecProcess", r.as_ref().ok().and_then(|r| r.usage.as_ref()));
+        r
     }
     fn signal_process(&self, req: &SignalProcessRequest) -> ttrpc::Result<SignalProcessResponse> {
         self.0.signal_process(ctx(), req)
     }
     fn wait_process(&self, req: &WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
         // No timeout: a container may run for months.
-        self.0.wait_process(ttrpc::context::Context::default(), req)
+        let r = self.0.wait_process(ttrpc::context::Context::default(), req);
+        log_usage("WaitProcess", r.as_ref().ok().and_then(|r| r.usage.as_ref()));
+        r
     }
     fn resize_tty(&self, req: &ResizeTtyRequest) -> ttrpc::Result<ResizeTtyResponse> {
         self.0.resize_tty(ctx(), req)
@@ -82,7 +108,9 @@ impl Guest for AgentGuest {
         self.0.resume_container(ctx(), req)
     }
     fn remove_container(&self, req: &RemoveContainerRequest) -> ttrpc::Result<RemoveContainerResponse> {
-        self.0.remove_container(ctx(), req)
+        let r = self.0.remove_container(ctx(), req);
+        log_usage("RemoveContainer", r.as_ref().ok().and_then(|r| r.usage.as_ref()));
+        r
     }
     fn shutdown(&self, timeout_secs: u64) -> ttrpc::Result<ShutdownResponse> {
         crate::agent::shutdown_within(&self.0, std::time::Duration::from_secs(timeout_secs)).map(|()| ShutdownResponse::new())

@@ -144,12 +144,17 @@ impl ContainerManager {
         let (pending, console, builder) = self.io_builder(id, ports, terminal)?;
         let init_builder = builder.as_init(bundle).with_systemd(false).with_detach(true);
 
+        // Both ends close-on-exec: the init (cloned with our fds) keeps the
+        // write end until it execs the user's program.
+        let (exec_watch, exec_signal) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ContainerError::io("creating the exec pipe", e.into()))?;
         let saved = SelfState::save(process.and_then(|p| p.oom_score_adj()).is_some());
         let mut registry = self.reaper.registry();
         let built = {
             let _span = tracing::debug_span!("libcontainer_build").entered();
             init_builder.build()
         };
+        drop(exec_signal);
         saved.restore();
         let lc = built.map_err(|e| ContainerError::libcontainer("creating the container", &e))?;
         if let Some(resources) = resources {
@@ -178,7 +183,7 @@ impl ContainerManager {
             mounts_before,
             rootfs: rootfs.to_path_buf(),
             init,
-            inner: Mutex::new(Inner { lc, started: false, execs: HashMap::new() }),
+            inner: Mutex::new(Inner { lc, started: false, execs: HashMap::new(), exec_watch: Some(exec_watch) }),
         })
     }
 

@@ -20,9 +20,12 @@ impl ContainerManager {
             inner.lc.start().map_err(|e| ContainerError::libcontainer("starting the container", &e))?;
         }
         inner.started = true;
+        let watch = inner.exec_watch.take();
         drop(inner);
         let pid = u32::try_from(c.init.pid()).map_err(|_| ContainerError::InvalidArgument("pid".into()))?;
-        wait_for_exec(pid, || c.init.has_exited());
+        if let Some(watch) = watch {
+            wait_for_exec(&watch);
+        }
         Ok(pid)
     }
 }
@@ -31,29 +34,51 @@ impl ContainerManager {
 /// hooks and exec the user's program.
 const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Waits until process `pid` runs another program than this one (the
-/// container's init has run the startContainer hooks and exec'd the user
-/// process), or it exited, or [`EXEC_WAIT`] passed. StartContainer returns
-/// only then, so that the runtime's poststart hooks come after the process
-/// started, as the OCI spec orders them.
-fn wait_for_exec(pid: u32, exited: impl Fn() -> bool) {
-    use std::os::unix::fs::MetadataExt;
-    let ours = std::fs::metadata("/proc/self/exe").map(|m| (m.dev(), m.ino())).ok();
-    let start = std::time::Instant::now();
-    while start.elapsed() < EXEC_WAIT && !exited() {
-        match std::fs::metadata(format!("/proc/{pid}/exe")).map(|m| (m.dev(), m.ino())) {
-            Ok(exe) if Some(exe) != ours => return,
-            Ok(_) => {}
-            // Gone, or not readable any more: nothing left to wait for.
-            Err(_) => return,
+/// Waits until the init has run the startContainer hooks and exec'd the
+/// user's program (or died), i.e. until `watch`, the read end of the pipe
+/// whose write end only the init holds, close-on-exec, hangs up; or
+/// [`EXEC_WAIT`] passed. StartContainer returns only then, so that the
+/// runtime's poststart hooks come after the process started, as the OCI
+/// spec orders them. One blocking poll: polling /proc/PID/exe cost two
+/// system calls every few milliseconds, on the init's only vCPU.
+fn wait_for_exec(watch: &std::os::fd::OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let end = std::time::Instant::now() + EXEC_WAIT;
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let mut fds = [PollFd::new(watch.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+            Err(nix::Error::EINTR) if !left.is_zero() => {}
+            // Hung up (or, never, data), timed out, or failed: done waiting.
+            _ => return,
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::test_utils::{add_container, exit, manager};
+
+    #[test]
+    fn the_exec_wait_ends_when_the_last_writer_execs_or_closes() {
+        use std::time::{Duration, Instant};
+        let (watch, signal) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        // A child holds the write end until its exec, then runs on.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let held = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(signal);
+        });
+        let t = Instant::now();
+        super::wait_for_exec(&watch);
+        let waited = t.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        held.join().expect("thread");
+        assert!(waited >= Duration::from_millis(300), "returned before the last writer closed: {waited:?}");
+        assert!(waited < Duration::from_secs(20), "waited for the child's exit: {waited:?}");
+    }
 
     #[test]
     fn only_a_created_running_init_starts() {

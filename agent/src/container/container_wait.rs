@@ -18,6 +18,7 @@ impl ContainerManager {
         resp.oom_killed = oom;
         resp.exited_at_unix_nano = record.at_unix_nano;
         resp.pid = u32::try_from(record.exit.pid).unwrap_or(0);
+        resp.usage = process.usage_since_exit().into();
         Ok(resp)
     }
 }

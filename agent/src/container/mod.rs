@@ -122,6 +122,10 @@ struct Inner {
     lc: LcContainer,
     started: bool,
     execs: HashMap<String, Arc<Process>>,
+    /// The read end of a close-on-exec pipe whose only write end is the
+    /// init's: it reads EOF once the init has exec'd the user's program
+    /// (or died). StartContainer waits on it.
+    exec_watch: Option<std::os::fd::OwnedFd>,
 }
 
 impl Container {
@@ -240,6 +244,11 @@ impl ContainerManager {
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
         lock(&self.containers).get(id).cloned().ok_or_else(|| ContainerError::NotFound(id.to_string()))
+    }
+
+    /// The PID of a container's init, if the container exists.
+    pub fn init_pid(&self, id: &str) -> Option<i32> {
+        self.get(id).ok().map(|c| c.init.pid())
     }
 
     /// How many containers exist.

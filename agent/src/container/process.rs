@@ -5,6 +5,7 @@ use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::reaper::ChildExit;
+use crate::usage::Meter;
 
 use super::stdio::ProcessIo;
 
@@ -27,6 +28,8 @@ pub struct Process {
     oom_kills_at_start: Mutex<u64>,
     /// Whether it saw an OOM kill (decided once, at the first wait).
     oom_killed: Mutex<Option<bool>>,
+    /// Measures the agent's work from the reaping on (WaitProcess's usage).
+    since_exit: Mutex<Option<Meter>>,
 }
 
 pub fn now_unix_nano() -> i64 {
@@ -42,6 +45,7 @@ impl Process {
             exited: Condvar::new(),
             oom_kills_at_start: Mutex::new(oom_kills_at_start),
             oom_killed: Mutex::new(None),
+            since_exit: Mutex::new(None),
         }
     }
 
@@ -56,6 +60,7 @@ impl Process {
     /// Called by the reaper (keep it short).
     pub fn record_exit(&self, exit: ChildExit) {
         let record = ExitRecord { exit, at_unix_nano: now_unix_nano() };
+        *self.since_exit.lock().unwrap_or_else(PoisonError::into_inner) = Some(Meter::start(None));
         *self.exit.lock().unwrap_or_else(PoisonError::into_inner) = Some(record);
         self.exited.notify_all();
         self.io.notify_exit();
@@ -83,6 +88,11 @@ impl Process {
         };
         self.io.wait_drained();
         record
+    }
+
+    /// What the agent spent from the reaping of the process until now.
+    pub fn usage_since_exit(&self) -> Option<carapace_protocol::agent::GuestUsage> {
+        self.since_exit.lock().unwrap_or_else(PoisonError::into_inner).map(|m| m.finish(None))
     }
 
     /// Resets the OOM baseline (the init process "starts" at StartContainer).

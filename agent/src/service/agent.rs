@@ -17,6 +17,7 @@ use crate::container::ContainerManager;
 use crate::error::AgentError;
 use crate::sandbox::Sandbox;
 use crate::shutdown::ShutdownTrigger;
+use crate::usage::Meter;
 
 /// The Agent service.
 #[derive(Debug)]
@@ -55,23 +56,30 @@ impl Agent for AgentService {
     }
 
     fn create_container(&self, _ctx: &TtrpcContext, req: agent::CreateContainerRequest) -> ttrpc::Result<agent::CreateContainerResponse> {
+        let meter = Meter::start(None);
         let pid = answer("CreateContainer", self.containers.create(&req))?;
         let mut resp = agent::CreateContainerResponse::new();
         resp.pid = pid;
+        resp.usage = Some(meter.finish(i32::try_from(pid).ok())).into();
         Ok(resp)
     }
 
     fn start_container(&self, _ctx: &TtrpcContext, req: agent::StartContainerRequest) -> ttrpc::Result<agent::StartContainerResponse> {
+        let init = self.containers.init_pid(&req.container_id);
+        let meter = Meter::start(init);
         let pid = answer("StartContainer", self.containers.start(&req.container_id))?;
         let mut resp = agent::StartContainerResponse::new();
         resp.pid = pid;
+        resp.usage = Some(meter.finish(init)).into();
         Ok(resp)
     }
 
     fn exec_process(&self, _ctx: &TtrpcContext, req: agent::ExecProcessRequest) -> ttrpc::Result<agent::ExecProcessResponse> {
+        let meter = Meter::start(None);
         let pid = answer("ExecProcess", self.containers.exec(&req))?;
         let mut resp = agent::ExecProcessResponse::new();
         resp.pid = pid;
+        resp.usage = Some(meter.finish(i32::try_from(pid).ok())).into();
         Ok(resp)
     }
 
@@ -121,8 +129,11 @@ impl Agent for AgentService {
     }
 
     fn remove_container(&self, _ctx: &TtrpcContext, req: agent::RemoveContainerRequest) -> ttrpc::Result<agent::RemoveContainerResponse> {
+        let meter = Meter::start(None);
         answer("RemoveContainer", self.containers.remove(&req.container_id, req.force))?;
-        Ok(agent::RemoveContainerResponse::new())
+        let mut resp = agent::RemoveContainerResponse::new();
+        resp.usage = Some(meter.finish(None)).into();
+        Ok(resp)
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: agent::ShutdownRequest) -> ttrpc::Result<agent::ShutdownResponse> {
