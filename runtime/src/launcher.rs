@@ -208,7 +208,7 @@ fn restore(
             if let Err(e) = store.discard(template) {
                 tracing::warn!(error = %chain(&e), "could not discard the template");
             }
-            Err(TemplateError::Restore { key, source })
+            Err(TemplateError::Restore { key, source: Box::new(source) })
         }
     }
 }

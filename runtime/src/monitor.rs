@@ -444,7 +444,7 @@ fn answer_control(conn: UnixStream, guest: &dyn Guest, id: &str) {
 /// `Ok(None)`: no monitor answers there (the caller goes to the agent).
 pub fn control(dir: &Path, req: &ControlRequest, timeout: Duration) -> Result<Option<ControlReply>, ContainerError> {
     let path = control_path(dir);
-    let io = |err| ContainerError::Io { path: path.clone(), err };
+    let io = |err| ContainerError::Io { path: path.clone(), source: err };
     let conn = match UnixStream::connect(&path) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),

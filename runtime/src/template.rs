@@ -74,7 +74,7 @@ pub enum TemplateError {
     Restore {
         key: String,
         #[source]
-        source: crate::vm::VmError,
+        source: Box<crate::vm::VmError>,
     },
 }
 
