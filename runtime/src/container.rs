@@ -1,6 +1,6 @@
 //! The container lifecycle behind the CLI: each command takes the id's lock,
 //! reads the record, checks the state as runc does, and talks to the
-//! sandbox's agent or its monitor process (see [`crate::monitor`]).
+//! sandbox's agent or its monitor process (over [`crate::control`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -29,6 +29,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum ContainerError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error(transparent)]
     Bundle(#[from] BundleError),
     #[error(transparent)]
@@ -319,7 +321,7 @@ impl Runtime {
         // Through the monitor's agent connection; our own only if it does
         // not answer there.
         let dir = self.store.dir(id)?;
-        match crate::monitor::control(&dir, &crate::monitor::ControlRequest::Start, crate::agent::CALL_TIMEOUT)? {
+        match crate::control::ask(&dir, &crate::control::ControlRequest::Start, crate::agent::CALL_TIMEOUT)? {
             Some(reply) => {
                 if let Some(message) = reply.error {
                     return Err(ContainerError::Create(message));

@@ -10,6 +10,7 @@ use carapace_protocol::AgentClient;
 
 use crate::assets::{AssetError, GuestAssets};
 use crate::config::Config;
+use crate::error::Chain;
 use crate::guest::{AgentGuest, Guest};
 use crate::network::IsolatedTaps;
 use crate::template::{self, Shape, TemplateError, TemplateStore};
@@ -158,25 +159,13 @@ fn start_vm(
     if let Some(store) = templates {
         match restore(store, assets, dir, opts, boot_timeout) {
             Ok((vm, conn)) => return Ok((vm, conn, true)),
-            Err(e) => tracing::warn!(reason = %chain(&e), "booting cold: the VM template could not be used"),
+            Err(e) => tracing::warn!(reason = %Chain(&e), "booting cold: the VM template could not be used"),
         }
     }
     let _span = tracing::info_span!("cold_boot").entered();
     let mut vm = Vm::start_owned(assets, dir, opts)?;
     let conn = vm.wait_for_agent(boot_timeout)?;
     Ok((vm, conn, false))
-}
-
-/// `e` and its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 /// Starts the VM from the template of its shape, made first if missing. A
@@ -206,7 +195,7 @@ fn restore(
         Err(source) => {
             let key = template.key.clone();
             if let Err(e) = store.discard(template) {
-                tracing::warn!(error = %chain(&e), "could not discard the template");
+                tracing::warn!(error = %Chain(&e), "could not discard the template");
             }
             Err(TemplateError::Restore { key, source: Box::new(source) })
         }

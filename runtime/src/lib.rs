@@ -5,9 +5,12 @@
 //!    [`spec`], [`proc`];
 //! 2. host resources: [`config`], [`assets`], [`host`], [`vm`], [`network`],
 //!    [`share`], [`relay`] (the one stdio relay both front ends use),
-//!    [`stdio`] (the CLI's host ends of it);
-//! 3. the VM and its agent behind seams: [`guest`], [`launcher`], [`pod`];
-//! 4. the sandbox core: [`sandbox`];
+//!    [`stdio`] (the CLI's host ends of it), [`template`] (VM templates:
+//!    snapshots per VM shape);
+//! 3. the VM and its agent behind seams: [`guest`], [`launcher`] (restores
+//!    from a template, or boots cold), [`pod`];
+//! 4. the sandbox core: [`sandbox`], and [`control`] (the CLI monitor's
+//!    socket over it);
 //! 5. the CLI's lifecycle over it: [`container`], [`monitor`] (the shim is
 //!    the other front end, in its own crate).
 
@@ -17,6 +20,7 @@ pub mod assets;
 pub mod bundle;
 pub mod config;
 pub mod container;
+pub mod control;
 pub mod error;
 pub mod guest;
 pub mod hooks;

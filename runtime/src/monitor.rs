@@ -10,16 +10,15 @@
 //! that reaps it. SIGTERM (from `delete`) kills the container first.
 //!
 //! While the container runs the monitor also answers `start` on a Unix
-//! socket in the state directory ([`control_path`]): one JSON line in,
+//! socket in the state directory ([`crate::control`]): one JSON line in,
 //! one out, over the agent connection it already holds (a new connection
 //! to the agent costs a vsock handshake and a ttrpc server thread in the
 //! guest, whose every system call is emulated on a kvm_pvm host).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -28,11 +27,11 @@ use std::time::Duration;
 use carapace_protocol::agent;
 use nix::sys::signal::{SigSet, Signal};
 use oci_spec::runtime::Process;
-use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::config;
 use crate::container::{agent_error, ContainerError, Ready, Runtime};
+use crate::control;
 use crate::error::Chain;
 use crate::guest::{AgentGuest, Guest};
 use crate::launcher::MicroVmLauncher;
@@ -230,8 +229,8 @@ pub fn container(rt: &Runtime, id: &str, bundle_dir: &Path, console_socket: Opti
     let Started { sandbox, session, ready: r } = started;
     let guest = sandbox.guest().clone();
     // Bound before `create` returns, so that `start` finds it.
-    match rt.store.dir(id).map(|d| control_path(&d)) {
-        Ok(path) => serve_control(&path, &guest, id),
+    match rt.store.dir(id).map(|d| control::path(&d)) {
+        Ok(path) => control::serve(&path, &guest, id),
         Err(e) => tracing::warn!(error = %e, "no control socket; start connects to the agent itself"),
     }
     detach_stdio();
@@ -377,91 +376,6 @@ fn mark_stopped(record: &mut ContainerRecord, result: &Result<agent::WaitProcess
     };
 }
 
-/// The monitor's control socket in a container's state directory.
-pub fn control_path(dir: &Path) -> PathBuf {
-    dir.join("monitor.sock")
-}
-
-/// A request on the control socket.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ControlRequest {
-    /// StartContainer.
-    Start,
-}
-
-/// The answer: the guest pid, or why not.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ControlReply {
-    pub pid: u32,
-    pub error: Option<String>,
-}
-
-/// Binds the control socket and answers on it in a thread until we exit.
-/// Failing to bind only costs `start` its own agent connection.
-fn serve_control(path: &Path, guest: &Arc<dyn Guest>, id: &str) {
-    let _ = std::fs::remove_file(path);
-    let listener = match UnixListener::bind(path) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "no control socket; start connects to the agent itself");
-            return;
-        }
-    };
-    let guest = guest.clone();
-    let id = id.to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(conn) => answer_control(conn, guest.as_ref(), &id),
-                Err(e) => tracing::debug!(error = %e, "control socket accept"),
-            }
-        }
-    });
-}
-
-fn answer_control(conn: UnixStream, guest: &dyn Guest, id: &str) {
-    let mut line = String::new();
-    if BufReader::new(&conn).read_line(&mut line).is_err() {
-        return;
-    }
-    let reply = match serde_json::from_str::<ControlRequest>(line.trim()) {
-        Ok(ControlRequest::Start) => {
-            let mut req = agent::StartContainerRequest::new();
-            req.container_id = id.into();
-            match guest.start_container(&req) {
-                Ok(r) => ControlReply { pid: r.pid, error: None },
-                Err(e) => ControlReply { pid: 0, error: Some(agent_error("StartContainer", e).to_string()) },
-            }
-        }
-        Err(e) => ControlReply { pid: 0, error: Some(format!("bad control request {:?}: {e}", line.trim())) },
-    };
-    let mut text = serde_json::to_string(&reply).unwrap_or_default();
-    text.push('\n');
-    let _ = (&conn).write_all(text.as_bytes());
-}
-
-/// Asks the monitor of the container whose state directory is `dir`.
-/// `Ok(None)`: no monitor answers there (the caller goes to the agent).
-pub fn control(dir: &Path, req: &ControlRequest, timeout: Duration) -> Result<Option<ControlReply>, ContainerError> {
-    let path = control_path(dir);
-    let io = |err| ContainerError::Io { path: path.clone(), source: err };
-    let conn = match UnixStream::connect(&path) {
-        Ok(c) => c,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
-        Err(e) => return Err(io(e)),
-    };
-    conn.set_read_timeout(Some(timeout)).map_err(io)?;
-    let mut text = serde_json::to_string(req).map_err(|e| ContainerError::Create(e.to_string()))?;
-    text.push('\n');
-    (&conn).write_all(text.as_bytes()).map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line).map_err(io)?;
-    if line.trim().is_empty() {
-        return Err(ContainerError::Create(format!("{}: the monitor closed the connection without an answer", path.display())));
-    }
-    serde_json::from_str(line.trim()).map(Some).map_err(|e| ContainerError::Create(format!("{}: bad answer: {e}", path.display())))
-}
-
 /// An exec'd process: its id, what to run, and where its stdio goes.
 #[derive(Debug)]
 pub struct ExecRequest<'a> {
@@ -557,32 +471,4 @@ pub fn read_process_file(path: &Path) -> Result<Process, ContainerError> {
     let text = std::fs::read(path).map_err(|source| ContainerError::Io { path: path.to_path_buf(), source })?;
     let _ = std::fs::remove_file(path);
     serde_json::from_slice(&text).map_err(|source| ContainerError::ProcessJson { path: path.to_path_buf(), source })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::test_utils::FakeGuest;
-
-    #[test]
-    fn start_goes_over_the_control_socket_and_errors_come_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let wait = Duration::from_secs(10);
-        // Nobody serves: the caller is told to go to the agent itself.
-        assert!(control(dir.path(), &ControlRequest::Start, wait).expect("no socket").is_none());
-
-        let fake = Arc::new(FakeGuest::new(dir.path().join("vsock.sock")));
-        let pid = fake.add("c1", "", false);
-        let guest: Arc<dyn Guest> = fake.clone();
-        serve_control(&control_path(dir.path()), &guest, "c1");
-        let reply = control(dir.path(), &ControlRequest::Start, wait).expect("answer").expect("served");
-        assert_eq!((reply.pid, reply.error), (pid, None));
-        assert!(fake.procs.lock().expect("procs")[&("c1".to_string(), String::new())].started);
-
-        let other = tempfile::tempdir().expect("tempdir");
-        serve_control(&control_path(other.path()), &guest, "ghost");
-        let reply = control(other.path(), &ControlRequest::Start, wait).expect("answer").expect("served");
-        assert_eq!(reply.error.as_deref(), Some("StartContainer: no such container"));
-        assert_eq!(fake.calls.lock().expect("calls").as_slice(), ["StartContainer", "StartContainer"]);
-    }
 }

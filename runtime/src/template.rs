@@ -402,13 +402,7 @@ pub fn check_item(config: &Config) -> CheckItem {
                 ),
             )
         }
-        Err(e) => item(false, format!("{e}: {}", e.source_text())),
-    }
-}
-
-impl TemplateError {
-    fn source_text(&self) -> String {
-        std::error::Error::source(self).map(ToString::to_string).unwrap_or_default()
+        Err(e) => item(false, crate::error::Chain(&e).to_string()),
     }
 }
 

@@ -76,7 +76,7 @@ pub struct VmOptions {
     /// Network interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub net: Vec<NetDevice>,
     /// Start from this snapshot (a template) instead of booting: it must
-    /// have this VM's shape (see [`crate::template`]).
+    /// have this VM's shape (a template: see the `template` module).
     pub restore_from: Option<PathBuf>,
     /// On SIGUSR2 the VMM writes a snapshot here and exits 0.
     pub snapshot_to: Option<PathBuf>,
