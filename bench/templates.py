@@ -63,13 +63,17 @@ def many(rt, bundle, n, tmp):
     procs = []
     for cid in ids:
         pid_file = os.path.join(tmp, f"{cid}.pid")
-        procs.append((cid, pid_file, subprocess.Popen(
+        # A file, not a pipe: the detached container keeps its stderr open.
+        err = tempfile.TemporaryFile()
+        procs.append((cid, pid_file, err, subprocess.Popen(
             [rt.binary, "--root", rt.root, "run", "--detach", "--bundle", bundle, "--pid-file", pid_file, cid],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=rt.env)))
-    for cid, _, p in procs:
-        _, err = p.communicate(timeout=rt.timeout)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=rt.env)))
+    for cid, _, err, p in procs:
+        p.wait(timeout=rt.timeout)
         if p.returncode != 0:
-            raise RuntimeError(f"{rt.name} run {cid}: {err.decode(errors='replace')}")
+            err.seek(0)
+            raise RuntimeError(f"{rt.name} run {cid}: {err.read().decode(errors='replace')}")
+    procs = [(cid, pid_file, p) for cid, pid_file, _, p in procs]
     took = time.monotonic() - start
     time.sleep(2)
     total = 0
