@@ -37,6 +37,20 @@ def asset(env, default):
         sys.exit(f"bench: {e}")
 
 
+def carapace_and_runc():
+    """The environment naming the guest assets, and the carapace and runc
+    binaries; exits with what to install when one is missing."""
+    env = dict(os.environ)
+    env["CARAPACE_KERNEL"] = asset("CARAPACE_KERNEL", "build/guest/vmlinux")
+    env["CARAPACE_INITRAMFS"] = asset("CARAPACE_INITRAMFS", "build/guest/initramfs.cpio")
+    env["CARAPACE_BIN_DIR"] = os.environ.get("CARAPACE_BIN_DIR") or os.path.join(REPO, "target/release")
+    carapace = os.path.join(env["CARAPACE_BIN_DIR"], "carapace")
+    runc = shutil.which("runc")
+    if not os.path.exists(carapace) or not runc or not os.path.exists("/bin/busybox"):
+        sys.exit("bench: needs target/release/carapace, runc (apt runc) and /bin/busybox (apt busybox-static)")
+    return env, carapace, runc
+
+
 class Runtime:
     def __init__(self, name, binary, root, timeout, env=None):
         self.name, self.binary, self.root, self.timeout = name, binary, root, timeout
@@ -146,14 +160,7 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench: run as root (both runtimes need it)")
 
-    env = dict(os.environ)
-    env["CARAPACE_KERNEL"] = asset("CARAPACE_KERNEL", "build/guest/vmlinux")
-    env["CARAPACE_INITRAMFS"] = asset("CARAPACE_INITRAMFS", "build/guest/initramfs.cpio")
-    env["CARAPACE_BIN_DIR"] = os.environ.get("CARAPACE_BIN_DIR") or os.path.join(REPO, "target/release")
-    carapace = os.path.join(env["CARAPACE_BIN_DIR"], "carapace")
-    runc = shutil.which("runc")
-    if not os.path.exists(carapace) or not runc or not os.path.exists("/bin/busybox"):
-        sys.exit("bench: needs target/release/carapace, runc (apt runc) and /bin/busybox (apt busybox-static)")
+    env, carapace, runc = carapace_and_runc()
 
     tmp = tempfile.mkdtemp(prefix="carapace-bench-cli-")
     runtimes = [Runtime("carapace", carapace, os.path.join(tmp, "carapace-root"), args.timeout, env),

@@ -36,8 +36,7 @@ import sys
 import tempfile
 import time
 
-from _common import REPO
-from cli import Runtime, asset, busybox_bundle
+from cli import Runtime, busybox_bundle, carapace_and_runc
 
 STEPS = ("create", "start", "exit", "delete", "exec")
 # The agent answers whose usage makes each step's guest figures.
@@ -165,16 +164,9 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench: run as root (both runtimes need it)")
 
-    env = dict(os.environ)
-    env["CARAPACE_KERNEL"] = asset("CARAPACE_KERNEL", "build/guest/vmlinux")
-    env["CARAPACE_INITRAMFS"] = asset("CARAPACE_INITRAMFS", "build/guest/initramfs.cpio")
-    env["CARAPACE_BIN_DIR"] = os.environ.get("CARAPACE_BIN_DIR") or os.path.join(REPO, "target/release")
+    env, carapace, runc = carapace_and_runc()
     # Only the figures this script reads (and warnings) go to the log.
     env["CARAPACE_LOG"] = "warn,carapace_runtime::guest=debug,carapace_runtime::monitor=debug"
-    carapace = os.path.join(env["CARAPACE_BIN_DIR"], "carapace")
-    runc = shutil.which("runc")
-    if not os.path.exists(carapace) or not runc or not os.path.exists("/bin/busybox"):
-        sys.exit("bench: needs target/release/carapace, runc (apt runc) and /bin/busybox (apt busybox-static)")
 
     tmp = tempfile.mkdtemp(prefix="carapace-bench-lifecycle-")
     log = Log(os.path.join(tmp, "carapace.log"))

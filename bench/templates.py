@@ -28,8 +28,8 @@ import sys
 import tempfile
 import time
 
-from _common import REPO, pss_kib
-from cli import Runtime, asset, busybox_bundle
+from _common import pss_kib
+from cli import Runtime, busybox_bundle, carapace_and_runc
 
 ELAPSED = re.compile(r"agent serving.*?elapsed=([0-9.]+)(ms|s|µs)")
 
@@ -98,14 +98,7 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root")
-    env = dict(os.environ)
-    env["CARAPACE_KERNEL"] = asset("CARAPACE_KERNEL", "build/guest/vmlinux")
-    env["CARAPACE_INITRAMFS"] = asset("CARAPACE_INITRAMFS", "build/guest/initramfs.cpio")
-    env["CARAPACE_BIN_DIR"] = os.environ.get("CARAPACE_BIN_DIR") or os.path.join(REPO, "target/release")
-    carapace = os.path.join(env["CARAPACE_BIN_DIR"], "carapace")
-    runc = shutil.which("runc")
-    if not os.path.exists(carapace) or not runc or not os.path.exists("/bin/busybox"):
-        sys.exit("bench: needs target/release/carapace, runc (apt runc) and /bin/busybox (apt busybox-static)")
+    env, carapace, runc = carapace_and_runc()
 
     tmp = tempfile.mkdtemp(prefix="carapace-bench-templates-")
     runtimes = []
