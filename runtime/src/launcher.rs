@@ -209,10 +209,7 @@ fn restore(
 #[tracing::instrument(skip_all, fields(scratch = %scratch.display()))]
 fn make_template(assets: &GuestAssets, opts: &VmOptions, scratch: &Path, boot_timeout: Duration) -> Result<Duration, TemplateError> {
     let make = |e: Box<dyn std::error::Error + Send + Sync>| TemplateError::Make(e);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TemplateError::Io { path, source }
-    };
+    let io = template::io;
     let boot = scratch.join("boot");
     std::fs::create_dir(&boot).map_err(io(&boot))?;
     let mut fs = Vec::new();

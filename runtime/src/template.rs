@@ -78,7 +78,8 @@ pub enum TemplateError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
+/// An I/O error on `path` in the template store (or a template being made).
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
     move |source| TemplateError::Io { path: path.to_path_buf(), source }
 }
 
