@@ -189,10 +189,7 @@ fn run_as_init(args: &Args) -> ! {
 /// container processes itself (slower, same result).
 fn start_spawner() -> Option<Spawner> {
     match Spawner::start(run_job) {
-        Ok(spawner) => {
-            carapace_agent::usage::count_helper(spawner.pid());
-            Some(spawner)
-        }
+        Ok(spawner) => Some(spawner),
         Err(e) => {
             tracing::warn!(error = %e, "no container spawner: the agent forks container processes itself");
             None

@@ -7,7 +7,6 @@
 //! times are what getrusage and `/proc/PID/stat` give for free. Taking a
 //! reading is two getrusage calls, or three calls for a process's stat.
 
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use carapace_protocol::agent::GuestUsage;
@@ -42,16 +41,9 @@ fn rusage(who: libc::c_int) -> Counters {
 }
 
 impl Counters {
-    /// The agent (every thread) plus the children it has reaped, plus its
-    /// helper (see [`count_helper`]) and the children that one reaped.
+    /// The agent (every thread) plus the children it has reaped.
     pub fn agent() -> Self {
-        let helper = match HELPER.load(Ordering::Relaxed) {
-            pid if pid > 0 => {
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| parse_stat_with_children(&s)).unwrap_or_default()
-            }
-            _ => Counters::default(),
-        };
-        rusage(libc::RUSAGE_SELF) + rusage(libc::RUSAGE_CHILDREN) + helper
+        rusage(libc::RUSAGE_SELF) + rusage(libc::RUSAGE_CHILDREN)
     }
 
     /// A live (or not yet reaped) process's own counters, from
@@ -59,17 +51,6 @@ impl Counters {
     pub fn of_process(pid: i32) -> Self {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| parse_stat(&s)).unwrap_or_default()
     }
-}
-
-/// The PID of the agent's long-lived helper (the container spawner):
-/// the work of its workers (and of the processes they reap) is the
-/// agent's work, but reaped by the helper it shows in neither of the
-/// agent's getrusage readings.
-static HELPER: AtomicI32 = AtomicI32::new(0);
-
-/// Counts `pid` (and the children it reaps) as the agent's from now on.
-pub fn count_helper(pid: i32) {
-    HELPER.store(pid, Ordering::Relaxed);
 }
 
 /// Clock ticks (`USER_HZ`) as microseconds: Linux reports 100 a second to
@@ -92,25 +73,6 @@ fn parse_stat(text: &str) -> Option<Counters> {
         voluntary_switches: 0,
         involuntary_switches: 0,
     })
-}
-
-/// A process's own counters plus those of the children it has reaped
-/// (`cminflt`, `cmajflt`, `cutime`, `cstime`).
-fn parse_stat_with_children(text: &str) -> Option<Counters> {
-    let own = parse_stat(text)?;
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<i64>().ok());
-    Some(
-        own + Counters {
-            minor_faults: field(11)?,
-            major_faults: field(13)?,
-            user_us: field(16)? * US_PER_TICK,
-            system_us: field(17)? * US_PER_TICK,
-            voluntary_switches: 0,
-            involuntary_switches: 0,
-        },
-    )
 }
 
 impl std::ops::Add for Counters {
@@ -192,10 +154,6 @@ mod tests {
         let c = parse_stat(line).expect("parsed");
         assert_eq!((c.minor_faults, c.major_faults, c.user_us, c.system_us), (117, 3, 50_000, 70_000));
         assert_eq!(parse_stat("42 (x) S 1"), None);
-        // cminflt 11, cmajflt 2, cutime 20, cstime 30 added to the own.
-        let line = "42 (a) S 1 42 42 0 -1 4194560 117 11 3 2 5 7 20 30 20 0 1 0 100 1000 10";
-        let c = parse_stat_with_children(line).expect("parsed");
-        assert_eq!((c.minor_faults, c.major_faults, c.user_us, c.system_us), (128, 5, 250_000, 370_000));
     }
 
     #[test]
