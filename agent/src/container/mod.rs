@@ -11,7 +11,6 @@
 //! - [`executor`]: the exec at the end of libcontainer's init (and runc's
 //!   lookup of the program);
 //! - [`console`]: the sockets a terminal's pty master comes back on;
-//! - [`spawner`]: the small process whose workers call libcontainer;
 //! - [`namespaces`]: the namespaces a container joins (its pod's);
 //! - [`mountinfo`]: the mount table, and undoing a container's mounts;
 //! - one file a verb, each adding its call to [`ContainerManager`]:
@@ -23,20 +22,15 @@
 //!   Signals and unmounts go through [`crate::sys::Syscall`]; the verbs'
 //!   unit tests run without root (`test_utils.rs`).
 //!
-//! libcontainer forks the process that calls it: an intermediate process,
-//! which clones the container's init as its caller's child (`CLONE_PARENT`)
-//! and exits. The caller is a worker of the [`spawner`] (a small process
-//! forked at the agent's start), not the large multi-threaded agent, whose
-//! fork costs seconds of emulated page-table work on kvm_pvm hosts; the
-//! worker exits once libcontainer returns and the init is reparented to
-//! the agent. Without a spawner (it could not be forked) the agent calls
-//! libcontainer itself, and libcontainer `waitpid`s the intermediate in
-//! the agent. Either way the call is made with the reaper's registry held
-//! ([`crate::reaper::Reaper::registry`]): the reaper does not reap
-//! meanwhile, and the new process's waiter is registered before any
-//! status can be dispatched. The same lock serializes those calls, which
-//! matters in-process because libcontainer changes the calling process's
-//! working directory and `oom_score_adj`.
+//! libcontainer forks: the agent's process clones an intermediate process,
+//! which clones the container's init as the agent's child (`CLONE_PARENT`)
+//! and exits; libcontainer then `waitpid`s the intermediate itself. Every
+//! libcontainer call that forks or waits is therefore made with the
+//! reaper's registry held ([`crate::reaper::Reaper::registry`]): the reaper
+//! does not reap meanwhile, and the new process's waiter is registered
+//! before any status can be dispatched. The same lock serializes those
+//! calls, which matters because libcontainer changes the process's working
+//! directory and `oom_score_adj` while it builds a container.
 //!
 //! State on disk, under the agent's state directory: `bundles/<id>/`
 //! (config.json as libcontainer reads it, exec process files),
