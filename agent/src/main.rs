@@ -15,9 +15,8 @@ use anyhow::{anyhow, Context};
 use carapace_protocol::{AGENT_VSOCK_ADDRESS, API_VERSION, VSOCK_HOST_CID};
 
 use carapace_agent::args::{self, Args};
-use carapace_agent::container::spawner::Spawner;
 use carapace_agent::container::stdio::Dialer;
-use carapace_agent::container::{cgroup, run_job, ContainerManager, ManagerConfig};
+use carapace_agent::container::{cgroup, ContainerManager, ManagerConfig};
 use carapace_agent::reaper::Reaper;
 use carapace_agent::sandbox::Sandbox;
 use carapace_agent::server::{self, AgentServer, ListenAddress};
@@ -39,14 +38,7 @@ const DEFAULT_STATE_DIR: &str = "/run/carapace-agent";
 
 /// The Agent service with its container manager: stdio streams go where
 /// the listener is (vsock to the host, or `<unix socket>_<port>`).
-fn agent_service(
-    args: &Args,
-    address: &ListenAddress,
-    trigger: ShutdownTrigger,
-    reaper: Arc<Reaper>,
-    spawner: Option<Spawner>,
-    guest: bool,
-) -> AgentService {
+fn agent_service(args: &Args, address: &ListenAddress, trigger: ShutdownTrigger, reaper: Arc<Reaper>, guest: bool) -> AgentService {
     let state_dir = std::path::PathBuf::from(args.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
     let dialer = match address {
         ListenAddress::Vsock { .. } => Dialer::Vsock { cid: VSOCK_HOST_CID },
@@ -60,12 +52,8 @@ fn agent_service(
         Ok(v) if guest && v == xstate::NO_AVX_TUNABLES => vec![xstate::no_avx_env()],
         _ => Vec::new(),
     };
-    let mut containers =
-        ContainerManager::new(ManagerConfig { state_dir, dialer, cgroup_root: cgroup::CGROUP_ROOT.into(), default_env }, reaper);
-    if let Some(spawner) = spawner {
-        containers = containers.with_spawner(spawner);
-    }
-    let containers = Arc::new(containers);
+    let containers =
+        Arc::new(ContainerManager::new(ManagerConfig { state_dir, dialer, cgroup_root: cgroup::CGROUP_ROOT.into(), default_env }, reaper));
     AgentService::new(trigger, containers, Sandbox::new(etc, guest))
 }
 
@@ -159,10 +147,9 @@ fn run_as_init(args: &Args) -> ! {
         Ok(address) => address,
         Err(e) => fatal(&anyhow!(e)),
     };
-    let spawner = start_spawner();
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();
-    let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), spawner, true));
+    let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), true));
 
     let mut attempt = 1;
     let _server: AgentServer = loop {
@@ -182,19 +169,6 @@ fn run_as_init(args: &Args) -> ! {
     nix::unistd::sync();
     trigger.wait_for_reply(since);
     shutdown::reboot_guest()
-}
-
-/// The container spawner (see `carapace_agent::container::spawner`),
-/// forked while the agent has one thread; without it the agent forks
-/// container processes itself (slower, same result).
-fn start_spawner() -> Option<Spawner> {
-    match Spawner::start(run_job) {
-        Ok(spawner) => Some(spawner),
-        Err(e) => {
-            tracing::warn!(error = %e, "no container spawner: the agent forks container processes itself");
-            None
-        }
-    }
 }
 
 /// Set in the environment of the agent's re-exec of itself.
@@ -240,10 +214,9 @@ fn run_on_host(args: &Args) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
     let signals = Signals::block_and_open()?;
-    let spawner = start_spawner();
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();
-    let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), spawner, false));
+    let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), false));
     let server = server::start(&address, agent)?;
     announce(&address);
 

@@ -141,35 +141,32 @@ impl ContainerManager {
         let terminal = process.and_then(|p| p.terminal()).unwrap_or(false);
         let console_size = process.and_then(|p| p.console_size()).map(|b| (b.height(), b.width()));
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
-        let (pending, child, console) = self.prepare_io(ports, terminal)?;
+        let (pending, console, builder) = self.io_builder(id, ports, terminal)?;
+        let init_builder = builder.as_init(bundle).with_systemd(false).with_detach(true);
 
         // Both ends close-on-exec: the init (cloned with our fds) keeps the
         // write end until it execs the user's program.
         let (exec_watch, exec_signal) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ContainerError::io("creating the exec pipe", e.into()))?;
-        let job = Job::Create {
-            id: id.to_string(),
-            root: self.libcontainer_root(),
-            bundle: bundle.to_path_buf(),
-            console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
-        };
-        let fds = JobFds { stdio: child.map(|c| [c.stdin, c.stdout, c.stderr]), exec_signal: Some(exec_signal) };
-        let touches_oom = process.and_then(|p| p.oom_score_adj()).is_some();
+        let saved = SelfState::save(process.and_then(|p| p.oom_score_adj()).is_some());
         let mut registry = self.reaper.registry();
-        let pid = self.build_process(job, fds, "creating the container", touches_oom)?;
-        let lc = match LcContainer::load(self.libcontainer_root().join(id)) {
-            Ok(lc) => lc,
-            Err(e) => {
-                let _ = self.sys.kill(pid, Signal::SIGKILL);
-                return Err(ContainerError::libcontainer("loading the container's state", &e));
-            }
+        let built = {
+            let _span = tracing::debug_span!("libcontainer_build").entered();
+            init_builder.build()
         };
+        drop(exec_signal);
+        saved.restore();
+        let lc = built.map_err(|e| ContainerError::libcontainer("creating the container", &e))?;
         if let Some(resources) = resources {
             if let Err(e) = cgroup.fix_libcgroups(resources) {
-                let _ = self.sys.kill(pid, Signal::SIGKILL);
+                if let Some(pid) = lc.pid() {
+                    let _ = self.sys.kill(pid.as_raw(), Signal::SIGKILL);
+                }
                 return Err(ContainerError::io("linux.resources", e));
             }
         }
+        let pid =
+            lc.pid().map(|p| p.as_raw()).ok_or_else(|| ContainerError::FailedPrecondition("libcontainer reported no init pid".into()))?;
         let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, id, cgroup);
         drop(registry);
         let init = match started {

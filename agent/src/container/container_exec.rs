@@ -31,16 +31,16 @@ impl ContainerManager {
         write_json(&process_file, &process)?;
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let result = (|| {
-            let (pending, child, console) = self.prepare_io(ports, req.terminal)?;
-            let job = Job::Exec {
-                id: id.to_string(),
-                root: self.libcontainer_root(),
-                process: process_file.clone(),
-                console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
-            };
-            let fds = JobFds { stdio: child.map(|c| [c.stdin, c.stdout, c.stderr]), exec_signal: None };
+            let (pending, console, builder) = self.io_builder(id, ports, req.terminal)?;
+            let tenant = builder.as_tenant().with_process(Some(process_file.clone())).with_detach(true);
+            let saved = SelfState::save(process.oom_score_adj().is_some());
             let mut registry = self.reaper.registry();
-            let pid = self.build_process(job, fds, "executing the process", process.oom_score_adj().is_some())?;
+            let built = {
+                let _span = tracing::debug_span!("libcontainer_exec").entered();
+                tenant.build()
+            };
+            saved.restore();
+            let pid = built.map_err(|e| ContainerError::libcontainer("executing the process", &e))?.as_raw();
             let name = format!("{id}/{exec_id}");
             let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, &name, &c.cgroup);
             if started.is_err() {

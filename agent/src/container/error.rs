@@ -90,18 +90,6 @@ impl ContainerError {
     }
 }
 
-impl ContainerError {
-    /// A spawner worker's failure at `step`.
-    pub(crate) fn spawned(step: &'static str, failure: super::spawner::Failure) -> Self {
-        use super::spawner::Failure;
-        match failure {
-            Failure::Libcontainer { message, invalid } => Self::Libcontainer { step, message, invalid },
-            Failure::Precondition(message) => Self::FailedPrecondition(format!("{step}: {message}")),
-            Failure::Internal(message) => Self::io(step, io::Error::other(message)),
-        }
-    }
-}
-
 // By hand, not `#[from]` (which would also make the inner error the
 // source): the message already prints it, and a cause is printed once.
 impl From<SpecError> for ContainerError {

@@ -44,7 +44,6 @@ pub mod executor;
 pub mod mountinfo;
 pub mod namespaces;
 pub mod process;
-pub mod spawner;
 pub mod spec;
 pub mod stdio;
 
@@ -66,7 +65,6 @@ mod container_wait;
 mod test_utils;
 
 use std::collections::{HashMap, HashSet};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
@@ -78,8 +76,7 @@ use self::cgroup::Cgroup;
 use self::console::{ConsoleListener, ConsoleSockets};
 use self::executor::AgentExecutor;
 use self::process::Process;
-use self::spawner::{Failure, Job, JobFds, Spawner};
-use self::stdio::{ChildStdio, Dialer, StdioPorts};
+use self::stdio::{Dialer, StdioPorts};
 use crate::reaper::{Reaper, Registry};
 use crate::sys::{LinuxSyscall, Syscall};
 
@@ -159,9 +156,6 @@ pub struct ContainerManager {
     /// (`GuestSettings.shared_pid_namespace`): the id of the container
     /// whose namespace the others join, once there is one.
     shared_pid: Mutex<SharedPid>,
-    /// Forks container processes from a small copy of the agent (see
-    /// [`spawner`]); without one the agent forks them itself.
-    spawner: Option<Spawner>,
 }
 
 impl std::fmt::Debug for ContainerManager {
@@ -236,16 +230,8 @@ impl ContainerManager {
             consoles: ConsoleSockets::new(&config.state_dir),
             shared_pid: Mutex::new(SharedPid::default()),
             controllers: OnceLock::new(),
-            spawner: None,
             config,
         }
-    }
-
-    /// Container processes are forked by `spawner` (started with
-    /// [`run_job`]).
-    pub fn with_spawner(mut self, spawner: Spawner) -> Self {
-        self.spawner = Some(spawner);
-        self
     }
 
     fn bundles_dir(&self) -> PathBuf {
@@ -286,75 +272,37 @@ impl ContainerManager {
     }
 
     /// A new process's stdio (the host ports dialled) and, with a
-    /// terminal, its console socket. Shared by CreateContainer and
-    /// ExecProcess.
-    fn prepare_io(&self, ports: StdioPorts, terminal: bool) -> Result<(stdio::PendingIo, Option<ChildStdio>, Option<ConsoleListener>)> {
+    /// terminal, its console socket; and a builder for container `id` wired
+    /// to both. Shared by CreateContainer and ExecProcess.
+    fn io_builder(
+        &self,
+        id: &str,
+        ports: StdioPorts,
+        terminal: bool,
+    ) -> Result<(stdio::PendingIo, Option<ConsoleListener>, ContainerBuilder)> {
         let (pending, child) = {
             let _span = tracing::debug_span!("stdio").entered();
             stdio::prepare(&self.config.dialer, ports, terminal)?
         };
         let console = if terminal { Some(self.consoles.bind()?) } else { None };
-        Ok((pending, child, console))
+        let mut builder = self.builder(id)?;
+        if let Some(child) = child {
+            builder = builder.with_stdin(child.stdin).with_stdout(child.stdout).with_stderr(child.stderr);
+        }
+        if let Some(console) = &console {
+            builder = builder.with_console_socket(Some(console.path().to_path_buf()));
+        }
+        Ok((pending, console, builder))
     }
 
-    /// Builds `job`'s process with libcontainer: in a worker of the
-    /// spawner, or here without one. The PID of the new process.
-    fn build_process(&self, job: Job, fds: JobFds, step: &'static str, touches_oom: bool) -> Result<i32> {
+    fn builder(&self, id: &str) -> Result<ContainerBuilder> {
         let root = self.libcontainer_root();
         std::fs::create_dir_all(&root).map_err(|e| ContainerError::io(format!("creating {}", root.display()), e))?;
-        let _span = tracing::debug_span!("libcontainer_build", step).entered();
-        match &self.spawner {
-            Some(spawner) => match spawner.spawn(job, fds) {
-                Ok(Ok(pid)) => Ok(pid),
-                Ok(Err(failure)) => Err(ContainerError::spawned(step, failure)),
-                Err(e) => Err(ContainerError::io(step, io::Error::other(e))),
-            },
-            None => {
-                // libcontainer changes the calling process's
-                // oom_score_adj and dumpable flag: put ours back.
-                let saved = SelfState::save(touches_oom);
-                let built = build(job, fds).map_err(|e| ContainerError::libcontainer(step, &e));
-                saved.restore();
-                built
-            }
-        }
+        ContainerBuilder::new(id.to_string(), SyscallType::default())
+            .with_root_path(root)
+            .map(|b| b.with_executor(AgentExecutor))
+            .map_err(|e| ContainerError::libcontainer("state directory", &e))
     }
-}
-
-/// A spawner worker's job: [`build`], its error classified as the agent
-/// reports it.
-pub fn run_job(job: Job, fds: JobFds) -> spawner::Reply {
-    build(job, fds).map_err(|e| match ContainerError::libcontainer("", &e) {
-        ContainerError::Libcontainer { message, invalid, .. } => Failure::Libcontainer { message, invalid },
-        ContainerError::FailedPrecondition(message) => Failure::Precondition(message.trim_start_matches(": ").to_string()),
-        other => Failure::Internal(other.to_string()),
-    })
-}
-
-/// libcontainer's init or tenant builder for `job`, wired to its fds; the
-/// PID of the process it clones. The caller's process is forked.
-fn build(job: Job, fds: JobFds) -> std::result::Result<i32, libcontainer::error::LibcontainerError> {
-    let (id, root, console_socket) = match &job {
-        Job::Create { id, root, console_socket, .. } | Job::Exec { id, root, console_socket, .. } => (id, root, console_socket),
-    };
-    let mut builder = ContainerBuilder::new(id.clone(), SyscallType::default()).with_root_path(root)?.with_executor(AgentExecutor);
-    if let Some([stdin, stdout, stderr]) = fds.stdio {
-        builder = builder.with_stdin(stdin).with_stdout(stdout).with_stderr(stderr);
-    }
-    if let Some(socket) = console_socket {
-        builder = builder.with_console_socket(Some(socket));
-    }
-    // The exec pipe's write end stays open here until the build returns:
-    // the init is cloned with it and keeps it until it execs.
-    let _exec_signal = fds.exec_signal;
-    let pid = match &job {
-        Job::Create { bundle, .. } => {
-            let lc = builder.as_init(bundle).with_systemd(false).with_detach(true).build()?;
-            lc.pid().ok_or_else(|| libcontainer::error::LibcontainerError::Other("libcontainer reported no init pid".into()))?
-        }
-        Job::Exec { process, .. } => builder.as_tenant().with_process(Some(process)).with_detach(true).build()?,
-    };
-    Ok(pid.as_raw())
 }
 
 #[cfg(test)]
