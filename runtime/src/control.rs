@@ -151,42 +151,65 @@ fn answer(conn: &UnixStream, guest: &dyn Guest, id: &str) {
     let _ = (&*conn).write_all(text.as_bytes());
 }
 
-/// Makes agent call `call` with the request in `body`; its response, encoded.
-fn relay(guest: &dyn Guest, id: &str, call: &str, body: &[u8]) -> ttrpc::Result<Vec<u8>> {
-    fn decode<T: Message>(body: &[u8], id: &str, container_id: impl Fn(&T) -> &str) -> ttrpc::Result<T> {
-        let req = T::parse_from_bytes(body).map_err(|e| ttrpc::Error::Others(format!("bad control request: {e}")))?;
-        if container_id(&req) != id {
-            // This monitor's agent holds its own container only.
-            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no such container")));
-        }
-        Ok(req)
+fn decode<T: Message>(body: &[u8], id: &str, container_id: impl Fn(&T) -> &str) -> ttrpc::Result<T> {
+    let req = T::parse_from_bytes(body).map_err(|e| ttrpc::Error::Others(format!("bad control request: {e}")))?;
+    if container_id(&req) != id {
+        // This monitor's agent holds its own container only.
+        return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no such container")));
     }
-    fn encode<T: Message>(r: ttrpc::Result<T>) -> ttrpc::Result<Vec<u8>> {
-        r?.write_to_bytes().map_err(|e| ttrpc::Error::Others(format!("cannot encode the answer: {e}")))
-    }
-    macro_rules! calls {
-        ($($name:literal => $method:ident($req:ty)),* $(,)?) => {
+    Ok(req)
+}
+
+fn encode<T: Message>(r: ttrpc::Result<T>) -> ttrpc::Result<Vec<u8>> {
+    r?.write_to_bytes().map_err(|e| ttrpc::Error::Others(format!("cannot encode the answer: {e}")))
+}
+
+/// The calls relayed, once for both sides: the monitor's [`relay`] and the
+/// CLI's [`ControlGuest`]. Each is `name => method(Request) -> Response`
+/// and how long the CLI waits for the answer.
+macro_rules! relayed {
+    ($($name:literal => $method:ident($req:ty) -> $resp:ty, $timeout:expr;)*) => {
+        /// Makes agent call `call` with the request in `body`; its
+        /// response, encoded.
+        fn relay(guest: &dyn Guest, id: &str, call: &str, body: &[u8]) -> ttrpc::Result<Vec<u8>> {
             match call {
                 PING => Ok(Vec::new()),
                 $($name => encode(guest.$method(&decode::<$req>(body, id, |r| &r.container_id)?)),)*
                 other => Err(ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNIMPLEMENTED, format!("{other} is not served here")))),
             }
-        };
-    }
-    calls! {
-        "StartContainer" => start_container(StartContainerRequest),
-        "ExecProcess" => exec_process(ExecProcessRequest),
-        "SignalProcess" => signal_process(SignalProcessRequest),
-        "WaitProcess" => wait_process(WaitProcessRequest),
-        "ResizeTty" => resize_tty(ResizeTtyRequest),
-        "CloseStdin" => close_stdin(CloseStdinRequest),
-        "StatsContainer" => stats_container(StatsContainerRequest),
-        "ListProcesses" => list_processes(ListProcessesRequest),
-        "UpdateContainer" => update_container(UpdateContainerRequest),
-        "PauseContainer" => pause_container(PauseContainerRequest),
-        "ResumeContainer" => resume_container(ResumeContainerRequest),
-        "RemoveContainer" => remove_container(RemoveContainerRequest),
-    }
+        }
+
+        impl Guest for ControlGuest {
+            fn create_sandbox(&self, _: &CreateSandboxRequest) -> ttrpc::Result<CreateSandboxResponse> {
+                Self::refused("CreateSandbox")
+            }
+            fn create_container(&self, _: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
+                Self::refused("CreateContainer")
+            }
+            fn shutdown(&self, _: u64) -> ttrpc::Result<ShutdownResponse> {
+                Self::refused("Shutdown")
+            }
+            $(fn $method(&self, req: &$req) -> ttrpc::Result<$resp> {
+                self.call($name, req, $timeout)
+            })*
+        }
+    };
+}
+
+relayed! {
+    "StartContainer" => start_container(StartContainerRequest) -> StartContainerResponse, Some(CALL_TIMEOUT);
+    "ExecProcess" => exec_process(ExecProcessRequest) -> ExecProcessResponse, Some(CALL_TIMEOUT);
+    "SignalProcess" => signal_process(SignalProcessRequest) -> SignalProcessResponse, Some(CALL_TIMEOUT);
+    // No timeout: a process may run for months.
+    "WaitProcess" => wait_process(WaitProcessRequest) -> WaitProcessResponse, None;
+    "ResizeTty" => resize_tty(ResizeTtyRequest) -> ResizeTtyResponse, Some(CALL_TIMEOUT);
+    "CloseStdin" => close_stdin(CloseStdinRequest) -> CloseStdinResponse, Some(CALL_TIMEOUT);
+    "StatsContainer" => stats_container(StatsContainerRequest) -> StatsContainerResponse, Some(CALL_TIMEOUT);
+    "ListProcesses" => list_processes(ListProcessesRequest) -> ListProcessesResponse, Some(CALL_TIMEOUT);
+    "UpdateContainer" => update_container(UpdateContainerRequest) -> UpdateContainerResponse, Some(CALL_TIMEOUT);
+    "PauseContainer" => pause_container(PauseContainerRequest) -> PauseContainerResponse, Some(CALL_TIMEOUT);
+    "ResumeContainer" => resume_container(ResumeContainerRequest) -> ResumeContainerResponse, Some(CALL_TIMEOUT);
+    "RemoveContainer" => remove_container(RemoveContainerRequest) -> RemoveContainerResponse, Some(CALL_TIMEOUT);
 }
 
 /// Sends `req` and reads the reply; `Ok(None)`: no monitor listens.
@@ -241,55 +264,6 @@ impl ControlGuest {
 
     fn refused<T>(call: &str) -> ttrpc::Result<T> {
         Err(ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNIMPLEMENTED, format!("{call} is the monitor's own"))))
-    }
-}
-
-impl Guest for ControlGuest {
-    fn create_sandbox(&self, _: &CreateSandboxRequest) -> ttrpc::Result<CreateSandboxResponse> {
-        Self::refused("CreateSandbox")
-    }
-    fn create_container(&self, _: &CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
-        Self::refused("CreateContainer")
-    }
-    fn start_container(&self, req: &StartContainerRequest) -> ttrpc::Result<StartContainerResponse> {
-        self.call("StartContainer", req, Some(CALL_TIMEOUT))
-    }
-    fn exec_process(&self, req: &ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
-        self.call("ExecProcess", req, Some(CALL_TIMEOUT))
-    }
-    fn signal_process(&self, req: &SignalProcessRequest) -> ttrpc::Result<SignalProcessResponse> {
-        self.call("SignalProcess", req, Some(CALL_TIMEOUT))
-    }
-    fn wait_process(&self, req: &WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
-        // No timeout: a process may run for months.
-        self.call("WaitProcess", req, None)
-    }
-    fn resize_tty(&self, req: &ResizeTtyRequest) -> ttrpc::Result<ResizeTtyResponse> {
-        self.call("ResizeTty", req, Some(CALL_TIMEOUT))
-    }
-    fn close_stdin(&self, req: &CloseStdinRequest) -> ttrpc::Result<CloseStdinResponse> {
-        self.call("CloseStdin", req, Some(CALL_TIMEOUT))
-    }
-    fn stats_container(&self, req: &StatsContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
-        self.call("StatsContainer", req, Some(CALL_TIMEOUT))
-    }
-    fn list_processes(&self, req: &ListProcessesRequest) -> ttrpc::Result<ListProcessesResponse> {
-        self.call("ListProcesses", req, Some(CALL_TIMEOUT))
-    }
-    fn update_container(&self, req: &UpdateContainerRequest) -> ttrpc::Result<UpdateContainerResponse> {
-        self.call("UpdateContainer", req, Some(CALL_TIMEOUT))
-    }
-    fn pause_container(&self, req: &PauseContainerRequest) -> ttrpc::Result<PauseContainerResponse> {
-        self.call("PauseContainer", req, Some(CALL_TIMEOUT))
-    }
-    fn resume_container(&self, req: &ResumeContainerRequest) -> ttrpc::Result<ResumeContainerResponse> {
-        self.call("ResumeContainer", req, Some(CALL_TIMEOUT))
-    }
-    fn remove_container(&self, req: &RemoveContainerRequest) -> ttrpc::Result<RemoveContainerResponse> {
-        self.call("RemoveContainer", req, Some(CALL_TIMEOUT))
-    }
-    fn shutdown(&self, _: u64) -> ttrpc::Result<ShutdownResponse> {
-        Self::refused("Shutdown")
     }
 }
 
