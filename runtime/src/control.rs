@@ -247,7 +247,17 @@ impl ControlGuest {
     pub fn connect(dir: &Path) -> Result<Option<Self>, ControlError> {
         let path = path(dir);
         let ping = ControlRequest { call: PING.into(), body: Vec::new() };
-        Ok(ask(&path, &ping, Some(Duration::from_secs(10)))?.map(|_| Self { path }))
+        match ask(&path, &ping, Some(Duration::from_secs(10))) {
+            Ok(Some(ControlReply { result: Ok(_) })) => Ok(Some(Self { path })),
+            Ok(None) => Ok(None),
+            // A monitor of an older carapace (it knew only `start`, in
+            // another format): go to the agent as it expects.
+            Ok(Some(ControlReply { result: Err(_) })) | Err(ControlError::BadAnswer { .. }) => {
+                tracing::debug!(path = %path.display(), "the monitor does not relay agent calls; connecting to the agent");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn call<Req: Message, Resp: Message>(&self, call: &str, req: &Req, timeout: Option<Duration>) -> ttrpc::Result<Resp> {
@@ -278,6 +288,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // Nobody serves: the caller is told to go to the agent itself.
         assert!(ControlGuest::connect(dir.path()).expect("no socket").is_none());
+        // Nor does a monitor that answers in the old format (`start` only).
+        {
+            let old = UnixListener::bind(path(dir.path())).expect("bind");
+            let server = std::thread::spawn(move || {
+                let (conn, _) = old.accept().expect("accept");
+                let mut line = String::new();
+                BufReader::new(&conn).read_line(&mut line).expect("request");
+                (&conn).write_all(b"{\"pid\":0,\"error\":\"bad control request\"}\n").expect("answer");
+            });
+            assert!(ControlGuest::connect(dir.path()).expect("old monitor").is_none());
+            server.join().expect("old monitor");
+        }
 
         let fake = Arc::new(FakeGuest::new(dir.path().join("vsock.sock")));
         let pid = fake.add("c1", "", false);
