@@ -1,6 +1,7 @@
 //! The container lifecycle behind the CLI: each command takes the id's lock,
-//! reads the record, checks the state as runc does, and talks to the
-//! sandbox's agent or its monitor process (over [`crate::control`]).
+//! reads the record, checks the state as runc does, and runs the sandbox
+//! core's verb ([`ContainerHandle`]) over the monitor's agent connection
+//! ([`crate::control`]), or its own when no monitor answers.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -8,15 +9,19 @@ use std::io::BufRead;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::Duration;
 
 use carapace_protocol::{agent, AgentClient, AGENT_VSOCK_PORT};
 use nix::sys::signal::Signal;
-use oci_spec::runtime::{Hooks, Process, Spec};
+use oci_spec::runtime::Process;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{Bundle, BundleError};
+use crate::control::ControlGuest;
+use crate::guest::{AgentGuest, Guest};
 use crate::hooks::{self, HookError};
+use crate::sandbox::ContainerHandle;
 use crate::state::{now_rfc3339, ContainerRecord, IdLock, StateError, StateStore, Status};
 use crate::vm::Vm;
 use crate::{proc, stdio};
@@ -47,8 +52,6 @@ pub enum ContainerError {
         #[source]
         source: carapace_protocol::client::ClientError,
     },
-    #[error("{call}: {message}")]
-    Agent { call: &'static str, message: String },
     #[error("cannot start the sandbox monitor")]
     Spawn(#[source] std::io::Error),
     /// A helper's report of its failure (its chain flattened: it crossed a pipe).
@@ -79,16 +82,6 @@ pub enum ContainerError {
 }
 
 type Result<T> = std::result::Result<T, ContainerError>;
-
-/// A ttrpc error as a one-line message (the agent's status message when it
-/// sent one).
-pub fn agent_error(call: &'static str, e: ttrpc::Error) -> ContainerError {
-    let message = match e {
-        ttrpc::Error::RpcStatus(s) => s.message,
-        other => other.to_string(),
-    };
-    ContainerError::Agent { call, message }
-}
 
 /// What the monitor tells `create` once the container exists (or why not).
 #[derive(Debug, Serialize, Deserialize)]
@@ -144,10 +137,6 @@ fn hook_state(record: &ContainerRecord, status: Status) -> serde_json::Value {
     r.oci_state()
 }
 
-fn hooks_of(spec: &Spec) -> Hooks {
-    spec.hooks().clone().unwrap_or_default()
-}
-
 impl Runtime {
     fn locked(&self, id: &str) -> Result<(IdLock, ContainerRecord)> {
         let lock = self.store.lock(id)?;
@@ -178,8 +167,17 @@ impl Runtime {
         all
     }
 
+    /// The agent of a container's VM: its monitor's connection, relayed
+    /// over the control socket, or (no monitor answers) one of our own.
+    pub fn guest(&self, record: &ContainerRecord) -> Result<Arc<dyn Guest>> {
+        if let Some(control) = ControlGuest::connect(&self.store.dir(&record.id)?)? {
+            return Ok(Arc::new(control));
+        }
+        Ok(Arc::new(AgentGuest(self.agent(record)?)))
+    }
+
     /// Connects to the agent of a container's VM.
-    pub fn agent(&self, record: &ContainerRecord) -> Result<AgentClient> {
+    fn agent(&self, record: &ContainerRecord) -> Result<AgentClient> {
         let uds = Vm::vsock_path(&self.store.dir(&record.id)?);
         let conn = carapace_protocol::client::connect_hybrid_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(10))
             .map_err(|source| ContainerError::Connect { id: record.id.clone(), source })?;
@@ -231,6 +229,8 @@ impl Runtime {
             monitor_pid: 0,
             vmm_start_time: 0,
             monitor_start_time: 0,
+            poststart: bundle.spec.hooks().as_ref().and_then(|h| h.poststart().clone()).unwrap_or_default(),
+            poststop: bundle.spec.hooks().as_ref().and_then(|h| h.poststop().clone()).unwrap_or_default(),
         };
         if let Err(e) = self.store.save(&record) {
             let _ = self.store.remove(&opts.id);
@@ -318,27 +318,11 @@ impl Runtime {
             Status::Running => return Err(ContainerError::WrongState("cannot start an already running container".into())),
             s => return Err(ContainerError::WrongState(format!("cannot start a container in the {s} state"))),
         }
-        // Through the monitor's agent connection; our own only if it does
-        // not answer there.
-        let dir = self.store.dir(id)?;
-        match crate::control::ask(&dir, &crate::control::ControlRequest::Start, crate::agent::CALL_TIMEOUT)? {
-            Some(reply) => {
-                if let Some(message) = reply.error {
-                    return Err(ContainerError::Create(message));
-                }
-            }
-            None => {
-                let agent = self.agent(&record)?;
-                let mut req = agent::StartContainerRequest::new();
-                req.container_id = id.into();
-                agent.start_container(crate::agent::ctx(), &req).map_err(|e| agent_error("StartContainer", e))?;
-            }
-        }
+        let guest = self.guest(&record)?;
+        ContainerHandle::new(guest.as_ref(), id).start()?;
         record.status = Status::Running;
         self.store.save(&record)?;
-        if let Ok(bundle) = Bundle::load(&record.bundle) {
-            hooks::run_warn("poststart", hooks_of(&bundle.spec).poststart().as_deref().unwrap_or(&[]), &record.oci_state());
-        }
+        hooks::run_warn("poststart", &record.poststart, &record.oci_state());
         Ok(())
     }
 
@@ -349,12 +333,8 @@ impl Runtime {
         if record.status == Status::Stopped {
             return Err(ContainerError::WrongState("container not running".into()));
         }
-        let agent = self.agent(&record)?;
-        let mut req = agent::SignalProcessRequest::new();
-        req.container_id = id.into();
-        req.signal = u32::try_from(signal).unwrap_or(0);
-        req.all = all;
-        agent.signal_process(crate::agent::ctx(), &req).map_err(|e| agent_error("SignalProcess", e))?;
+        let guest = self.guest(&record)?;
+        ContainerHandle::new(guest.as_ref(), id).signal("", u32::try_from(signal).unwrap_or(0), all)?;
         Ok(())
     }
 
@@ -378,9 +358,7 @@ impl Runtime {
         }
         proc::signal(record.vmm_pid, record.vmm_start_time, Signal::SIGKILL);
         proc::wait_gone(record.vmm_pid, record.vmm_start_time, Duration::from_secs(10));
-        if let Ok(bundle) = Bundle::load(&record.bundle) {
-            hooks::run_warn("poststop", hooks_of(&bundle.spec).poststop().as_deref().unwrap_or(&[]), &hook_state(&record, Status::Stopped));
-        }
+        hooks::run_warn("poststop", &record.poststop, &hook_state(&record, Status::Stopped));
         self.store.remove(id)?;
         lock.remove();
         Ok(())
@@ -394,55 +372,38 @@ impl Runtime {
         if record.status != want {
             return Err(ContainerError::WrongState(format!("container {id} is {}, not {want}", record.status)));
         }
-        let agent = self.agent(&record)?;
-        if pause {
-            let mut req = agent::PauseContainerRequest::new();
-            req.container_id = id.into();
-            agent.pause_container(crate::agent::ctx(), &req).map_err(|e| agent_error("PauseContainer", e))?;
-        } else {
-            let mut req = agent::ResumeContainerRequest::new();
-            req.container_id = id.into();
-            agent.resume_container(crate::agent::ctx(), &req).map_err(|e| agent_error("ResumeContainer", e))?;
-        }
+        let guest = self.guest(&record)?;
+        ContainerHandle::new(guest.as_ref(), id).set_paused(pause)?;
         record.status = to;
         self.store.save(&record)?;
         Ok(())
     }
 
-    fn running(&self, id: &str) -> Result<(ContainerRecord, AgentClient)> {
+    /// The agent of container `id`, which must not have stopped.
+    fn running(&self, id: &str) -> Result<Arc<dyn Guest>> {
         let record = self.state(id)?;
         if record.status == Status::Stopped {
             return Err(ContainerError::WrongState(format!("container {id} is not running")));
         }
-        let agent = self.agent(&record)?;
-        Ok((record, agent))
+        self.guest(&record)
     }
 
     /// `ps`: the guest pids of the container's processes.
     pub fn ps(&self, id: &str) -> Result<Vec<u32>> {
-        let (_, agent) = self.running(id)?;
-        let mut req = agent::ListProcessesRequest::new();
-        req.container_id = id.into();
-        let resp = agent.list_processes(crate::agent::ctx(), &req).map_err(|e| agent_error("ListProcesses", e))?;
-        Ok(resp.pids)
+        let guest = self.running(id)?;
+        Ok(ContainerHandle::new(guest.as_ref(), id).ps()?)
     }
 
     /// `events --stats`: the container's cgroup figures.
     pub fn stats(&self, id: &str) -> Result<agent::StatsContainerResponse> {
-        let (_, agent) = self.running(id)?;
-        let mut req = agent::StatsContainerRequest::new();
-        req.container_id = id.into();
-        agent.stats_container(crate::agent::ctx(), &req).map_err(|e| agent_error("StatsContainer", e))
+        let guest = self.running(id)?;
+        Ok(ContainerHandle::new(guest.as_ref(), id).stats()?)
     }
 
     /// `update --resources`: new `linux.resources` for the container.
     pub fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
-        let (_, agent) = self.running(id)?;
-        let mut req = agent::UpdateContainerRequest::new();
-        req.container_id = id.into();
-        req.resources_json = resources_json;
-        agent.update_container(crate::agent::ctx(), &req).map_err(|e| agent_error("UpdateContainer", e))?;
-        Ok(())
+        let guest = self.running(id)?;
+        Ok(ContainerHandle::new(guest.as_ref(), id).update(resources_json)?)
     }
 
     /// The process `exec` runs: `--process FILE`, or the container's own
@@ -550,5 +511,97 @@ mod tests {
         assert!(line.starts_with(&format!("cannot listen on {}_", uds.display())), "{line}");
         assert_eq!(line.matches(&enoent()).count(), 1, "{line}");
         assert!(line.ends_with(&enoent()), "{line}");
+    }
+
+    /// A runtime under a temporary root with container `id` recorded as
+    /// `status`, its monitor (this process) serving the control socket over
+    /// a fake agent that has the container's init (started unless created).
+    struct Fixture {
+        _root: tempfile::TempDir,
+        rt: Runtime,
+        fake: std::sync::Arc<crate::test_utils::FakeGuest>,
+    }
+
+    fn fixture(id: &str, status: Status, poststart: Vec<oci_spec::runtime::Hook>) -> Fixture {
+        let root = tempfile::tempdir().expect("tempdir");
+        let rt = Runtime { store: StateStore::new(root.path().join("run")), global_args: Vec::new() };
+        let dir = rt.store.create_dir(id).expect("dir");
+        let me = std::process::id();
+        let record = ContainerRecord {
+            id: id.into(),
+            // Gone: the verbs must not read the bundle again.
+            bundle: root.path().join("no-bundle"),
+            rootfs: root.path().join("no-bundle/rootfs"),
+            status,
+            pid: me,
+            vmm_pid: 0,
+            guest_pid: 1,
+            created: now_rfc3339(),
+            owner: "root".into(),
+            annotations: Default::default(),
+            exit_code: None,
+            stop_reason: None,
+            monitor_pid: me,
+            vmm_start_time: 0,
+            monitor_start_time: proc::start_time(me).expect("own start time"),
+            poststart,
+            poststop: Vec::new(),
+        };
+        rt.store.save(&record).expect("save");
+        let fake = std::sync::Arc::new(crate::test_utils::FakeGuest::new(dir.join("vsock.sock")));
+        fake.add(id, "", status != Status::Created);
+        let guest: Arc<dyn Guest> = fake.clone();
+        crate::control::serve(&crate::control::path(&dir), &guest, id);
+        Fixture { _root: root, rt, fake }
+    }
+
+    fn calls(f: &Fixture) -> Vec<String> {
+        f.fake.calls.lock().expect("calls").clone()
+    }
+
+    #[test]
+    fn start_goes_through_the_monitor_and_runs_poststart_from_the_record() {
+        let out = tempfile::tempdir().expect("tempdir");
+        let mark = out.path().join("poststart");
+        let hook: oci_spec::runtime::Hook = serde_json::from_value(serde_json::json!({
+            "path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", mark.display())]
+        }))
+        .expect("hook");
+        let f = fixture("c1", Status::Created, vec![hook]);
+        f.rt.start("c1").expect("start");
+        assert_eq!(f.rt.state("c1").expect("state").status, Status::Running);
+        assert_eq!(calls(&f), ["StartContainer"]);
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&mark).expect("hook ran")).expect("state json");
+        assert_eq!(state["status"], "running");
+        let e = f.rt.start("c1").expect_err("twice");
+        assert_eq!(e.to_string(), "cannot start an already running container");
+    }
+
+    #[test]
+    fn kill_pause_resume_ps_update_go_through_the_monitor() {
+        let f = fixture("c1", Status::Running, Vec::new());
+        assert_eq!(f.rt.ps("c1").expect("ps").len(), 1);
+        f.rt.update("c1", b"{}".to_vec()).expect("update");
+        f.rt.pause("c1", true).expect("pause");
+        assert_eq!(f.rt.state("c1").expect("state").status, Status::Paused);
+        let e = f.rt.pause("c1", true).expect_err("paused already");
+        assert_eq!(e.to_string(), "container c1 is paused, not running");
+        f.rt.pause("c1", false).expect("resume");
+        f.rt.kill("c1", 15, false).expect("kill");
+        // The guest's answer comes back as the agent gave it.
+        let e = f.rt.kill("c1", 15, false).expect_err("exited in the guest");
+        assert_eq!(e.to_string(), "SignalProcess: process exited");
+        assert_eq!(calls(&f), ["UpdateContainer", "PauseContainer", "ResumeContainer", "SignalProcess", "SignalProcess"]);
+    }
+
+    #[test]
+    fn a_stopped_container_is_not_signalled_and_a_running_one_not_deleted_without_force() {
+        let f = fixture("c1", Status::Stopped, Vec::new());
+        assert_eq!(f.rt.kill("c1", 9, false).expect_err("stopped").to_string(), "container not running");
+        assert_eq!(f.rt.ps("c1").expect_err("stopped").to_string(), "container c1 is not running");
+        let f = fixture("c2", Status::Running, Vec::new());
+        let e = f.rt.delete("c2", false).expect_err("running");
+        assert_eq!(e.to_string(), "cannot delete container c2 that is not stopped: running");
+        assert!(calls(&f).is_empty());
     }
 }

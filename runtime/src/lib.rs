@@ -9,8 +9,9 @@
 //!    snapshots per VM shape);
 //! 3. the VM and its agent behind seams: [`guest`], [`launcher`] (restores
 //!    from a template, or boots cold), [`pod`];
-//! 4. the sandbox core: [`sandbox`], and [`control`] (the CLI monitor's
-//!    socket over it);
+//! 4. the sandbox core: [`sandbox`] (its container verbs in
+//!    [`sandbox::ContainerHandle`]), and [`control`] (the CLI monitor's
+//!    socket, which relays those verbs' agent calls);
 //! 5. the CLI's lifecycle over it: [`container`], [`monitor`] (the shim is
 //!    the other front end, in its own crate).
 

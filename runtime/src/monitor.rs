@@ -9,11 +9,12 @@
 //! exits with the container's status, as runc's init would for a shim
 //! that reaps it. SIGTERM (from `delete`) kills the container first.
 //!
-//! While the container runs the monitor also answers `start` on a Unix
-//! socket in the state directory ([`crate::control`]): one JSON line in,
-//! one out, over the agent connection it already holds (a new connection
-//! to the agent costs a vsock handshake and a ttrpc server thread in the
-//! guest, whose every system call is emulated on a kvm_pvm host).
+//! While the container runs the monitor also relays the CLI's agent calls
+//! (`start`, `kill`, `exec`, `pause`, `ps`, ...) on a Unix socket in the
+//! state directory ([`crate::control`]) over the agent connection it
+//! already holds (a new connection to the agent costs a vsock handshake and
+//! a ttrpc server thread in the guest, whose every system call is emulated
+//! on a kvm_pvm host). `exec` and `_exec` are clients of it like the rest.
 
 use std::fs::File;
 use std::io::Write;
@@ -30,14 +31,14 @@ use oci_spec::runtime::Process;
 
 use crate::bundle::Bundle;
 use crate::config;
-use crate::container::{agent_error, ContainerError, Ready, Runtime};
+use crate::container::{ContainerError, Ready, Runtime};
 use crate::control;
 use crate::error::Chain;
-use crate::guest::{AgentGuest, Guest};
+use crate::guest::Guest;
 use crate::launcher::MicroVmLauncher;
 use crate::proc;
 use crate::relay::{Relay, StdioPorts};
-use crate::sandbox::{Sandbox, SandboxSpec};
+use crate::sandbox::{ContainerHandle, Sandbox, SandboxSpec};
 use crate::share;
 use crate::state::{ContainerRecord, Status};
 use crate::stdio::{self, ConsolePty, HostIo, RawMode, StdioError};
@@ -89,12 +90,10 @@ fn signal_events(tx: Sender<Event>) {
 /// Waits for process `exec_id` of container `id` in a thread.
 fn wait_events(guest: &Arc<dyn Guest>, id: &str, exec_id: &str, tx: Sender<Event>) {
     let guest = guest.clone();
-    let mut req = agent::WaitProcessRequest::new();
-    req.container_id = id.into();
-    req.exec_id = exec_id.into();
+    let (id, exec_id) = (id.to_string(), exec_id.to_string());
     std::thread::spawn(move || {
-        let r = guest.wait_process(&req);
-        let _ = tx.send(Event::Exited(r.map_err(|e| agent_error("WaitProcess", e).to_string())));
+        let r = ContainerHandle::new(guest.as_ref(), &id).wait(&exec_id);
+        let _ = tx.send(Event::Exited(r.map_err(|e| e.to_string())));
     });
 }
 
@@ -146,12 +145,7 @@ impl PendingIo {
             let guest = guest.clone();
             let (id, exec_id) = (id.to_string(), exec_id.to_string());
             stdio::watch_winsize(tty, move |rows, cols| {
-                let mut req = agent::ResizeTtyRequest::new();
-                req.container_id = id.clone();
-                req.exec_id = exec_id.clone();
-                req.rows = rows.into();
-                req.cols = cols.into();
-                match guest.resize_tty(&req) {
+                match ContainerHandle::new(guest.as_ref(), &id).resize(&exec_id, rows.into(), cols.into()) {
                     Ok(_) => true,
                     Err(e) => {
                         tracing::debug!(error = %e, "ResizeTty");
@@ -317,12 +311,7 @@ fn wait_exit(
             Ok(Event::Signal(sig)) => {
                 let terminate = exec_id.is_empty() && matches!(sig, Signal::SIGTERM | Signal::SIGINT);
                 let send = if terminate { Signal::SIGKILL } else { sig };
-                let mut req = agent::SignalProcessRequest::new();
-                req.container_id = id.into();
-                req.exec_id = exec_id.into();
-                req.signal = send as u32;
-                req.all = terminate;
-                if let Err(e) = guest.signal_process(&req) {
+                if let Err(e) = ContainerHandle::new(guest, id).signal(exec_id, send as u32, terminate) {
                     tracing::warn!(error = %e, "forwarding {sig}");
                 }
                 if terminate && !terminated {
@@ -399,20 +388,18 @@ pub fn exec(rt: &Runtime, req: ExecRequest<'_>, ready_fd: Option<i32>) -> Result
         if record.status == Status::Stopped {
             return Err(ContainerError::WrongState(format!("cannot exec in a stopped container {}", req.id)));
         }
-        let guest: Arc<dyn Guest> = Arc::new(AgentGuest(rt.agent(&record)?));
+        // The monitor's agent connection (or our own): the ports are bound
+        // on the VM's vsock socket either way.
+        let guest = rt.guest(&record)?;
         let uds = Vm::vsock_path(&rt.store.dir(req.id)?);
         let terminal = req.process.terminal() == Some(true);
+        let process_json = serde_json::to_vec(&req.process).map_err(ContainerError::EncodeProcess)?;
         let pending = prepare_io(&uds, terminal, req.console_socket)?;
         let exec_id = format!("exec-{}-{}", std::process::id(), nanos_now());
-        let mut call = agent::ExecProcessRequest::new();
-        call.container_id = req.id.into();
-        call.exec_id = exec_id.clone();
-        call.process_json = serde_json::to_vec(&req.process).map_err(ContainerError::EncodeProcess)?;
-        call.terminal = terminal;
-        call.stdio = Some(pending.streams()).into();
+        let streams = pending.streams();
         let session = pending.start(&guest, req.id, &exec_id);
-        let resp = guest.exec_process(&call).map_err(|e| agent_error("ExecProcess", e))?;
-        Ok((guest, exec_id, session, resp.pid))
+        let pid = ContainerHandle::new(guest.as_ref(), req.id).exec(&exec_id, process_json, terminal, streams)?;
+        Ok((guest, exec_id, session, pid))
     })();
     let (guest, exec_id, session, pid) = match started {
         Ok(s) => s,

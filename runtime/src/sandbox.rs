@@ -12,7 +12,11 @@
 //!    and its prestart/createRuntime host hooks.
 //! 3. [`Sandbox::create_container`]: CreateContainer with the stdio the
 //!    front end bound.
-//! 4. [`Sandbox::stop`]: the guest shuts down, the VMM exits, the taps go.
+//! 4. [`Sandbox::container`]: the verbs on a container (start, exec, kill,
+//!    wait, pause/resume, ps, stats, update, delete) as a
+//!    [`ContainerHandle`], which the CLI also makes over the monitor's
+//!    agent connection when it has no `Sandbox` of its own.
+//! 5. [`Sandbox::stop`]: the guest shuts down, the VMM exits, the taps go.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,8 +34,11 @@ use crate::pod;
 use crate::share::{self, HostBind, ShareError};
 use crate::template;
 
+mod handle;
 #[cfg(test)]
 mod tests;
+
+pub use handle::ContainerHandle;
 
 /// Why a sandbox or a container in it could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +208,11 @@ impl Sandbox {
         let resp = self.guest.create_container(&req).map_err(|e| SandboxError::agent("CreateContainer", e))?;
         tracing::info!(guest_pid = resp.pid, "container created");
         Ok(resp.pid)
+    }
+
+    /// Container `id` of this sandbox, for its verbs.
+    pub fn container<'a>(&'a self, id: &'a str) -> ContainerHandle<'a> {
+        ContainerHandle::new(self.guest.as_ref(), id)
     }
 
     /// Undoes a container's binds (see [`Self::prepare_container`]).

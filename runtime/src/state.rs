@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use oci_spec::runtime::Hook;
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::OciState;
@@ -71,6 +72,13 @@ pub struct ContainerRecord {
     pub vmm_start_time: u64,
     #[serde(default)]
     pub monitor_start_time: u64,
+    /// The spec's poststart and poststop hooks, kept at `create` so that
+    /// `start` and `delete`, which run them on the host, need not parse the
+    /// bundle's config.json again (nor see it changed since).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub poststart: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub poststop: Vec<Hook>,
 }
 
 impl ContainerRecord {
@@ -307,6 +315,8 @@ mod tests {
             monitor_pid: 0,
             vmm_start_time: 0,
             monitor_start_time: 0,
+            poststart: Vec::new(),
+            poststop: Vec::new(),
         }
     }
 

@@ -3,7 +3,9 @@
 //! plays the guest: it connects to the stdio ports, and processes exit when
 //! signalled or told to. Failures on demand: CreateContainer refuses a
 //! container whose id starts with `bad`, StartContainer one whose id starts
-//! with `nostart`, ExecProcess an exec id starting with `bad`.
+//! with `nostart`, ExecProcess an exec id starting with `bad`. As the agent
+//! does, ExecProcess refuses an exec id the container has, and
+//! RemoveContainer a running container without `force`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -126,6 +128,9 @@ impl Guest for FakeGuest {
         if req.exec_id.starts_with("bad") {
             return Err(status(ttrpc::Code::INTERNAL, "executing the process: exec: \"/nonexistent\": no such file or directory"));
         }
+        if self.procs.lock().expect("procs").contains_key(&(req.container_id.clone(), req.exec_id.clone())) {
+            return Err(status(ttrpc::Code::ALREADY_EXISTS, &format!("process {} already exists", req.exec_id)));
+        }
         let process: serde_json::Value = serde_json::from_slice(&req.process_json).expect("process json");
         assert!(process["args"].is_array());
         self.say(req.stdio.as_ref().expect("stdio"), &format!("exec:{}", req.exec_id));
@@ -206,6 +211,10 @@ impl Guest for FakeGuest {
     fn remove_container(&self, req: &RemoveContainerRequest) -> ttrpc::Result<RemoveContainerResponse> {
         self.call("RemoveContainer");
         let mut procs = self.procs.lock().expect("procs");
+        let init = procs.get(&(req.container_id.clone(), String::new()));
+        if !req.force && init.is_some_and(|p| p.started && p.exit.is_none()) {
+            return Err(status(ttrpc::Code::FAILED_PRECONDITION, "container is running; stop it first or remove with force"));
+        }
         for ((cid, _), p) in procs.iter_mut() {
             if *cid == req.container_id {
                 p.exit.get_or_insert(137);

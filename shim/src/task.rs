@@ -6,7 +6,11 @@
 //! container's rootfs and bind-mount sources into the VM's share and calls
 //! CreateContainer with the container's stdio bridged ([`crate::io`]). A
 //! waiter thread per process turns WaitProcess into the TaskExit event and
-//! the answer of Wait. Deleting the last container stops the VM.
+//! the answer of Wait. Deleting the last container stops the VM. The calls
+//! on the agent are the sandbox core's container verbs
+//! ([`core::ContainerHandle`], via [`core::Sandbox::container`]), which the
+//! CLI runs too; what is the shim's is the Task API's state checks, status
+//! codes and events around them.
 //!
 //! Pids: a task's pid (Create, Start, State, events) is the VMM's host pid,
 //! the one host process that stands for the sandbox; `Pids` lists the
@@ -17,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use carapace_protocol::agent;
 use carapace_runtime::bundle::Bundle;
 use carapace_runtime::error::Chain;
 use carapace_runtime::hooks;
@@ -122,10 +125,6 @@ fn time_from_nanos(n: i64) -> SystemTime {
         Ok(n) if n > 0 => UNIX_EPOCH + Duration::from_nanos(n),
         _ => SystemTime::now(),
     }
-}
-
-fn agent_call<T>(call: &'static str, r: ttrpc::Result<T>) -> Result<T, ShimError> {
-    r.map_err(|e| ShimError::agent(call, e))
 }
 
 impl TaskService {
@@ -302,10 +301,7 @@ impl Inner {
         let (inner, sb, p) = (self.clone(), sb.clone(), p.clone());
         let container_id = c.id.clone();
         let spawned = std::thread::Builder::new().name("wait".into()).spawn(move || {
-            let mut req = agent::WaitProcessRequest::new();
-            req.container_id = p.container_id.clone();
-            req.exec_id = p.exec_id.clone();
-            let (status, at, oom) = match sb.guest().wait_process(&req) {
+            let (status, at, oom) = match sb.container(&p.container_id).wait(&p.exec_id) {
                 Ok(w) => (u32::try_from(w.exit_code).unwrap_or(LOST), time_from_nanos(w.exited_at_unix_nano), w.oom_killed),
                 Err(e) => {
                     tracing::warn!(container = %container_id, exec_id = %p.exec_id, error = %e, "WaitProcess failed; reporting the process lost");
@@ -351,11 +347,9 @@ impl Inner {
         }
         let pid = e.sb.vmm_pid();
         if req.exec_id.is_empty() {
-            let mut sreq = agent::StartContainerRequest::new();
-            sreq.container_id = req.id.clone();
-            if let Err(err) = e.sb.guest().start_container(&sreq) {
+            if let Err(err) = e.sb.container(&req.id).start() {
                 self.init_start_failed(&e);
-                return Err(ShimError::agent("StartContainer", err));
+                return Err(err.into());
             }
             {
                 let _order = lock(&self.containers);
@@ -370,22 +364,17 @@ impl Inner {
                     return Err(ShimError::FailedPrecondition(format!("container {} is not running", req.id)));
                 }
                 let pending = io::bind(e.sb.vsock_uds(), &p.stdio)?;
-                let mut ereq = agent::ExecProcessRequest::new();
-                ereq.container_id = req.id.clone();
-                ereq.exec_id = req.exec_id.clone();
-                ereq.process_json = p.spec_json.clone();
-                ereq.terminal = p.stdio.terminal;
-                ereq.stdio = Some(pending.streams()).into();
+                let streams = pending.streams();
                 let mut relay = pending.start();
-                match e.sb.guest().exec_process(&ereq) {
-                    Ok(r) => Ok((r, relay)),
+                match e.sb.container(&req.id).exec(&req.exec_id, p.spec_json.clone(), p.stdio.terminal, streams) {
+                    Ok(guest_pid) => Ok((guest_pid, relay)),
                     Err(err) => {
                         relay.cancel();
-                        Err(ShimError::agent("ExecProcess", err))
+                        Err(ShimError::from(err))
                     }
                 }
             })();
-            let (resp, relay) = match started {
+            let (guest_pid, relay) = match started {
                 Ok(x) => x,
                 Err(err) => {
                     // Never ran: its waiters (containerd calls Wait before
@@ -398,7 +387,7 @@ impl Inner {
                 }
             };
             let _order = lock(&self.containers);
-            p.set_guest(resp.pid, relay, Status::Running);
+            p.set_guest(guest_pid, relay, Status::Running);
             self.spawn_waiter(&e.sb, &e.c, &p);
             self.publish(
                 topics::TASK_EXEC_STARTED_EVENT_TOPIC,
@@ -412,11 +401,7 @@ impl Inner {
     /// TaskExit goes out as for an init that died, as with runc) and
     /// whatever the guest still holds of it is killed; Delete removes it.
     fn init_start_failed(&self, e: &Entry) {
-        let mut kill = agent::SignalProcessRequest::new();
-        kill.container_id = e.c.id.clone();
-        kill.signal = 9;
-        kill.all = true;
-        if let Err(err) = e.sb.guest().signal_process(&kill) {
+        if let Err(err) = e.sb.container(&e.c.id).signal("", 9, true) {
             tracing::debug!(error = %err, "killing the container that did not start");
         }
         let order = lock(&self.containers);
@@ -463,10 +448,7 @@ impl Inner {
         if init.status() == Status::Running {
             return Err(ShimError::FailedPrecondition(format!("container {} is running; kill it first", req.id)));
         }
-        let mut rreq = agent::RemoveContainerRequest::new();
-        rreq.container_id = req.id.clone();
-        rreq.force = true;
-        if let Err(err) = e.sb.guest().remove_container(&rreq) {
+        if let Err(err) = e.sb.container(&req.id).remove(true) {
             // Gone already, or the VM is: nothing left in the guest.
             tracing::warn!(error = %err, "RemoveContainer");
         }
@@ -555,12 +537,7 @@ impl Inner {
             Status::Stopped if !req.all => return Err(ShimError::NotFound(format!("process {} already finished", p.event_id()))),
             _ => {}
         }
-        let mut sreq = agent::SignalProcessRequest::new();
-        sreq.container_id = req.id.clone();
-        sreq.exec_id = req.exec_id.clone();
-        sreq.signal = req.signal;
-        sreq.all = req.all;
-        agent_call("SignalProcess", e.sb.guest().signal_process(&sreq)).map(|_| ())
+        Ok(e.sb.container(&req.id).signal(&req.exec_id, req.signal, req.all)?)
     }
 
     fn exec(&self, req: &api::ExecProcessRequest) -> Result<(), ShimError> {
@@ -586,12 +563,7 @@ impl Inner {
 
     fn resize_pty(&self, req: &api::ResizePtyRequest) -> Result<(), ShimError> {
         let e = self.get(&req.id)?;
-        let mut r = agent::ResizeTtyRequest::new();
-        r.container_id = req.id.clone();
-        r.exec_id = req.exec_id.clone();
-        r.rows = req.height;
-        r.cols = req.width;
-        agent_call("ResizeTty", e.sb.guest().resize_tty(&r)).map(|_| ())
+        Ok(e.sb.container(&req.id).resize(&req.exec_id, req.height, req.width)?)
     }
 
     fn close_io(&self, req: &api::CloseIORequest) -> Result<(), ShimError> {
@@ -604,36 +576,25 @@ impl Inner {
         // Without a terminal the closed stream is the EOF; a terminal gets
         // its EOF character from the agent.
         if p.stdio.terminal && p.status() == Status::Running {
-            let mut r = agent::CloseStdinRequest::new();
-            r.container_id = req.id.clone();
-            r.exec_id = req.exec_id.clone();
-            agent_call("CloseStdin", e.sb.guest().close_stdin(&r))?;
+            e.sb.container(&req.id).close_stdin(&req.exec_id)?;
         }
         Ok(())
     }
 
     fn pids(&self, req: &api::PidsRequest) -> Result<api::PidsResponse, ShimError> {
         let e = self.get(&req.id)?;
-        let mut r = agent::ListProcessesRequest::new();
-        r.container_id = req.id.clone();
-        let list = agent_call("ListProcesses", e.sb.guest().list_processes(&r))?;
-        let processes = list.pids.into_iter().map(|pid| ProcessInfo { pid, ..Default::default() }).collect();
+        let pids = e.sb.container(&req.id).ps()?;
+        let processes = pids.into_iter().map(|pid| ProcessInfo { pid, ..Default::default() }).collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
 
     fn pause(&self, req: &api::PauseRequest, pause: bool) -> Result<(), ShimError> {
         let e = self.get(&req.id)?;
+        e.sb.container(&req.id).set_paused(pause)?;
+        e.c.set_paused(pause);
         if pause {
-            let mut r = agent::PauseContainerRequest::new();
-            r.container_id = req.id.clone();
-            agent_call("PauseContainer", e.sb.guest().pause_container(&r))?;
-            e.c.set_paused(true);
             self.publish(topics::TASK_PAUSED_EVENT_TOPIC, TaskPaused { container_id: req.id.clone(), ..Default::default() });
         } else {
-            let mut r = agent::ResumeContainerRequest::new();
-            r.container_id = req.id.clone();
-            agent_call("ResumeContainer", e.sb.guest().resume_container(&r))?;
-            e.c.set_paused(false);
             self.publish(topics::TASK_RESUMED_EVENT_TOPIC, TaskResumed { container_id: req.id.clone(), ..Default::default() });
         }
         Ok(())
@@ -647,10 +608,7 @@ impl Inner {
             .map(|r| r.value.clone())
             .filter(|v| !v.is_empty())
             .ok_or_else(|| ShimError::InvalidArgument("update: no resources".into()))?;
-        let mut r = agent::UpdateContainerRequest::new();
-        r.container_id = req.id.clone();
-        r.resources_json = resources;
-        agent_call("UpdateContainer", e.sb.guest().update_container(&r)).map(|_| ())
+        Ok(e.sb.container(&req.id).update(resources)?)
     }
 
     fn wait(&self, req: &api::WaitRequest) -> Result<api::WaitResponse, ShimError> {
@@ -661,9 +619,7 @@ impl Inner {
 
     fn stats(&self, req: &api::StatsRequest) -> Result<api::StatsResponse, ShimError> {
         let e = self.get(&req.id)?;
-        let mut r = agent::StatsContainerRequest::new();
-        r.container_id = req.id.clone();
-        let s = agent_call("StatsContainer", e.sb.guest().stats_container(&r))?;
+        let s = e.sb.container(&req.id).stats()?;
         let any = stats::to_any(&stats::metrics(&s)).map_err(|err| ShimError::Internal(err.to_string()))?;
         Ok(api::StatsResponse { stats: Some(any).into(), ..Default::default() })
     }
