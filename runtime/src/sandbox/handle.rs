@@ -1,6 +1,6 @@
 //! The container verbs against a sandbox's agent, once for both front ends:
 //! the shim calls them on its sandbox's agent connection, the CLI on the
-//! monitor's (through [`crate::control`]) or, when no monitor answers, on
+//! monitor's (relayed by its control socket, `control.rs`) or, when no monitor answers, on
 //! its own. What each front end checks before a verb (its own record of the
 //! container's state) and makes of the answer (runc's messages and exit
 //! codes, or containerd's status codes and events) stays with it.
