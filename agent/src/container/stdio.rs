@@ -405,6 +405,13 @@ impl Copiers {
     }
 }
 
+impl std::fmt::Debug for Copiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (idle, threads) = self.counts();
+        f.debug_struct("Copiers").field("idle", &idle).field("threads", &threads).finish()
+    }
+}
+
 /// The agent's copier threads.
 pub fn copiers() -> &'static Copiers {
     static COPIERS: std::sync::OnceLock<Copiers> = std::sync::OnceLock::new();
@@ -685,7 +692,13 @@ mod tests {
         assert_eq!(pool.counts(), (1, 1));
         // Two at once while one is busy: a second thread.
         let (block_tx, block_rx) = mpsc::channel::<()>();
-        pool.run("busy", Box::new(move || drop(block_rx.recv()))).expect("run");
+        pool.run(
+            "busy",
+            Box::new(move || {
+                let _ = block_rx.recv();
+            }),
+        )
+        .expect("run");
         let t = tx.clone();
         pool.run("c", Box::new(move || t.send(9).expect("send"))).expect("run");
         assert_eq!(rx.recv().expect("ran"), 9);
