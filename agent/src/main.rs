@@ -15,7 +15,7 @@ use anyhow::{anyhow, Context};
 use carapace_protocol::{AGENT_VSOCK_ADDRESS, API_VERSION, VSOCK_HOST_CID};
 
 use carapace_agent::args::{self, Args};
-use carapace_agent::container::stdio::Dialer;
+use carapace_agent::container::stdio::{self, Dialer};
 use carapace_agent::container::{cgroup, ContainerManager, ManagerConfig};
 use carapace_agent::reaper::Reaper;
 use carapace_agent::sandbox::Sandbox;
@@ -147,6 +147,7 @@ fn run_as_init(args: &Args) -> ! {
         Ok(address) => address,
         Err(e) => fatal(&anyhow!(e)),
     };
+    start_copiers();
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();
     let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), true));
@@ -169,6 +170,18 @@ fn run_as_init(args: &Args) -> ! {
     nix::unistd::sync();
     trigger.wait_for_reply(since);
     shutdown::reboot_guest()
+}
+
+/// Idle stdio copier threads started at boot: enough for a container's
+/// three streams and an exec's (see `carapace_agent::container::stdio`).
+const COPIERS_AT_BOOT: usize = 6;
+
+/// Starts the idle copier threads (after the signal mask is set: threads
+/// inherit it). Without them a process's start makes its own.
+fn start_copiers() {
+    if let Err(e) = stdio::start_copiers(COPIERS_AT_BOOT) {
+        tracing::warn!(error = %e, "starting the stdio copier threads");
+    }
 }
 
 /// Set in the environment of the agent's re-exec of itself.
@@ -214,6 +227,7 @@ fn run_on_host(args: &Args) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
     let signals = Signals::block_and_open()?;
+    start_copiers();
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();
     let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), false));

@@ -8,7 +8,8 @@
 //! process gets `/dev/null` there.
 //!
 //! Without a terminal the process gets pipes and one copier thread per
-//! stream moves the bytes: blocking writes to the host with large buffers,
+//! stream (from a pool the agent fills at boot, [`start_copiers`]) moves
+//! the bytes: blocking writes to the host with large buffers,
 //! so a slow reader holds the process back (back-pressure) and nothing is
 //! queued without bound. With a terminal the process gets the slave of a
 //! pty (created by libcontainer inside the container); the agent holds the
@@ -323,7 +324,107 @@ impl PendingIo {
 }
 
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), StdioError> {
-    std::thread::Builder::new().name(name).stack_size(COPIER_STACK).spawn(f).map(drop).map_err(StdioError::Thread)
+    copiers().run(&name, Box::new(f))
+}
+
+/// A copier to run.
+pub type Job = Box<dyn FnOnce() + Send>;
+
+/// Copier threads kept for the next process instead of exiting.
+///
+/// A new thread costs ~0.2 s of guest time on kvm_pvm hosts (clone, stack
+/// mapping, its first faults: `../shared/PVM-HOSTS.md`) and each process
+/// needs up to three copiers: the agent starts a few at boot
+/// ([`start_copiers`]), so that with VM templates they are part of the
+/// snapshot and a container's or an exec's start creates no thread.
+#[derive(Default)]
+pub struct Copiers {
+    state: Mutex<PoolState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    jobs: std::collections::VecDeque<Job>,
+    /// Threads waiting for a job.
+    idle: usize,
+    /// Threads in all.
+    threads: usize,
+}
+
+impl Copiers {
+    /// Runs `job` on an idle thread if there is one, else on a new thread,
+    /// which joins the pool when the job ends.
+    pub fn run(&'static self, name: &str, job: Job) -> Result<(), StdioError> {
+        {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.idle > state.jobs.len() {
+                state.jobs.push_back(job);
+                self.wake.notify_one();
+                return Ok(());
+            }
+        }
+        tracing::debug!(copier = %name, "no idle copier thread; starting one");
+        self.start_thread(Some(job))
+    }
+
+    fn start_thread(&'static self, first: Option<Job>) -> Result<(), StdioError> {
+        std::thread::Builder::new()
+            .name("stdio".into())
+            .stack_size(COPIER_STACK)
+            .spawn(move || {
+                if let Some(job) = first {
+                    job();
+                }
+                self.serve()
+            })
+            .map_err(StdioError::Thread)?;
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).threads += 1;
+        Ok(())
+    }
+
+    fn serve(&self) -> ! {
+        loop {
+            let job = {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                state.idle += 1;
+                let mut state = self.wake.wait_while(state, |s| s.jobs.is_empty()).unwrap_or_else(PoisonError::into_inner);
+                state.idle -= 1;
+                state.jobs.pop_front()
+            };
+            if let Some(job) = job {
+                job();
+            }
+        }
+    }
+
+    /// (idle, all) threads.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        (state.idle, state.threads)
+    }
+}
+
+impl std::fmt::Debug for Copiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (idle, threads) = self.counts();
+        f.debug_struct("Copiers").field("idle", &idle).field("threads", &threads).finish()
+    }
+}
+
+/// The agent's copier threads.
+pub fn copiers() -> &'static Copiers {
+    static COPIERS: std::sync::OnceLock<Copiers> = std::sync::OnceLock::new();
+    COPIERS.get_or_init(Copiers::default)
+}
+
+/// Starts `n` idle copier threads (call after the signal mask is set:
+/// threads inherit it).
+pub fn start_copiers(n: usize) -> Result<(), StdioError> {
+    for _ in 0..n {
+        copiers().start_thread(None)?;
+    }
+    Ok(())
 }
 
 impl ProcessIo {
@@ -562,6 +663,50 @@ fn copy_in(source: OwnedFd, sink: Sink, control: &StdinControl) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn copier_threads_are_reused() {
+        use std::sync::mpsc;
+        use std::time::{Duration, Instant};
+        let pool: &'static Copiers = Box::leak(Box::default());
+        let wait_idle = |n: usize| {
+            let end = Instant::now() + Duration::from_secs(10);
+            while pool.counts().0 < n {
+                assert!(Instant::now() < end, "{:?} idle, want {n}", pool.counts());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        // No idle thread: the first job gets a new one, which then stays.
+        let t = tx.clone();
+        pool.run("a", Box::new(move || t.send(1).expect("send"))).expect("run");
+        assert_eq!(rx.recv().expect("ran"), 1);
+        wait_idle(1);
+        assert_eq!(pool.counts(), (1, 1));
+        // The idle thread runs the next ones: no new thread.
+        for i in 2..5 {
+            let t = tx.clone();
+            pool.run("b", Box::new(move || t.send(i).expect("send"))).expect("run");
+            assert_eq!(rx.recv().expect("ran"), i);
+            wait_idle(1);
+        }
+        assert_eq!(pool.counts(), (1, 1));
+        // Two at once while one is busy: a second thread.
+        let (block_tx, block_rx) = mpsc::channel::<()>();
+        pool.run(
+            "busy",
+            Box::new(move || {
+                let _ = block_rx.recv();
+            }),
+        )
+        .expect("run");
+        let t = tx.clone();
+        pool.run("c", Box::new(move || t.send(9).expect("send"))).expect("run");
+        assert_eq!(rx.recv().expect("ran"), 9);
+        drop(block_tx);
+        wait_idle(2);
+        assert_eq!(pool.counts(), (2, 2));
+    }
+
     use super::*;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
