@@ -54,6 +54,10 @@ fn agent_service(args: &Args, address: &ListenAddress, trigger: ShutdownTrigger,
     };
     let containers =
         Arc::new(ContainerManager::new(ManagerConfig { state_dir, dialer, cgroup_root: cgroup::CGROUP_ROOT.into(), default_env }, reaper));
+    if guest {
+        // Before serving, so that a VM template has them.
+        containers.make_spare_namespaces();
+    }
     AgentService::new(trigger, containers, Sandbox::new(etc, guest))
 }
 

@@ -75,6 +75,8 @@ impl ContainerManager {
         let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
         let (joins, holds_shared_pid) = self.namespace_joins(req, &spec)?;
         namespaces::apply(&mut spec, &joins)?;
+        // Held until create returns: by then the init has entered them.
+        let _spares = self.spares.take_for(&mut spec);
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         if let Some(resources) = &resources {
             self.check_controllers(resources, "linux.resources")?;

@@ -1,6 +1,6 @@
 //! The last step in the container's init process before the user's
-//! program: libcontainer's default `execvp`, after undoing what the agent's
-//! own process state would otherwise leak into the container.
+//! program: an `execv` of the program found, after undoing what the
+//! agent's own process state would otherwise leak into the container.
 //!
 //! The agent blocks SIGCHLD, SIGTERM and SIGINT in every thread (they are
 //! read from a signalfd) and the Rust runtime ignores SIGPIPE; a cloned
@@ -11,17 +11,21 @@
 //! validation does (which refuses any process without PATH in its
 //! environment, even `/pause`): an `args[0]` with a '/' is used as it is
 //! (relative to `process.cwd`); a bare name is searched in the process's
-//! PATH and, without one, refused with a message naming it.
+//! PATH and, without one, refused with a message naming it. The path
+//! found is the one executed (runc does the same), so the search is not
+//! made twice.
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use libcontainer::oci_spec::runtime::Spec;
-use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 
 /// libcontainer's default executor, with signals reset first and runc's
-/// program lookup.
+/// program lookup (once: the path found is the one executed).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AgentExecutor;
 
@@ -69,13 +73,35 @@ fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The program `validate` found, for `exec` in the same (init or exec'd)
+/// process: looking it up again through PATH would cost the failed
+/// `execve`s execvp makes (each a new mm in the kernel, expensive where the
+/// guest kernel is emulated).
+static FOUND: Mutex<Option<PathBuf>> = Mutex::new(None);
+
 impl Executor for AgentExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         reset_signals_for_exec();
-        // execvp: with a '/' in args[0] no PATH is needed; a bare name was
-        // found in PATH by `validate`, and execvp searches the same PATH
-        // (libcontainer has set the process's environment by now).
-        DefaultExecutor {}.exec(spec)
+        let process = spec.process().as_ref().ok_or(ExecutorError::InvalidArg)?;
+        let args = process.args().as_ref().filter(|a| !a.is_empty()).ok_or(ExecutorError::InvalidArg)?;
+        let found = FOUND.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let program = match found {
+            Some(program) => program,
+            // libcontainer has set the process's environment by now.
+            None => {
+                let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+                find_program(&args[0], &env, is_executable_file).map_err(ExecutorError::Other)?
+            }
+        };
+        let to_c = |s: &[u8]| CString::new(s).map_err(|_| ExecutorError::Other(format!("process.args: {s:?} contains a NUL byte", s = String::from_utf8_lossy(s))));
+        let path = to_c(program.as_os_str().as_bytes())?;
+        let argv = args.iter().map(|a| to_c(a.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+        // execv keeps the environment libcontainer set, as execvp would.
+        let err = match nix::unistd::execv(&path, &argv) {
+            Ok(never) => match never {},
+            Err(err) => err,
+        };
+        Err(ExecutorError::Other(format!("executing {program:?} (process.args[0] {:?}): {err}", args[0])))
     }
 
     /// Runs in the container (after pivot_root and chdir to process.cwd),
@@ -88,7 +114,9 @@ impl Executor for AgentExecutor {
             .and_then(|a| a.first())
             .ok_or_else(|| ExecutorValidationError::ArgValidationError("process.args: empty".into()))?;
         let env = process.env().clone().unwrap_or_default();
-        find_program(name, &env, is_executable_file).map(drop).map_err(ExecutorValidationError::ArgValidationError)
+        let program = find_program(name, &env, is_executable_file).map_err(ExecutorValidationError::ArgValidationError)?;
+        *FOUND.lock().unwrap_or_else(|e| e.into_inner()) = Some(program);
+        Ok(())
     }
 }
 

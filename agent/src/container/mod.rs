@@ -44,6 +44,7 @@ pub mod executor;
 pub mod mountinfo;
 pub mod namespaces;
 pub mod process;
+pub mod spare;
 pub mod spec;
 pub mod stdio;
 
@@ -156,6 +157,8 @@ pub struct ContainerManager {
     /// (`GuestSettings.shared_pid_namespace`): the id of the container
     /// whose namespace the others join, once there is one.
     shared_pid: Mutex<SharedPid>,
+    /// Namespaces made at boot for the first container (see [`spare`]).
+    spares: spare::SpareNamespaces,
 }
 
 impl std::fmt::Debug for ContainerManager {
@@ -230,8 +233,16 @@ impl ContainerManager {
             consoles: ConsoleSockets::new(&config.state_dir),
             shared_pid: Mutex::new(SharedPid::default()),
             controllers: OnceLock::new(),
+            spares: spare::SpareNamespaces::default(),
             config,
         }
+    }
+
+    /// Makes the namespaces the first container joins instead of
+    /// unsharing (see [`spare`]): in the guest, before serving.
+    pub fn make_spare_namespaces(&self) {
+        let _span = tracing::info_span!("spare_namespaces").entered();
+        self.spares.make();
     }
 
     fn bundles_dir(&self) -> PathBuf {
