@@ -93,7 +93,10 @@ impl Executor for AgentExecutor {
                 find_program(&args[0], &env, is_executable_file).map_err(ExecutorError::Other)?
             }
         };
-        let to_c = |s: &[u8]| CString::new(s).map_err(|_| ExecutorError::Other(format!("process.args: {s:?} contains a NUL byte", s = String::from_utf8_lossy(s))));
+        let to_c = |s: &[u8]| {
+            CString::new(s)
+                .map_err(|_| ExecutorError::Other(format!("process.args: {s:?} contains a NUL byte", s = String::from_utf8_lossy(s))))
+        };
         let path = to_c(program.as_os_str().as_bytes())?;
         let argv = args.iter().map(|a| to_c(a.as_bytes())).collect::<Result<Vec<_>, _>>()?;
         // execv keeps the environment libcontainer set, as execvp would.

@@ -42,10 +42,7 @@ impl SpareNamespaces {
     /// What cannot be made is logged and left out: containers then unshare.
     pub fn make(&self) {
         let made: Vec<(LinuxNamespaceType, OwnedFd)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = TYPES
-                .iter()
-                .map(|&(typ, flag, name)| (typ, name, scope.spawn(move || make_one(flag, name))))
-                .collect();
+            let handles: Vec<_> = TYPES.iter().map(|&(typ, flag, name)| (typ, name, scope.spawn(move || make_one(flag, name)))).collect();
             handles
                 .into_iter()
                 .filter_map(|(typ, name, handle)| match handle.join() {
@@ -119,7 +116,13 @@ mod tests {
     }
 
     fn paths(spec: &Spec) -> Vec<(LinuxNamespaceType, Option<PathBuf>)> {
-        spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default().into_iter().map(|n| (n.typ(), n.path().clone())).collect()
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| (n.typ(), n.path().clone()))
+            .collect()
     }
 
     #[test]

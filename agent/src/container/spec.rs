@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Hooks, LinuxResources, Process, Spec};
+use oci_spec::runtime::{Capabilities, Capability, Hooks, LinuxResources, Process, Spec};
 use serde_json::Value;
 
 /// Namespace types the OCI runtime spec defines (config-linux.md).
@@ -229,8 +229,11 @@ pub fn has_mount_namespace(spec: &Spec) -> bool {
 /// - only the hooks that run in the container namespace stay
 ///   (createContainer, startContainer): prestart, createRuntime,
 ///   poststart and poststop run in the runtime namespace, on the host, and
-///   are the host runtime's to run.
+///   are the host runtime's to run;
+/// - masked and read-only paths this kernel has no file for are left out
+///   ([`drop_absent_kernel_paths`]).
 pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path, default_env: &[String]) {
+    drop_absent_kernel_paths(spec, |p| p.symlink_metadata().is_ok());
     let cgroup = cgroup_path(spec, id);
     if let Some(root) = spec.root_mut() {
         root.set_path(rootfs.to_path_buf());
@@ -267,6 +270,53 @@ pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path, defaul
             }
         }
         spec.set_hooks(Some(kept));
+    }
+}
+
+/// Leaves out of `linux.maskedPaths` and `linux.readonlyPaths` the entries
+/// under a proc or sysfs the spec mounts at `/proc` or `/sys` that this
+/// kernel does not have (`exists` asks the agent's own `/proc` and `/sys`,
+/// the same kernel's): `runc spec`'s defaults name /proc/acpi, asound,
+/// scsi and others that a guest kernel without those drivers lacks.
+/// libcontainer would skip them too, but only after resolving each under
+/// the new root, which costs ~0.3 s apiece where the guest kernel is
+/// emulated. Per-process entries (`/proc/<pid>`, `self`, `thread-self`)
+/// stay.
+pub fn drop_absent_kernel_paths(spec: &mut Spec, exists: impl Fn(&Path) -> bool) {
+    let mounted = |dest: &str, typ: &str| {
+        spec.mounts().as_ref().is_some_and(|ms| ms.iter().any(|m| m.destination() == Path::new(dest) && m.typ().as_deref() == Some(typ)))
+    };
+    let (proc, sys) = (mounted("/proc", "proc"), mounted("/sys", "sysfs"));
+    let absent = |path: &String| {
+        let p = Path::new(path);
+        let under = |root: &str| {
+            p.strip_prefix(root).ok().and_then(|rest| rest.components().next()).map(|c| c.as_os_str().to_string_lossy().into_owned())
+        };
+        let kernel_path = match (under("/proc"), under("/sys")) {
+            (Some(first), _) if proc => !(first == "self" || first == "thread-self" || first.bytes().all(|b| b.is_ascii_digit())),
+            (_, Some(_)) if sys => true,
+            _ => false,
+        };
+        // `..` could leave the kernel's tree, and what is under the
+        // network directories depends on the network namespace: such
+        // entries stay for libcontainer to judge.
+        let per_netns = ["/proc/net", "/proc/sys/net", "/sys/class/net", "/sys/devices/virtual/net"].iter().any(|d| p.starts_with(d));
+        kernel_path && !per_netns && !path.contains("..") && !exists(p)
+    };
+    let Some(linux) = spec.linux_mut() else { return };
+    let mut dropped = 0;
+    if let Some(masked) = linux.masked_paths().clone() {
+        let kept: Vec<String> = masked.into_iter().filter(|p| !absent(p)).collect();
+        dropped += linux.masked_paths().as_ref().map_or(0, |m| m.len()) - kept.len();
+        linux.set_masked_paths(Some(kept));
+    }
+    if let Some(readonly) = linux.readonly_paths().clone() {
+        let kept: Vec<String> = readonly.into_iter().filter(|p| !absent(p)).collect();
+        dropped += linux.readonly_paths().as_ref().map_or(0, |m| m.len()) - kept.len();
+        linux.set_readonly_paths(Some(kept));
+    }
+    if dropped > 0 {
+        tracing::debug!(dropped, "masked/read-only paths this kernel does not have left out");
     }
 }
 
@@ -323,10 +373,28 @@ pub fn add_default_env(process: &mut Process, defaults: &[String]) {
     process.set_env(Some(env));
 }
 
-/// `noNewPrivileges: false` → absent (see [`prepare_for_libcontainer`]).
+/// `noNewPrivileges: false` → absent (see [`prepare_for_libcontainer`]);
+/// ambient capabilities the kernel would refuse to raise (not both
+/// permitted and inheritable, as `runc spec`'s default asks) left out, so
+/// that libcontainer does not try each and log a warning for it from the
+/// container's init (console output is costly in the guest, and the user
+/// saw three such lines on every run).
 pub fn normalize_process(process: &mut Process) {
     if process.no_new_privileges() == Some(false) {
         process.set_no_new_privileges(None);
+    }
+    if let Some(mut caps) = process.capabilities().clone() {
+        if let Some(ambient) = caps.ambient().clone() {
+            let raisable = |c: &Capability| {
+                caps.permitted().as_ref().is_some_and(|p| p.contains(c)) && caps.inheritable().as_ref().is_some_and(|i| i.contains(c))
+            };
+            let kept: Capabilities = ambient.iter().filter(|c| raisable(c)).copied().collect();
+            if kept.len() != ambient.len() {
+                tracing::debug!(dropped = ambient.len() - kept.len(), "ambient capabilities not permitted and inheritable left out");
+                caps.set_ambient(Some(kept));
+                process.set_capabilities(Some(caps));
+            }
+        }
     }
 }
 
@@ -452,5 +520,63 @@ mod tests {
         assert!(hooks.prestart().is_none() && hooks.poststop().is_none());
         assert_eq!(hooks.create_container().as_ref().map(Vec::len), Some(1));
         assert_eq!(hooks.start_container().as_ref().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn ambient_capabilities_the_kernel_would_refuse_are_left_out() {
+        let json = spec_json(Path::new("/r"), |v| {
+            v["process"]["capabilities"] = serde_json::json!({
+                "bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"],
+                "permitted": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"],
+                "inheritable": ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"],
+                "ambient": ["CAP_KILL", "CAP_CHOWN", "CAP_AUDIT_WRITE"]
+            });
+        });
+        let spec: Spec = serde_json::from_slice(&json).expect("spec");
+        let mut process = spec.process().clone().expect("process");
+        normalize_process(&mut process);
+        let caps = process.capabilities().clone().expect("caps");
+        let ambient: Vec<Capability> = caps.ambient().clone().expect("ambient").into_iter().collect();
+        assert_eq!(ambient, vec![Capability::Chown], "only a permitted and inheritable one stays");
+        assert_eq!(caps.permitted().as_ref().map(|p| p.len()), Some(3), "other sets untouched");
+    }
+
+    #[test]
+    fn masked_and_readonly_paths_the_kernel_lacks_are_left_out() {
+        let json = spec_json(Path::new("/r"), |v| {
+            v["mounts"] = serde_json::json!([
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs"}
+            ]);
+            v["linux"]["maskedPaths"] = serde_json::json!([
+                "/proc/acpi",
+                "/proc/kcore",
+                "/proc/self/x",
+                "/proc/1/x",
+                "/sys/firmware",
+                "/etc/secret",
+                "/proc/../etc",
+                "/sys/class/net/eth9"
+            ]);
+            v["linux"]["readonlyPaths"] = serde_json::json!(["/proc/sys", "/proc/sysrq-trigger"]);
+        });
+        let mut spec: Spec = serde_json::from_slice(&json).expect("spec");
+        let present = ["/proc/kcore", "/proc/sys"];
+        drop_absent_kernel_paths(&mut spec, |p| present.iter().any(|q| Path::new(q) == p));
+        let linux = spec.linux().clone().expect("linux");
+        // Absent kernel files go; per-process, per-netns, rootfs and `..` entries stay.
+        assert_eq!(
+            linux.masked_paths().clone().expect("masked"),
+            ["/proc/kcore", "/proc/self/x", "/proc/1/x", "/etc/secret", "/proc/../etc", "/sys/class/net/eth9"].map(String::from).to_vec()
+        );
+        assert_eq!(linux.readonly_paths().clone().expect("readonly"), vec!["/proc/sys".to_string()]);
+
+        // Without a proc mount at /proc, /proc paths are not the kernel's.
+        let json = spec_json(Path::new("/r"), |v| {
+            v["linux"]["maskedPaths"] = serde_json::json!(["/proc/acpi"]);
+        });
+        let mut spec: Spec = serde_json::from_slice(&json).expect("spec");
+        drop_absent_kernel_paths(&mut spec, |_| false);
+        assert_eq!(spec.linux().clone().expect("linux").masked_paths().clone().expect("masked"), vec!["/proc/acpi".to_string()]);
     }
 }
