@@ -15,6 +15,12 @@
 //! `KVM_RUN` is lost: that sample is missing, not misplaced. An idle vCPU
 //! is sampled too (in the guest's idle loop), so counts are wall time.
 //!
+//! With [`PERCPU_ENV`] set to the hex offset of a per-cpu variable (from
+//! the guest kernel's System.map, e.g. `__preempt_count`), a kernel-mode
+//! sample also carries the 32-bit word at GS base + offset: with
+//! `__preempt_count` that tells hard-IRQ and soft-IRQ context (the timer
+//! tick) from task context.
+//!
 //! The file is opened for appending and written in whole lines, so that
 //! several VMMs (a template's and its restores) may share one file; each
 //! line carries the VMM's pid.
@@ -34,6 +40,9 @@ use crate::seccomp::{self, ThreadKind};
 
 /// The environment variable that names the profile file.
 pub const PROFILE_ENV: &str = "CARAPACE_VMM_PROFILE";
+/// The environment variable with the hex offset of a per-cpu word to add
+/// to kernel-mode samples.
+pub const PERCPU_ENV: &str = "CARAPACE_VMM_PROFILE_PERCPU";
 /// The sampling period (wall time).
 pub const PERIOD: Duration = Duration::from_millis(2);
 /// Samples are written out when this much is buffered...
@@ -64,6 +73,8 @@ pub struct Profile {
     /// only where KVM happens to notice a signal.
     kicked: AtomicU64,
     start: Instant,
+    /// The offset of the per-cpu word to record, if any.
+    percpu: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -104,7 +115,19 @@ impl Profile {
             pid: std::process::id(),
             kicked: AtomicU64::new(0),
             start: Instant::now(),
+            percpu: None,
         })
+    }
+
+    /// Adds the per-cpu word at GS base + `offset` to kernel-mode samples.
+    pub fn with_percpu(mut self, offset: u64) -> Self {
+        self.percpu = Some(offset);
+        self
+    }
+
+    /// The offset of the per-cpu word to record, if any.
+    pub fn percpu(&self) -> Option<u64> {
+        self.percpu
     }
 
     fn since_start(&self) -> u64 {
@@ -117,18 +140,19 @@ impl Profile {
     }
 
     /// Appends one sample of vCPU `cpu`:
-    /// `<unix time s.us> <vmm pid> <cpu> <rip hex> <cpl> <cr3 hex> <delay us>`,
-    /// where the CPL is the low two bits of the CS selector and the delay
-    /// is the time since the last kick.
-    pub fn record(&self, cpu: u8, regs: &kvm_regs, sregs: &kvm_sregs) {
+    /// `<unix time s.us> <vmm pid> <cpu> <rip hex> <cpl> <cr3 hex> <delay us>`
+    /// and, with a per-cpu offset, ` <word hex>` (`-` if it could not be
+    /// read), where the CPL is the low two bits of the CS selector and the
+    /// delay is the time since the last kick.
+    pub fn record(&self, cpu: u8, regs: &kvm_regs, sregs: &kvm_sregs, percpu: Option<u32>) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let delay = self.since_start().saturating_sub(self.kicked.load(Ordering::Relaxed)) / 1000;
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         if out.failed {
             return;
         }
-        let line = format!(
-            "{}.{:06} {} {cpu} {:x} {} {:x} {delay}\n",
+        let mut line = format!(
+            "{}.{:06} {} {cpu} {:x} {} {:x} {delay}",
             now.as_secs(),
             now.subsec_micros(),
             self.pid,
@@ -136,6 +160,14 @@ impl Profile {
             sregs.cs.selector & 3,
             sregs.cr3
         );
+        if self.percpu.is_some() {
+            match percpu {
+                Some(w) => line.push_str(&format!(" {w:x}\n")),
+                None => line.push_str(" -\n"),
+            }
+        } else {
+            line.push('\n');
+        }
         out.buf.extend_from_slice(line.as_bytes());
         if out.buf.len() >= WRITE_AT {
             out.write();
@@ -221,10 +253,10 @@ mod tests {
         regs.rip = 0xffff_ffff_8100_0000;
         sregs.cs.selector = 0x10;
         sregs.cr3 = 0x0123_4000;
-        p.record(0, &regs, &sregs);
+        p.record(0, &regs, &sregs, None);
         regs.rip = 0x40_1000;
         sregs.cs.selector = 0x33;
-        p.record(1, &regs, &sregs);
+        p.record(1, &regs, &sregs, Some(7));
         drop(p);
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();

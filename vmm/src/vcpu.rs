@@ -9,7 +9,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use tracing::{debug, trace, warn};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::bus::Bus;
 use crate::debug;
@@ -216,8 +216,19 @@ impl Vcpu {
     /// returned EINTR).
     fn sample(&self, profile: &Profile) {
         if let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) {
-            profile.record(self.id, &regs, &sregs);
+            let word = profile.percpu().filter(|_| sregs.cs.selector & 3 == 0).and_then(|off| self.read_percpu(&sregs, off));
+            profile.record(self.id, &regs, &sregs, word);
         }
+    }
+
+    /// The guest's 32-bit word at GS base + `offset` (a per-cpu variable
+    /// while the guest kernel runs), through the vCPU's page tables.
+    fn read_percpu(&self, sregs: &kvm_bindings::kvm_sregs, offset: u64) -> Option<u32> {
+        let t = self.fd.translate_gva(sregs.gs.base.wrapping_add(offset)).ok()?;
+        if t.valid == 0 {
+            return None;
+        }
+        self.shared.mem.read_obj::<u32>(GuestAddress(t.physical_address)).ok()
     }
 
     /// Registers and code bytes at RIP, for stderr.
