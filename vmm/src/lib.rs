@@ -29,6 +29,7 @@ pub mod error;
 pub mod exit;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod profile;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod snapshot;

@@ -13,6 +13,11 @@
 //! (see `carapace_vmm::seccomp`) before the guest runs; a system call
 //! outside it kills the process with SIGSYS. `--no-seccomp` turns that off
 //! for debugging.
+//!
+//! `CARAPACE_VMM_PROFILE=FILE` samples every vCPU's RIP every 2 ms into
+//! FILE (appended; `CARAPACE_VMM_PROFILE_PERCPU=HEX` adds a per-cpu word
+//! of the guest kernel; see `carapace_vmm::profile`, and
+//! `bench/guest_profile.py` to symbolize it).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +28,7 @@ use carapace_vmm::devices::virtio::fs::FsConfig;
 use carapace_vmm::devices::virtio::net::NetConfig;
 use carapace_vmm::error::one_line;
 use carapace_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
+use carapace_vmm::profile::{Profile, PERCPU_ENV, PROFILE_ENV};
 use carapace_vmm::seccomp::{self, Filters, SeccompLevel, ThreadKind};
 use carapace_vmm::{SerialOutput, VmConfig, VmExit, Vmm, VsockConfig};
 use clap::Parser;
@@ -209,6 +215,19 @@ fn run(config: VmConfig, filters: Option<Arc<Filters>>) -> anyhow::Result<i32> {
         }
     };
     spawn_signal_thread(vmm.exit_sender(), filters.clone())?;
+    // Opened now: once confined, no thread may open a file.
+    if let Some(path) = std::env::var_os(PROFILE_ENV).filter(|p| !p.is_empty()) {
+        match Profile::open(path.as_ref()) {
+            Ok(p) => {
+                let percpu = std::env::var(PERCPU_ENV).ok().and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+                vmm = vmm.with_profile(match percpu {
+                    Some(off) => p.with_percpu(off),
+                    None => p,
+                });
+            }
+            Err(e) => eprintln!("carapace-vmm: warning: {} (running without the profiler)", one_line(&e)),
+        }
+    }
     if let Some(f) = filters {
         vmm = vmm.with_seccomp(f);
     }

@@ -9,11 +9,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use tracing::{debug, trace, warn};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::bus::Bus;
 use crate::debug;
 use crate::exit::{ExitSender, VmExit};
+use crate::profile::Profile;
 
 /// What the run loop does after an exit.
 enum Next {
@@ -45,6 +46,8 @@ pub struct VcpuShared {
     /// Set (before `stop`) when the vCPUs stop for a snapshot: each one
     /// completes the I/O it exited for before handing its fd back.
     pub pause: Arc<AtomicBool>,
+    /// Where samples go when the guest is profiled (see [`crate::profile`]).
+    pub profile: Option<Arc<Profile>>,
 }
 
 /// A vCPU ready to run on its own thread.
@@ -102,7 +105,14 @@ impl Vcpu {
             }
             let next = match self.fd.run() {
                 Ok(ex) => Self::handle(self.id, ex, &self.shared.pio, &self.shared.mmio, &mut halts),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+                Err(e) if e.errno() == libc::EINTR => {
+                    // A kick: the profiler's (or a stop or dump request).
+                    if let Some(p) = &self.shared.profile {
+                        self.sample(p);
+                    }
+                    Next::Continue
+                }
+                Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop { exit: VmExit::VmmError { cpu: self.id, reason: format!("KVM_RUN failed: {e}") }, dump: false },
             };
             match next {
@@ -200,6 +210,25 @@ impl Vcpu {
         let n = (internal.ndata as usize).min(internal.data.len());
         let data: Vec<String> = internal.data[..n].iter().map(|d| format!("{d:#x}")).collect();
         format!("KVM_EXIT_INTERNAL_ERROR suberror {} ({what}), data [{}]", internal.suberror, data.join(", "))
+    }
+
+    /// Records where the guest is (between two instructions: KVM_RUN
+    /// returned EINTR).
+    fn sample(&self, profile: &Profile) {
+        if let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            let word = profile.percpu().filter(|_| sregs.cs.selector & 3 == 0).and_then(|off| self.read_percpu(&sregs, off));
+            profile.record(self.id, &regs, &sregs, word);
+        }
+    }
+
+    /// The guest's 32-bit word at GS base + `offset` (a per-cpu variable
+    /// while the guest kernel runs), through the vCPU's page tables.
+    fn read_percpu(&self, sregs: &kvm_bindings::kvm_sregs, offset: u64) -> Option<u32> {
+        let t = self.fd.translate_gva(sregs.gs.base.wrapping_add(offset)).ok()?;
+        if t.valid == 0 {
+            return None;
+        }
+        self.shared.mem.read_obj::<u32>(GuestAddress(t.physical_address)).ok()
     }
 
     /// Registers and code bytes at RIP, for stderr.

@@ -5,6 +5,7 @@
 //! stops every vCPU thread and drops the devices (the vsock device removes
 //! its socket then).
 
+use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
@@ -31,6 +32,7 @@ use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::error::one_line;
 use crate::exit::{ExitSender, VmEvent, VmExit};
+use crate::profile::{Profile, Sampler};
 use crate::seccomp::{self, Filters, SeccompError, ThreadKind};
 use crate::snapshot::{self, DeviceShape, KvmVmState, Shape, SnapshotError, TransportState, VmState};
 use crate::vcpu::{Vcpu, VcpuShared};
@@ -132,6 +134,8 @@ pub struct Vmm {
     /// The snapshot's device states, restored when the VM starts to run
     /// (device workers start confined, through the seccomp spawner).
     restore_devices: Option<Vec<TransportState>>,
+    /// Where guest samples go, if the guest is profiled.
+    profile: Option<Arc<Profile>>,
 }
 
 /// The shape of the VM `config` describes on a `host` (see [`Shape`]).
@@ -252,6 +256,7 @@ impl Vmm {
             snapshot_to: config.snapshot_to.clone(),
             msr_list,
             restore_devices: None,
+            profile: None,
         };
         vmm.add_legacy_devices(sink, restore.as_ref().map(|(_, s)| &s.serial))?;
         if let Some(v) = vsock {
@@ -509,6 +514,13 @@ impl Vmm {
         self
     }
 
+    /// Samples where the vCPUs are into `profile` while the VM runs; see
+    /// [`profile`](crate::profile).
+    pub fn with_profile(mut self, profile: Profile) -> Self {
+        self.profile = Some(Arc::new(profile));
+        self
+    }
+
     /// A handle to stop the VM from elsewhere (e.g. on SIGTERM):
     /// `exit_sender().send(VmExit::Signal(15))`.
     pub fn exit_sender(&self) -> ExitSender {
@@ -550,6 +562,7 @@ impl Vmm {
             stop: stop.clone(),
             dump_gen: dump_gen.clone(),
             pause: pause.clone(),
+            profile: self.profile.clone(),
         };
         for (id, fd) in (0u8..).zip(self.vcpus.drain(..)) {
             let vcpu = Vcpu::new(id, fd, shared.clone());
@@ -590,6 +603,11 @@ impl Vmm {
             return Err(e.into());
         }
         info!(vcpus = threads.len(), seccomp = filters.is_some(), "guest running");
+        // Stopped before the vCPU threads are joined (its kicks name them).
+        let sampler = self.profile.take().and_then(|p| {
+            let ids = threads.iter().map(JoinHandleExt::as_pthread_t).collect();
+            Sampler::start(p, ids, kick_signal()).map_err(|e| warn!("{}", one_line(&e))).ok()
+        });
         // None: stop for a snapshot.
         let exit = loop {
             // `self` holds a sender, so recv() cannot fail while we wait.
@@ -608,6 +626,9 @@ impl Vmm {
                 Err(_) => break Some(VmExit::VmmError { cpu: 0, reason: "exit channel closed".into() }),
             }
         };
+        if let Some(s) = sampler {
+            s.stop();
+        }
         let exit = match (exit, &self.snapshot_to) {
             (Some(exit), _) => {
                 info!(%exit, after = ?started.elapsed(), "VM stopping");

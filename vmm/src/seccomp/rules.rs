@@ -181,12 +181,15 @@ const fn kvm_ior(nr: u64, size: usize) -> u64 {
     (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
 }
 
-/// KVM ioctls a vCPU thread makes: run, and read registers for crash
-/// dumps (`KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS`).
-const VCPU_IOCTLS: [u64; 3] = [
+/// KVM ioctls a vCPU thread makes: run, read registers for crash dumps
+/// and profile samples, and translate a guest address for a sample's
+/// per-cpu word (`KVM_RUN`, `KVM_GET_REGS`, `KVM_GET_SREGS`,
+/// `KVM_TRANSLATE`; see `crate::profile`).
+const VCPU_IOCTLS: [u64; 4] = [
     kvm_io(0x80),
     kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()),
     kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()),
+    kvm_iow_r(0x85, std::mem::size_of::<kvm_bindings::kvm_translation>()),
 ];
 
 /// vCPU threads: KVM_RUN and the device models behind MMIO and port I/O
