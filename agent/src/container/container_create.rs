@@ -75,8 +75,6 @@ impl ContainerManager {
         let (mut spec, rootfs) = spec::parse_spec(&req.oci_spec_json, &req.rootfs_path)?;
         let (joins, holds_shared_pid) = self.namespace_joins(req, &spec)?;
         namespaces::apply(&mut spec, &joins)?;
-        // Held until create returns: by then the init has entered them.
-        let _spares = self.spares.take_for(&mut spec);
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         if let Some(resources) = &resources {
             self.check_controllers(resources, "linux.resources")?;
@@ -93,6 +91,9 @@ impl ContainerManager {
         if self.libcontainer_root().join(id).exists() || bundle.exists() {
             return Err(ContainerError::AlreadyExists(format!("state of container {id:?} (left by an earlier container)")));
         }
+        // Taken once every check has passed (a refused create wastes none);
+        // held until create returns: by then the init has entered them.
+        let _spares = self.spares.take_for(&mut spec);
         let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
 
         let cleanup = |mounts_before: &Option<HashSet<PathBuf>>| {

@@ -73,6 +73,14 @@ fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The program the spec's process runs, looked up as [`find_program`] does
+/// with the process's own environment.
+fn lookup(spec: &Spec) -> Result<PathBuf, String> {
+    let process = spec.process().as_ref().ok_or("process: missing")?;
+    let name = process.args().as_ref().and_then(|a| a.first()).ok_or("process.args: empty")?;
+    find_program(name, process.env().as_deref().unwrap_or_default(), is_executable_file)
+}
+
 /// The program `validate` found, for `exec` in the same (init or exec'd)
 /// process: looking it up again through PATH would cost the failed
 /// `execve`s execvp makes (each a new mm in the kernel, expensive where the
@@ -87,11 +95,7 @@ impl Executor for AgentExecutor {
         let found = FOUND.lock().unwrap_or_else(|e| e.into_inner()).take();
         let program = match found {
             Some(program) => program,
-            // libcontainer has set the process's environment by now.
-            None => {
-                let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
-                find_program(&args[0], &env, is_executable_file).map_err(ExecutorError::Other)?
-            }
+            None => lookup(spec).map_err(ExecutorError::Other)?,
         };
         let to_c = |s: &[u8]| {
             CString::new(s)
@@ -110,14 +114,7 @@ impl Executor for AgentExecutor {
     /// Runs in the container (after pivot_root and chdir to process.cwd),
     /// as runc's lookup does.
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        let process = spec.process().as_ref().ok_or_else(|| ExecutorValidationError::ArgValidationError("process: missing".into()))?;
-        let name = process
-            .args()
-            .as_ref()
-            .and_then(|a| a.first())
-            .ok_or_else(|| ExecutorValidationError::ArgValidationError("process.args: empty".into()))?;
-        let env = process.env().clone().unwrap_or_default();
-        let program = find_program(name, &env, is_executable_file).map_err(ExecutorValidationError::ArgValidationError)?;
+        let program = lookup(spec).map_err(ExecutorValidationError::ArgValidationError)?;
         *FOUND.lock().unwrap_or_else(|e| e.into_inner()) = Some(program);
         Ok(())
     }

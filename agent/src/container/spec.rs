@@ -305,16 +305,18 @@ pub fn drop_absent_kernel_paths(spec: &mut Spec, exists: impl Fn(&Path) -> bool)
     };
     let Some(linux) = spec.linux_mut() else { return };
     let mut dropped = 0;
-    if let Some(masked) = linux.masked_paths().clone() {
-        let kept: Vec<String> = masked.into_iter().filter(|p| !absent(p)).collect();
-        dropped += linux.masked_paths().as_ref().map_or(0, |m| m.len()) - kept.len();
-        linux.set_masked_paths(Some(kept));
-    }
-    if let Some(readonly) = linux.readonly_paths().clone() {
-        let kept: Vec<String> = readonly.into_iter().filter(|p| !absent(p)).collect();
-        dropped += linux.readonly_paths().as_ref().map_or(0, |m| m.len()) - kept.len();
-        linux.set_readonly_paths(Some(kept));
-    }
+    let mut keep = |list: Option<Vec<String>>| {
+        list.map(|paths| {
+            let before = paths.len();
+            let kept: Vec<String> = paths.into_iter().filter(|p| !absent(p)).collect();
+            dropped += before - kept.len();
+            kept
+        })
+    };
+    let masked = keep(linux.masked_paths().clone());
+    let readonly = keep(linux.readonly_paths().clone());
+    linux.set_masked_paths(masked);
+    linux.set_readonly_paths(readonly);
     if dropped > 0 {
         tracing::debug!(dropped, "masked/read-only paths this kernel does not have left out");
     }
