@@ -356,8 +356,16 @@ impl Runtime {
             tracing::warn!(pid = record.monitor_pid, "the monitor did not stop; killing it and the VMM");
             proc::signal(record.monitor_pid, record.monitor_start_time, Signal::SIGKILL);
         }
-        proc::signal(record.vmm_pid, record.vmm_start_time, Signal::SIGKILL);
-        proc::wait_gone(record.vmm_pid, record.vmm_start_time, Duration::from_secs(10));
+        // A record still `creating` (its `create` was killed while the VM
+        // booted) names no VMM: the one the monitor started dies with it
+        // (PDEATHSIG), but only after the monitor; wait for it all the same,
+        // so that nothing it holds (its taps) outlives `delete`.
+        let (vmm_pid, vmm_start_time) = match record.vmm_pid {
+            0 => self.store.dir(id).ok().and_then(|d| Vm::recorded_pid(&d)).unwrap_or((0, 0)),
+            pid => (pid, record.vmm_start_time),
+        };
+        proc::signal(vmm_pid, vmm_start_time, Signal::SIGKILL);
+        proc::wait_gone(vmm_pid, vmm_start_time, Duration::from_secs(10));
         hooks::run_warn("poststop", &record.poststop, &hook_state(&record, Status::Stopped));
         self.store.remove(id)?;
         lock.remove();

@@ -122,6 +122,9 @@ pub struct Vm {
     dir: PathBuf,
 }
 
+/// Where [`Vm::spawn`] records the VMM's pid and start time.
+const PID_FILE: &str = "vmm.pid";
+
 impl Vm {
     /// The hybrid vsock socket of a VM whose files live in `dir`.
     pub fn vsock_path(dir: &Path) -> PathBuf {
@@ -131,6 +134,15 @@ impl Vm {
     /// The guest console log of a VM whose files live in `dir`.
     pub fn console_path(dir: &Path) -> PathBuf {
         dir.join("console.log")
+    }
+
+    /// The VMM's pid and start time, as [`Vm::spawn`] wrote them into `dir`:
+    /// what names the VMM before the container's record does (a `create`
+    /// killed while the VM boots leaves a record without it).
+    pub fn recorded_pid(dir: &Path) -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(dir.join(PID_FILE)).ok()?;
+        let (pid, started) = text.trim().split_once(' ')?;
+        Some((pid.parse().ok()?, started.parse().ok()?))
     }
 
     /// Writes the VMM config into `dir` and starts the VMM. `dir` must exist
@@ -207,6 +219,10 @@ impl Vm {
         let child = cmd.spawn().map_err(|source| VmError::Spawn { vmm: assets.vmm.clone(), source })?;
         let pid = child.id();
         tracing::info!(pid, "VMM started");
+        // Best effort: only `delete` of a half-made container reads it.
+        if let Some(started) = crate::proc::start_time(pid) {
+            let _ = std::fs::write(dir.join(PID_FILE), format!("{pid} {started}\n"));
+        }
         Ok(Self { child: Some(child), pid, dir: dir.to_path_buf() })
     }
 
@@ -389,6 +405,26 @@ mod tests {
         // SAFETY: F_GETFD on a number we own; no memory involved.
         let flags = unsafe { libc::fcntl(opts.net[0].tap.as_raw_fd(), libc::F_GETFD) };
         assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+    }
+
+    /// `delete` of a container whose `create` died while the VM booted
+    /// finds the VMM by what `spawn` wrote beside its config.
+    #[test]
+    fn the_vmm_pid_is_recorded_in_its_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("fake-vmm");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let assets = GuestAssets { kernel: d.path().join("k"), initramfs: d.path().join("i"), vmm: fake };
+        assert_eq!(Vm::recorded_pid(d.path()), None);
+        let mut vm = Vm::start(&assets, d.path(), &VmOptions::default()).expect("start");
+        let (pid, started) = Vm::recorded_pid(d.path()).expect("recorded");
+        assert_eq!(pid, vm.pid());
+        assert_eq!(Some(started), crate::proc::start_time(pid));
+        crate::proc::signal(pid, started, nix::sys::signal::Signal::SIGKILL);
+        assert!(vm.wait_timeout(Duration::from_secs(30)).unwrap().is_some());
+        std::fs::write(d.path().join(PID_FILE), "garbage").unwrap();
+        assert_eq!(Vm::recorded_pid(d.path()), None);
     }
 
     /// Boots the real guest with a net device on a tap (in a throwaway
