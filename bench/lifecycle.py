@@ -10,13 +10,12 @@ For each runtime under its own --root, in each round:
 Host wall time of each command (`time.monotonic` around it). For carapace,
 also the guest figures the agent puts in its answers (`GuestUsage`, logged
 by the runtime at debug level: see agent/src/usage.rs): guest wall time,
-CPU (user+system), minor/major page faults and voluntary/involuntary
-context switches of the agent and the processes it forked, for the verb of
-the step (create: CreateContainer; start: StartContainer; exit: from the
+CPU (user+system), system calls (our guest kernel's per-task count,
+patch 0008), minor/major page faults and voluntary/involuntary context
+switches of the agent and the processes it forked, for the verb of the
+step (create: CreateContainer; start: StartContainer; exit: from the
 reaping of the process to the WaitProcess answer; exec: ExecProcess plus
-its WaitProcess). The guest kernel has no per-process system call count
-(no task I/O accounting, no tracing): voluntary switches stand in for
-blocking calls. `exit recorded` is how long after the guest reaped the
+its WaitProcess). `exit recorded` is how long after the guest reaped the
 process the monitor wrote `stopped` (host clock minus guest clock, which
 was set from the host's).
 
@@ -42,7 +41,7 @@ STEPS = ("create", "start", "exit", "delete", "exec")
 # The agent answers whose usage makes each step's guest figures.
 GUEST_CALLS = {"create": ["CreateContainer"], "start": ["StartContainer"], "exit": ["WaitProcess"],
                "delete": ["RemoveContainer"], "exec": ["ExecProcess", "WaitProcess"]}
-FIELDS = ("wall_us", "user_us", "system_us", "minor_faults", "major_faults", "voluntary_switches",
+FIELDS = ("wall_us", "user_us", "system_us", "syscalls", "minor_faults", "major_faults", "voluntary_switches",
           "involuntary_switches")
 
 
@@ -143,9 +142,9 @@ def timed_steps(rt, log, true_bundle, sleep_bundle, i):
 
 def fmt_usage(u):
     if u is None:
-        return f"{'-':>9}{'-':>9}{'-':>8}{'-':>7}{'-':>7}{'-':>7}"
+        return f"{'-':>9}{'-':>9}{'-':>9}{'-':>8}{'-':>7}{'-':>7}{'-':>7}"
     cpu = (u["user_us"] + u["system_us"]) / 1e6
-    return (f"{u['wall_us'] / 1e6:>8.3f}s{cpu:>8.3f}s{u['minor_faults']:>8}{u['major_faults']:>7}"
+    return (f"{u['wall_us'] / 1e6:>8.3f}s{cpu:>8.3f}s{u['syscalls']:>9}{u['minor_faults']:>8}{u['major_faults']:>7}"
             f"{u['voluntary_switches']:>7}{u['involuntary_switches']:>7}")
 
 
@@ -189,7 +188,7 @@ def main():
 
     med = statistics.median
     print(f"\nmedians over {args.rounds} rounds (busybox `true`; exec: `true` in a running `sleep`)")
-    print(f"{'step':<8}{'runc':>9}{'carapace':>10} | guest:{'wall':>7}{'cpu':>9}{'minflt':>8}{'majflt':>7}"
+    print(f"{'step':<8}{'runc':>9}{'carapace':>10} | guest:{'wall':>7}{'cpu':>9}{'syscalls':>9}{'minflt':>8}{'majflt':>7}"
           f"{'vcsw':>7}{'ivcsw':>7}")
     for s in STEPS:
         h_runc = med(r[s][0] for r in results["runc"])

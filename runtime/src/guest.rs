@@ -53,6 +53,7 @@ fn log_usage(call: &'static str, usage: Option<&GuestUsage>) {
             major_faults = u.major_faults,
             voluntary_switches = u.voluntary_switches,
             involuntary_switches = u.involuntary_switches,
+            syscalls = u.syscalls,
             "guest usage"
         );
     }

@@ -17,10 +17,16 @@
 //! - no DAX: mapping requests are refused;
 //! - callers: entries are created as the guest caller, with the DAC
 //!   capabilities the guest kernel has already checked (see `creds`).
+//!
+//! It also keeps the guest's page cache of a file across opens in
+//! [`CacheMode::Auto`] when the file has not changed on the host since the
+//! guest last opened it (see [`Versions`]).
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -81,7 +87,7 @@ pub(crate) fn build_server(config: &FsConfig, root: &Path) -> Result<FsServer, F
     let root_str = root.to_str().ok_or_else(|| FsError::from(FsConfigError::SharedDirNotUtf8(root.to_path_buf())))?;
     let fs = PassthroughFs::<()>::new(passthrough_config(root_str, config.cache))
         .map_err(|source| FsError::Backend { path: root.to_path_buf(), source })?;
-    Ok(Server::new(ShareFs::new(fs, config.read_only)))
+    Ok(Server::new(ShareFs::new(fs, config.read_only, config.cache)))
 }
 
 fn errno(e: i32) -> io::Error {
@@ -116,16 +122,73 @@ fn open_flags_write(flags: u32) -> bool {
     (flags & libc::O_ACCMODE) != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0
 }
 
+/// What identifies one content of a file: when none of it moved between
+/// two opens, the pages the guest cached stay good. (The kernel's change
+/// counter is not visible to user space; ctime moves on every write,
+/// truncate and attribute change, at the host's timestamp granularity.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Version {
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Version {
+    fn of(st: &stat64) -> Self {
+        Self { ino: st.st_ino, size: st.st_size, mtime: (st.st_mtime, st.st_mtime_nsec), ctime: (st.st_ctime, st.st_ctime_nsec) }
+    }
+}
+
+/// The version of each regular file at its last open, by FUSE inode.
+///
+/// In [`CacheMode::Auto`] the passthrough backend leaves KEEP_CACHE out of
+/// every open, so the guest kernel drops the file's page cache each time:
+/// every `exec` of the same binary reads it again through virtio-fs and
+/// faults it in anew (milliseconds a page on a kvm_pvm host). Opening a
+/// file whose version has not moved since the previous open keeps the
+/// cache; a changed file is opened without it, so the guest sees what the
+/// host wrote (close-to-open consistency, as before).
+#[derive(Debug, Default)]
+struct Versions(Mutex<HashMap<u64, Version>>);
+
+/// Past this many files the table starts over (it only costs the next open
+/// of each a re-read).
+const VERSIONS_MAX: usize = 1 << 16;
+
+impl Versions {
+    /// Records `now` as `inode`'s version; whether it is the one recorded at
+    /// the previous open.
+    fn unchanged(&self, inode: u64, now: Version) -> bool {
+        let Ok(mut seen) = self.0.lock() else {
+            return false;
+        };
+        if seen.len() >= VERSIONS_MAX && !seen.contains_key(&inode) {
+            seen.clear();
+        }
+        seen.insert(inode, now) == Some(now)
+    }
+
+    fn forget(&self, inode: u64) {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.remove(&inode);
+        }
+    }
+}
+
 /// The guard around the passthrough file system (see the module docs).
 #[derive(Debug)]
 pub(crate) struct ShareFs<F> {
     inner: F,
     read_only: bool,
+    /// Versions of opened files, in [`CacheMode::Auto`] only.
+    versions: Option<Versions>,
 }
 
 impl<F> ShareFs<F> {
-    pub(crate) fn new(inner: F, read_only: bool) -> Self {
-        Self { inner, read_only }
+    pub(crate) fn new(inner: F, read_only: bool, cache: CacheMode) -> Self {
+        let versions = matches!(cache, CacheMode::Auto).then(Versions::default);
+        Self { inner, read_only, versions }
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -147,10 +210,11 @@ fn as_caller<T>(ctx: &Context, op: impl FnOnce(&Context) -> io::Result<T>) -> io
 
 impl<F: FileSystem<Inode = u64, Handle = u64>> ShareFs<F> {
     /// The "nodev" rule: only regular files and directories are opened.
-    fn check_openable(&self, ctx: &Context, inode: u64) -> io::Result<()> {
+    /// Returns the attributes it checked.
+    fn check_openable(&self, ctx: &Context, inode: u64) -> io::Result<stat64> {
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
         match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG | libc::S_IFDIR => Ok(()),
+            libc::S_IFREG | libc::S_IFDIR => Ok(st),
             _ => Err(errno(libc::EACCES)),
         }
     }
@@ -186,10 +250,18 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        // The guest forgets an inode only when it drops it, page cache and
+        // all: its next open starts from nothing anyway.
+        if let Some(v) = &self.versions {
+            v.forget(inode);
+        }
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        if let Some(v) = &self.versions {
+            requests.iter().for_each(|(inode, _)| v.forget(*inode));
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -253,8 +325,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
         if open_flags_write(flags) {
             self.writable()?;
         }
-        self.check_openable(ctx, inode)?;
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let st = self.check_openable(ctx, inode)?;
+        let (handle, mut opts, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        if let Some(v) = &self.versions {
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG && v.unchanged(inode, Version::of(&st)) {
+                opts |= OpenOptions::KEEP_CACHE;
+            }
+        }
+        Ok((handle, opts, passthrough))
     }
 
     fn create(
@@ -520,6 +598,61 @@ mod tests {
             assert_eq!(open.open_flags & direct_io != 0, direct, "{mode:?}");
             assert_eq!(open.open_flags & keep_cache != 0, keep, "{mode:?}");
         }
+    }
+
+    #[test]
+    fn auto_keeps_the_guest_cache_of_a_file_that_did_not_change() {
+        let mem = test_mem();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bin");
+        fs::write(&file, b"version 1").unwrap();
+        fs::create_dir(dir.path().join("d")).unwrap();
+        let mut h = Harness::share(&mem, dir.path(), false, CacheMode::Auto);
+        h.init().unwrap();
+        let keep = |h: &mut Harness, node| {
+            let open = h.open(node, libc::O_RDONLY).unwrap();
+            h.release(node, open.fh).unwrap();
+            open.open_flags & OpenOptions::KEEP_CACHE.bits() != 0
+        };
+        let e = h.lookup(ROOT_ID, "bin").unwrap();
+        assert!(!keep(&mut h, e.nodeid), "first open: nothing cached is known good");
+        assert!(keep(&mut h, e.nodeid), "unchanged since the last open");
+        assert!(keep(&mut h, e.nodeid));
+
+        fs::write(&file, b"version 2, longer").unwrap();
+        assert!(!keep(&mut h, e.nodeid), "changed on the host: the guest must read it again");
+        assert!(keep(&mut h, e.nodeid));
+
+        // A write through the guest changes it too (the size, here: a
+        // same-size rewrite within one host timestamp tick goes unseen).
+        let open = h.open(e.nodeid, libc::O_WRONLY).unwrap();
+        h.write(e.nodeid, open.fh, 100, b"V").unwrap();
+        h.release(e.nodeid, open.fh).unwrap();
+        assert!(!keep(&mut h, e.nodeid));
+
+        // Forgotten: the guest dropped its cache with the inode.
+        assert!(keep(&mut h, e.nodeid));
+        h.forget(e.nodeid, 1);
+        let e = h.lookup(ROOT_ID, "bin").unwrap();
+        assert!(!keep(&mut h, e.nodeid));
+
+        // Directories are not tracked.
+        let d = h.lookup(ROOT_ID, "d").unwrap();
+        let open = h.opendir(d.nodeid).unwrap();
+        assert_eq!(open.open_flags & OpenOptions::KEEP_CACHE.bits(), 0);
+    }
+
+    #[test]
+    fn versions_table_starts_over_when_full() {
+        let v = Versions::default();
+        let ver = Version { ino: 1, size: 1, mtime: (1, 1), ctime: (1, 1) };
+        for inode in 0..VERSIONS_MAX as u64 {
+            assert!(!v.unchanged(inode, ver));
+        }
+        assert!(v.unchanged(7, ver));
+        assert!(!v.unchanged(u64::MAX, ver), "a new file past the limit");
+        assert!(!v.unchanged(7, ver), "the table started over");
+        assert_eq!(v.0.lock().unwrap().len(), 2);
     }
 
     #[test]
