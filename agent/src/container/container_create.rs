@@ -137,6 +137,13 @@ impl ContainerManager {
         mounts_before: Option<HashSet<PathBuf>>,
         req: &agent::CreateContainerRequest,
     ) -> Result<Container> {
+        let direct_exec = match launch::container_allows(spec) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::debug!(why, "its execs go through libcontainer");
+                false
+            }
+        };
         std::fs::create_dir_all(bundle).map_err(|e| ContainerError::io(format!("creating {}", bundle.display()), e))?;
         write_json(&bundle.join("config.json"), spec)?;
 
@@ -186,6 +193,7 @@ impl ContainerManager {
             mounts_before,
             rootfs: rootfs.to_path_buf(),
             init,
+            direct_exec,
             inner: Mutex::new(Inner { lc, started: false, execs: HashMap::new(), exec_watch: Some(exec_watch) }),
         })
     }

@@ -1,5 +1,8 @@
 //! ExecProcess: another process in a running container.
 
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
 use carapace_protocol::agent;
 use nix::sys::signal::Signal;
 
@@ -27,11 +30,49 @@ impl ContainerManager {
         if inner.execs.contains_key(exec_id) {
             return Err(ContainerError::AlreadyExists(format!("process {exec_id:?} in container {id:?}")));
         }
-        let process_file = c.bundle.join(format!("exec-{exec_id}.json"));
-        write_json(&process_file, &process)?;
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
+        let name = format!("{id}/{exec_id}");
+        let target = launch::Target { init_pid: c.init.pid(), cgroup_dir: c.cgroup.dir() };
+        let direct = if c.direct_exec { launch::Launch::prepare(&process, &target)? } else { None };
+        let process = match direct {
+            Some(direct) => {
+                let _span = tracing::debug_span!("direct_exec").entered();
+                let (pending, child) = stdio::prepare(&self.config.dialer, ports, false)?;
+                let child = child.ok_or_else(|| ContainerError::FailedPrecondition("no stdio for the process".into()))?;
+                let mut registry = self.reaper.registry();
+                let pid = direct.spawn([child.stdin.as_raw_fd(), child.stdout.as_raw_fd(), child.stderr.as_raw_fd()])?;
+                drop(child);
+                let started = self.start_process_io(&mut registry, pid, pending, None, None, &name, &c.cgroup);
+                if started.is_err() {
+                    let _ = self.sys.kill(pid, Signal::SIGKILL);
+                }
+                started?
+            }
+            None => self.exec_with_libcontainer(&c, exec_id, &process, ports, req.terminal, console_size, &name)?,
+        };
+        let pid = process.pid();
+        inner.execs.insert(exec_id.to_string(), process);
+        tracing::info!(pid, "process started");
+        u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
+    }
+
+    /// The exec through libcontainer's tenant builder (forks the agent).
+    #[allow(clippy::too_many_arguments)]
+    fn exec_with_libcontainer(
+        &self,
+        c: &Container,
+        exec_id: &str,
+        process: &oci_spec::runtime::Process,
+        ports: StdioPorts,
+        terminal: bool,
+        console_size: Option<(u64, u64)>,
+        name: &str,
+    ) -> Result<Arc<Process>> {
+        let id = c.id.as_str();
+        let process_file = c.bundle.join(format!("exec-{exec_id}.json"));
+        write_json(&process_file, process)?;
         let result = (|| {
-            let (pending, console, builder) = self.io_builder(id, ports, req.terminal)?;
+            let (pending, console, builder) = self.io_builder(id, ports, terminal)?;
             let tenant = builder.as_tenant().with_process(Some(process_file.clone())).with_detach(true);
             let saved = SelfState::save(process.oom_score_adj().is_some());
             let mut registry = self.reaper.registry();
@@ -41,19 +82,14 @@ impl ContainerManager {
             };
             saved.restore();
             let pid = built.map_err(|e| ContainerError::libcontainer("executing the process", &e))?.as_raw();
-            let name = format!("{id}/{exec_id}");
-            let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, &name, &c.cgroup);
+            let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, name, &c.cgroup);
             if started.is_err() {
                 let _ = self.sys.kill(pid, Signal::SIGKILL);
             }
             started
         })();
         let _ = std::fs::remove_file(&process_file);
-        let process = result?;
-        let pid = process.pid();
-        inner.execs.insert(exec_id.to_string(), process);
-        tracing::info!(pid, "process started");
-        u32::try_from(pid).map_err(|_| ContainerError::InvalidArgument("pid".into()))
+        result
     }
 }
 

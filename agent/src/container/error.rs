@@ -31,6 +31,8 @@ pub enum ContainerError {
     Libcontainer { step: &'static str, message: String, invalid: bool },
     #[error("{what}: {cause}")]
     Io { what: String, cause: io::Error },
+    #[error("executing the process: {0}")]
+    Launch(#[from] super::launch::LaunchError),
 }
 
 impl ContainerError {
@@ -42,7 +44,8 @@ impl ContainerError {
             Self::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Self::Libcontainer { invalid: true, .. } => Code::INVALID_ARGUMENT,
-            Self::Stdio(_) | Self::Libcontainer { .. } | Self::Io { .. } => Code::INTERNAL,
+            Self::Launch(e) if e.is_invalid() => Code::INVALID_ARGUMENT,
+            Self::Stdio(_) | Self::Libcontainer { .. } | Self::Io { .. } | Self::Launch(_) => Code::INTERNAL,
         }
     }
 

@@ -41,6 +41,7 @@ pub mod cgroup;
 pub mod console;
 mod error;
 pub mod executor;
+pub mod launch;
 pub mod mountinfo;
 pub mod namespaces;
 pub mod process;
@@ -115,6 +116,8 @@ pub struct Container {
     mounts_before: Option<HashSet<PathBuf>>,
     rootfs: PathBuf,
     init: Arc<Process>,
+    /// Execs may skip libcontainer ([`launch::container_allows`]).
+    direct_exec: bool,
     inner: Mutex<Inner>,
 }
 

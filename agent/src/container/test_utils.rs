@@ -58,6 +58,7 @@ pub fn add_container(manager: &ContainerManager, id: &str, pid: i32, started: bo
         mounts_before: None,
         rootfs: manager.config.state_dir.join("rootfs"),
         init: process(pid),
+        direct_exec: false,
         inner: Mutex::new(Inner { lc: LcContainer::default(), started, execs: HashMap::new(), exec_watch: None }),
     });
     super::lock(&manager.containers).insert(id.to_string(), container.clone());
