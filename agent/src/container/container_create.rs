@@ -2,7 +2,7 @@
 //! the user's program, with its stdio, cgroup and the namespaces it joins.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -177,7 +177,8 @@ impl ContainerManager {
         }
         let pid =
             lc.pid().map(|p| p.as_raw()).ok_or_else(|| ContainerError::FailedPrecondition("libcontainer reported no init pid".into()))?;
-        let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, id, cgroup);
+        let master = console.as_ref().map(ConsoleListener::receive_master).transpose();
+        let started = master.and_then(|master| self.start_process_io(&mut registry, pid, pending, master, console_size, id, cgroup));
         drop(registry);
         let init = match started {
             Ok(init) => init,
@@ -198,29 +199,22 @@ impl ContainerManager {
         })
     }
 
-    /// With the registry held: receives the pty master (terminal), starts
-    /// the copiers and registers the exit waiter of `pid`.
+    /// With the registry held: sizes the pty (terminal), starts the
+    /// copiers and registers the exit waiter of `pid`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_process_io(
         &self,
         registry: &mut Registry,
         pid: i32,
         pending: stdio::PendingIo,
-        console: Option<&ConsoleListener>,
+        master: Option<OwnedFd>,
         console_size: Option<(u64, u64)>,
         name: &str,
         cgroup: &Cgroup,
     ) -> Result<Arc<Process>> {
-        let master = match console {
-            Some(console) => {
-                let master = console.receive_master()?;
-                if let Some((rows, cols)) = console_size {
-                    stdio::set_winsize(master.as_fd(), u16::try_from(rows).unwrap_or(u16::MAX), u16::try_from(cols).unwrap_or(u16::MAX))?;
-                }
-                Some(master)
-            }
-            None => None,
-        };
+        if let (Some(master), Some((rows, cols))) = (&master, console_size) {
+            stdio::set_winsize(master.as_fd(), u16::try_from(rows).unwrap_or(u16::MAX), u16::try_from(cols).unwrap_or(u16::MAX))?;
+        }
         let io = pending.start(name, master)?;
         let process = Arc::new(Process::new(pid, io, cgroup.oom_kills()));
         let waiter = process.clone();

@@ -37,12 +37,13 @@ impl ContainerManager {
         let process = match direct {
             Some(direct) => {
                 let _span = tracing::debug_span!("direct_exec").entered();
-                let (pending, child) = stdio::prepare(&self.config.dialer, ports, false)?;
-                let child = child.ok_or_else(|| ContainerError::FailedPrecondition("no stdio for the process".into()))?;
+                let (pending, child) = stdio::prepare(&self.config.dialer, ports, req.terminal)?;
+                // With a terminal the process's stdio is the pty's slave.
+                let fds = child.as_ref().map_or([-1; 3], |c| [c.stdin.as_raw_fd(), c.stdout.as_raw_fd(), c.stderr.as_raw_fd()]);
                 let mut registry = self.reaper.registry();
-                let pid = direct.spawn([child.stdin.as_raw_fd(), child.stdout.as_raw_fd(), child.stderr.as_raw_fd()])?;
+                let (pid, master) = direct.spawn(fds)?;
                 drop(child);
-                let started = self.start_process_io(&mut registry, pid, pending, None, None, &name, &c.cgroup);
+                let started = self.start_process_io(&mut registry, pid, pending, master, console_size, &name, &c.cgroup);
                 if started.is_err() {
                     let _ = self.sys.kill(pid, Signal::SIGKILL);
                 }
@@ -82,7 +83,9 @@ impl ContainerManager {
             };
             saved.restore();
             let pid = built.map_err(|e| ContainerError::libcontainer("executing the process", &e))?.as_raw();
-            let started = self.start_process_io(&mut registry, pid, pending, console.as_ref(), console_size, name, &c.cgroup);
+            let master = console.as_ref().map(ConsoleListener::receive_master).transpose();
+            let started =
+                master.and_then(|master| self.start_process_io(&mut registry, pid, pending, master, console_size, name, &c.cgroup));
             if started.is_err() {
                 let _ = self.sys.kill(pid, Signal::SIGKILL);
             }

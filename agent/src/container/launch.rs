@@ -28,9 +28,15 @@
 //! that fails writes the step and errno into [`Report`] (shared memory)
 //! and exits; the agent turns it into the error.
 //!
+//! With a terminal, the outer child opens the pty master in the
+//! container's devpts (its `/dev/ptmx`, as libcontainer's init does) into
+//! the agent's descriptor table (it shares it: `CLONE_FILES`), and the
+//! inner one opens the slave from it (`TIOCGPTPEER`: no path lookup) as its
+//! controlling terminal and stdio.
+//!
 //! Only what this covers goes this way; anything else goes through
 //! libcontainer as before (see [`container_allows`] and [`Launch::prepare`]):
-//! a terminal, seccomp, a user or time namespace (setns of those needs a
+//! seccomp, a user or time namespace (setns of those needs a
 //! process that shares no memory), AppArmor, SELinux, I/O priority,
 //! scheduler, CPU affinity, personality, memory policy.
 
@@ -76,9 +82,6 @@ pub fn container_allows(spec: &Spec) -> Result<(), &'static str> {
 
 /// Why this process goes through libcontainer, if it does.
 fn process_allows(process: &Process) -> Result<(), &'static str> {
-    if process.terminal() == Some(true) {
-        return Err("process.terminal");
-    }
     if process.apparmor_profile().is_some() {
         return Err("process.apparmorProfile");
     }
@@ -103,6 +106,7 @@ fn process_allows(process: &Process) -> Result<(), &'static str> {
 pub enum Step {
     OomScoreAdj = 1,
     Namespace,
+    Terminal,
     Clone,
     Cgroup,
     CgroupNamespace,
@@ -125,6 +129,7 @@ impl Step {
         [
             OomScoreAdj,
             Namespace,
+            Terminal,
             Clone,
             Cgroup,
             CgroupNamespace,
@@ -148,6 +153,7 @@ impl Step {
         match self {
             Step::OomScoreAdj => "process.oomScoreAdj",
             Step::Namespace => "joining the container's namespaces",
+            Step::Terminal => "opening a terminal in the container's /dev/pts",
             Step::Clone => "cloning into the container's PID namespace",
             Step::Cgroup => "joining the container's cgroup",
             Step::CgroupNamespace => "joining the container's cgroup namespace",
@@ -193,12 +199,26 @@ impl LaunchError {
 
 /// What a child reports; written by the children, read by the agent once
 /// they are done (the vfork wait orders the accesses).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Report {
     pid: AtomicI32,
     step: AtomicI32,
     errno: AtomicI32,
     index: AtomicI32,
+    /// The pty master the outer child opened (-1: none).
+    master: AtomicI32,
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Self {
+            pid: AtomicI32::new(0),
+            step: AtomicI32::new(0),
+            errno: AtomicI32::new(0),
+            index: AtomicI32::new(0),
+            master: AtomicI32::new(-1),
+        }
+    }
 }
 
 /// The capability sets of `process.capabilities`, as kernel bit masks.
@@ -225,6 +245,7 @@ pub struct Target<'a> {
 #[derive(Debug)]
 pub struct Launch {
     oom_score_adj: Option<CString>,
+    terminal: bool,
     namespaces: Joins,
     cgroup_namespace: Option<OwnedFd>,
     cgroup_procs: OwnedFd,
@@ -383,6 +404,7 @@ impl Launch {
         };
         let user = process.user();
         Ok(Some(Self {
+            terminal: process.terminal() == Some(true),
             oom_score_adj: process.oom_score_adj().map(|v| c_string("process.oomScoreAdj", v.to_string().as_bytes())).transpose()?,
             namespaces,
             cgroup_namespace,
@@ -408,10 +430,11 @@ impl Launch {
         }))
     }
 
-    /// Starts the process with `stdio` as its descriptors 0, 1 and 2;
-    /// returns its PID (a child of the agent). Call with the reaper's
+    /// Starts the process with `stdio` as its descriptors 0, 1 and 2
+    /// (ignored with a terminal); returns its PID (a child of the agent)
+    /// and, with a terminal, the pty master. Call with the reaper's
     /// registry held, as for libcontainer.
-    pub fn spawn(self, stdio: [RawFd; 3]) -> Result<i32, LaunchError> {
+    pub fn spawn(self, stdio: [RawFd; 3]) -> Result<(i32, Option<OwnedFd>), LaunchError> {
         let argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
         let envp: Vec<*const libc::c_char> = self.env.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
         let mut stacks = Stacks::take();
@@ -428,17 +451,22 @@ impl Launch {
             libc::sigfillset(all.as_mut_ptr());
             libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
         }
+        let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD | if self.terminal { libc::CLONE_FILES } else { 0 };
         // SAFETY: the outer child runs `outer` on its own stack (from
         // `stacks`, alive until clone returns) with `shared`, which lives
         // on this frame; CLONE_VFORK suspends this thread until the child
         // has exited, so neither is freed or moved while it runs.
-        let pid = unsafe {
-            libc::clone(outer, outer_top, libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, &shared as *const Shared<'_> as *mut c_void)
-        };
+        let pid = unsafe { libc::clone(outer, outer_top, flags, &shared as *const Shared<'_> as *mut c_void) };
         let clone_error = std::io::Error::last_os_error();
         // SAFETY: restores the mask saved above.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut()) };
         stacks.give_back();
+        let master = match self.report.master.load(Ordering::Acquire) {
+            // SAFETY: the outer child opened this descriptor in our table
+            // (CLONE_FILES) for us; nothing else owns it.
+            fd if fd >= 0 => Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+            _ => None,
+        };
         if pid < 0 {
             return Err(LaunchError::Clone(clone_error));
         }
@@ -450,9 +478,10 @@ impl Launch {
             let cause = std::io::Error::from_raw_os_error(report.errno.load(Ordering::Acquire));
             return Err(self.child_error(step, index, cause));
         }
-        match report.pid.load(Ordering::Acquire) {
-            0 => Err(LaunchError::NoResult),
-            pid => Ok(pid),
+        match (report.pid.load(Ordering::Acquire), master) {
+            (0, _) => Err(LaunchError::NoResult),
+            (_, None) if self.terminal => Err(LaunchError::NoResult),
+            (pid, master) => Ok((pid, master)),
         }
     }
 
@@ -461,6 +490,17 @@ impl Launch {
         let detail = match step {
             Step::Namespace => self.namespaces.get(index).map(|(_, _, n)| format!(" ({n})")).unwrap_or_default(),
             Step::Chdir => format!(" {:?}", self.cwd.to_string_lossy()),
+            Step::Capabilities => {
+                let what = [
+                    "reading them",
+                    "effective reset",
+                    "bounding set",
+                    "effective/permitted/inheritable",
+                    "ambient clear",
+                    "ambient raise",
+                ];
+                what.get(index).map(|w| format!(" ({w})")).unwrap_or_default()
+            }
             Step::Exec => {
                 let program = self.candidates.get(index).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
                 return LaunchError::Program(format!("executing {program:?} (process.args[0] {name:?}): {cause}"));
@@ -555,6 +595,21 @@ extern "C" fn outer(arg: *mut c_void) -> c_int {
             return fail(&l.report, Step::Namespace, i);
         }
     }
+    if l.terminal {
+        // SAFETY: opens the container's ptmx (the mount namespace is the
+        // container's now) and unlocks the pty; the descriptor is left to
+        // the agent.
+        let master = unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if master < 0 {
+            return fail(&l.report, Step::Terminal, 0);
+        }
+        l.report.master.store(master, Ordering::Release);
+        let unlock: c_int = 0;
+        // SAFETY: TIOCSPTLCK reads one int.
+        if unsafe { libc::ioctl(master, libc::TIOCSPTLCK, &unlock) } != 0 {
+            return fail(&l.report, Step::Terminal, 1);
+        }
+    }
     // SAFETY: as in `spawn`: the inner child runs on its own stack with
     // `shared`; CLONE_VFORK suspends this child until it execs or exits.
     let pid =
@@ -631,7 +686,16 @@ extern "C" fn inner(arg: *mut c_void) -> c_int {
         if libc::setsid() < 0 {
             return fail(r, Step::Session, 0);
         }
-        for (target, fd) in (0..).zip(shared.stdio) {
+        let mut stdio = shared.stdio;
+        if l.terminal {
+            let master = r.master.load(Ordering::Acquire);
+            let slave = libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            if slave < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
+                return fail(r, Step::Terminal, 2);
+            }
+            stdio = [slave; 3];
+        }
+        for (target, fd) in (0..).zip(stdio) {
             let ok = if fd == target { libc::fcntl(target, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, target) == target };
             if !ok {
                 return fail(r, Step::Stdio, target.unsigned_abs() as usize);
@@ -674,32 +738,33 @@ extern "C" fn inner(arg: *mut c_void) -> c_int {
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
             return fail(r, Step::Descriptors, 0);
         }
-        // Effective reset to permitted (the uid change may have cleared
-        // it), then the spec's sets.
+        // Effective reset to permitted (a uid change from 0 cleared it,
+        // and dropping from the bounding set needs CAP_SETPCAP in it),
+        // then the spec's sets.
         let Some(current) = cap_get() else { return fail(r, Step::Capabilities, 0) };
-        let mut permitted = joined(current, |d| d.permitted);
-        let mut effective = permitted;
-        let mut inheritable = joined(current, |d| d.inheritable);
+        let permitted = joined(current, |d| d.permitted);
+        let inheritable = joined(current, |d| d.inheritable);
+        if !cap_set(permitted, permitted, inheritable) {
+            return fail(r, Step::Capabilities, 1);
+        }
         if let Some(caps) = &l.caps {
             for cap in &caps.drop_bounding {
                 if libc::prctl(libc::PR_CAPBSET_DROP, c_ulong(*cap), 0, 0, 0) != 0 {
-                    return fail(r, Step::Capabilities, 1);
+                    return fail(r, Step::Capabilities, 2);
                 }
             }
-            effective = caps.effective.unwrap_or(effective);
-            permitted = caps.permitted.unwrap_or(permitted);
-            inheritable = caps.inheritable.unwrap_or(inheritable);
-        }
-        if !cap_set(effective, permitted, inheritable) {
-            return fail(r, Step::Capabilities, 2);
+            let effective = caps.effective.unwrap_or(permitted);
+            if !cap_set(effective, caps.permitted.unwrap_or(permitted), caps.inheritable.unwrap_or(inheritable)) {
+                return fail(r, Step::Capabilities, 3);
+            }
         }
         if let Some(ambient) = l.caps.as_ref().and_then(|c| c.ambient.as_ref()) {
             if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) != 0 {
-                return fail(r, Step::Capabilities, 3);
+                return fail(r, Step::Capabilities, 4);
             }
             for cap in ambient {
                 if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, c_ulong(*cap), 0, 0) != 0 {
-                    return fail(r, Step::Capabilities, 4);
+                    return fail(r, Step::Capabilities, 5);
                 }
             }
         }
@@ -740,13 +805,13 @@ mod tests {
 
     #[test]
     fn every_step_round_trips() {
-        for v in 1..=16 {
+        for v in 1..=17 {
             let step = Step::from_i32(v).expect("step");
             assert_eq!(step as i32, v);
             assert!(!step.what().is_empty());
         }
         assert_eq!(Step::from_i32(0), None);
-        assert_eq!(Step::from_i32(17), None);
+        assert_eq!(Step::from_i32(18), None);
     }
 
     #[test]
@@ -775,9 +840,9 @@ mod tests {
         assert_eq!(container_allows(&shared_mounts), Err("no mount namespace"));
 
         let process: Process =
-            serde_json::from_value(serde_json::json!({"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "terminal": true}))
+            serde_json::from_value(serde_json::json!({"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "apparmorProfile": "x"}))
                 .expect("p");
-        assert_eq!(process_allows(&process), Err("process.terminal"));
+        assert_eq!(process_allows(&process), Err("process.apparmorProfile"));
         let process: Process =
             serde_json::from_value(serde_json::json!({"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}})).expect("p");
         assert_eq!(process_allows(&process), Ok(()));
