@@ -856,3 +856,144 @@ mod tests {
         assert_eq!(mask(&None), None);
     }
 }
+
+/// The launcher on this host (as root): a "container" made of a process
+/// in new UTS, IPC and mount namespaces and a cgroup of its own.
+#[cfg(test)]
+mod host_tests {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn root_or_skip(test: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(std::env::var_os("CARAPACE_REQUIRE_KVM").is_none(), "CARAPACE_REQUIRE_KVM is set: {test} needs root");
+        eprintln!("SKIP {test}: needs root");
+        false
+    }
+
+    /// A writable cgroup v2 directory of its own (removed when dropped).
+    struct TestCgroup(PathBuf);
+
+    impl TestCgroup {
+        fn new(name: &str) -> Self {
+            let unified = Path::new("/sys/fs/cgroup/unified");
+            let base = if unified.join("cgroup.procs").exists() { unified } else { Path::new("/sys/fs/cgroup") };
+            let dir = base.join(format!("{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("cgroup dir");
+            Self(dir)
+        }
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    fn container_init() -> std::process::Child {
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", "hostname launch-test && exec sleep 60"]);
+        // SAFETY: unshare between fork and exec, no allocation.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sched::unshare(
+                    nix::sched::CloneFlags::CLONE_NEWUTS | nix::sched::CloneFlags::CLONE_NEWIPC | nix::sched::CloneFlags::CLONE_NEWNS,
+                )
+                .map_err(std::io::Error::from)
+            })
+        };
+        let child = cmd.spawn().expect("container init");
+        // Until its hostname is set.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        child
+    }
+
+    fn process(json: serde_json::Value) -> Process {
+        serde_json::from_value(json).expect("process")
+    }
+
+    #[test]
+    fn an_exec_joins_the_namespaces_cgroup_user_and_capabilities_it_is_given() {
+        if !root_or_skip("an_exec_joins_the_namespaces_cgroup_user_and_capabilities_it_is_given") {
+            return;
+        }
+        let cgroup = TestCgroup::new("carapace-launch");
+        let mut init = container_init();
+        let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0 };
+        let p = process(serde_json::json!({
+            "args": ["sh", "-c", "hostname; id -u; id -G; grep -E '^Cap(Eff|Bnd)' /proc/self/status; cat /proc/self/cgroup; pwd; umask; ulimit -n"],
+            "env": ["PATH=/usr/bin:/bin"], "cwd": "/tmp",
+            "user": {"uid": 1000, "gid": 1000, "additionalGids": [5], "umask": 63},
+            "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"], "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 77, "soft": 66}]
+        }));
+        let launch = Launch::prepare(&p, &target).expect("prepare").expect("direct");
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let null = std::fs::File::open("/dev/null").expect("null");
+        let (pid, master) = launch.spawn([null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()]).expect("spawn");
+        assert!(master.is_none());
+        drop(out_w);
+        let mut out = String::new();
+        std::fs::File::from(out_r).read_to_string(&mut out).expect("read");
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("wait");
+        let _ = init.kill();
+        let _ = init.wait();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 0), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        let cgroup_name = cgroup.0.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert_eq!(lines.first(), Some(&"launch-test"), "the UTS namespace: {out}");
+        assert_eq!(lines.get(1), Some(&"1000"), "{out}");
+        assert!(lines.get(2).is_some_and(|g| g.split(' ').any(|g| g == "5")), "additional gids: {out}");
+        assert!(
+            out.contains("CapEff:\t0000000000000020") && out.contains("CapBnd:\t0000000000000020"),
+            "CAP_KILL only (kept across exec as ambient): {out}"
+        );
+        assert!(out.lines().any(|l| l.starts_with("0::") && l.ends_with(cgroup_name)), "the cgroup: {out}");
+        assert!(out.contains("/tmp\n0077\n66\n"), "cwd, umask, rlimit: {out}");
+    }
+
+    #[test]
+    fn a_missing_program_fails_the_spawn_with_its_name() {
+        if !root_or_skip("a_missing_program_fails_the_spawn_with_its_name") {
+            return;
+        }
+        let cgroup = TestCgroup::new("carapace-launch-missing");
+        let mut init = container_init();
+        let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0 };
+        let null = std::fs::File::open("/dev/null").expect("null");
+        let fds = [null.as_raw_fd(); 3];
+        let p = |args: serde_json::Value| {
+            process(serde_json::json!({"args": args, "env": ["PATH=/nowhere:/also-not"], "cwd": "/", "user": {"uid": 0, "gid": 0}}))
+        };
+        let err = Launch::prepare(&p(serde_json::json!(["/no/such"])), &target)
+            .expect("prepare")
+            .expect("direct")
+            .spawn(fds)
+            .expect_err("missing");
+        assert_eq!(err.to_string(), "process.args[0] \"/no/such\": no such executable file in the container");
+        assert!(err.is_invalid());
+        let err =
+            Launch::prepare(&p(serde_json::json!(["sh"])), &target).expect("prepare").expect("direct").spawn(fds).expect_err("missing");
+        assert_eq!(err.to_string(), "process.args[0] \"sh\": not found in PATH \"/nowhere:/also-not\"");
+        let mut bad_cwd = p(serde_json::json!(["/bin/true"]));
+        bad_cwd.set_cwd(PathBuf::from("/no/such/dir"));
+        let err = Launch::prepare(&bad_cwd, &target).expect("prepare").expect("direct").spawn(fds).expect_err("cwd");
+        assert!(err.to_string().starts_with("process.cwd \"/no/such/dir\": No such file or directory"), "{err}");
+        let _ = init.kill();
+        let _ = init.wait();
+        // The failed children are reaped by whoever waits for any child
+        // (the agent's reaper); here: none of them is left running.
+        while let Ok(status) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            if status == nix::sys::wait::WaitStatus::StillAlive {
+                break;
+            }
+        }
+        let procs = std::fs::read_to_string(cgroup.0.join("cgroup.procs")).expect("procs");
+        assert!(procs.trim().is_empty(), "left in the cgroup: {procs}");
+    }
+}
