@@ -324,6 +324,16 @@ fn exec_step(g: &Guest) -> Result<(), String> {
     let mut req = agent::PauseContainerRequest::new();
     req.container_id = "svc".into();
     rpc("PauseContainer", g.agent.pause_container(ctx(), &req))?;
+    // No exec into a frozen container (runc refuses it too).
+    let mut req = agent::ExecProcessRequest::new();
+    req.container_id = "svc".into();
+    req.exec_id = "while-paused".into();
+    req.process_json =
+        serde_json::to_vec(&json!({"args": ["true"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}})).expect("json");
+    match g.agent.exec_process(ctx(), &req) {
+        Err(e) if rpc_code(&e) == Some(ttrpc::Code::FAILED_PRECONDITION) => {}
+        other => return Err(format!("ExecProcess into a paused container: {other:?}")),
+    }
     let mut req = agent::ResumeContainerRequest::new();
     req.container_id = "svc".into();
     rpc("ResumeContainer", g.agent.resume_container(ctx(), &req))?;

@@ -100,75 +100,55 @@ fn process_allows(process: &Process) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The step of a child that failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Step {
-    OomScoreAdj = 1,
-    Namespace,
-    Terminal,
-    Clone,
-    Cgroup,
-    CgroupNamespace,
-    Session,
-    Stdio,
-    Rlimit,
-    NoNewPrivileges,
-    Chdir,
-    Groups,
-    Ids,
-    Descriptors,
-    Capabilities,
-    NotFound,
-    Exec,
+/// `Step`, each variant with what its failure says, listed once.
+macro_rules! steps {
+    ($($name:ident => $what:literal,)*) => {
+        /// The step of a child that failed.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Step {
+            $($name,)*
+        }
+
+        impl Step {
+            const ALL: &[Step] = &[$(Step::$name,)*];
+
+            fn what(self) -> &'static str {
+                match self {
+                    $(Step::$name => $what,)*
+                }
+            }
+        }
+    };
+}
+
+steps! {
+    OomScoreAdj => "process.oomScoreAdj",
+    Namespace => "joining the container's namespaces",
+    Terminal => "opening a terminal in the container's /dev/pts",
+    Clone => "cloning into the container's PID namespace",
+    Cgroup => "joining the container's cgroup",
+    CgroupNamespace => "joining the container's cgroup namespace",
+    Session => "setsid",
+    Stdio => "stdio",
+    Rlimit => "process.rlimits",
+    NoNewPrivileges => "process.noNewPrivileges",
+    Chdir => "process.cwd",
+    Groups => "process.user.additionalGids",
+    Ids => "process.user",
+    Descriptors => "closing the agent's descriptors",
+    Capabilities => "process.capabilities",
+    NotFound => "process.args[0]",
+    Exec => "executing the program",
 }
 
 impl Step {
-    fn from_i32(v: i32) -> Option<Self> {
-        use Step::*;
-        [
-            OomScoreAdj,
-            Namespace,
-            Terminal,
-            Clone,
-            Cgroup,
-            CgroupNamespace,
-            Session,
-            Stdio,
-            Rlimit,
-            NoNewPrivileges,
-            Chdir,
-            Groups,
-            Ids,
-            Descriptors,
-            Capabilities,
-            NotFound,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as i32 == v)
+    /// As stored in [`Report::step`] (0: no failure).
+    fn code(self) -> i32 {
+        Self::ALL.iter().position(|s| *s == self).and_then(|i| i32::try_from(i + 1).ok()).unwrap_or(-1)
     }
 
-    fn what(self) -> &'static str {
-        match self {
-            Step::OomScoreAdj => "process.oomScoreAdj",
-            Step::Namespace => "joining the container's namespaces",
-            Step::Terminal => "opening a terminal in the container's /dev/pts",
-            Step::Clone => "cloning into the container's PID namespace",
-            Step::Cgroup => "joining the container's cgroup",
-            Step::CgroupNamespace => "joining the container's cgroup namespace",
-            Step::Session => "setsid",
-            Step::Stdio => "stdio",
-            Step::Rlimit => "process.rlimits",
-            Step::NoNewPrivileges => "process.noNewPrivileges",
-            Step::Chdir => "process.cwd",
-            Step::Groups => "process.user.additionalGids",
-            Step::Ids => "process.user",
-            Step::Descriptors => "closing the agent's descriptors",
-            Step::Capabilities => "process.capabilities",
-            Step::NotFound => "process.args[0]",
-            Step::Exec => "executing the program",
-        }
+    fn from_code(v: i32) -> Option<Self> {
+        usize::try_from(v).ok().and_then(|v| v.checked_sub(1)).and_then(|i| Self::ALL.get(i).copied())
     }
 }
 
@@ -473,7 +453,7 @@ impl Launch {
         let report = &self.report;
         let step = report.step.load(Ordering::Acquire);
         if step != 0 {
-            let step = Step::from_i32(step).unwrap_or(Step::Exec);
+            let step = Step::from_code(step).unwrap_or(Step::Exec);
             let index = usize::try_from(report.index.load(Ordering::Acquire)).unwrap_or(0);
             let cause = std::io::Error::from_raw_os_error(report.errno.load(Ordering::Acquire));
             return Err(self.child_error(step, index, cause));
@@ -562,7 +542,7 @@ fn errno() -> i32 {
 fn fail(report: &Report, step: Step, index: usize) -> c_int {
     report.errno.store(errno(), Ordering::Relaxed);
     report.index.store(i32::try_from(index).unwrap_or(-1), Ordering::Relaxed);
-    report.step.store(step as i32, Ordering::Release);
+    report.step.store(step.code(), Ordering::Release);
     127
 }
 
@@ -792,7 +772,7 @@ extern "C" fn inner(arg: *mut c_void) -> c_int {
             libc::sigprocmask(libc::SIG_SETMASK, all.as_ptr(), std::ptr::null_mut());
             r.errno.store(err, Ordering::Relaxed);
             r.index.store(i32::try_from(i).unwrap_or(-1), Ordering::Relaxed);
-            r.step.store(Step::Exec as i32, Ordering::Release);
+            r.step.store(Step::Exec.code(), Ordering::Release);
             return 127;
         }
         fail(r, Step::NotFound, 0)
@@ -806,12 +786,13 @@ mod tests {
     #[test]
     fn every_step_round_trips() {
         for v in 1..=17 {
-            let step = Step::from_i32(v).expect("step");
-            assert_eq!(step as i32, v);
+            let step = Step::from_code(v).expect("step");
+            assert_eq!(step.code(), v);
             assert!(!step.what().is_empty());
         }
-        assert_eq!(Step::from_i32(0), None);
-        assert_eq!(Step::from_i32(18), None);
+        assert_eq!(Step::from_code(0), None);
+        assert_eq!(Step::from_code(18), None);
+        assert_eq!(Step::from_code(-1), None);
     }
 
     #[test]
