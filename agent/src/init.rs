@@ -304,3 +304,72 @@ mod tests {
         assert_eq!(subtree_control_request(""), "");
     }
 }
+
+/// `madvise` advice that maps a range's pages now (Linux 5.14); not in
+/// every libc's headers yet.
+const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// The read-only mappings of the agent's own binary (its code and
+/// constants), from `/proc/self/maps`: `(start, length)`.
+fn own_text_ranges(maps: &str, exe: &Path) -> Vec<(usize, usize)> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next()?;
+            let perms = fields.next()?;
+            let path = fields.nth(3)?;
+            if Path::new(path) != exe || perms.starts_with("rw") || !perms.starts_with('r') {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
+            (end > start).then_some((start, end - start))
+        })
+        .collect()
+}
+
+/// Maps every page of the agent's code and constants into its page
+/// tables now, one system call per mapping. Called before the agent
+/// serves, so a VM template (snapshot) holds them mapped: on a kvm_pvm host
+/// each page first touched later (the code of CreateContainer or of an
+/// exec, run for the first time in a VM restored from the template) is a
+/// ~4 ms emulated page fault. Returns how many bytes; failures (an older
+/// kernel) only cost the faults.
+pub fn prefault_own_code() -> usize {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return 0 };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return 0 };
+    let mut mapped = 0;
+    for (start, len) in own_text_ranges(&maps, &exe) {
+        // SAFETY: advice on a mapping of our own binary, read-only: it
+        // only populates page-table entries, the contents are unchanged.
+        if unsafe { libc::madvise(start as *mut libc::c_void, len, MADV_POPULATE_READ) } == 0 {
+            mapped += len;
+        }
+    }
+    mapped
+}
+
+#[cfg(test)]
+mod prefault_tests {
+    use super::*;
+    #[test]
+    fn only_the_binarys_read_only_mappings_are_prefaulted() {
+        let maps = "\
+00400000-00401000 r--p 00000000 00:02 12 /init
+00401000-00800000 r-xp 00001000 00:02 12 /init
+00800000-00900000 r--p 00400000 00:02 12 /init
+00900000-00910000 rw-p 00500000 00:02 12 /init
+00910000-00920000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000001000 r-xp 00000000 00:02 13 /lib/other.so
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+";
+        assert_eq!(own_text_ranges(maps, Path::new("/init")), vec![(0x40_0000, 0x1000), (0x40_1000, 0x3f_f000), (0x80_0000, 0x10_0000)]);
+    }
+
+    #[test]
+    fn this_process_can_prefault_its_code() {
+        // Every kernel this runs on has MADV_POPULATE_READ (5.14+).
+        assert!(prefault_own_code() > 0);
+    }
+}
