@@ -155,9 +155,6 @@ fn run_as_init(args: &Args) -> ! {
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();
     let agent = Arc::new(agent_service(args, &address, trigger.clone(), reaper.clone(), true));
-    // Before serving, so that a VM template has the agent's code mapped.
-    let prefaulted = init::prefault_own_code();
-    tracing::debug!(bytes = prefaulted, "agent code mapped");
 
     let mut attempt = 1;
     let _server: AgentServer = loop {
