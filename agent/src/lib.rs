@@ -32,3 +32,11 @@ pub mod signals;
 pub mod sys;
 pub mod usage;
 pub mod xstate;
+
+/// Held by every test that makes or waits for child processes: the
+/// reaper's tests `waitpid(-1)`, which would take another test's child.
+#[cfg(test)]
+pub(crate) fn test_children() -> std::sync::MutexGuard<'static, ()> {
+    static CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -235,11 +235,12 @@ mod tests {
         }
     }
 
-    /// Real children (the only test here that spawns any, since `reap`
-    /// waits for any child of the test process).
+    /// Real children (under [`crate::test_children`], since `reap` waits
+    /// for any child of the test process).
     #[test]
     #[allow(clippy::zombie_processes, reason = "the reaper under test waits for them")]
     fn reaps_real_children_and_routes_by_pid() {
+        let _children = crate::test_children();
         let reaper = Reaper::new();
 
         // Registered while the registry is held across the spawn, and the

@@ -65,6 +65,7 @@ mod tests {
         use std::time::{Duration, Instant};
         let (watch, signal) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         // A child holds the write end until its exec, then runs on.
+        let _children = crate::test_children();
         let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
         let held = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));

@@ -848,6 +848,17 @@ mod host_tests {
 
     use super::*;
 
+    /// Reaps this test's leftover children (the launcher's outer child,
+    /// a failed inner one): every test making children holds
+    /// [`crate::test_children`], so they are all ours.
+    fn reap_leftovers() {
+        while let Ok(status) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            if status == nix::sys::wait::WaitStatus::StillAlive {
+                break;
+            }
+        }
+    }
+
     fn root_or_skip(test: &str) -> bool {
         if nix::unistd::geteuid().is_root() {
             return true;
@@ -903,6 +914,7 @@ mod host_tests {
         if !root_or_skip("an_exec_joins_the_namespaces_cgroup_user_and_capabilities_it_is_given") {
             return;
         }
+        let _children = crate::test_children();
         let cgroup = TestCgroup::new("carapace-launch");
         let mut init = container_init();
         let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0 };
@@ -924,6 +936,7 @@ mod host_tests {
         let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("wait");
         let _ = init.kill();
         let _ = init.wait();
+        reap_leftovers();
         assert_eq!(status, nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 0), "{out}");
         let lines: Vec<&str> = out.lines().collect();
         let cgroup_name = cgroup.0.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -943,6 +956,7 @@ mod host_tests {
         if !root_or_skip("a_missing_program_fails_the_spawn_with_its_name") {
             return;
         }
+        let _children = crate::test_children();
         let cgroup = TestCgroup::new("carapace-launch-missing");
         let mut init = container_init();
         let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0 };
@@ -969,11 +983,7 @@ mod host_tests {
         let _ = init.wait();
         // The failed children are reaped by whoever waits for any child
         // (the agent's reaper); here: none of them is left running.
-        while let Ok(status) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            if status == nix::sys::wait::WaitStatus::StillAlive {
-                break;
-            }
-        }
+        reap_leftovers();
         let procs = std::fs::read_to_string(cgroup.0.join("cgroup.procs")).expect("procs");
         assert!(procs.trim().is_empty(), "left in the cgroup: {procs}");
     }
