@@ -33,18 +33,20 @@ impl ContainerManager {
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let name = format!("{id}/{exec_id}");
         let target = launch::Target { init_pid: c.init.pid(), cgroup_dir: c.cgroup.dir() };
+        if c.direct_exec {
+            // As libcontainer's tenant builder: a process joining a
+            // frozen cgroup would freeze before its exec, and this thread
+            // with it.
+            let status = inner.lc.status();
+            if status != libcontainer::container::ContainerStatus::Running {
+                let e = libcontainer::error::LibcontainerError::IncorrectStatus(status);
+                return Err(ContainerError::libcontainer("executing the process", &e));
+            }
+        }
         let direct = if c.direct_exec { launch::Launch::prepare(&process, &target)? } else { None };
         let process = match direct {
             Some(direct) => {
                 let _span = tracing::debug_span!("direct_exec").entered();
-                // As libcontainer's tenant builder: a process joining a
-                // frozen cgroup would freeze before its exec, and this
-                // thread with it.
-                let status = inner.lc.status();
-                if status != libcontainer::container::ContainerStatus::Running {
-                    let e = libcontainer::error::LibcontainerError::IncorrectStatus(status);
-                    return Err(ContainerError::libcontainer("executing the process", &e));
-                }
                 let (pending, child) = stdio::prepare(&self.config.dialer, ports, req.terminal)?;
                 // With a terminal the process's stdio is the pty's slave.
                 let fds = child.as_ref().map_or([-1; 3], |c| [c.stdin.as_raw_fd(), c.stdout.as_raw_fd(), c.stderr.as_raw_fd()]);

@@ -46,12 +46,23 @@ pub fn reset_signals_for_exec() {
 /// environment; `is_file` says whether a path is an executable file (the
 /// real check, or a test's).
 pub fn find_program(name: &str, env: &[String], is_file: impl Fn(&Path) -> bool) -> Result<PathBuf, String> {
+    program_candidates(name, env)?.into_iter().find(|candidate| is_file(candidate)).ok_or_else(|| {
+        match env.iter().find_map(|e| e.strip_prefix("PATH=")).filter(|_| !name.contains('/')) {
+            Some(path_var) => format!("process.args[0] {name:?}: not found in PATH {path_var:?}"),
+            None => format!("process.args[0] {name:?}: no such executable file in the container"),
+        }
+    })
+}
+
+/// The paths [`find_program`] tries for `name`, in order: `name` itself if
+/// it has a '/', else each PATH entry joined with it; refused (with the
+/// message) when `name` is empty or bare without a PATH.
+pub fn program_candidates(name: &str, env: &[String]) -> Result<Vec<PathBuf>, String> {
     if name.is_empty() {
         return Err("process.args[0]: empty".into());
     }
     if name.contains('/') {
-        let path = PathBuf::from(name);
-        return if is_file(&path) { Ok(path) } else { Err(format!("process.args[0] {name:?}: no such executable file in the container")) };
+        return Ok(vec![PathBuf::from(name)]);
     }
     let Some(path_var) = env.iter().find_map(|e| e.strip_prefix("PATH=")) else {
         return Err(format!(
@@ -59,13 +70,12 @@ pub fn find_program(name: &str, env: &[String], is_file: impl Fn(&Path) -> bool)
              (give a path with a '/', or set PATH in process.env)"
         ));
     };
-    path_var
+    Ok(path_var
         .split(':')
         // An empty entry is the working directory, as for execvp.
         .map(|dir| if dir.is_empty() { Path::new(".") } else { Path::new(dir) })
         .map(|dir| dir.join(name))
-        .find(|candidate| is_file(candidate))
-        .ok_or_else(|| format!("process.args[0] {name:?}: not found in PATH {path_var:?}"))
+        .collect())
 }
 
 /// A regular file (after symlinks) with an execute bit.

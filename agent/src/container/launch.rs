@@ -351,22 +351,11 @@ impl Launch {
         let args = process.args().as_deref().unwrap_or_default();
         let name = args.first().ok_or_else(|| LaunchError::Program("process.args: empty".into()))?;
         let env = process.env().as_deref().unwrap_or_default();
-        let candidates = if name.contains('/') {
-            vec![c_string("process.args", name.as_bytes())?]
-        } else {
-            // find_program's message when nothing is found, with no file
-            // system consulted (PATH's absence is known here).
-            let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));
-            let Some(path_var) = path_var else {
-                let err = super::executor::find_program(name, env, |_| false).err().unwrap_or_default();
-                return Err(LaunchError::Program(err));
-            };
-            path_var
-                .split(':')
-                .map(|dir| if dir.is_empty() { Path::new(".") } else { Path::new(dir) })
-                .map(|dir| c_string("process.args", dir.join(name).as_os_str().as_bytes()))
-                .collect::<Result<_, _>>()?
-        };
+        let candidates = super::executor::program_candidates(name, env)
+            .map_err(LaunchError::Program)?
+            .iter()
+            .map(|c| c_string("process.args", c.as_os_str().as_bytes()))
+            .collect::<Result<_, _>>()?;
         let caps = match process.capabilities() {
             None => None,
             Some(c) => {
