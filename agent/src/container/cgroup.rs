@@ -109,6 +109,11 @@ impl Cgroup {
         Ok(pids)
     }
 
+    /// Whether the cgroup is frozen (cgroup.freeze says 1).
+    pub fn frozen(&self) -> bool {
+        self.read("cgroup.freeze").is_some_and(|v| v.trim() == "1")
+    }
+
     /// Whether the directory still exists.
     pub fn exists(&self) -> bool {
         self.dir.exists()

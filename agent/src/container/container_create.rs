@@ -2,7 +2,7 @@
 //! the user's program, with its stdio, cgroup and the namespaces it joins.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +23,8 @@ impl Drop for Reservation<'_> {
         lock(&self.manager.creating).remove(&self.id);
     }
 }
+
+const CREATING: &str = "creating the container";
 
 impl ContainerManager {
     /// From now on the containers share one PID namespace: the first
@@ -144,6 +146,30 @@ impl ContainerManager {
                 false
             }
         };
+        match launch::Launch::prepare_init(spec, rootfs).map_err(ContainerError::launch(CREATING))? {
+            Ok(prepared) => {
+                let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
+                let (init, process) = self.create_direct(id, prepared, resources, cgroup, ports)?;
+                return Ok(Container {
+                    id: id.to_string(),
+                    bundle: bundle.to_path_buf(),
+                    cgroup: cgroup.clone(),
+                    mounts_before,
+                    rootfs: rootfs.to_path_buf(),
+                    init: process,
+                    direct_exec,
+                    direct_init: true,
+                    inner: Mutex::new(Inner {
+                        lc: LcContainer::default(),
+                        init_process: Some(init.0),
+                        started: false,
+                        execs: HashMap::new(),
+                        exec_watch: Some(init.1),
+                    }),
+                });
+            }
+            Err(why) => tracing::debug!(why, "the init goes through libcontainer"),
+        }
         std::fs::create_dir_all(bundle).map_err(|e| ContainerError::io(format!("creating {}", bundle.display()), e))?;
         write_json(&bundle.join("config.json"), spec)?;
 
@@ -195,8 +221,70 @@ impl ContainerManager {
             rootfs: rootfs.to_path_buf(),
             init,
             direct_exec,
-            inner: Mutex::new(Inner { lc, started: false, execs: HashMap::new(), exec_watch: Some(exec_watch) }),
+            direct_init: false,
+            inner: Mutex::new(Inner { lc, init_process: None, started: false, execs: HashMap::new(), exec_watch: Some(exec_watch) }),
         })
+    }
+
+    /// The init made without libcontainer ([`launch`]): cloned into its
+    /// namespaces, put in its cgroup (libcgroups, as libcontainer does),
+    /// then left to build the container and wait for StartContainer.
+    /// Returns it with the exec watch (see [`Inner::exec_watch`]) and its
+    /// process.
+    fn create_direct(
+        &self,
+        id: &str,
+        (launch, pipes): (launch::Launch, launch::PreparedPipes),
+        resources: Option<&oci_spec::runtime::LinuxResources>,
+        cgroup: &Cgroup,
+        ports: StdioPorts,
+    ) -> Result<((launch::InitProcess, OwnedFd), Arc<Process>)> {
+        use libcgroups::common::CgroupManager;
+        let _span = tracing::debug_span!("direct_init").entered();
+        let (pending, child) = stdio::prepare(&self.config.dialer, ports, false)?;
+        let fds = child.as_ref().map_or([-1; 3], |c| [c.stdin.as_raw_fd(), c.stdout.as_raw_fd(), c.stderr.as_raw_fd()]);
+        // Close-on-exec, the write end held by the init only (see
+        // `Inner::exec_watch`).
+        let (exec_watch, exec_signal) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ContainerError::io("creating the exec pipe", e.into()))?;
+        let mut registry = self.reaper.registry();
+        let starting = launch.spawn_init(pipes, fds).map_err(ContainerError::launch(CREATING))?;
+        drop((exec_signal, child));
+        let pid = starting.pid();
+        let placed = (|| {
+            let manager = self.cgroup_manager(id, cgroup.dir())?;
+            let cgroup_error = |e: &dyn std::fmt::Display| ContainerError::Libcontainer {
+                step: "creating the container's cgroup",
+                message: e.to_string(),
+                invalid: false,
+            };
+            manager.add_task(nix_for_libcgroups::unistd::Pid::from_raw(pid)).map_err(|e| cgroup_error(&e))?;
+            if let Some(resources) = resources {
+                let prepared = spec::resources_for_libcgroups(resources);
+                let opt = libcgroups::common::ControllerOpt {
+                    resources: &prepared,
+                    disable_oom_killer: false,
+                    oom_score_adj: None,
+                    freezer_state: None,
+                };
+                manager.apply(&opt).map_err(|e| cgroup_error(&e))?;
+                cgroup.fix_libcgroups(resources).map_err(|e| ContainerError::io("linux.resources", e))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = placed {
+            let _ = self.sys.kill(pid, Signal::SIGKILL);
+            return Err(e);
+        }
+        let init = starting.go().map_err(ContainerError::launch(CREATING))?;
+        let started = self.start_process_io(&mut registry, pid, pending, None, None, id, cgroup);
+        match started {
+            Ok(process) => Ok(((init, exec_watch), process)),
+            Err(e) => {
+                let _ = self.sys.kill(pid, Signal::SIGKILL);
+                Err(e)
+            }
+        }
     }
 
     /// With the registry held: sizes the pty (terminal), starts the

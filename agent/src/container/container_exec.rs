@@ -8,6 +8,8 @@ use nix::sys::signal::Signal;
 
 use super::*;
 
+const EXECUTING: &str = "executing the process";
+
 impl ContainerManager {
     /// ExecProcess.
     pub fn exec(&self, req: &agent::ExecProcessRequest) -> Result<u32> {
@@ -37,13 +39,18 @@ impl ContainerManager {
             // As libcontainer's tenant builder: a process joining a
             // frozen cgroup would freeze before its exec, and this thread
             // with it.
-            let status = inner.lc.status();
+            let status = match c.direct_init {
+                true if c.cgroup.frozen() => libcontainer::container::ContainerStatus::Paused,
+                true => libcontainer::container::ContainerStatus::Running,
+                false => inner.lc.status(),
+            };
             if status != libcontainer::container::ContainerStatus::Running {
                 let e = libcontainer::error::LibcontainerError::IncorrectStatus(status);
                 return Err(ContainerError::libcontainer("executing the process", &e));
             }
         }
-        let direct = if c.direct_exec { launch::Launch::prepare(&process, &target)? } else { None };
+        let direct =
+            if c.direct_exec { launch::Launch::prepare(&process, &target).map_err(ContainerError::launch(EXECUTING))? } else { None };
         let process = match direct {
             Some(direct) => {
                 let _span = tracing::debug_span!("direct_exec").entered();
@@ -51,13 +58,19 @@ impl ContainerManager {
                 // With a terminal the process's stdio is the pty's slave.
                 let fds = child.as_ref().map_or([-1; 3], |c| [c.stdin.as_raw_fd(), c.stdout.as_raw_fd(), c.stderr.as_raw_fd()]);
                 let mut registry = self.reaper.registry();
-                let (pid, master) = direct.spawn(fds)?;
+                let (pid, master) = direct.spawn(fds).map_err(ContainerError::launch(EXECUTING))?;
                 drop(child);
                 let started = self.start_process_io(&mut registry, pid, pending, master, console_size, &name, &c.cgroup);
                 if started.is_err() {
                     let _ = self.sys.kill(pid, Signal::SIGKILL);
                 }
                 started?
+            }
+            None if c.direct_init => {
+                return Err(ContainerError::FailedPrecondition(format!(
+                    "this process needs libcontainer (one of process.apparmorProfile, selinuxLabel, ioPriority, scheduler, \
+                     execCPUAffinity), which did not create container {id:?}"
+                )))
             }
             None => self.exec_with_libcontainer(&c, exec_id, &process, ports, req.terminal, console_size, &name)?,
         };

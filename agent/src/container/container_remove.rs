@@ -45,7 +45,12 @@ impl ContainerManager {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        {
+        if c.direct_init {
+            // Dead now: it reads none of our memory any more.
+            if let Some(init) = inner.init_process.as_mut() {
+                init.release();
+            }
+        } else {
             let _registry = self.reaper.registry();
             if let Err(e) = inner.lc.delete(true) {
                 tracing::warn!(error = %e, "libcontainer delete; cleaning up by hand");

@@ -15,16 +15,24 @@ impl ContainerManager {
             return Err(ContainerError::FailedPrecondition(format!("container {id:?} has stopped")));
         }
         c.init.set_oom_baseline(c.cgroup.oom_kills());
-        {
-            let _registry = self.reaper.registry();
-            inner.lc.start().map_err(|e| ContainerError::libcontainer("starting the container", &e))?;
+        match inner.init_process.as_mut() {
+            Some(init) => init.start().map_err(|e| ContainerError::io("starting the container", e))?,
+            None => {
+                let _registry = self.reaper.registry();
+                inner.lc.start().map_err(|e| ContainerError::libcontainer("starting the container", &e))?;
+            }
         }
         inner.started = true;
         let watch = inner.exec_watch.take();
         drop(inner);
         let pid = u32::try_from(c.init.pid()).map_err(|_| ContainerError::InvalidArgument("pid".into()))?;
         if let Some(watch) = watch {
-            wait_for_exec(&watch);
+            if wait_for_exec(&watch) {
+                // Exec'd or dead: it reads none of our memory any more.
+                if let Some(init) = lock(&c.inner).init_process.as_mut() {
+                    init.release();
+                }
+            }
         }
         Ok(pid)
     }
@@ -40,8 +48,9 @@ const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// [`EXEC_WAIT`] passed. StartContainer returns only then, so that the
 /// runtime's poststart hooks come after the process started, as the OCI
 /// spec orders them. One blocking poll: polling /proc/PID/exe cost two
-/// system calls every few milliseconds, on the init's only vCPU.
-fn wait_for_exec(watch: &std::os::fd::OwnedFd) {
+/// system calls every few milliseconds, on the init's only vCPU. Whether
+/// the pipe hung up.
+fn wait_for_exec(watch: &std::os::fd::OwnedFd) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     let end = std::time::Instant::now() + EXEC_WAIT;
@@ -51,7 +60,8 @@ fn wait_for_exec(watch: &std::os::fd::OwnedFd) {
         match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
             Err(nix::Error::EINTR) if !left.is_zero() => {}
             // Hung up (or, never, data), timed out, or failed: done waiting.
-            _ => return,
+            Ok(n) if n > 0 => return true,
+            _ => return false,
         }
     }
 }
@@ -72,7 +82,7 @@ mod tests {
             drop(signal);
         });
         let t = Instant::now();
-        super::wait_for_exec(&watch);
+        assert!(super::wait_for_exec(&watch));
         let waited = t.elapsed();
         let _ = child.kill();
         let _ = child.wait();

@@ -31,8 +31,9 @@ pub enum ContainerError {
     Libcontainer { step: &'static str, message: String, invalid: bool },
     #[error("{what}: {cause}")]
     Io { what: String, cause: io::Error },
-    #[error("executing the process: {0}")]
-    Launch(#[from] super::launch::LaunchError),
+    /// The launcher failed ([`super::launch`]) at `step`.
+    #[error("{step}: {error}")]
+    Launch { step: &'static str, error: super::launch::LaunchError },
 }
 
 impl ContainerError {
@@ -44,9 +45,14 @@ impl ContainerError {
             Self::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Self::Libcontainer { invalid: true, .. } => Code::INVALID_ARGUMENT,
-            Self::Launch(e) if e.is_invalid() => Code::INVALID_ARGUMENT,
-            Self::Stdio(_) | Self::Libcontainer { .. } | Self::Io { .. } | Self::Launch(_) => Code::INTERNAL,
+            Self::Launch { error, .. } if error.is_invalid() => Code::INVALID_ARGUMENT,
+            Self::Stdio(_) | Self::Libcontainer { .. } | Self::Io { .. } | Self::Launch { .. } => Code::INTERNAL,
         }
+    }
+
+    /// A launcher error at `step` ("executing the process"...).
+    pub(crate) fn launch(step: &'static str) -> impl Fn(super::launch::LaunchError) -> Self {
+        move |error| Self::Launch { step, error }
     }
 
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {

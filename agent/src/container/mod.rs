@@ -1,6 +1,7 @@
 //! Containers inside the guest: created, started, exec'd into, signalled,
-//! waited for and removed with youki's libcontainer (cgroup v2, seccomp
-//! through libseccomp).
+//! waited for and removed, by the agent's own launcher ([`launch`]) where
+//! the spec allows it and with youki's libcontainer otherwise (cgroup v2,
+//! seccomp through libseccomp).
 //!
 //! - [`spec`]: validation that names the field at fault, and the changes
 //!   made before libcontainer sees a spec;
@@ -10,6 +11,8 @@
 //! - [`cgroup`]: statistics, OOM kills and processes from cgroup v2 files;
 //! - [`executor`]: the exec at the end of libcontainer's init (and runc's
 //!   lookup of the program);
+//! - [`launch`]: inits and exec'd processes started without forking the
+//!   agent (children sharing its memory until their exec);
 //! - [`console`]: the sockets a terminal's pty master comes back on;
 //! - [`namespaces`]: the namespaces a container joins (its pod's);
 //! - [`mountinfo`]: the mount table, and undoing a container's mounts;
@@ -30,10 +33,12 @@
 //! does not reap meanwhile, and the new process's waiter is registered
 //! before any status can be dispatched. The same lock serializes those
 //! calls, which matters because libcontainer changes the process's working
-//! directory and `oom_score_adj` while it builds a container.
+//! directory and `oom_score_adj` while it builds a container. The launcher
+//! holds it too: a process forked meanwhile would keep copies of its pipes.
 //!
-//! State on disk, under the agent's state directory: `bundles/<id>/`
-//! (config.json as libcontainer reads it, exec process files),
+//! State on disk, under the agent's state directory (none for a container
+//! the launcher made): `bundles/<id>/` (config.json as libcontainer reads
+//! it, exec process files),
 //! `containers/<id>/` (libcontainer's state) and `tty/<n>.sock` (console
 //! sockets, [`console`]: short paths whatever the ids).
 
@@ -118,12 +123,18 @@ pub struct Container {
     init: Arc<Process>,
     /// Execs may skip libcontainer ([`launch::container_allows`]).
     direct_exec: bool,
+    /// The init was made without libcontainer ([`launch::init_allows`]):
+    /// `Inner::lc` is empty, and start, pause, resume and remove act on
+    /// the init and the cgroup directly.
+    direct_init: bool,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug)]
 struct Inner {
     lc: LcContainer,
+    /// A direct init until it has exec'd (or died).
+    init_process: Option<launch::InitProcess>,
     started: bool,
     execs: HashMap<String, Arc<Process>>,
     /// The read end of a close-on-exec pipe whose only write end is the
@@ -283,6 +294,32 @@ impl ContainerManager {
             }
         }
         Ok(())
+    }
+
+    /// libcgroups' manager of the cgroup at `dir` (under the cgroup root).
+    fn cgroup_manager(&self, id: &str, dir: &Path) -> Result<libcgroups::common::AnyCgroupManager> {
+        let cgroup_path = Path::new("/").join(dir.strip_prefix(&self.config.cgroup_root).unwrap_or(dir));
+        libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+            cgroup_path,
+            systemd_cgroup: false,
+            container_name: id.to_string(),
+        })
+        .map_err(|e| ContainerError::FailedPrecondition(format!("cgroup: {e}")))
+    }
+
+    /// Pause or resume of a container made without libcontainer, as
+    /// libcontainer's: the init must be running, not stopped.
+    fn freeze(&self, c: &Container, state: libcgroups::common::FreezerState) -> Result<()> {
+        use libcgroups::common::CgroupManager;
+        if c.init.has_exited() {
+            return Err(ContainerError::FailedPrecondition(format!("container {:?} has stopped", c.id)));
+        }
+        let step = if state == libcgroups::common::FreezerState::Frozen { "pausing" } else { "resuming" };
+        self.cgroup_manager(&c.id, c.cgroup.dir())?.freeze(state).map_err(|e| ContainerError::Libcontainer {
+            step,
+            message: e.to_string(),
+            invalid: false,
+        })
     }
 
     /// A new process's stdio (the host ports dialled) and, with a

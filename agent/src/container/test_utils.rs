@@ -59,7 +59,8 @@ pub fn add_container(manager: &ContainerManager, id: &str, pid: i32, started: bo
         rootfs: manager.config.state_dir.join("rootfs"),
         init: process(pid),
         direct_exec: false,
-        inner: Mutex::new(Inner { lc: LcContainer::default(), started, execs: HashMap::new(), exec_watch: None }),
+        direct_init: false,
+        inner: Mutex::new(Inner { lc: LcContainer::default(), init_process: None, started, execs: HashMap::new(), exec_watch: None }),
     });
     super::lock(&manager.containers).insert(id.to_string(), container.clone());
     container

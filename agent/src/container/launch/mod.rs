@@ -1,44 +1,59 @@
-//! ExecProcess without forking the agent.
+//! Container processes without forking the agent: an exec'd process
+//! (ExecProcess) and a container's init (CreateContainer).
 //!
-//! libcontainer starts an exec'd process by forking the agent twice (its
+//! libcontainer starts either by forking the agent twice (its
 //! intermediate and init processes). On a kvm_pvm host every page-table
 //! entry the kernel copies for those forks, every copy-on-write fault
 //! after them and the unmapping at exec is emulated: forking the
-//! 15-thread agent was most of an exec's guest time (bench/lifecycle.py).
+//! 15-thread agent was most of an exec's guest time and a third of a
+//! create's (bench/lifecycle.py).
 //!
 //! Here the process is started as posix_spawn starts one: children that
-//! share the agent's memory (`CLONE_VM | CLONE_VFORK`) and so copy no page
-//! table, the calling thread suspended until the last of them execs. The
-//! first child ("outer") writes the process's `oom_score_adj` and joins
-//! the container's namespaces; a PID namespace only applies to children,
-//! so it clones the second ("inner", made the agent's child with
-//! `CLONE_PARENT`, which the reaper then waits for), which joins the
-//! cgroup and the cgroup namespace and then does what libcontainer's init
-//! does for an exec, in its order: a new session, stdio, rlimits,
-//! no_new_privs, umask, cwd, groups and ids, close-on-exec of every other
-//! descriptor, capabilities, the signal mask, the program lookup (as
-//! [`super::executor::find_program`] does) and `execve`.
+//! share the agent's memory (`CLONE_VM`) and so copy no page table. The
+//! first child ("outer", `CLONE_VFORK`: the calling thread waits for it)
+//! writes the process's `oom_score_adj`, joins the container's namespaces
+//! (an init also makes its new ones); a PID namespace only applies to
+//! children, so it clones the second (made the agent's child with
+//! `CLONE_PARENT`, which the reaper then waits for).
+//!
+//! - An exec'd process ("inner", `CLONE_VFORK` again, so the agent's
+//!   thread waits until it execs) joins the cgroup and the cgroup
+//!   namespace and then does what libcontainer's init does for an exec,
+//!   in its order: a new session, stdio, rlimits, no_new_privs, umask,
+//!   cwd, groups and ids, close-on-exec of every other descriptor,
+//!   capabilities, the signal mask, the program lookup (as
+//!   [`super::executor::find_program`] does) and `execve`.
+//! - A container's init runs on beside the agent until StartContainer:
+//!   once the agent has put it in its cgroup (libcgroups, as libcontainer
+//!   does) it enters or makes its cgroup namespace, builds the container's
+//!   filesystem (`rootfs.rs`), does the process steps above, finds the
+//!   program, tells the agent it is ready, and execs when told to. Its
+//!   memory (the agent's) is kept until it has exec'd or died
+//!   ([`InitProcess`]).
 //!
 //! Everything the children use is prepared here first (C strings, pointer
 //! arrays, descriptors, capability masks): sharing the agent's memory with
 //! its other threads running, they must not allocate (a malloc lock may be
-//! held by a thread that is not there for them), so they only make system
-//! calls, through `libc::syscall` where a glibc wrapper would act on "all
-//! threads of the process" (set*id) that the children do not own. A child
-//! that fails writes the step and errno into [`Report`] (shared memory)
-//! and exits; the agent turns it into the error.
+//! held by a thread that is not there for them), and they make their
+//! system calls without glibc (`raw.rs`): its wrappers write `errno` in the
+//! cloning thread's storage, and act on "all threads of the process"
+//! (set*id) that the children do not own. A child that fails writes the
+//! step and errno into [`Report`] (shared memory) and exits; the agent
+//! turns it into the error.
 //!
-//! With a terminal, the outer child opens the pty master in the
-//! container's devpts (its `/dev/ptmx`, as libcontainer's init does) into
-//! the agent's descriptor table (it shares it: `CLONE_FILES`), and the
-//! inner one opens the slave from it (`TIOCGPTPEER`: no path lookup) as its
-//! controlling terminal and stdio.
+//! With a terminal, the outer child of an exec opens the pty master in
+//! the container's devpts (its `/dev/ptmx`, as libcontainer's init does)
+//! into the agent's descriptor table (it shares it: `CLONE_FILES`), and
+//! the inner one opens the slave from it (`TIOCGPTPEER`: no path lookup)
+//! as its controlling terminal and stdio.
 //!
 //! Only what this covers goes this way; anything else goes through
-//! libcontainer as before (see [`container_allows`] and [`Launch::prepare`]):
-//! seccomp, a user or time namespace (setns of those needs a
-//! process that shares no memory), AppArmor, SELinux, I/O priority,
-//! scheduler, CPU affinity, personality, memory policy.
+//! libcontainer as before (see [`container_allows`], [`init_allows`],
+//! [`Launch::prepare`] and `RootfsPlan::prepare`): seccomp, a
+//! user or time namespace (setns of those needs a process that shares no
+//! memory), AppArmor, SELinux, I/O priority, scheduler, CPU affinity,
+//! personality, memory policy; for an init also a terminal, hooks, and
+//! mounts it does not resolve the way libcontainer does.
 
 use std::ffi::{c_int, c_void, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -50,6 +65,10 @@ use std::sync::Mutex;
 
 use libcontainer::capabilities::CapabilityExt;
 use oci_spec::runtime::{Capability, LinuxNamespaceType, PosixRlimitType, Process, Spec};
+use rootfs::RootfsPlan;
+
+mod raw;
+mod rootfs;
 
 /// Each child's stack; a few pages of it are used.
 const STACK_SIZE: usize = 64 * 1024;
@@ -139,6 +158,16 @@ steps! {
     Capabilities => "process.capabilities",
     NotFound => "process.args[0]",
     Exec => "executing the program",
+    Hostname => "hostname",
+    Rootfs => "binding the rootfs",
+    Mount => "mounts",
+    Symlink => "a symlink in /dev",
+    Device => "linux.devices",
+    PivotRoot => "pivot_root into the rootfs",
+    Sysctl => "linux.sysctl",
+    ReadonlyRoot => "root.readonly",
+    ReadonlyPath => "linux.readonlyPaths",
+    MaskedPath => "linux.maskedPaths",
 }
 
 impl Step {
@@ -221,14 +250,19 @@ pub struct Target<'a> {
     pub cgroup_dir: &'a Path,
 }
 
-/// An exec'd process, prepared to be spawned.
+/// An exec'd process or a container's init, prepared to be spawned.
 #[derive(Debug)]
 pub struct Launch {
     oom_score_adj: Option<CString>,
     terminal: bool,
     namespaces: Joins,
+    /// CLONE_NEW* flags of the namespaces the outer child makes.
+    unshare: c_int,
     cgroup_namespace: Option<OwnedFd>,
-    cgroup_procs: OwnedFd,
+    /// An exec writes itself into the cgroup (an init is put there by
+    /// the agent).
+    cgroup_procs: Option<OwnedFd>,
+    init: Option<Init>,
     rlimits: Vec<(c_int, libc::rlimit64)>,
     no_new_privileges: bool,
     umask: Option<u32>,
@@ -348,6 +382,17 @@ impl Launch {
             .map_err(|cause| LaunchError::Open { path: procs.display().to_string(), cause })?
             .into();
 
+        Self::new(process, namespaces, 0, cgroup_namespace, Some(cgroup_procs), None).map(Some)
+    }
+
+    fn new(
+        process: &Process,
+        namespaces: Joins,
+        unshare: c_int,
+        cgroup_namespace: Option<OwnedFd>,
+        cgroup_procs: Option<OwnedFd>,
+        init: Option<Init>,
+    ) -> Result<Self, LaunchError> {
         let args = process.args().as_deref().unwrap_or_default();
         let name = args.first().ok_or_else(|| LaunchError::Program("process.args: empty".into()))?;
         let env = process.env().as_deref().unwrap_or_default();
@@ -372,12 +417,14 @@ impl Launch {
             }
         };
         let user = process.user();
-        Ok(Some(Self {
+        Ok(Self {
             terminal: process.terminal() == Some(true),
             oom_score_adj: process.oom_score_adj().map(|v| c_string("process.oomScoreAdj", v.to_string().as_bytes())).transpose()?,
             namespaces,
+            unshare,
             cgroup_namespace,
             cgroup_procs,
+            init,
             rlimits: process
                 .rlimits()
                 .as_deref()
@@ -396,7 +443,7 @@ impl Launch {
             argv: args.iter().map(|a| c_string("process.args", a.as_bytes())).collect::<Result<_, _>>()?,
             env: env.iter().map(|e| c_string("process.env", e.as_bytes())).collect::<Result<_, _>>()?,
             report: Report::default(),
-        }))
+        })
     }
 
     /// Starts the process with `stdio` as its descriptors 0, 1 and 2
@@ -404,12 +451,29 @@ impl Launch {
     /// and, with a terminal, the pty master. Call with the reaper's
     /// registry held, as for libcontainer.
     pub fn spawn(self, stdio: [RawFd; 3]) -> Result<(i32, Option<OwnedFd>), LaunchError> {
-        let argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
-        let envp: Vec<*const libc::c_char> = self.env.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
+        let argv = pointers(&self.argv);
+        let envp = pointers(&self.env);
         let mut stacks = Stacks::take();
         let (outer_top, inner_top) = stacks.tops();
         let shared = Shared { launch: &self, stdio, argv: argv.as_ptr(), envp: envp.as_ptr(), inner_stack: inner_top };
+        let pid = self.clone_outer(&shared, outer_top);
+        stacks.give_back();
+        let master = match self.report.master.load(Ordering::Acquire) {
+            // SAFETY: the outer child opened this descriptor in our table
+            // (CLONE_FILES) for us; nothing else owns it.
+            fd if fd >= 0 => Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+            _ => None,
+        };
+        let pid = pid.and_then(|()| self.reported())?;
+        match master {
+            None if self.terminal => Err(LaunchError::NoResult),
+            master => Ok((pid, master)),
+        }
+    }
 
+    /// Runs the outer child (which clones the inner one) and waits for it
+    /// to be done.
+    fn clone_outer(&self, shared: &Shared<'_>, outer_top: *mut c_void) -> Result<(), LaunchError> {
         // Every signal blocked in the children until the inner one execs:
         // no handler of the agent runs on memory it shares with them.
         let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
@@ -421,24 +485,22 @@ impl Launch {
             libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
         }
         let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD | if self.terminal { libc::CLONE_FILES } else { 0 };
-        // SAFETY: the outer child runs `outer` on its own stack (from
-        // `stacks`, alive until clone returns) with `shared`, which lives
-        // on this frame; CLONE_VFORK suspends this thread until the child
-        // has exited, so neither is freed or moved while it runs.
-        let pid = unsafe { libc::clone(outer, outer_top, flags, &shared as *const Shared<'_> as *mut c_void) };
+        // SAFETY: the outer child runs `outer` on its own stack (alive
+        // until clone returns) with `shared`, which outlives this call;
+        // CLONE_VFORK suspends this thread until the child has exited, so
+        // neither is freed or moved while it runs.
+        let pid = unsafe { libc::clone(outer, outer_top, flags, shared as *const Shared<'_> as *mut c_void) };
         let clone_error = std::io::Error::last_os_error();
         // SAFETY: restores the mask saved above.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut()) };
-        stacks.give_back();
-        let master = match self.report.master.load(Ordering::Acquire) {
-            // SAFETY: the outer child opened this descriptor in our table
-            // (CLONE_FILES) for us; nothing else owns it.
-            fd if fd >= 0 => Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
-            _ => None,
-        };
         if pid < 0 {
             return Err(LaunchError::Clone(clone_error));
         }
+        Ok(())
+    }
+
+    /// The children's result: the inner child's PID, or the failed step.
+    fn reported(&self) -> Result<i32, LaunchError> {
         let report = &self.report;
         let step = report.step.load(Ordering::Acquire);
         if step != 0 {
@@ -447,17 +509,16 @@ impl Launch {
             let cause = std::io::Error::from_raw_os_error(report.errno.load(Ordering::Acquire));
             return Err(self.child_error(step, index, cause));
         }
-        match (report.pid.load(Ordering::Acquire), master) {
-            (0, _) => Err(LaunchError::NoResult),
-            (_, None) if self.terminal => Err(LaunchError::NoResult),
-            (pid, master) => Ok((pid, master)),
+        match report.pid.load(Ordering::Acquire) {
+            0 => Err(LaunchError::NoResult),
+            pid => Ok(pid),
         }
     }
 
     fn child_error(&self, step: Step, index: usize, cause: std::io::Error) -> LaunchError {
         let name = self.argv.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
         let detail = match step {
-            Step::Namespace => self.namespaces.get(index).map(|(_, _, n)| format!(" ({n})")).unwrap_or_default(),
+            Step::Namespace => self.namespaces.get(index).map_or(" (new ones)".to_string(), |(_, _, n)| format!(" ({n})")),
             Step::Chdir => format!(" {:?}", self.cwd.to_string_lossy()),
             Step::Capabilities => {
                 let what = [
@@ -474,6 +535,9 @@ impl Launch {
                 let program = self.candidates.get(index).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
                 return LaunchError::Program(format!("executing {program:?} (process.args[0] {name:?}): {cause}"));
             }
+            Step::Mount | Step::Device | Step::Symlink | Step::Sysctl | Step::ReadonlyPath | Step::MaskedPath => {
+                self.init.as_ref().map(|i| i.rootfs.detail(step, index)).unwrap_or_default()
+            }
             Step::NotFound => {
                 let env: Vec<String> = self.env.iter().map(|e| e.to_string_lossy().into_owned()).collect();
                 let err = super::executor::find_program(&name, &env, |_| false).err().unwrap_or_default();
@@ -483,6 +547,299 @@ impl Launch {
         };
         LaunchError::Child { step, what: step.what(), detail, cause }
     }
+}
+
+/// What a container's init has beyond an exec'd process.
+#[derive(Debug)]
+struct Init {
+    rootfs: RootfsPlan,
+    /// A cgroup namespace to join, else whether to make one.
+    cgroup_namespace: Option<OwnedFd>,
+    new_cgroup_namespace: bool,
+    /// The init's ends of the pipes (numbers in its copy of our table):
+    /// go (read: the cgroup is set), ready (write), start (read).
+    go: RawFd,
+    ready: RawFd,
+    start: RawFd,
+    /// The agent's ends, which the init closes in its copy of the table
+    /// (else it would never read EOF on its own).
+    agent_ends: [RawFd; 3],
+}
+
+/// Both ends of the init's three pipes, until the spawn.
+#[derive(Debug)]
+struct Pipes {
+    go: (OwnedFd, OwnedFd),
+    ready: (OwnedFd, OwnedFd),
+    start: (OwnedFd, OwnedFd),
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Clone(e.into()))
+}
+
+/// Why this container's init goes through libcontainer, if it does.
+pub fn init_allows(spec: &Spec) -> Result<(), &'static str> {
+    container_allows(spec)?;
+    let process = spec.process().as_ref().ok_or("no process")?;
+    process_allows(process)?;
+    if process.terminal() == Some(true) {
+        return Err("a terminal");
+    }
+    if let Some(hooks) = spec.hooks() {
+        let any = |h: &Option<Vec<oci_spec::runtime::Hook>>| h.as_ref().is_some_and(|h| !h.is_empty());
+        if any(hooks.create_container()) || any(hooks.start_container()) {
+            return Err("hooks");
+        }
+    }
+    Ok(())
+}
+
+impl Launch {
+    /// The init of a container of `spec` (prepared as libcontainer gets
+    /// it: see `spec::prepare_for_libcontainer`) over `rootfs`;
+    /// `Ok(Err(why))` when libcontainer has to make it.
+    pub fn prepare_init(spec: &Spec, rootfs: &Path) -> Result<Result<(Self, PreparedPipes), &'static str>, LaunchError> {
+        if let Err(why) = init_allows(spec) {
+            return Ok(Err(why));
+        }
+        let Some(process) = spec.process().as_ref() else { return Ok(Err("no process")) };
+        let mut plan = match RootfsPlan::prepare(spec, rootfs)? {
+            Ok(plan) => plan,
+            Err(why) => return Ok(Err(why)),
+        };
+        let mut joins: Joins = Vec::new();
+        let mut unshare = 0;
+        let mut cgroup_namespace = None;
+        let mut new_cgroup_namespace = false;
+        let mut new_uts = false;
+        let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+        for ns in &namespaces {
+            let (flag, name) = match ns.typ() {
+                LinuxNamespaceType::Ipc => (libc::CLONE_NEWIPC, "ipc"),
+                LinuxNamespaceType::Uts => (libc::CLONE_NEWUTS, "uts"),
+                LinuxNamespaceType::Network => (libc::CLONE_NEWNET, "net"),
+                LinuxNamespaceType::Pid => (libc::CLONE_NEWPID, "pid"),
+                LinuxNamespaceType::Mount => (libc::CLONE_NEWNS, "mnt"),
+                LinuxNamespaceType::Cgroup => (libc::CLONE_NEWCGROUP, "cgroup"),
+                _ => return Ok(Err("a user or time namespace")),
+            };
+            match ns.path() {
+                Some(path) => {
+                    let fd: OwnedFd =
+                        std::fs::File::open(path).map_err(|cause| LaunchError::Open { path: path.display().to_string(), cause })?.into();
+                    if flag == libc::CLONE_NEWCGROUP {
+                        cgroup_namespace = Some(fd);
+                    } else {
+                        joins.push((fd, flag, name));
+                    }
+                }
+                None if flag == libc::CLONE_NEWCGROUP => new_cgroup_namespace = true,
+                None => {
+                    new_uts |= flag == libc::CLONE_NEWUTS;
+                    unshare |= flag;
+                }
+            }
+        }
+        if unshare & libc::CLONE_NEWNS == 0 {
+            return Ok(Err("a mount namespace joined by path"));
+        }
+        // The mount namespace last: the paths of the others are read in ours.
+        joins.sort_by_key(|(_, flag, _)| *flag == libc::CLONE_NEWNS);
+        if !new_uts {
+            // As libcontainer: the names are set in a new UTS namespace only.
+            plan.drop_names();
+        }
+        let pipes = Pipes { go: pipe()?, ready: pipe()?, start: pipe()? };
+        let init = Init {
+            rootfs: plan,
+            cgroup_namespace,
+            new_cgroup_namespace,
+            go: pipes.go.0.as_raw_fd(),
+            ready: pipes.ready.1.as_raw_fd(),
+            start: pipes.start.0.as_raw_fd(),
+            agent_ends: [pipes.go.1.as_raw_fd(), pipes.ready.0.as_raw_fd(), pipes.start.1.as_raw_fd()],
+        };
+        let launch = Self::new(process, joins, unshare, None, None, Some(init))?;
+        Ok(Ok((launch, PreparedPipes(pipes))))
+    }
+
+    /// Starts the container's init with `stdio` as its descriptors 0, 1
+    /// and 2. It waits, in its new namespaces, for [`Starting::go`]. Call
+    /// with the reaper's registry held, as for libcontainer.
+    pub fn spawn_init(self, pipes: PreparedPipes, stdio: [RawFd; 3]) -> Result<Starting, LaunchError> {
+        let Pipes { go, ready, start } = pipes.0;
+        let mut kept = Box::new(Kept {
+            shared: None,
+            argv: pointers(&self.argv),
+            envp: pointers(&self.env),
+            stack: vec![0u8; STACK_SIZE].into_boxed_slice(),
+            launch: Box::new(self),
+        });
+        let launch: *const Launch = &*kept.launch;
+        let base = kept.stack.as_mut_ptr();
+        let top = base.wrapping_add(STACK_SIZE);
+        let top = top.wrapping_sub(top as usize % 16).cast::<c_void>();
+        let shared = Box::new(Shared {
+            // SAFETY: `launch` points into `kept`, which outlives `shared`
+            // (a field of it, dropped first).
+            launch: unsafe { &*launch },
+            stdio,
+            argv: kept.argv.as_ptr(),
+            envp: kept.envp.as_ptr(),
+            inner_stack: top,
+        });
+        let shared: &Shared<'static> = &*kept.shared.insert(shared);
+        let mut stacks = Stacks::take();
+        let (outer_top, _) = stacks.tops();
+        let cloned = kept.launch.clone_outer(shared, outer_top);
+        stacks.give_back();
+        // The init holds its own ends now.
+        drop((go.0, ready.1, start.0));
+        // No init runs unless the outer child reported its PID (and then
+        // no failure).
+        let pid = cloned.and_then(|()| kept.launch.reported())?;
+        Ok(Starting { pid, go: Some(go.1), ready: ready.0, start: Some(start.1), kept: Some(kept) })
+    }
+}
+
+/// The init's pipes, made by [`Launch::prepare_init`] for
+/// [`Launch::spawn_init`].
+#[derive(Debug)]
+pub struct PreparedPipes(Pipes);
+
+/// What an init reads until its exec; it shares our memory until then.
+struct Kept {
+    // Declared (and so dropped) before the launch it points to.
+    shared: Option<Box<Shared<'static>>>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    stack: Box<[u8]>,
+    launch: Box<Launch>,
+}
+
+// SAFETY: the raw pointers point into Kept's own boxes, which never move;
+// the agent's threads only move Kept around and drop it, never dereference
+// them.
+unsafe impl Send for Kept {}
+// SAFETY: as above; there is no interior mutability reachable through
+// a shared reference except `Report`'s atomics.
+unsafe impl Sync for Kept {}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept").field("launch", &self.launch).finish_non_exhaustive()
+    }
+}
+
+/// Waits until child `pid` is dead (a zombie, left for the reaper).
+fn wait_dead(pid: i32) {
+    let Ok(pid) = libc::id_t::try_from(pid) else { return };
+    loop {
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+        // SAFETY: waitid writes a siginfo_t; WNOWAIT leaves the child to be
+        // reaped by the agent's reaper.
+        let r = unsafe { libc::waitid(libc::P_PID, pid, info.as_mut_ptr(), libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// An init that waits for [`Starting::go`].
+#[derive(Debug)]
+pub struct Starting {
+    pid: i32,
+    go: Option<OwnedFd>,
+    ready: OwnedFd,
+    start: Option<OwnedFd>,
+    kept: Option<Box<Kept>>,
+}
+
+impl Starting {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Lets the init build the container (once it is in its cgroup) and
+    /// waits until it is ready to exec the program.
+    pub fn go(mut self) -> Result<InitProcess, LaunchError> {
+        let go = self.go.take();
+        let ready = go.as_ref().map(|go| raw::write(go.as_raw_fd(), b"g")).is_some_and(|r| r == Ok(1)) && {
+            let mut byte = [0u8; 1];
+            loop {
+                match raw::read(self.ready.as_raw_fd(), &mut byte) {
+                    Err(libc::EINTR) => continue,
+                    r => break r == Ok(1),
+                }
+            }
+        };
+        drop(go);
+        if !ready {
+            wait_dead(self.pid);
+            let err = self.kept.as_ref().map(|k| k.launch.reported());
+            return Err(match err {
+                Some(Err(e)) => e,
+                _ => LaunchError::NoResult,
+            });
+        }
+        Ok(InitProcess { pid: self.pid, start: self.start.take(), kept: self.kept.take() })
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if self.kept.is_some() && self.pid > 0 {
+            // Not let go: it dies, and its memory is ours to free once it
+            // is dead.
+            // SAFETY: a signal to our own child, which the reaper has not
+            // reaped (the caller holds its registry).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            wait_dead(self.pid);
+        }
+    }
+}
+
+/// A container's init, ready: execs the program on [`InitProcess::start`].
+#[derive(Debug)]
+pub struct InitProcess {
+    pid: i32,
+    start: Option<OwnedFd>,
+    kept: Option<Box<Kept>>,
+}
+
+impl InitProcess {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Tells the init to exec the program.
+    pub fn start(&mut self) -> std::io::Result<()> {
+        let start = self.start.take().ok_or_else(|| std::io::Error::other("the container was started already"))?;
+        match raw::write(start.as_raw_fd(), b"s") {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            Err(e) => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// Frees what the init read: call once it has exec'd or died.
+    pub fn release(&mut self) {
+        self.kept.take();
+    }
+}
+
+impl Drop for InitProcess {
+    fn drop(&mut self) {
+        // Not known to have exec'd or died: it may still read this memory.
+        if let Some(kept) = self.kept.take() {
+            Box::leak(kept);
+        }
+    }
+}
+
+fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect()
 }
 
 /// What the children read: the launch, and pointers into the agent's
@@ -524,113 +881,90 @@ impl Stacks {
 
 // ---- In the children: system calls only, no allocation, no panics. ----
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-}
+/// A failed step: (step, index, errno).
+type Failure = (Step, usize, i32);
 
-fn fail(report: &Report, step: Step, index: usize) -> c_int {
-    report.errno.store(errno(), Ordering::Relaxed);
+fn report_failure(report: &Report, (step, index, errno): Failure) -> c_int {
+    report.errno.store(errno, Ordering::Relaxed);
     report.index.store(i32::try_from(index).unwrap_or(-1), Ordering::Relaxed);
     report.step.store(step.code(), Ordering::Release);
     127
 }
 
-/// The outer child: its own oom_score_adj, the namespaces, the inner child.
+fn at(step: Step, index: usize) -> impl Fn(i32) -> Failure {
+    move |errno| (step, index, errno)
+}
+
+/// The outer child: its own oom_score_adj, the namespaces, the inner child
+/// (an exec'd process) or the container's init.
 extern "C" fn outer(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is the `Shared` that `spawn` passed, alive while the
     // agent's thread waits for this child.
     let shared = unsafe { &*(arg as *const Shared<'_>) };
+    match outer_steps(shared, arg) {
+        Ok(()) => 0,
+        Err(failure) => report_failure(&shared.launch.report, failure),
+    }
+}
+
+fn outer_steps(shared: &Shared<'_>, arg: *mut c_void) -> Result<(), Failure> {
     let l = shared.launch;
     if let Some(value) = &l.oom_score_adj {
-        // SAFETY: open/write/close of a NUL-terminated path and a buffer
-        // we own; /proc/self is this (outer) process, not the agent.
-        let ok = unsafe {
-            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            let bytes = value.as_bytes();
-            let ok = fd >= 0 && libc::write(fd, bytes.as_ptr().cast(), bytes.len()) == bytes.len().cast_signed();
-            if fd >= 0 {
-                libc::close(fd);
-            }
-            ok
-        };
-        if !ok {
-            return fail(&l.report, Step::OomScoreAdj, 0);
+        let fd = raw::open(c"/proc/self/oom_score_adj", libc::O_WRONLY | libc::O_CLOEXEC, 0).map_err(at(Step::OomScoreAdj, 0))?;
+        let written = raw::write(fd, value.as_bytes());
+        raw::close(fd);
+        if written.map_err(at(Step::OomScoreAdj, 0))? != value.as_bytes().len() {
+            return Err((Step::OomScoreAdj, 0, libc::EIO));
         }
     }
+    // This process only (its own fs_struct: no CLONE_FS), and so its
+    // children.
     for (i, (fd, typ, _)) in l.namespaces.iter().enumerate() {
-        // SAFETY: setns on a descriptor we hold; affects this process only
-        // (its own fs_struct: no CLONE_FS).
-        if unsafe { libc::setns(fd.as_raw_fd(), *typ) } != 0 {
-            return fail(&l.report, Step::Namespace, i);
-        }
+        raw::setns(fd.as_raw_fd(), *typ).map_err(at(Step::Namespace, i))?;
+    }
+    if l.unshare != 0 {
+        raw::unshare(l.unshare).map_err(at(Step::Namespace, l.namespaces.len()))?;
     }
     if l.terminal {
-        // SAFETY: opens the container's ptmx (the mount namespace is the
-        // container's now) and unlocks the pty; the descriptor is left to
-        // the agent.
-        let master = unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-        if master < 0 {
-            return fail(&l.report, Step::Terminal, 0);
-        }
+        // The container's ptmx (the mount namespace is the container's
+        // now), unlocked; the descriptor is left to the agent.
+        let master = raw::open(c"/dev/ptmx", libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC, 0).map_err(at(Step::Terminal, 0))?;
         l.report.master.store(master, Ordering::Release);
-        let unlock: c_int = 0;
-        // SAFETY: TIOCSPTLCK reads one int.
-        if unsafe { libc::ioctl(master, libc::TIOCSPTLCK, &unlock) } != 0 {
-            return fail(&l.report, Step::Terminal, 1);
-        }
+        raw::ioctl_set_int(master, libc::TIOCSPTLCK, &0).map_err(at(Step::Terminal, 1))?;
     }
-    // SAFETY: as in `spawn`: the inner child runs on its own stack with
-    // `shared`; CLONE_VFORK suspends this child until it execs or exits.
-    let pid =
-        unsafe { libc::clone(inner, shared.inner_stack, libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD, arg) };
+    let (child, flags): (extern "C" fn(*mut c_void) -> c_int, c_int) = match &l.init {
+        // The init runs on beside the agent until its exec (which StartContainer asks for).
+        Some(_) => (init_main, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
+        None => (inner, libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD),
+    };
+    // SAFETY: the child runs on its own stack with `shared`: for an exec
+    // CLONE_VFORK suspends this child until it execs or exits; an init's
+    // stack and `shared` are kept by the agent until it has exec'd or died.
+    let pid = unsafe { libc::clone(child, shared.inner_stack, flags, arg) };
     if pid < 0 {
-        return fail(&l.report, Step::Clone, 0);
+        return Err((Step::Clone, 0, libc::EAGAIN));
     }
     if l.report.step.load(Ordering::Acquire) == 0 {
         l.report.pid.store(pid, Ordering::Release);
     }
-    0
+    Ok(())
 }
 
-/// capget/capset's header and data (version 3: two 32-bit halves).
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_V3: u32 = 0x2008_0522;
-
-fn cap_get() -> Option<[CapData; 2]> {
-    let mut header = CapHeader { version: CAP_V3, pid: 0 };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: capget writes two CapData into `data`.
-    let r = unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) };
-    (r == 0).then_some(data)
-}
-
-fn cap_set(effective: u64, permitted: u64, inheritable: u64) -> bool {
-    let mut header = CapHeader { version: CAP_V3, pid: 0 };
+fn cap_set(effective: u64, permitted: u64, inheritable: u64) -> Result<(), i32> {
     let half = |m: u64, i: u32| u32::try_from((m >> (32 * i)) & u64::from(u32::MAX)).unwrap_or(0);
-    let data = [0, 1].map(|i| CapData { effective: half(effective, i), permitted: half(permitted, i), inheritable: half(inheritable, i) });
-    // SAFETY: capset reads two CapData from `data`.
-    unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) == 0 }
+    raw::capset(&[0, 1].map(|i| raw::CapData {
+        effective: half(effective, i),
+        permitted: half(permitted, i),
+        inheritable: half(inheritable, i),
+    }))
 }
 
 /// A capability number (0..64) as prctl's argument.
-fn c_ulong(cap: c_int) -> libc::c_ulong {
-    libc::c_ulong::from(cap.unsigned_abs())
+fn cap_arg(cap: c_int) -> usize {
+    usize::try_from(cap).unwrap_or(usize::MAX)
 }
 
-fn joined(data: [CapData; 2], f: impl Fn(&CapData) -> u32) -> u64 {
+fn joined(data: [raw::CapData; 2], f: impl Fn(&raw::CapData) -> u32) -> u64 {
     u64::from(f(&data[0])) | (u64::from(f(&data[1])) << 32)
 }
 
@@ -640,132 +974,163 @@ extern "C" fn inner(arg: *mut c_void) -> c_int {
     // SAFETY: as in `outer`.
     let shared = unsafe { &*(arg as *const Shared<'_>) };
     let l = shared.launch;
-    let r = &l.report;
-    // SAFETY: system calls on descriptors, buffers and NUL-terminated
-    // strings prepared by `spawn`/`prepare`, acting on this process only.
-    unsafe {
-        if libc::write(l.cgroup_procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-            return fail(r, Step::Cgroup, 0);
+    let steps = || -> Result<Failure, Failure> {
+        if let Some(procs) = &l.cgroup_procs {
+            raw::write(procs.as_raw_fd(), b"0").map_err(at(Step::Cgroup, 0))?;
         }
         if let Some(fd) = &l.cgroup_namespace {
-            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWCGROUP) != 0 {
-                return fail(r, Step::CgroupNamespace, 0);
-            }
+            raw::setns(fd.as_raw_fd(), libc::CLONE_NEWCGROUP).map_err(at(Step::CgroupNamespace, 0))?;
         }
-        if libc::setsid() < 0 {
-            return fail(r, Step::Session, 0);
-        }
-        let mut stdio = shared.stdio;
-        if l.terminal {
-            let master = r.master.load(Ordering::Acquire);
-            let slave = libc::ioctl(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-            if slave < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
-                return fail(r, Step::Terminal, 2);
-            }
-            stdio = [slave; 3];
-        }
-        for (target, fd) in (0..).zip(stdio) {
-            let ok = if fd == target { libc::fcntl(target, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, target) == target };
-            if !ok {
-                return fail(r, Step::Stdio, target.unsigned_abs() as usize);
-            }
-        }
-        for (i, (resource, limit)) in l.rlimits.iter().enumerate() {
-            if libc::syscall(libc::SYS_prlimit64, 0, *resource, limit as *const libc::rlimit64, std::ptr::null_mut::<libc::rlimit64>()) != 0
-            {
-                return fail(r, Step::Rlimit, i);
-            }
-        }
-        if l.no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return fail(r, Step::NoNewPrivileges, 0);
-        }
-        if let Some(umask) = l.umask {
-            libc::umask(umask as libc::mode_t);
-        }
-        // Before the ids change (the agent may enter where the user may
-        // not), and again after them if that was refused.
-        let mut chdir_later = false;
-        if libc::chdir(l.cwd.as_ptr()) != 0 {
-            if errno() != libc::EPERM {
-                return fail(r, Step::Chdir, 0);
-            }
-            chdir_later = true;
-        }
-        if let Some(groups) = &l.groups {
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
-                return fail(r, Step::Groups, 0);
-            }
-        }
-        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
-            || libc::syscall(libc::SYS_setresgid, l.gid, l.gid, l.gid) != 0
-            || libc::syscall(libc::SYS_setresuid, l.uid, l.uid, l.uid) != 0
-            || libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0
-        {
-            return fail(r, Step::Ids, 0);
-        }
-        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
-            return fail(r, Step::Descriptors, 0);
-        }
-        // Effective reset to permitted (a uid change from 0 cleared it,
-        // and dropping from the bounding set needs CAP_SETPCAP in it),
-        // then the spec's sets.
-        let Some(current) = cap_get() else { return fail(r, Step::Capabilities, 0) };
-        let permitted = joined(current, |d| d.permitted);
-        let inheritable = joined(current, |d| d.inheritable);
-        if !cap_set(permitted, permitted, inheritable) {
-            return fail(r, Step::Capabilities, 1);
-        }
-        if let Some(caps) = &l.caps {
-            for cap in &caps.drop_bounding {
-                if libc::prctl(libc::PR_CAPBSET_DROP, c_ulong(*cap), 0, 0, 0) != 0 {
-                    return fail(r, Step::Capabilities, 2);
-                }
-            }
-            let effective = caps.effective.unwrap_or(permitted);
-            if !cap_set(effective, caps.permitted.unwrap_or(permitted), caps.inheritable.unwrap_or(inheritable)) {
-                return fail(r, Step::Capabilities, 3);
-            }
-        }
-        if let Some(ambient) = l.caps.as_ref().and_then(|c| c.ambient.as_ref()) {
-            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) != 0 {
-                return fail(r, Step::Capabilities, 4);
-            }
-            for cap in ambient {
-                if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, c_ulong(*cap), 0, 0) != 0 {
-                    return fail(r, Step::Capabilities, 5);
-                }
-            }
-        }
-        if chdir_later && libc::chdir(l.cwd.as_ptr()) != 0 {
-            return fail(r, Step::Chdir, 0);
-        }
-        // The agent ignores SIGPIPE; the program must not inherit that.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        for (i, candidate) in l.candidates.iter().enumerate() {
-            let mut st = std::mem::MaybeUninit::<libc::stat64>::uninit();
-            if libc::stat64(candidate.as_ptr(), st.as_mut_ptr()) != 0 {
-                continue;
-            }
-            let st = st.assume_init();
-            if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_mode & 0o111 == 0 {
-                continue;
-            }
-            let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigemptyset(none.as_mut_ptr());
-            libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut());
-            libc::execve(candidate.as_ptr(), shared.argv, shared.envp);
-            let err = errno();
-            let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigfillset(all.as_mut_ptr());
-            libc::sigprocmask(libc::SIG_SETMASK, all.as_ptr(), std::ptr::null_mut());
-            r.errno.store(err, Ordering::Relaxed);
-            r.index.store(i32::try_from(i).unwrap_or(-1), Ordering::Relaxed);
-            r.step.store(Step::Exec.code(), Ordering::Release);
-            return 127;
-        }
-        fail(r, Step::NotFound, 0)
+        process_steps(l, shared.stdio)?;
+        let program = find_program(l)?;
+        Ok(exec(shared, program))
+    };
+    match steps() {
+        Ok(failure) | Err(failure) => report_failure(&l.report, failure),
     }
+}
+
+/// What libcontainer's init does for the process, in its order, once the
+/// child is in the container's namespaces and cgroup: a new session,
+/// stdio, rlimits, no_new_privs, umask, cwd, groups and ids, close-on-exec
+/// of every other descriptor, capabilities, SIGPIPE's default action.
+fn process_steps(l: &Launch, stdio: [RawFd; 3]) -> Result<(), Failure> {
+    raw::setsid().map_err(at(Step::Session, 0))?;
+    let mut stdio = stdio;
+    if l.terminal {
+        let master = l.report.master.load(Ordering::Acquire);
+        let slave =
+            raw::ioctl_int(master, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC).map_err(at(Step::Terminal, 2))?;
+        let slave = c_int::try_from(slave).map_err(|_| (Step::Terminal, 2, libc::EBADF))?;
+        raw::ioctl_int(slave, libc::TIOCSCTTY, 0).map_err(at(Step::Terminal, 2))?;
+        stdio = [slave; 3];
+    }
+    for (target, fd) in (0i32..).zip(stdio) {
+        let index = usize::try_from(target).unwrap_or(0);
+        if fd == target { raw::clear_cloexec(target) } else { raw::dup2(fd, target) }.map_err(at(Step::Stdio, index))?;
+    }
+    for (i, (resource, limit)) in l.rlimits.iter().enumerate() {
+        raw::prlimit(*resource, limit).map_err(at(Step::Rlimit, i))?;
+    }
+    if l.no_new_privileges {
+        raw::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map_err(at(Step::NoNewPrivileges, 0))?;
+    }
+    if let Some(umask) = l.umask {
+        raw::umask(umask);
+    }
+    // Before the ids change (the agent may enter where the user may
+    // not), and again after them if that was refused.
+    let chdir = || raw::chdir(&l.cwd).map_err(at(Step::Chdir, 0));
+    let chdir_later = match chdir() {
+        Ok(_) => false,
+        Err((_, _, libc::EPERM)) => true,
+        Err(failure) => return Err(failure),
+    };
+    if let Some(groups) = &l.groups {
+        raw::setgroups(groups).map_err(at(Step::Groups, 0))?;
+    }
+    raw::prctl(libc::PR_SET_KEEPCAPS, 1, 0).map_err(at(Step::Ids, 0))?;
+    raw::setresgid(l.gid).map_err(at(Step::Ids, 0))?;
+    raw::setresuid(l.uid).map_err(at(Step::Ids, 0))?;
+    raw::prctl(libc::PR_SET_KEEPCAPS, 0, 0).map_err(at(Step::Ids, 0))?;
+    raw::cloexec_from(3).map_err(at(Step::Descriptors, 0))?;
+    // Effective reset to permitted (a uid change from 0 cleared it, and
+    // dropping from the bounding set needs CAP_SETPCAP in it), then the
+    // spec's sets.
+    let current = raw::capget().map_err(at(Step::Capabilities, 0))?;
+    let permitted = joined(current, |d| d.permitted);
+    let inheritable = joined(current, |d| d.inheritable);
+    cap_set(permitted, permitted, inheritable).map_err(at(Step::Capabilities, 1))?;
+    if let Some(caps) = &l.caps {
+        for cap in &caps.drop_bounding {
+            raw::prctl(libc::PR_CAPBSET_DROP, cap_arg(*cap), 0).map_err(at(Step::Capabilities, 2))?;
+        }
+        let effective = caps.effective.unwrap_or(permitted);
+        cap_set(effective, caps.permitted.unwrap_or(permitted), caps.inheritable.unwrap_or(inheritable))
+            .map_err(at(Step::Capabilities, 3))?;
+        if let Some(ambient) = &caps.ambient {
+            raw::prctl(libc::PR_CAP_AMBIENT, cap_arg(libc::PR_CAP_AMBIENT_CLEAR_ALL), 0).map_err(at(Step::Capabilities, 4))?;
+            for cap in ambient {
+                raw::prctl(libc::PR_CAP_AMBIENT, cap_arg(libc::PR_CAP_AMBIENT_RAISE), cap_arg(*cap)).map_err(at(Step::Capabilities, 5))?;
+            }
+        }
+    }
+    if chdir_later {
+        chdir()?;
+    }
+    // The agent ignores SIGPIPE; the program must not inherit that.
+    raw::default_action(libc::SIGPIPE);
+    Ok(())
+}
+
+/// The first candidate that is a regular file with an execute bit (as
+/// [`super::executor::find_program`] checks).
+fn find_program(l: &Launch) -> Result<usize, Failure> {
+    for (i, candidate) in l.candidates.iter().enumerate() {
+        match raw::mode_of(candidate) {
+            Ok(mode) if mode & libc::S_IFMT == libc::S_IFREG && mode & 0o111 != 0 => return Ok(i),
+            _ => {}
+        }
+    }
+    Err((Step::NotFound, 0, libc::ENOENT))
+}
+
+/// Execs candidate `i` with every signal unblocked; returns the failure.
+fn exec(shared: &Shared<'_>, i: usize) -> Failure {
+    let Some(program) = shared.launch.candidates.get(i) else { return (Step::NotFound, 0, libc::ENOENT) };
+    raw::sigmask(false);
+    // SAFETY: argv and envp are the launch's arrays (see `pointers`),
+    // alive until the exec.
+    let errno = unsafe { raw::execve(program, shared.argv, shared.envp) };
+    raw::sigmask(true);
+    (Step::Exec, i, errno)
+}
+
+/// The container's init: in its new namespaces, waits for the agent to
+/// have put it in its cgroup, builds the container's filesystem
+/// ([`rootfs`]), prepares the process, tells the agent it is ready, and
+/// execs the program once StartContainer says so.
+extern "C" fn init_main(arg: *mut c_void) -> c_int {
+    // SAFETY: as in `outer`; the agent keeps `shared` (and the launch it
+    // points to) until this process has exec'd or died.
+    let shared = unsafe { &*(arg as *const Shared<'_>) };
+    let l = shared.launch;
+    let Some(init) = &l.init else { return 127 };
+    for fd in init.agent_ends {
+        raw::close(fd);
+    }
+    let mut byte = [0u8; 1];
+    // The agent writes once the cgroup is ours; EOF: it gave up.
+    if raw::read(init.go, &mut byte) != Ok(1) {
+        return 127;
+    }
+    let steps = || -> Result<usize, Failure> {
+        match &init.cgroup_namespace {
+            Some(fd) => raw::setns(fd.as_raw_fd(), libc::CLONE_NEWCGROUP).map_err(at(Step::CgroupNamespace, 0))?,
+            // Rooted at the cgroup the agent put us in.
+            None if init.new_cgroup_namespace => raw::unshare(libc::CLONE_NEWCGROUP).map_err(at(Step::CgroupNamespace, 0))?,
+            None => {}
+        }
+        init.rootfs.build()?;
+        process_steps(l, shared.stdio)?;
+        find_program(l)
+    };
+    let program = match steps() {
+        Ok(program) => program,
+        Err(failure) => return report_failure(&l.report, failure),
+    };
+    if raw::write(init.ready, b"r") != Ok(1) {
+        return 127;
+    }
+    raw::close(init.ready);
+    // Signals as for any process until the exec (a SIGKILL kills it
+    // meanwhile); the agent has no handler a copy of could run here.
+    raw::sigmask(false);
+    if raw::read(init.start, &mut byte) != Ok(1) {
+        return 0;
+    }
+    raw::sigmask(true);
+    report_failure(&l.report, exec(shared, program))
 }
 
 #[cfg(test)]
@@ -774,13 +1139,14 @@ mod tests {
 
     #[test]
     fn every_step_round_trips() {
-        for v in 1..=17 {
+        let last = i32::try_from(Step::ALL.len()).expect("steps");
+        for v in 1..=last {
             let step = Step::from_code(v).expect("step");
             assert_eq!(step.code(), v);
             assert!(!step.what().is_empty());
         }
         assert_eq!(Step::from_code(0), None);
-        assert_eq!(Step::from_code(18), None);
+        assert_eq!(Step::from_code(last + 1), None);
         assert_eq!(Step::from_code(-1), None);
     }
 
@@ -975,5 +1341,94 @@ mod host_tests {
         reap_leftovers();
         let procs = std::fs::read_to_string(cgroup.0.join("cgroup.procs")).expect("procs");
         assert!(procs.trim().is_empty(), "left in the cgroup: {procs}");
+    }
+
+    /// A busybox rootfs and a spec for it, as `runc spec` makes them (no
+    /// network namespace: the test runs on the host).
+    fn init_spec(dir: &Path, args: serde_json::Value) -> (PathBuf, Spec) {
+        let rootfs = dir.join("rootfs");
+        for d in ["bin", "proc", "dev", "tmp"] {
+            std::fs::create_dir_all(rootfs.join(d)).expect("dir");
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": args, "env": ["PATH=/bin"], "cwd": "/tmp", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": rootfs, "readonly": true},
+            "hostname": "direct-init",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}
+            ],
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}],
+                "maskedPaths": ["/proc/timer_list", "/proc/acpi"],
+                "readonlyPaths": ["/proc/sys"]
+            }
+        });
+        (rootfs, serde_json::from_value(spec).expect("spec"))
+    }
+
+    #[test]
+    fn an_init_builds_its_container_and_execs_on_start() {
+        if !root_or_skip("an_init_builds_its_container_and_execs_on_start") {
+            return;
+        }
+        let _children = crate::test_children();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cgroup = TestCgroup::new("carapace-init");
+        let script = "b=/bin/busybox; $b hostname; echo $$; $b pwd; $b stat -c %t:%T /dev/null; \
+                      $b touch /x 2>/dev/null && echo rw || echo ro; $b wc -c < /proc/timer_list; $b readlink /dev/ptmx; \
+                      $b grep -c ' /proc/sys ro,' /proc/self/mountinfo; $b cat /proc/self/cgroup";
+        let (rootfs, spec) = init_spec(dir.path(), serde_json::json!(["/bin/busybox", "sh", "-c", script]));
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs).expect("prepare").expect("direct");
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let null = std::fs::File::open("/dev/null").expect("null");
+        let starting = launch.spawn_init(pipes, [null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()]).expect("spawn");
+        let pid = starting.pid();
+        // What libcgroups does for the agent.
+        std::fs::write(cgroup.0.join("cgroup.procs"), pid.to_string()).expect("cgroup");
+        let mut init = starting.go().expect("ready");
+        drop(out_w);
+        init.start().expect("start");
+        let mut out = String::new();
+        std::fs::File::from(out_r).read_to_string(&mut out).expect("read");
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("wait");
+        init.release();
+        reap_leftovers();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 0), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.get(..8), Some(&["direct-init", "1", "/tmp", "1:3", "ro", "0", "pts/ptmx", "1"][..]), "{out}");
+        let cgroup_name = cgroup.0.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert!(out.lines().any(|l| l.starts_with("0::") && l.ends_with(cgroup_name)), "the cgroup: {out}");
+        // Its mounts stayed in its namespace.
+        let ours = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        assert!(!ours.contains(rootfs.to_str().expect("utf-8")), "{ours}");
+    }
+
+    #[test]
+    fn an_init_that_cannot_be_built_fails_create_by_name() {
+        if !root_or_skip("an_init_that_cannot_be_built_fails_create_by_name") {
+            return;
+        }
+        let _children = crate::test_children();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let null = std::fs::File::open("/dev/null").expect("null");
+        let fds = [null.as_raw_fd(); 3];
+        let (rootfs, spec) = init_spec(dir.path(), serde_json::json!(["nonexist"]));
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs).expect("prepare").expect("direct");
+        let err = launch.spawn_init(pipes, fds).expect("spawn").go().expect_err("missing program");
+        assert_eq!(err.to_string(), "process.args[0] \"nonexist\": not found in PATH \"/bin\"");
+        // A mount the kernel refuses.
+        let (rootfs, spec) = init_spec(&dir.path().join("b"), serde_json::json!(["/bin/busybox", "true"]));
+        let mut spec = serde_json::to_value(&spec).expect("json");
+        spec["mounts"][2]["options"] = serde_json::json!(["ptmxmode=bogus"]);
+        let spec: Spec = serde_json::from_value(spec).expect("spec");
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs).expect("prepare").expect("direct");
+        let err = launch.spawn_init(pipes, fds).expect("spawn").go().expect_err("bad mount");
+        assert!(err.to_string().starts_with(&format!("mounts {:?}: ", rootfs.join("dev/pts").display().to_string())), "{err}");
+        reap_leftovers();
     }
 }
