@@ -11,9 +11,13 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet nokaslr 82
 
 /// What a `kvm_pvm` host needs on top: `carapace.pvm` switches on our guest
 /// kernel's patches; the rest keeps the kernel away from instructions the
-/// host's emulator lacks (and from slow paths).
+/// host's emulator lacks (and from slow paths). `percpu_alloc=page`: the
+/// embedding allocator makes 2 MiB per-cpu chunks, whose 512-block free
+/// map the kernel rescans on every per-cpu allocation (each mount and
+/// cgroup makes some): 14 % of a container's create in the emulated
+/// kernel; page-sized units keep the map short (create 2.5 -> 2.1 s).
 pub const PVM_CMDLINE: &str = "carapace.pvm noxsave noreplace-smp rodata=off mitigations=off \
-     clocksource=tsc tsc=reliable \
+     clocksource=tsc tsc=reliable percpu_alloc=page \
      clearcpuid=cx16,smap,popcnt,fsgsbase,rdpid,invpcid,pcid,pku,114,erms,fsrm";
 
 pub use carapace_vmm_config::host::{HostKind, PVM_MODULE_PATH};
@@ -74,7 +78,7 @@ mod tests {
     fn native_host_gets_no_pvm_switches() {
         let line = build(HostKind::Native, &[VSOCK], "init=/init").unwrap();
         assert_eq!(line, format!("{BASE_CMDLINE} virtio_mmio.device=4K@0xd0000000:5 init=/init"));
-        for w in ["carapace.pvm", "noxsave", "clearcpuid", "noreplace-smp"] {
+        for w in ["carapace.pvm", "noxsave", "clearcpuid", "noreplace-smp", "percpu_alloc=page"] {
             assert!(!line.contains(w), "{w} in {line}");
         }
     }
@@ -85,7 +89,7 @@ mod tests {
         let line = build(HostKind::Pvm, &devs, "  foo -- arg ").unwrap();
         assert!(line.starts_with(&format!("{BASE_CMDLINE} carapace.pvm noxsave ")), "{line}");
         assert!(line.contains(" clearcpuid=cx16,smap,popcnt,fsgsbase,rdpid,invpcid,pcid,pku,114,erms,fsrm "));
-        assert!(line.contains(" tsc=reliable "));
+        assert!(line.contains(" tsc=reliable percpu_alloc=page "));
         assert!(line.ends_with("virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 foo -- arg"));
     }
 
