@@ -300,16 +300,24 @@ fn oom_step(g: &Guest) -> Result<(), String> {
 }
 
 fn exec_step(g: &Guest) -> Result<(), String> {
-    // Exec into a running container; exit codes and signals come back.
+    // Exec into a running container; exit codes and signals come back,
+    // and the container's seccomp filter holds in the exec'd process.
     let streams = g.streams(false);
-    g.create("svc", &spec(&["sleep", "1000"]), &streams).map_err(|e| format!("create svc: {e:?}"))?;
+    let mut svc = spec(&["sleep", "1000"]);
+    svc["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]
+    });
+    g.create("svc", &svc, &streams).map_err(|e| format!("create svc: {e:?}"))?;
     g.start("svc")?;
     let mut exec_streams = g.streams(false);
     let mut req = agent::ExecProcessRequest::new();
     req.container_id = "svc".into();
     req.exec_id = "e1".into();
     req.process_json = serde_json::to_vec(&json!({
-        "args": ["sh", "-c", "echo in=$(cat /proc/1/comm); exit 7"], "cwd": "/", "env": ["PATH=/bin"],
+        "args": ["sh", "-c", "echo in=$(cat /proc/1/comm); grep '^Seccomp:' /proc/self/status; \
+                 mkdir /tmp/x 2>&1 | grep -c 'Permission denied'; exit 7"],
+        "cwd": "/", "env": ["PATH=/bin"],
         "user": {"uid": 0, "gid": 0}
     }))
     .expect("json");
@@ -317,7 +325,7 @@ fn exec_step(g: &Guest) -> Result<(), String> {
     rpc("ExecProcess", g.agent.exec_process(ctx(), &req))?;
     let w = g.wait("svc", "e1")?;
     let out = exec_streams.stdout();
-    check!(w.exit_code == 7 && out == "in=sleep\n", "exec: {w:?} {out:?}");
+    check!(w.exit_code == 7 && out == "in=sleep\nSeccomp:\t2\n1\n", "exec: {w:?} {out:?}");
 
     // Pause/resume; UpdateContainer changes the limits of a running
     // container; stats show them.

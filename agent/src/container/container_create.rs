@@ -139,14 +139,34 @@ impl ContainerManager {
         mounts_before: Option<HashSet<PathBuf>>,
         req: &agent::CreateContainerRequest,
     ) -> Result<Container> {
-        let direct_exec = match launch::container_allows(spec) {
+        // A filter the launcher's children can load, else none of them
+        // runs: libcontainer loads what it has to.
+        let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            None => Ok(None),
+            Some(profile) => match launch::seccomp::Filter::compile(profile) {
+                Ok(Ok(filter)) => Ok(Some(Arc::new(filter))),
+                Ok(Err(why)) => Err(why),
+                Err(e) => {
+                    tracing::debug!(error = %e, "libseccomp did not compile the filter");
+                    Err("a filter the agent did not compile")
+                }
+            },
+        };
+        let allowed = launch::container_allows(spec).and_then(|()| seccomp.clone().map(|_| ()));
+        let direct_exec = match allowed {
             Ok(()) => true,
             Err(why) => {
                 tracing::debug!(why, "its execs go through libcontainer");
                 false
             }
         };
-        match launch::Launch::prepare_init(spec, rootfs).map_err(ContainerError::launch(CREATING))? {
+        let seccomp = seccomp.ok().flatten();
+        let prepared = if direct_exec {
+            launch::Launch::prepare_init(spec, rootfs, seccomp.clone()).map_err(ContainerError::launch(CREATING))?
+        } else {
+            Err("its execs go through libcontainer")
+        };
+        match prepared {
             Ok(prepared) => {
                 let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
                 let (init, process) = self.create_direct(id, prepared, resources, cgroup, ports)?;
@@ -159,6 +179,7 @@ impl ContainerManager {
                     init: process,
                     direct_exec,
                     direct_init: true,
+                    seccomp,
                     inner: Mutex::new(Inner {
                         lc: LcContainer::default(),
                         init_process: Some(init.0),
@@ -222,6 +243,7 @@ impl ContainerManager {
             init,
             direct_exec,
             direct_init: false,
+            seccomp,
             inner: Mutex::new(Inner { lc, init_process: None, started: false, execs: HashMap::new(), exec_watch: Some(exec_watch) }),
         })
     }

@@ -34,7 +34,7 @@ impl ContainerManager {
         }
         let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
         let name = format!("{id}/{exec_id}");
-        let target = launch::Target { init_pid: c.init.pid(), cgroup_dir: c.cgroup.dir() };
+        let target = launch::Target { init_pid: c.init.pid(), cgroup_dir: c.cgroup.dir(), seccomp: c.seccomp.as_ref() };
         if c.direct_exec {
             // As libcontainer's tenant builder: a process joining a
             // frozen cgroup would freeze before its exec, and this thread

@@ -127,6 +127,8 @@ pub struct Container {
     /// `Inner::lc` is empty, and start, pause, resume and remove act on
     /// the init and the cgroup directly.
     direct_init: bool,
+    /// The compiled `linux.seccomp` the launcher's children load.
+    seccomp: Option<Arc<launch::seccomp::Filter>>,
     inner: Mutex<Inner>,
 }
 

@@ -60,6 +60,7 @@ pub fn add_container(manager: &ContainerManager, id: &str, pid: i32, started: bo
         init: process(pid),
         direct_exec: false,
         direct_init: false,
+        seccomp: None,
         inner: Mutex::new(Inner { lc: LcContainer::default(), init_process: None, started, execs: HashMap::new(), exec_watch: None }),
     });
     super::lock(&manager.containers).insert(id.to_string(), container.clone());

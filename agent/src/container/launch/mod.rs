@@ -69,6 +69,7 @@ use rootfs::RootfsPlan;
 
 mod raw;
 mod rootfs;
+pub mod seccomp;
 
 /// Each child's stack; a few pages of it are used.
 const STACK_SIZE: usize = 64 * 1024;
@@ -76,9 +77,6 @@ const STACK_SIZE: usize = 64 * 1024;
 /// Why the container's execs go through libcontainer, if they do.
 pub fn container_allows(spec: &Spec) -> Result<(), &'static str> {
     let linux = spec.linux().as_ref().ok_or("no linux section")?;
-    if linux.seccomp().is_some() {
-        return Err("linux.seccomp");
-    }
     if linux.personality().is_some() {
         return Err("linux.personality");
     }
@@ -168,6 +166,7 @@ steps! {
     ReadonlyRoot => "root.readonly",
     ReadonlyPath => "linux.readonlyPaths",
     MaskedPath => "linux.maskedPaths",
+    Seccomp => "linux.seccomp",
 }
 
 impl Step {
@@ -248,6 +247,8 @@ pub struct Target<'a> {
     pub init_pid: i32,
     /// The container's cgroup directory.
     pub cgroup_dir: &'a Path,
+    /// The container's seccomp filter.
+    pub seccomp: Option<&'a std::sync::Arc<seccomp::Filter>>,
 }
 
 /// An exec'd process or a container's init, prepared to be spawned.
@@ -263,6 +264,9 @@ pub struct Launch {
     /// the agent).
     cgroup_procs: Option<OwnedFd>,
     init: Option<Init>,
+    /// Loaded before the capabilities are dropped, or (with
+    /// no_new_privileges) last, as libcontainer loads it.
+    seccomp: Option<std::sync::Arc<seccomp::Filter>>,
     rlimits: Vec<(c_int, libc::rlimit64)>,
     no_new_privileges: bool,
     umask: Option<u32>,
@@ -382,7 +386,8 @@ impl Launch {
             .map_err(|cause| LaunchError::Open { path: procs.display().to_string(), cause })?
             .into();
 
-        Self::new(process, namespaces, 0, cgroup_namespace, Some(cgroup_procs), None).map(Some)
+        let launch = Self::new(process, namespaces, 0, cgroup_namespace, Some(cgroup_procs), None)?;
+        Ok(Some(Self { seccomp: target.seccomp.cloned(), ..launch }))
     }
 
     fn new(
@@ -425,6 +430,7 @@ impl Launch {
             cgroup_namespace,
             cgroup_procs,
             init,
+            seccomp: None,
             rlimits: process
                 .rlimits()
                 .as_deref()
@@ -599,7 +605,11 @@ impl Launch {
     /// The init of a container of `spec` (prepared as libcontainer gets
     /// it: see `spec::prepare_for_libcontainer`) over `rootfs`;
     /// `Ok(Err(why))` when libcontainer has to make it.
-    pub fn prepare_init(spec: &Spec, rootfs: &Path) -> Result<Result<(Self, PreparedPipes), &'static str>, LaunchError> {
+    pub fn prepare_init(
+        spec: &Spec,
+        rootfs: &Path,
+        seccomp: Option<std::sync::Arc<seccomp::Filter>>,
+    ) -> Result<Result<(Self, PreparedPipes), &'static str>, LaunchError> {
         if let Err(why) = init_allows(spec) {
             return Ok(Err(why));
         }
@@ -661,7 +671,7 @@ impl Launch {
             agent_ends: [pipes.go.1.as_raw_fd(), pipes.ready.0.as_raw_fd(), pipes.start.1.as_raw_fd()],
         };
         let launch = Self::new(process, joins, unshare, None, None, Some(init))?;
-        Ok(Ok((launch, PreparedPipes(pipes))))
+        Ok(Ok((Self { seccomp, ..launch }, PreparedPipes(pipes))))
     }
 
     /// Starts the container's init with `stdio` as its descriptors 0, 1
@@ -983,6 +993,7 @@ extern "C" fn inner(arg: *mut c_void) -> c_int {
         }
         process_steps(l, shared.stdio)?;
         let program = find_program(l)?;
+        load_late_seccomp(l)?;
         Ok(exec(shared, program))
     };
     match steps() {
@@ -1034,6 +1045,11 @@ fn process_steps(l: &Launch, stdio: [RawFd; 3]) -> Result<(), Failure> {
     raw::setresuid(l.uid).map_err(at(Step::Ids, 0))?;
     raw::prctl(libc::PR_SET_KEEPCAPS, 0, 0).map_err(at(Step::Ids, 0))?;
     raw::cloexec_from(3).map_err(at(Step::Descriptors, 0))?;
+    // Without no_new_privileges loading a filter needs CAP_SYS_ADMIN:
+    // before the capabilities go.
+    if !l.no_new_privileges {
+        load_seccomp(l)?;
+    }
     // Effective reset to permitted (a uid change from 0 cleared it, and
     // dropping from the bounding set needs CAP_SETPCAP in it), then the
     // spec's sets.
@@ -1060,6 +1076,18 @@ fn process_steps(l: &Launch, stdio: [RawFd; 3]) -> Result<(), Failure> {
     }
     // The agent ignores SIGPIPE; the program must not inherit that.
     raw::default_action(libc::SIGPIPE);
+    Ok(())
+}
+
+fn load_seccomp(l: &Launch) -> Result<(), Failure> {
+    l.seccomp.as_ref().map_or(Ok(()), |f| f.load().map_err(at(Step::Seccomp, 0)))
+}
+
+/// With no_new_privileges, the filter as close to the exec as it goes.
+fn load_late_seccomp(l: &Launch) -> Result<(), Failure> {
+    if l.no_new_privileges {
+        load_seccomp(l)?;
+    }
     Ok(())
 }
 
@@ -1130,7 +1158,8 @@ extern "C" fn init_main(arg: *mut c_void) -> c_int {
         return 0;
     }
     raw::sigmask(true);
-    report_failure(&l.report, exec(shared, program))
+    let failure = load_late_seccomp(l).err().unwrap_or_else(|| exec(shared, program));
+    report_failure(&l.report, failure)
 }
 
 #[cfg(test)]
@@ -1170,7 +1199,7 @@ mod tests {
             "linux": {"namespaces": [{"type": "mount"}], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}
         }))
         .expect("spec");
-        assert_eq!(container_allows(&seccomp), Err("linux.seccomp"));
+        assert_eq!(container_allows(&seccomp), Ok(()), "compiled by the agent (see seccomp.rs)");
         let shared_mounts: Spec =
             serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "pid"}]}})).expect("spec");
         assert_eq!(container_allows(&shared_mounts), Err("no mount namespace"));
@@ -1272,7 +1301,7 @@ mod host_tests {
         let _children = crate::test_children();
         let cgroup = TestCgroup::new("carapace-launch");
         let mut init = container_init();
-        let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0 };
+        let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0, seccomp: None };
         let p = process(serde_json::json!({
             "args": ["sh", "-c", "hostname; id -u; id -G; grep -E '^Cap(Eff|Bnd)' /proc/self/status; cat /proc/self/cgroup; pwd; umask; ulimit -n"],
             "env": ["PATH=/usr/bin:/bin"], "cwd": "/tmp",
@@ -1314,7 +1343,7 @@ mod host_tests {
         let _children = crate::test_children();
         let cgroup = TestCgroup::new("carapace-launch-missing");
         let mut init = container_init();
-        let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0 };
+        let target = Target { init_pid: i32::try_from(init.id()).expect("pid"), cgroup_dir: &cgroup.0, seccomp: None };
         let null = std::fs::File::open("/dev/null").expect("null");
         let fds = [null.as_raw_fd(); 3];
         let p = |args: serde_json::Value| {
@@ -1381,9 +1410,16 @@ mod host_tests {
         let cgroup = TestCgroup::new("carapace-init");
         let script = "b=/bin/busybox; $b hostname; echo $$; $b pwd; $b stat -c %t:%T /dev/null; \
                       $b touch /x 2>/dev/null && echo rw || echo ro; $b wc -c < /proc/timer_list; $b readlink /dev/ptmx; \
-                      $b grep -c ' /proc/sys ro,' /proc/self/mountinfo; $b cat /proc/self/cgroup";
+                      $b grep -c ' /proc/sys ro,' /proc/self/mountinfo; $b mkdir /tmp/d 2>/dev/null && echo mkdir || echo denied; \
+                      $b cat /proc/self/cgroup";
         let (rootfs, spec) = init_spec(dir.path(), serde_json::json!(["/bin/busybox", "sh", "-c", script]));
-        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs).expect("prepare").expect("direct");
+        // Loaded before the capabilities go (no no_new_privileges).
+        let profile = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+        let filter = seccomp::Filter::compile(&serde_json::from_value(profile).expect("profile")).expect("compile").expect("filter");
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, Some(filter.into())).expect("prepare").expect("direct");
         let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         let null = std::fs::File::open("/dev/null").expect("null");
         let starting = launch.spawn_init(pipes, [null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()]).expect("spawn");
@@ -1400,7 +1436,7 @@ mod host_tests {
         reap_leftovers();
         assert_eq!(status, nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 0), "{out}");
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines.get(..8), Some(&["direct-init", "1", "/tmp", "1:3", "ro", "0", "pts/ptmx", "1"][..]), "{out}");
+        assert_eq!(lines.get(..9), Some(&["direct-init", "1", "/tmp", "1:3", "ro", "0", "pts/ptmx", "1", "denied"][..]), "{out}");
         let cgroup_name = cgroup.0.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         assert!(out.lines().any(|l| l.starts_with("0::") && l.ends_with(cgroup_name)), "the cgroup: {out}");
         // Its mounts stayed in its namespace.
@@ -1418,7 +1454,7 @@ mod host_tests {
         let null = std::fs::File::open("/dev/null").expect("null");
         let fds = [null.as_raw_fd(); 3];
         let (rootfs, spec) = init_spec(dir.path(), serde_json::json!(["nonexist"]));
-        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs).expect("prepare").expect("direct");
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, None).expect("prepare").expect("direct");
         let err = launch.spawn_init(pipes, fds).expect("spawn").go().expect_err("missing program");
         assert_eq!(err.to_string(), "process.args[0] \"nonexist\": not found in PATH \"/bin\"");
         // A mount the kernel refuses.
@@ -1426,7 +1462,7 @@ mod host_tests {
         let mut spec = serde_json::to_value(&spec).expect("json");
         spec["mounts"][2]["options"] = serde_json::json!(["ptmxmode=bogus"]);
         let spec: Spec = serde_json::from_value(spec).expect("spec");
-        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs).expect("prepare").expect("direct");
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, None).expect("prepare").expect("direct");
         let err = launch.spawn_init(pipes, fds).expect("spawn").go().expect_err("bad mount");
         assert!(err.to_string().starts_with(&format!("mounts {:?}: ", rootfs.join("dev/pts").display().to_string())), "{err}");
         reap_leftovers();

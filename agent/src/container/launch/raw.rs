@@ -291,6 +291,16 @@ pub fn default_action(signal: c_int) {
     let _ = unsafe { call(libc::SYS_rt_sigaction, &[int(signal), ptr(action.as_ptr()), 0, 8]) };
 }
 
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`.
+///
+/// # Safety
+/// `prog.filter` must point to `prog.len` instructions, alive for the call.
+pub unsafe fn seccomp_filter(flags: libc::c_ulong, prog: &libc::sock_fprog) -> Result<(), i32> {
+    // SAFETY: the kernel reads the sock_fprog and the instructions it
+    // points to (the caller's contract).
+    unit(unsafe { call(libc::SYS_seccomp, &[libc::SECCOMP_SET_MODE_FILTER as usize, word(flags), ptr(prog)]) })
+}
+
 /// `execve`; returns the errno if it fails.
 ///
 /// # Safety
