@@ -49,11 +49,13 @@
 //!
 //! Only what this covers goes this way; anything else goes through
 //! libcontainer as before (see [`container_allows`], [`init_allows`],
-//! [`Launch::prepare`] and `RootfsPlan::prepare`): seccomp, a
-//! user or time namespace (setns of those needs a process that shares no
-//! memory), AppArmor, SELinux, I/O priority, scheduler, CPU affinity,
-//! personality, memory policy; for an init also a terminal, hooks, and
-//! mounts it does not resolve the way libcontainer does.
+//! [`Launch::prepare`] and `RootfsPlan::prepare`): a seccomp profile
+//! with a notify action (the filter is otherwise compiled by the agent
+//! and loaded by the child, `seccomp.rs`), a user or time namespace (setns
+//! of those needs a process that shares no memory), AppArmor, SELinux,
+//! I/O priority, scheduler, CPU affinity, personality, memory policy; for
+//! an init also a terminal, hooks, and mounts it does not resolve the way
+//! libcontainer does.
 
 use std::ffi::{c_int, c_void, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
