@@ -16,6 +16,32 @@ use std::path::Path;
 
 use nix::mount::MsFlags;
 
+/// The text of a small kernel file (proc, sys, cgroup), from offset `at`
+/// (`Some(0)` makes a kept /proc file generate its text afresh) or from
+/// where the file stands: one read when it fits 8 KiB (the kernel
+/// generates such a file's whole text on the first read), more for a
+/// longer one, none to probe its size or its end.
+pub fn read_small(file: &std::fs::File, at: Option<u64>) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut text = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = match at {
+            Some(offset) => file.read_at(&mut chunk, offset + text.len() as u64)?,
+            None => (&*file).read(&mut chunk)?,
+        };
+        text.extend_from_slice(&chunk[..n]);
+        if n < chunk.len() {
+            return Ok(String::from_utf8_lossy(&text).into_owned());
+        }
+    }
+}
+
+/// [`read_small`] of the file at `path` (open, read, close).
+pub fn read_small_file(path: &Path) -> io::Result<String> {
+    read_small(&std::fs::File::open(path)?, None)
+}
+
 /// The system calls guest setup needs.
 pub trait Syscall: Send + Sync {
     /// mount(2).

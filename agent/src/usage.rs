@@ -53,23 +53,8 @@ fn parse_syscalls(status: &str) -> (i64, i64) {
     (value("Syscalls:"), value("Syscalls_children:"))
 }
 
-/// The text of a small /proc file, read in one `read` (a /proc file
-/// generates its whole text on the first read when it fits the buffer);
-/// `None` if it cannot be read or does not fit.
-fn read_small(file: &std::fs::File, buf: &mut [u8; 8192], at: Option<u64>) -> Option<String> {
-    use std::io::Read;
-    use std::os::unix::fs::FileExt;
-    let n = match at {
-        Some(offset) => file.read_at(buf, offset),
-        None => (&*file).read(buf),
-    }
-    .ok()?;
-    (n < buf.len()).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
 fn read_proc(path: &str) -> Option<String> {
-    let file = std::fs::File::open(path).ok()?;
-    read_small(&file, &mut [0u8; 8192], None).or_else(|| std::fs::read_to_string(path).ok())
+    crate::sys::read_small_file(std::path::Path::new(path)).ok()
 }
 
 /// The agent's own status, kept open: one pread a reading (from offset
@@ -77,7 +62,7 @@ fn read_proc(path: &str) -> Option<String> {
 fn own_status() -> Option<String> {
     static FILE: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
     let file = FILE.get_or_init(|| std::fs::File::open("/proc/self/status").ok()).as_ref()?;
-    read_small(file, &mut [0u8; 8192], Some(0)).or_else(|| std::fs::read_to_string("/proc/self/status").ok())
+    crate::sys::read_small(file, Some(0)).ok()
 }
 
 fn syscalls_of(pid: &str) -> (i64, i64) {
@@ -221,7 +206,7 @@ mod tests {
     fn a_kept_proc_file_is_read_afresh() {
         let file = std::fs::File::open("/proc/self/stat").expect("stat");
         let cpu = || {
-            let c = read_small(&file, &mut [0u8; 8192], Some(0)).and_then(|s| parse_stat(&s)).expect("parsed");
+            let c = crate::sys::read_small(&file, Some(0)).ok().and_then(|s| parse_stat(&s)).expect("parsed");
             c.user_us + c.system_us
         };
         let before = cpu();

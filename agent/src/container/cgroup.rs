@@ -1,7 +1,7 @@
 //! Reading a container's cgroup v2 files: statistics, OOM kills, its
 //! processes. One open/read/close per file; the numbers are parsed here.
 
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use carapace_protocol::agent::{CgroupStats, CpuStats, IoDeviceStats, IoStats, MemoryStats, PidsStats};
@@ -13,14 +13,6 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cgroup {
     dir: PathBuf,
-}
-
-/// Reads a small file whole (one read for the common case).
-fn read_small(path: &Path) -> io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(4096);
-    file.read_to_end(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// "max" → u64::MAX, a number → itself.
@@ -44,8 +36,11 @@ fn parse_flat_keyed(text: &str) -> impl Iterator<Item = (&str, u64)> {
 /// The controllers enabled at the root of the hierarchy (what children can
 /// use): `cgroup.subtree_control` of the root, else `cgroup.controllers`.
 pub fn root_controllers(root: &Path) -> Vec<String> {
-    let read =
-        |name: &str| read_small(&root.join(name)).map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>()).unwrap_or_default();
+    let read = |name: &str| {
+        crate::sys::read_small_file(&root.join(name))
+            .map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
     let enabled = read("cgroup.subtree_control");
     if enabled.is_empty() {
         read("cgroup.controllers")
@@ -94,7 +89,7 @@ impl Cgroup {
     }
 
     fn read(&self, name: &str) -> Option<String> {
-        read_small(&self.dir.join(name)).ok()
+        crate::sys::read_small_file(&self.dir.join(name)).ok()
     }
 
     /// `oom_kill` of memory.events (0 without the memory controller).
@@ -189,7 +184,7 @@ impl Cgroup {
 }
 
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) -> io::Result<()> {
-    let text = read_small(&dir.join("cgroup.procs"))?;
+    let text = crate::sys::read_small_file(&dir.join("cgroup.procs"))?;
     out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;

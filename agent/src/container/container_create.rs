@@ -274,25 +274,13 @@ impl ContainerManager {
         drop((exec_signal, child));
         let pid = starting.pid();
         let placed = (|| {
+            const STEP: &str = "creating the container's cgroup";
             let manager = self.cgroup_manager(id, cgroup.dir())?;
-            let cgroup_error = |e: &dyn std::fmt::Display| ContainerError::Libcontainer {
-                step: "creating the container's cgroup",
-                message: e.to_string(),
-                invalid: false,
-            };
-            manager.add_task(nix_for_libcgroups::unistd::Pid::from_raw(pid)).map_err(|e| cgroup_error(&e))?;
-            if let Some(resources) = resources {
-                let prepared = spec::resources_for_libcgroups(resources);
-                let opt = libcgroups::common::ControllerOpt {
-                    resources: &prepared,
-                    disable_oom_killer: false,
-                    oom_score_adj: None,
-                    freezer_state: None,
-                };
-                manager.apply(&opt).map_err(|e| cgroup_error(&e))?;
-                cgroup.fix_libcgroups(resources).map_err(|e| ContainerError::io("linux.resources", e))?;
+            manager.add_task(nix_for_libcgroups::unistd::Pid::from_raw(pid)).map_err(ContainerError::libcgroups(STEP))?;
+            match resources {
+                Some(resources) => self.apply_resources(&manager, cgroup, resources, STEP, "linux.resources"),
+                None => Ok(()),
             }
-            Ok(())
         })();
         if let Err(e) = placed {
             let _ = self.sys.kill(pid, Signal::SIGKILL);

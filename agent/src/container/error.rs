@@ -55,6 +55,11 @@ impl ContainerError {
         move |error| Self::Launch { step, error }
     }
 
+    /// A libcgroups error at `step` (reported as libcontainer's are).
+    pub(crate) fn libcgroups<E: std::fmt::Display>(step: &'static str) -> impl Fn(E) -> Self {
+        move |e| Self::Libcontainer { step, message: e.to_string(), invalid: false }
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
         Self::Io { what: what.into(), cause: source }
     }

@@ -317,11 +317,27 @@ impl ContainerManager {
             return Err(ContainerError::FailedPrecondition(format!("container {:?} has stopped", c.id)));
         }
         let step = if state == libcgroups::common::FreezerState::Frozen { "pausing" } else { "resuming" };
-        self.cgroup_manager(&c.id, c.cgroup.dir())?.freeze(state).map_err(|e| ContainerError::Libcontainer {
-            step,
-            message: e.to_string(),
-            invalid: false,
-        })
+        self.cgroup_manager(&c.id, c.cgroup.dir())?.freeze(state).map_err(ContainerError::libcgroups(step))
+    }
+
+    /// `resources` written into `cgroup` by libcgroups (through
+    /// `manager`), with the agent's corrections ([`Cgroup::fix_libcgroups`]);
+    /// errors name `step` and `field`. Shared by CreateContainer and
+    /// UpdateContainer.
+    fn apply_resources(
+        &self,
+        manager: &libcgroups::common::AnyCgroupManager,
+        cgroup: &Cgroup,
+        resources: &oci_spec::runtime::LinuxResources,
+        step: &'static str,
+        field: &str,
+    ) -> Result<()> {
+        use libcgroups::common::CgroupManager;
+        let prepared = spec::resources_for_libcgroups(resources);
+        let opt =
+            libcgroups::common::ControllerOpt { resources: &prepared, disable_oom_killer: false, oom_score_adj: None, freezer_state: None };
+        manager.apply(&opt).map_err(ContainerError::libcgroups(step))?;
+        cgroup.fix_libcgroups(resources).map_err(|e| ContainerError::io(field, e))
     }
 
     /// A new process's stdio (the host ports dialled) and, with a
