@@ -34,6 +34,17 @@ enum Create {
     File,
 }
 
+/// What a spec mount is, for the mounts after it beneath its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Under {
+    /// A fresh tmpfs: the init makes what goes in it.
+    Tmpfs,
+    /// proc, sysfs, cgroup...: what goes in it is the kernel's.
+    Kernel,
+    /// A bound directory from outside the rootfs.
+    Bind,
+}
+
 #[derive(Debug)]
 struct MountOp {
     /// Directories to make first (in order), then the target per `create`.
@@ -172,9 +183,9 @@ impl RootfsPlan {
         }
         let rootfs_c = path_c("root.path", rootfs)?;
         let mut mounts = Vec::new();
-        // Destinations (in the agent's view) of the spec's non-bind
-        // mounts, and whether each is a tmpfs.
-        let mut mounted: Vec<(PathBuf, bool)> = Vec::new();
+        // Destinations (in the agent's view) of the spec's mounts so far,
+        // and what each is.
+        let mut mounted: Vec<(PathBuf, Under)> = Vec::new();
         let mut dev_tmpfs = false;
         for m in spec.mounts().as_deref().unwrap_or_default() {
             if m.uid_mappings().is_some() || m.gid_mappings().is_some() {
@@ -200,16 +211,24 @@ impl RootfsPlan {
             }
             let data = config.data.join(",");
             let data = (!data.is_empty()).then(|| c_string("mounts[].options", data.as_bytes())).transpose()?;
-            let parent_mount =
-                mounted.iter().filter(|(d, _)| target.starts_with(d) && target != *d).max_by_key(|(d, _)| d.as_os_str().len());
+            let parent_mount = mounted
+                .iter()
+                .filter(|(d, _)| target.starts_with(d) && target != *d)
+                .max_by_key(|(d, _)| d.as_os_str().len())
+                .map(|(d, kind)| (d, *kind));
+            if matches!(parent_mount, Some((_, Under::Bind))) {
+                // libcontainer makes its destination inside the bound
+                // directory, which the agent does not resolve.
+                return Ok(Err("a mount inside a bind mount"));
+            }
             let (source, fstype, create, mkdirs) = if bind {
                 let Some(source) = m.source() else { return Ok(Err("a bind mount without a source")) };
                 let source =
                     std::fs::canonicalize(source).map_err(|cause| LaunchError::Open { path: source.display().to_string(), cause })?;
                 let is_dir = source.is_dir();
                 let (create, mkdirs) = match parent_mount {
-                    Some((base, true)) => (if is_dir { Create::Dir } else { Create::File }, dirs_between(base, &target)?),
-                    Some((_, false)) => (Create::Nothing, Vec::new()),
+                    Some((base, Under::Tmpfs)) => (if is_dir { Create::Dir } else { Create::File }, dirs_between(base, &target)?),
+                    Some((_, _)) => (Create::Nothing, Vec::new()),
                     None => {
                         let dir = if is_dir { target.as_path() } else { target.parent().unwrap_or(rootfs) };
                         if let Err(why) = mkdir_all_in_rootfs(rootfs, dir)? {
@@ -234,6 +253,7 @@ impl RootfsPlan {
                         (Create::Nothing, Vec::new())
                     }
                 };
+                mounted.push((target.clone(), Under::Bind));
                 (Some(path_c("mounts[].source", &source)?), None, create, mkdirs)
             } else {
                 let typ = match m.typ().as_deref() {
@@ -242,8 +262,8 @@ impl RootfsPlan {
                     _ => return Ok(Err("a mount of another type")),
                 };
                 let (create, mkdirs) = match parent_mount {
-                    Some((base, true)) => (Create::Dir, dirs_between(base, &target)?),
-                    Some((_, false)) => (Create::Nothing, Vec::new()),
+                    Some((base, Under::Tmpfs)) => (Create::Dir, dirs_between(base, &target)?),
+                    Some((_, _)) => (Create::Nothing, Vec::new()),
                     None => match mkdir_all_in_rootfs(rootfs, &target)? {
                         Ok(()) => (Create::Nothing, Vec::new()),
                         Err(why) => return Ok(Err(why)),
@@ -257,7 +277,7 @@ impl RootfsPlan {
                 if m.destination() == Path::new("/dev") {
                     dev_tmpfs = typ == "tmpfs";
                 }
-                mounted.push((target.clone(), typ == "tmpfs"));
+                mounted.push((target.clone(), if typ == "tmpfs" { Under::Tmpfs } else { Under::Kernel }));
                 (Some(source), Some(c_string("mounts[].type", typ.as_bytes())?), create, mkdirs)
             };
             let (flags, remount) = if bind {
@@ -595,6 +615,7 @@ mod tests {
         assert_eq!(with(&|s| s["mounts"][0]["options"] = serde_json::json!(["rro"])), Some("recursive mount attributes"));
         assert_eq!(with(&|s| s["linux"]["rootfsPropagation"] = "shared".into()), Some("linux.rootfsPropagation"));
         assert_eq!(with(&|s| s["mounts"][7]["destination"] = "/../x".into()), Some("a mount destination with .."));
+        assert_eq!(with(&|s| s["mounts"][7]["destination"] = "/etc/hosts/x".into()), Some("a mount inside a bind mount"));
         assert_eq!(with(&|s| s["linux"]["devices"][0]["path"] = "/tun".into()), Some("a device outside /dev"));
         assert_eq!(with(&|_| {}), None);
         assert_eq!(
