@@ -194,6 +194,8 @@ pub enum LaunchError {
     Program(String),
     #[error("cloning the process: {0}")]
     Clone(std::io::Error),
+    #[error("creating the init's pipes: {0}")]
+    Pipe(std::io::Error),
     #[error("{what}{detail}: {cause}")]
     Child { step: Step, what: &'static str, detail: String, cause: std::io::Error },
     #[error("the process's launcher ended without a result")]
@@ -583,7 +585,7 @@ struct Pipes {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Clone(e.into()))
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Pipe(e.into()))
 }
 
 /// Why this container's init goes through libcontainer, if it does.
@@ -689,9 +691,7 @@ impl Launch {
             launch: Box::new(self),
         });
         let launch: *const Launch = &*kept.launch;
-        let base = kept.stack.as_mut_ptr();
-        let top = base.wrapping_add(STACK_SIZE);
-        let top = top.wrapping_sub(top as usize % 16).cast::<c_void>();
+        let top = stack_top(&mut kept.stack);
         let shared = Box::new(Shared {
             // SAFETY: `launch` points into `kept`, which outlives `shared`
             // (a field of it, dropped first).
@@ -864,6 +864,13 @@ struct Shared<'a> {
     inner_stack: *mut c_void,
 }
 
+/// The top of a child's stack in `mem` (16-byte aligned; stacks grow
+/// down).
+fn stack_top(mem: &mut [u8]) -> *mut c_void {
+    let end = mem.as_mut_ptr().wrapping_add(mem.len());
+    end.wrapping_sub(end as usize % 16).cast::<c_void>()
+}
+
 /// Children's stacks, kept between execs: their pages are already
 /// mapped the next time (each first touch is a fault).
 struct Stacks(Option<Box<[u8]>>);
@@ -879,9 +886,8 @@ impl Stacks {
     /// The top of each child's stack (16-byte aligned; stacks grow down).
     fn tops(&mut self) -> (*mut c_void, *mut c_void) {
         let Some(mem) = self.0.as_mut() else { return (std::ptr::null_mut(), std::ptr::null_mut()) };
-        let base = mem.as_mut_ptr();
-        let align = |p: *mut u8| p.wrapping_sub(p as usize % 16).cast::<c_void>();
-        (align(base.wrapping_add(STACK_SIZE)), align(base.wrapping_add(2 * STACK_SIZE)))
+        let (first, second) = mem.split_at_mut(STACK_SIZE);
+        (stack_top(first), stack_top(second))
     }
 
     fn give_back(&mut self) {
