@@ -61,9 +61,9 @@ fn compare(op: LinuxSeccompOperator, value_two: Option<u64>) -> ScmpCompareOp {
     }
 }
 
-fn arch(arch: Arch) -> Option<ScmpArch> {
+fn arch(arch: Arch) -> ScmpArch {
     use Arch::*;
-    Some(match arch {
+    match arch {
         ScmpArchNative => ScmpArch::Native,
         ScmpArchX86 => ScmpArch::X86,
         ScmpArchX86_64 => ScmpArch::X8664,
@@ -88,7 +88,7 @@ fn arch(arch: Arch) -> Option<ScmpArch> {
         ScmpArchM68k => ScmpArch::M68k,
         ScmpArchSh => ScmpArch::Sh,
         ScmpArchSheb => ScmpArch::Sheb,
-    })
+    }
 }
 
 impl Filter {
@@ -115,8 +115,7 @@ impl Filter {
             };
         }
         for a in seccomp.architectures().as_deref().unwrap_or_default() {
-            let Some(a) = arch(*a) else { return Ok(Err("an architecture libseccomp lacks")) };
-            ctx.add_arch(a).map_err(compile_error("architectures"))?;
+            ctx.add_arch(arch(*a)).map_err(compile_error("architectures"))?;
         }
         for (i, rule) in seccomp.syscalls().as_deref().unwrap_or_default().iter().enumerate() {
             let act = match action(rule.action(), rule.errno_ret()) {
