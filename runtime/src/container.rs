@@ -361,7 +361,7 @@ impl Runtime {
         // (PDEATHSIG), but only after the monitor; wait for it all the same,
         // so that nothing it holds (its taps) outlives `delete`.
         let (vmm_pid, vmm_start_time) = match record.vmm_pid {
-            0 => self.store.dir(id).ok().and_then(|d| Vm::recorded_pid(&d)).unwrap_or((0, 0)),
+            0 => self.store.dir(id).ok().and_then(|d| Vm::recorded_pid(&d).or_else(|| Vm::find_running(&d))).unwrap_or((0, 0)),
             pid => (pid, record.vmm_start_time),
         };
         proc::signal(vmm_pid, vmm_start_time, Signal::SIGKILL);

@@ -18,11 +18,19 @@ pub fn start_time(pid: u32) -> Option<u64> {
     // fields after its last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); field 22 is index 19; a zombie is gone.
-    if fields.first() == Some(&"Z") {
+    // rest starts at field 3 (state); field 22 is index 19. A zombie is
+    // gone once it is the last of its threads: the others share its files
+    // (a VMM's taps, which vanish when the last holder closes them) and
+    // close them only as they exit, after the leader may have.
+    if fields.first() == Some(&"Z") && !other_threads(pid) {
         return None;
     }
     fields.get(19)?.parse().ok()
+}
+
+/// True if `pid`'s thread group has a thread besides its leader.
+fn other_threads(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
 }
 
 /// True if `pid` is still the process that started at `started` (0 = do
@@ -94,5 +102,30 @@ mod tests {
         assert!(alive(me, t));
         assert!(!alive(me, t + 1));
         assert!(!alive(0, 0));
+    }
+
+    #[test]
+    fn a_zombie_leader_is_alive_until_its_threads_are_gone() {
+        // SAFETY: the child only starts a thread (glibc's malloc and
+        // pthread_create are made safe to use after fork) and exits.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(700));
+                    // SAFETY: ends the whole child process at once.
+                    unsafe { libc::_exit(0) };
+                });
+                // SAFETY: the leader exits alone, leaving its thread running.
+                unsafe { libc::syscall(libc::SYS_exit, 0) };
+                unreachable!();
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let pid = u32::try_from(child.as_raw()).expect("pid");
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(alive(pid, 0), "the leader is a zombie but its thread runs");
+                assert!(wait_gone(pid, 0, Duration::from_secs(10)));
+                let _ = nix::sys::wait::waitpid(child, None);
+            }
+        }
     }
 }

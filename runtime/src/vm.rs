@@ -145,6 +145,22 @@ impl Vm {
         Some((pid.parse().ok()?, started.parse().ok()?))
     }
 
+    /// The VMM started with `dir`'s config, found among the host's
+    /// processes: the one [`Vm::recorded_pid`] misses when its starter was
+    /// killed between the spawn and the write.
+    pub fn find_running(dir: &Path) -> Option<(u32, u64)> {
+        let config = dir.join("vmm.json");
+        let config = config.as_os_str().as_encoded_bytes();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|&b| b == 0);
+            args.any(|a| a == b"--config").then_some(())?;
+            (args.next()? == config).then_some(())?;
+            Some((pid, crate::proc::start_time(pid)?))
+        })
+    }
+
     /// Writes the VMM config into `dir` and starts the VMM. `dir` must exist
     /// and be private to this VM.
     pub fn start(assets: &GuestAssets, dir: &Path, opts: &VmOptions) -> Result<Self, VmError> {
@@ -413,7 +429,9 @@ mod tests {
     fn the_vmm_pid_is_recorded_in_its_dir() {
         let d = tempfile::tempdir().unwrap();
         let fake = d.path().join("fake-vmm");
-        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        // A process that keeps the VMM's arguments and starts no other
+        // (a shell's forks would show them too, for a moment).
+        std::fs::write(&fake, "#!/bin/sh\nexec python3 -c 'import time; time.sleep(30)' \"$@\"\n").unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let assets = GuestAssets { kernel: d.path().join("k"), initramfs: d.path().join("i"), vmm: fake };
         assert_eq!(Vm::recorded_pid(d.path()), None);
@@ -421,8 +439,12 @@ mod tests {
         let (pid, started) = Vm::recorded_pid(d.path()).expect("recorded");
         assert_eq!(pid, vm.pid());
         assert_eq!(Some(started), crate::proc::start_time(pid));
+        // Without the record (its writer killed first), by its config path.
+        std::fs::remove_file(d.path().join(PID_FILE)).unwrap();
+        assert_eq!(Vm::find_running(d.path()), Some((pid, started)));
         crate::proc::signal(pid, started, nix::sys::signal::Signal::SIGKILL);
         assert!(vm.wait_timeout(Duration::from_secs(30)).unwrap().is_some());
+        assert_eq!(Vm::find_running(d.path()), None);
         std::fs::write(d.path().join(PID_FILE), "garbage").unwrap();
         assert_eq!(Vm::recorded_pid(d.path()), None);
     }
