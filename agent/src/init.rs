@@ -231,6 +231,31 @@ pub fn ensure_console_stdio() -> Result<(), InitError> {
     Ok(())
 }
 
+/// How much heap [`warm_heap`] keeps mapped.
+const WARM_HEAP: usize = 4 << 20;
+
+/// Maps heap once, at boot, and keeps it: one arena for every thread,
+/// allocations up to 8 MiB from the heap rather than their own mmap,
+/// freed memory not handed back. Where a guest page fault costs ~4 ms
+/// (kvm_pvm hosts) a container's create touched ~30 new heap pages; a
+/// VM restored from a template has these mapped already.
+pub fn warm_heap() {
+    // SAFETY: mallopt only sets glibc's malloc parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+    let mut heap: Vec<u8> = Vec::with_capacity(WARM_HEAP);
+    let base = heap.as_mut_ptr();
+    for offset in (0..WARM_HEAP).step_by(4096) {
+        // SAFETY: within the allocation; a volatile write, so that the page
+        // is touched (calloc'd or not, the compiler may not drop it).
+        unsafe { std::ptr::write_volatile(base.add(offset), 0) };
+    }
+    drop(heap);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

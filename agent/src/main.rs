@@ -56,7 +56,7 @@ fn agent_service(args: &Args, address: &ListenAddress, trigger: ShutdownTrigger,
         Arc::new(ContainerManager::new(ManagerConfig { state_dir, dialer, cgroup_root: cgroup::CGROUP_ROOT.into(), default_env }, reaper));
     if guest {
         // Before serving, so that a VM template has them.
-        containers.make_spare_namespaces();
+        containers.make_spares();
     }
     AgentService::new(trigger, containers, Sandbox::new(etc, guest))
 }
@@ -151,6 +151,7 @@ fn run_as_init(args: &Args) -> ! {
         Ok(address) => address,
         Err(e) => fatal(&anyhow!(e)),
     };
+    init::warm_heap();
     start_copiers();
     let reaper = Arc::new(Reaper::new());
     let trigger = ShutdownTrigger::new();

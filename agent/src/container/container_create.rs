@@ -81,8 +81,9 @@ impl ContainerManager {
         if let Some(resources) = &resources {
             self.check_controllers(resources, "linux.resources")?;
         }
-        spec::prepare_for_libcontainer(&mut spec, id, &rootfs, &self.config.default_env);
-        let cgroup = Cgroup::new(&self.config.cgroup_root, &spec::cgroup_path(&spec, id));
+        let given_cgroup = spec::given_cgroup_path(&spec);
+        let mut cgroup_path = spec::cgroup_path(&spec, id);
+        let cgroup = Cgroup::new(&self.config.cgroup_root, &cgroup_path);
         if cgroup.exists() {
             return Err(ContainerError::FailedPrecondition(format!(
                 "linux.cgroupsPath: the cgroup {} already exists",
@@ -96,6 +97,14 @@ impl ContainerManager {
         // Taken once every check has passed (a refused create wastes none);
         // held until create returns: by then the init has entered them.
         let _spares = self.spares.take_for(&mut spec);
+        let cgroup = match given_cgroup.is_none().then(|| self.spare_cgroup.take()).flatten() {
+            Some(spare) => {
+                cgroup_path = PathBuf::from(cgroup::SPARE_PATH);
+                spare
+            }
+            None => cgroup,
+        };
+        spec::prepare_for_libcontainer(&mut spec, &cgroup_path, &rootfs, &self.config.default_env);
         let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
 
         let cleanup = |mounts_before: &Option<HashSet<PathBuf>>| {

@@ -175,6 +175,8 @@ pub struct ContainerManager {
     shared_pid: Mutex<SharedPid>,
     /// Namespaces made at boot for the first container (see [`spare`]).
     spares: spare::SpareNamespaces,
+    /// See [`cgroup::SpareCgroup`].
+    spare_cgroup: cgroup::SpareCgroup,
 }
 
 impl std::fmt::Debug for ContainerManager {
@@ -250,15 +252,20 @@ impl ContainerManager {
             shared_pid: Mutex::new(SharedPid::default()),
             controllers: OnceLock::new(),
             spares: spare::SpareNamespaces::default(),
+            spare_cgroup: cgroup::SpareCgroup::default(),
             config,
         }
     }
 
     /// Makes the namespaces the first container joins instead of
-    /// unsharing (see [`spare`]): in the guest, before serving.
-    pub fn make_spare_namespaces(&self) {
-        let _span = tracing::info_span!("spare_namespaces").entered();
+    /// unsharing (see [`spare`]) and the cgroup it takes when its spec
+    /// names none ([`cgroup::SpareCgroup`]): in the guest, before serving.
+    pub fn make_spares(&self) {
+        let _span = tracing::info_span!("spares").entered();
         self.spares.make();
+        if let Err(e) = self.spare_cgroup.make(&self.config.cgroup_root) {
+            tracing::warn!(error = %e, "making a spare cgroup");
+        }
     }
 
     fn bundles_dir(&self) -> PathBuf {

@@ -196,16 +196,19 @@ fn check_seccomp(seccomp: &Value) -> Result<(), SpecError> {
 /// `slice:prefix:name`, which the guest has no systemd for) as
 /// `/carapace/<id>`.
 pub fn cgroup_path(spec: &Spec, id: &str) -> PathBuf {
+    given_cgroup_path(spec).unwrap_or_else(|| PathBuf::from(format!("/carapace/{id}")))
+}
+
+/// The cgroup path the spec names (absolute), if it names one the agent
+/// honours: not a systemd `slice:prefix:name`, which has no meaning in
+/// the guest.
+pub fn given_cgroup_path(spec: &Spec) -> Option<PathBuf> {
     let given = spec
         .linux()
         .as_ref()
         .and_then(|l| l.cgroups_path().clone())
-        .filter(|p| !p.as_os_str().is_empty() && !p.to_string_lossy().contains(':'));
-    match given {
-        Some(p) if p.is_absolute() => p,
-        Some(p) => Path::new("/").join(p),
-        None => PathBuf::from(format!("/carapace/{id}")),
-    }
+        .filter(|p| !p.as_os_str().is_empty() && !p.to_string_lossy().contains(':'))?;
+    Some(if given.is_absolute() { given } else { Path::new("/").join(given) })
 }
 
 /// Whether the spec asks for a new mount namespace (without one,
@@ -219,7 +222,8 @@ pub fn has_mount_namespace(spec: &Spec) -> bool {
 
 /// The spec as libcontainer gets it:
 /// - `root.path` is the resolved rootfs;
-/// - `linux.cgroupsPath` is absolute ([`cgroup_path`]): libcontainer's
+/// - `linux.cgroupsPath` is `cgroup`, absolute ([`cgroup_path`], or the
+///   spare cgroup's): libcontainer's
 ///   cgroup v2 manager then never asks for systemd;
 /// - `linux.resources.blockIO.weight` is left to the agent
 ///   ([`resources_for_libcgroups`]);
@@ -232,9 +236,8 @@ pub fn has_mount_namespace(spec: &Spec) -> bool {
 ///   are the host runtime's to run;
 /// - masked and read-only paths this kernel has no file for are left out
 ///   ([`drop_absent_kernel_paths`]).
-pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path, default_env: &[String]) {
+pub fn prepare_for_libcontainer(spec: &mut Spec, cgroup: &Path, rootfs: &Path, default_env: &[String]) {
     drop_absent_kernel_paths(spec, |p| p.symlink_metadata().is_ok());
-    let cgroup = cgroup_path(spec, id);
     if let Some(root) = spec.root_mut() {
         root.set_path(rootfs.to_path_buf());
     } else {
@@ -244,7 +247,7 @@ pub fn prepare_for_libcontainer(spec: &mut Spec, id: &str, rootfs: &Path, defaul
         spec.set_root(Some(root));
     }
     if let Some(linux) = spec.linux_mut() {
-        linux.set_cgroups_path(Some(cgroup));
+        linux.set_cgroups_path(Some(cgroup.to_path_buf()));
         if let Some(resources) = linux.resources().as_ref() {
             let resources = resources_for_libcgroups(resources);
             linux.set_resources(Some(resources));
@@ -445,7 +448,8 @@ mod tests {
         let (mut spec, rootfs) = parse_spec(&spec_json(dir.path(), |_| {}), "").expect("valid");
         assert_eq!(rootfs, dir.path());
         assert!(has_mount_namespace(&spec));
-        prepare_for_libcontainer(&mut spec, "c1", &rootfs, &["A=1".into(), "PATH=/nope".into()]);
+        let cgroup = cgroup_path(&spec, "c1");
+        prepare_for_libcontainer(&mut spec, &cgroup, &rootfs, &["A=1".into(), "PATH=/nope".into()]);
         let env = spec.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
         assert!(env.contains(&"A=1".to_string()), "{env:?}");
         assert!(!env.contains(&"PATH=/nope".to_string()), "the spec's PATH wins: {env:?}");
@@ -513,7 +517,8 @@ mod tests {
             });
         });
         let (mut spec, rootfs) = parse_spec(&json, "").expect("valid");
-        prepare_for_libcontainer(&mut spec, "c2", &rootfs, &[]);
+        let cgroup = cgroup_path(&spec, "c2");
+        prepare_for_libcontainer(&mut spec, &cgroup, &rootfs, &[]);
         assert_eq!(cgroup_path(&spec, "c2"), PathBuf::from("/pods/c2"));
         let process = spec.process().as_ref().expect("process");
         assert_eq!(process.no_new_privileges(), None);

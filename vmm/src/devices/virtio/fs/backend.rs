@@ -50,6 +50,14 @@ pub(crate) type FsServer = Server<ShareFs<PassthroughFs>>;
 const AUTO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the guest keeps attributes and names in [`CacheMode::Always`].
 const ALWAYS_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long the guest keeps the absence of a name (both caching modes):
+/// a lookup that fails is answered as a negative entry, which the guest
+/// caches, instead of ENOENT, which it does not. Where a guest request
+/// costs tens of milliseconds (kvm_pvm hosts) a container's create looks
+/// the same missing names up again and again (PATH's directories, the
+/// files it may have). No longer than `auto` keeps names that exist: a
+/// file made on the host shows within as long either way.
+const NEGATIVE_TIMEOUT: Duration = AUTO_TIMEOUT;
 
 /// The passthrough configuration for a share rooted at `root` (a canonical,
 /// UTF-8 path) with the given cache mode.
@@ -183,12 +191,15 @@ pub(crate) struct ShareFs<F> {
     read_only: bool,
     /// Versions of opened files, in [`CacheMode::Auto`] only.
     versions: Option<Versions>,
+    /// How long the guest may cache a name's absence (zero: not at all).
+    negative_timeout: Duration,
 }
 
 impl<F> ShareFs<F> {
     pub(crate) fn new(inner: F, read_only: bool, cache: CacheMode) -> Self {
         let versions = matches!(cache, CacheMode::Auto).then(Versions::default);
-        Self { inner, read_only, versions }
+        let negative_timeout = if cache == CacheMode::None { Duration::ZERO } else { NEGATIVE_TIMEOUT };
+        Self { inner, read_only, versions, negative_timeout }
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -246,7 +257,18 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for ShareFs<F> {
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         check_lookup_name(name)?;
-        self.inner.lookup(ctx, parent, name)
+        match self.inner.lookup(ctx, parent, name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.negative_timeout.is_zero() => Ok(Entry {
+                inode: 0,
+                generation: 0,
+                // SAFETY: stat64 is plain integers; all-zero is a valid value.
+                attr: unsafe { std::mem::zeroed() },
+                attr_flags: 0,
+                attr_timeout: Duration::ZERO,
+                entry_timeout: self.negative_timeout,
+            }),
+            other => other,
+        }
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
@@ -597,6 +619,28 @@ mod tests {
             let open = h.open(e.nodeid, libc::O_RDONLY).unwrap();
             assert_eq!(open.open_flags & direct_io != 0, direct, "{mode:?}");
             assert_eq!(open.open_flags & keep_cache != 0, keep, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_name_is_a_negative_entry_the_guest_may_cache_except_uncached() {
+        for (mode, valid) in [(CacheMode::None, None), (CacheMode::Auto, Some(1)), (CacheMode::Always, Some(1))] {
+            let mem = test_mem();
+            let dir = tempfile::tempdir().unwrap();
+            let mut h = Harness::share(&mem, dir.path(), false, mode);
+            h.init().unwrap();
+            let reply = h.call(Opcode::Lookup, ROOT_ID, &[&cname("missing")]).result();
+            match valid {
+                None => assert_eq!(reply.unwrap_err(), libc::ENOENT),
+                Some(secs) => {
+                    let e: fuse_backend_rs::abi::fuse_abi::EntryOut = obj(&reply.unwrap());
+                    assert_eq!((e.nodeid, e.entry_valid, e.attr_valid), (0, secs, 0), "{mode:?}");
+                }
+            }
+            // Other errors stay errors.
+            fs::write(dir.path().join("f"), b"x").unwrap();
+            let f = h.lookup(ROOT_ID, "f").unwrap();
+            assert_eq!(h.lookup(f.nodeid, "x").unwrap_err(), libc::ENOTDIR, "{mode:?}");
         }
     }
 

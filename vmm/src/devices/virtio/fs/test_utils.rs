@@ -248,8 +248,13 @@ impl<'a> Harness<'a> {
         self.call(Opcode::Init, 0, &[init.as_slice()]).result().map(|b| obj(&b))
     }
 
+    /// A lookup; a negative entry (node 0) is ENOENT, as the guest takes it.
     pub fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
-        self.call(Opcode::Lookup, parent, &[&cname(name)]).result().map(|b| obj(&b))
+        let entry: EntryOut = self.call(Opcode::Lookup, parent, &[&cname(name)]).result().map(|b| obj(&b))?;
+        if entry.nodeid == 0 {
+            return Err(libc::ENOENT);
+        }
+        Ok(entry)
     }
 
     pub fn forget(&mut self, node: u64, nlookup: u64) -> u32 {
