@@ -102,7 +102,15 @@ impl ContainerManager {
                 cgroup_path = PathBuf::from(cgroup::SPARE_PATH);
                 spare
             }
-            None => cgroup,
+            None => {
+                // libcgroups makes the missing directories above a container's
+                // cgroup only after asking whether each exists: two creates
+                // at once may both try one, and the loser fails on EEXIST.
+                if let Some(parent) = cgroup.dir().parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                cgroup
+            }
         };
         spec::prepare_for_libcontainer(&mut spec, &cgroup_path, &rootfs, &self.config.default_env);
         let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
