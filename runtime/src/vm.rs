@@ -429,9 +429,9 @@ mod tests {
     fn the_vmm_pid_is_recorded_in_its_dir() {
         let d = tempfile::tempdir().unwrap();
         let fake = d.path().join("fake-vmm");
-        // A process that keeps the VMM's arguments and starts no other
-        // (a shell's forks would show them too, for a moment).
-        std::fs::write(&fake, "#!/bin/sh\nexec python3 -c 'import time; time.sleep(30)' \"$@\"\n").unwrap();
+        // No exec: the shell keeps the VMM's arguments (its child, which
+        // has them until it execs sleep, comes after it in /proc).
+        std::fs::write(&fake, "#!/bin/sh\nsleep 30\n").unwrap();
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let assets = GuestAssets { kernel: d.path().join("k"), initramfs: d.path().join("i"), vmm: fake };
         assert_eq!(Vm::recorded_pid(d.path()), None);
@@ -441,7 +441,14 @@ mod tests {
         assert_eq!(Some(started), crate::proc::start_time(pid));
         // Without the record (its writer killed first), by its config path.
         std::fs::remove_file(d.path().join(PID_FILE)).unwrap();
-        assert_eq!(Vm::find_running(d.path()), Some((pid, started)));
+        // A process's arguments read empty for a moment while it execs.
+        let found = (0..100).find_map(|_| {
+            Vm::find_running(d.path()).or_else(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                None
+            })
+        });
+        assert_eq!(found, Some((pid, started)));
         crate::proc::signal(pid, started, nix::sys::signal::Signal::SIGKILL);
         assert!(vm.wait_timeout(Duration::from_secs(30)).unwrap().is_some());
         assert_eq!(Vm::find_running(d.path()), None);
