@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 
 use carapace_protocol::agent::{CgroupStats, CpuStats, IoDeviceStats, IoStats, MemoryStats, PidsStats};
 
-/// Where the cgroup v2 hierarchy is mounted.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+use crate::init::{self, InitError};
+use crate::sys::Syscall;
+
+/// Where the cgroup v2 hierarchy is mounted (by PID 1).
+pub const CGROUP_ROOT: &str = init::CGROUP_ROOT;
 
 /// A container's cgroup directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,19 +36,18 @@ pub struct SpareCgroup(std::sync::Mutex<Option<Cgroup>>);
 
 impl SpareCgroup {
     /// Makes [`SPARE_PATH`] under `root` as libcgroups makes a container's
-    /// cgroup: its parent with the root's controllers enabled for children.
-    pub fn make(&self, root: &Path) -> io::Result<()> {
+    /// cgroup: its parent with every controller it has enabled for children
+    /// (as PID 1 enables them at the root: [`init::enable_controllers`]).
+    pub fn make(&self, sys: &dyn Syscall, root: &Path) -> Result<(), InitError> {
         let spare = Cgroup::new(root, Path::new(SPARE_PATH));
         let parent = spare.dir.parent().unwrap_or(root);
-        match std::fs::create_dir(parent) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
-        let controllers: Vec<String> = root_controllers(root).iter().map(|c| format!("+{c}")).collect();
-        if !controllers.is_empty() {
-            std::fs::write(parent.join("cgroup.subtree_control"), controllers.join(" "))?;
-        }
-        std::fs::create_dir(&spare.dir)?;
+        let mkdir = |path: &Path| match std::fs::create_dir(path) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(InitError::Mkdir { path: path.to_path_buf(), cause: e }),
+            _ => Ok(()),
+        };
+        mkdir(parent)?;
+        init::enable_controllers(sys, parent)?;
+        mkdir(&spare.dir)?;
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(spare);
         Ok(())
     }
@@ -290,11 +292,15 @@ mod tests {
     #[test]
     fn the_spare_is_made_under_a_parent_with_the_roots_controllers_and_taken_once() {
         let root = tempfile::tempdir().expect("tempdir");
-        std::fs::write(root.path().join("cgroup.subtree_control"), "cpu memory pids\n").expect("write");
+        // What the kernel shows in /carapace: the controllers the root
+        // enables for its children.
+        let parent = root.path().join("carapace");
+        std::fs::create_dir(&parent).expect("mkdir");
+        std::fs::write(parent.join("cgroup.controllers"), "cpu memory pids\n").expect("write");
+        std::fs::write(parent.join("cgroup.subtree_control"), "").expect("write");
         let spare = SpareCgroup::default();
         assert_eq!(spare.take(), None);
-        spare.make(root.path()).expect("make");
-        let parent = root.path().join("carapace");
+        spare.make(&crate::sys::LinuxSyscall, root.path()).expect("make");
         assert_eq!(std::fs::read_to_string(parent.join("cgroup.subtree_control")).expect("read"), "+cpu +memory +pids");
         let taken = spare.take().expect("made");
         assert_eq!(taken.dir(), parent.join("@spare"));

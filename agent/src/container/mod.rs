@@ -263,7 +263,7 @@ impl ContainerManager {
     pub fn make_spares(&self) {
         let _span = tracing::info_span!("spares").entered();
         self.spares.make();
-        if let Err(e) = self.spare_cgroup.make(&self.config.cgroup_root) {
+        if let Err(e) = self.spare_cgroup.make(self.sys.as_ref(), &self.config.cgroup_root) {
             tracing::warn!(error = %e, "making a spare cgroup");
         }
     }
