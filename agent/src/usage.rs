@@ -1,15 +1,17 @@
 //! What a call costs in the guest: the figures of `GuestUsage` in the
 //! answers of the container verbs (see `protocol/protos/agent.proto`).
 //!
-//! Faults, context switches and CPU times come from getrusage and
-//! `/proc/PID/stat`; system calls from the `Syscalls:` and
-//! `Syscalls_children:` lines our guest kernel adds to `/proc/PID/status`
-//! (patch 0008: upstream Linux counts them only with tracing). Taking a
-//! reading costs two getrusage calls, one pread of the agent's own status
-//! (kept open) and three calls (open, read, close) for each file of the
-//! process a call is about, which the figures include: the meter runs on
-//! every container call, and `read_to_string`'s statx and second read
-//! would be two more emulated system calls a file on kvm_pvm hosts.
+//! Faults, context switches and CPU times come from getrusage; system calls
+//! (and a process's faults and times) from `/proc/PID/rusage`, one line of
+//! numbers our guest kernel adds (patch 0008: upstream Linux counts system
+//! calls only with tracing). A reading costs two getrusage calls, one pread
+//! of the agent's own `rusage` (kept open) and three calls (open, read,
+//! close) for the process a call is about, which the figures include: the
+//! meter runs on every container call. `/proc/PID/status`, which the count
+//! was first read from, took tens of milliseconds to render on a kvm_pvm
+//! host, four times a StartContainer. On a kernel without the file a
+//! process's faults and times come from `/proc/PID/stat` and system calls
+//! read zero.
 
 use std::time::Instant;
 
@@ -46,45 +48,53 @@ fn rusage(who: libc::c_int) -> Counters {
     }
 }
 
-/// The thread group's and its reaped children's system calls, from the
-/// text of `/proc/PID/status`; zeros on a kernel without the count.
-fn parse_syscalls(status: &str) -> (i64, i64) {
-    let value = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(0);
-    (value("Syscalls:"), value("Syscalls_children:"))
+/// The fields of a `/proc/PID/rusage` line: the thread group's system
+/// calls, its reaped children's, its minor and major faults, its user and
+/// system time in nanoseconds.
+fn parse_rusage(text: &str) -> Option<([i64; 2], Counters)> {
+    let mut fields = text.split_ascii_whitespace().map(|f| f.parse::<i64>().ok());
+    let mut next = || fields.next().flatten();
+    let (syscalls, children) = (next()?, next()?);
+    let (minor_faults, major_faults, user_ns, system_ns) = (next()?, next()?, next()?, next()?);
+    let process = Counters {
+        user_us: user_ns / 1000,
+        system_us: system_ns / 1000,
+        minor_faults,
+        major_faults,
+        voluntary_switches: 0,
+        involuntary_switches: 0,
+        syscalls,
+    };
+    Some(([syscalls, children], process))
 }
 
 fn read_proc(path: &str) -> Option<String> {
     crate::sys::read_small_file(std::path::Path::new(path)).ok()
 }
 
-/// The agent's own status, kept open: one pread a reading (from offset
+/// The agent's own `rusage`, kept open: one pread a reading (from offset
 /// 0, which makes the kernel generate the text afresh).
-fn own_status() -> Option<String> {
+fn own_rusage() -> Option<String> {
     static FILE: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
-    let file = FILE.get_or_init(|| std::fs::File::open("/proc/self/status").ok()).as_ref()?;
+    let file = FILE.get_or_init(|| std::fs::File::open("/proc/self/rusage").ok()).as_ref()?;
     crate::sys::read_small(file, Some(0)).ok()
-}
-
-fn syscalls_of(pid: &str) -> (i64, i64) {
-    let status = if pid == "self" { own_status() } else { read_proc(&format!("/proc/{pid}/status")) };
-    status.map(|s| parse_syscalls(&s)).unwrap_or((0, 0))
 }
 
 impl Counters {
     /// The agent (every thread) plus the children it has reaped.
     pub fn agent() -> Self {
-        let (own, reaped) = syscalls_of("self");
+        let [own, reaped] = own_rusage().and_then(|s| parse_rusage(&s)).map_or([0, 0], |(calls, _)| calls);
         let syscalls = Counters { syscalls: own + reaped, ..Counters::default() };
         rusage(libc::RUSAGE_SELF) + rusage(libc::RUSAGE_CHILDREN) + syscalls
     }
 
-    /// A live (or not yet reaped) process's own counters, from
-    /// `/proc/PID/stat`; zero when it is gone.
+    /// A live (or not yet reaped) process's own counters; zero when it is
+    /// gone.
     pub fn of_process(pid: i32) -> Self {
-        let Some(c) = read_proc(&format!("/proc/{pid}/stat")).and_then(|s| parse_stat(&s)) else {
-            return Counters::default();
-        };
-        Counters { syscalls: syscalls_of(&pid.to_string()).0, ..c }
+        if let Some(text) = read_proc(&format!("/proc/{pid}/rusage")) {
+            return parse_rusage(&text).map(|(_, c)| c).unwrap_or_default();
+        }
+        read_proc(&format!("/proc/{pid}/stat")).and_then(|s| parse_stat(&s)).unwrap_or_default()
     }
 }
 
@@ -196,10 +206,12 @@ mod tests {
     }
 
     #[test]
-    fn syscall_lines_are_read_and_absent_ones_are_zero() {
-        let status = "Name:\tagent\nvoluntary_ctxt_switches:\t5\nSyscalls:\t1234\nSyscalls_children:\t56\n";
-        assert_eq!(parse_syscalls(status), (1234, 56));
-        assert_eq!(parse_syscalls("Name:\tagent\n"), (0, 0));
+    fn rusage_lines_are_read_and_short_ones_refused() {
+        let (calls, c) = parse_rusage("1234 56 117 3 50000000 70000000\n").expect("parsed");
+        assert_eq!(calls, [1234, 56]);
+        assert_eq!((c.syscalls, c.minor_faults, c.major_faults, c.user_us, c.system_us), (1234, 117, 3, 50_000, 70_000));
+        assert_eq!(parse_rusage("1234 56 117 3 50000000\n"), None);
+        assert_eq!(parse_rusage("1234 x 117 3 5 7\n"), None);
     }
 
     #[test]
@@ -217,7 +229,6 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         assert!(cpu() > before, "the same text twice");
-        assert!(own_status().is_some_and(|s| s.contains("Name:")));
         assert_eq!(read_proc("/proc/self/stat").map(|s| parse_stat(&s).is_some()), Some(true));
         assert_eq!(read_proc("/proc/no-such-pid/stat"), None);
     }

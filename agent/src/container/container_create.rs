@@ -112,7 +112,7 @@ impl ContainerManager {
                 cgroup
             }
         };
-        spec::prepare_for_libcontainer(&mut spec, &cgroup_path, &rootfs, &self.config.default_env);
+        spec::prepare_for_libcontainer(&mut spec, &cgroup_path, &rootfs, &self.config.default_env, &self.passwd);
         let mounts_before = (!spec::has_mount_namespace(&spec)).then(mount_points);
 
         let cleanup = |mounts_before: &Option<HashSet<PathBuf>>| {

@@ -21,7 +21,7 @@ impl ContainerManager {
         let mut process = spec::parse_process(&req.process_json)?;
         process.set_terminal(Some(req.terminal));
         spec::normalize_process(&mut process);
-        spec::ensure_home(&mut process, &c.rootfs);
+        spec::ensure_home(&mut process, &c.rootfs, &self.passwd);
         spec::add_default_env(&mut process, &self.config.default_env);
         let console_size = process.console_size().map(|b| (b.height(), b.width()));
 

@@ -173,6 +173,8 @@ pub struct ContainerManager {
     /// (`GuestSettings.shared_pid_namespace`): the id of the container
     /// whose namespace the others join, once there is one.
     shared_pid: Mutex<SharedPid>,
+    /// The containers' /etc/passwd, for HOME.
+    passwd: spec::PasswdCache,
     /// Namespaces made at boot for the first container (see [`spare`]).
     spares: spare::SpareNamespaces,
     /// See [`cgroup::SpareCgroup`].
@@ -250,6 +252,7 @@ impl ContainerManager {
             creating: Mutex::new(HashSet::new()),
             consoles: ConsoleSockets::new(&config.state_dir),
             shared_pid: Mutex::new(SharedPid::default()),
+            passwd: spec::PasswdCache::default(),
             controllers: OnceLock::new(),
             spares: spare::SpareNamespaces::default(),
             spare_cgroup: cgroup::SpareCgroup::default(),

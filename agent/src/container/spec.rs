@@ -236,7 +236,7 @@ pub fn has_mount_namespace(spec: &Spec) -> bool {
 ///   are the host runtime's to run;
 /// - masked and read-only paths this kernel has no file for are left out
 ///   ([`drop_absent_kernel_paths`]).
-pub fn prepare_for_libcontainer(spec: &mut Spec, cgroup: &Path, rootfs: &Path, default_env: &[String]) {
+pub fn prepare_for_libcontainer(spec: &mut Spec, cgroup: &Path, rootfs: &Path, default_env: &[String], passwd: &PasswdCache) {
     drop_absent_kernel_paths(spec, |p| p.symlink_metadata().is_ok());
     if let Some(root) = spec.root_mut() {
         root.set_path(rootfs.to_path_buf());
@@ -255,7 +255,7 @@ pub fn prepare_for_libcontainer(spec: &mut Spec, cgroup: &Path, rootfs: &Path, d
     }
     if let Some(process) = spec.process_mut() {
         normalize_process(process);
-        ensure_home(process, rootfs);
+        ensure_home(process, rootfs, passwd);
         add_default_env(process, default_env);
     }
     if let Some(hooks) = spec.hooks().clone() {
@@ -329,15 +329,15 @@ pub fn drop_absent_kernel_paths(spec: &mut Spec, exists: impl Fn(&Path) -> bool)
 /// rootfs's /etc/passwd (else `/`, as runc does). libcontainer would ask
 /// getpwuid_r, which in a static glibc binary dlopens the container's NSS
 /// modules: never let it.
-pub fn ensure_home(process: &mut Process, rootfs: &Path) {
+pub fn ensure_home(process: &mut Process, rootfs: &Path, passwd: &PasswdCache) {
     let mut env = process.env().clone().unwrap_or_default();
     if env.iter().any(|e| e.starts_with("HOME=") && e.len() > "HOME=".len()) {
         return;
     }
     env.retain(|e| !e.starts_with("HOME="));
     let uid = process.user().uid();
-    let home = std::fs::read_to_string(rootfs.join("etc/passwd"))
-        .ok()
+    let home = passwd
+        .read(&rootfs.join("etc/passwd"))
         .and_then(|passwd| {
             passwd.lines().find_map(|line| {
                 let fields: Vec<&str> = line.split(':').collect();
@@ -348,6 +348,49 @@ pub fn ensure_home(process: &mut Process, rootfs: &Path) {
         .unwrap_or_else(|| "/".to_string());
     env.push(format!("HOME={home}"));
     process.set_env(Some(env));
+}
+
+/// What identifies a version of a file: device, inode, size, mtime, ctime.
+type FileVersion = (u64, u64, u64, (i64, i64), (i64, i64));
+
+/// Past this many rootfs the cache starts over (it only costs a read).
+const PASSWD_CACHE_MAX: usize = 256;
+
+/// Each container's /etc/passwd as last read, with the version it had.
+/// Every exec without HOME looks its user up there: one stat shows the
+/// file unchanged instead of an open, a read and a close, each a round
+/// trip through virtio-fs (~15 ms of emulated guest kernel apiece on a
+/// kvm_pvm host). The file is read again whenever its version moved.
+#[derive(Debug, Default)]
+pub struct PasswdCache(std::sync::Mutex<std::collections::HashMap<PathBuf, (FileVersion, std::sync::Arc<str>)>>);
+
+impl PasswdCache {
+    /// The text of `path`, from the cache while its version holds.
+    pub fn read(&self, path: &Path) -> Option<std::sync::Arc<str>> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let version = (m.dev(), m.ino(), m.size(), (m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec()));
+        let mut cache = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((seen, text)) = cache.get(path) {
+            if *seen == version {
+                return Some(text.clone());
+            }
+        }
+        // Read after the stat: a change in between is seen as a new
+        // version at the next call, which reads again.
+        let text: std::sync::Arc<str> = std::fs::read_to_string(path).ok()?.into();
+        // Failed creates leave entries behind: bounded, it starts over.
+        if cache.len() >= PASSWD_CACHE_MAX && !cache.contains_key(path) {
+            cache.clear();
+        }
+        cache.insert(path.to_path_buf(), (version, text.clone()));
+        Some(text)
+    }
+
+    /// Drops what was kept of the rootfs's files (its container is gone).
+    pub fn forget(&self, rootfs: &Path) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|path, _| !path.starts_with(rootfs));
+    }
 }
 
 /// The resources as libcontainer gets them: without the blkio weight,
@@ -449,7 +492,7 @@ mod tests {
         assert_eq!(rootfs, dir.path());
         assert!(has_mount_namespace(&spec));
         let cgroup = cgroup_path(&spec, "c1");
-        prepare_for_libcontainer(&mut spec, &cgroup, &rootfs, &["A=1".into(), "PATH=/nope".into()]);
+        prepare_for_libcontainer(&mut spec, &cgroup, &rootfs, &["A=1".into(), "PATH=/nope".into()], &PasswdCache::default());
         let env = spec.process().as_ref().and_then(|p| p.env().clone()).unwrap_or_default();
         assert!(env.contains(&"A=1".to_string()), "{env:?}");
         assert!(!env.contains(&"PATH=/nope".to_string()), "the spec's PATH wins: {env:?}");
@@ -518,7 +561,7 @@ mod tests {
         });
         let (mut spec, rootfs) = parse_spec(&json, "").expect("valid");
         let cgroup = cgroup_path(&spec, "c2");
-        prepare_for_libcontainer(&mut spec, &cgroup, &rootfs, &[]);
+        prepare_for_libcontainer(&mut spec, &cgroup, &rootfs, &[], &PasswdCache::default());
         assert_eq!(cgroup_path(&spec, "c2"), PathBuf::from("/pods/c2"));
         let process = spec.process().as_ref().expect("process");
         assert_eq!(process.no_new_privileges(), None);
@@ -585,5 +628,30 @@ mod tests {
         let mut spec: Spec = serde_json::from_slice(&json).expect("spec");
         drop_absent_kernel_paths(&mut spec, |_| false);
         assert_eq!(spec.linux().clone().expect("linux").masked_paths().clone().expect("masked"), vec!["/proc/acpi".to_string()]);
+    }
+
+    #[test]
+    fn passwd_is_read_again_only_when_its_version_moves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("etc")).expect("etc");
+        let path = dir.path().join("etc/passwd");
+        std::fs::write(&path, "root:x:0:0::/root:/bin/sh\n").expect("passwd");
+        let cache = PasswdCache::default();
+        let home = |cache: &PasswdCache, uid: u32| {
+            let mut process: Process =
+                serde_json::from_value(serde_json::json!({"args": ["true"], "cwd": "/", "user": {"uid": uid, "gid": 0}})).expect("p");
+            ensure_home(&mut process, dir.path(), cache);
+            process.env().clone().unwrap_or_default().into_iter().find(|e| e.starts_with("HOME=")).expect("HOME")
+        };
+        assert_eq!(home(&cache, 0), "HOME=/root");
+        let first = cache.read(&path).expect("cached");
+        assert!(std::sync::Arc::ptr_eq(&first, &cache.read(&path).expect("cached")), "read again though unchanged");
+        // A user added (size and mtime move): seen at the next exec.
+        std::fs::write(&path, "root:x:0:0::/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n").expect("passwd");
+        assert_eq!(home(&cache, 1000), "HOME=/home/u");
+        cache.forget(dir.path());
+        assert!(cache.0.lock().expect("lock").is_empty());
+        std::fs::remove_file(&path).expect("rm");
+        assert_eq!(home(&cache, 0), "HOME=/", "no passwd: /, as runc");
     }
 }

@@ -12,13 +12,15 @@
 //! share the agent's memory (`CLONE_VM`) and so copy no page table. The
 //! first child ("outer", `CLONE_VFORK`: the calling thread waits for it)
 //! writes the process's `oom_score_adj`, joins the container's namespaces
-//! (an init also makes its new ones); a PID namespace only applies to
-//! children, so it clones the second (made the agent's child with
-//! `CLONE_PARENT`, which the reaper then waits for).
+//! (an exec: all of the init's at once, through a pidfd; an init also
+//! makes its new ones); a PID namespace only applies to children, so it
+//! clones the second (made the agent's child with `CLONE_PARENT`, which
+//! the reaper then waits for).
 //!
 //! - An exec'd process ("inner", `CLONE_VFORK` again, so the agent's
-//!   thread waits until it execs) joins the cgroup and the cgroup
-//!   namespace and then does what libcontainer's init does for an exec,
+//!   thread waits until it execs) is born in the container's cgroup
+//!   (clone3 `CLONE_INTO_CGROUP`), joins the cgroup namespace and then
+//!   does what libcontainer's init does for an exec,
 //!   in its order: a new session, stdio, rlimits, no_new_privs, umask,
 //!   cwd, groups and ids, close-on-exec of every other descriptor,
 //!   capabilities, the signal mask, the program lookup (as
@@ -144,8 +146,7 @@ steps! {
     OomScoreAdj => "process.oomScoreAdj",
     Namespace => "joining the container's namespaces",
     Terminal => "opening a terminal in the container's /dev/pts",
-    Clone => "cloning into the container's PID namespace",
-    Cgroup => "joining the container's cgroup",
+    Clone => "cloning into the container's PID namespace and cgroup",
     CgroupNamespace => "joining the container's cgroup namespace",
     Session => "setsid",
     Stdio => "stdio",
@@ -264,9 +265,9 @@ pub struct Launch {
     /// CLONE_NEW* flags of the namespaces the outer child makes.
     unshare: c_int,
     cgroup_namespace: Option<OwnedFd>,
-    /// An exec writes itself into the cgroup (an init is put there by
-    /// the agent).
-    cgroup_procs: Option<OwnedFd>,
+    /// The container's cgroup directory, which an exec is cloned into
+    /// (an init is put there by the agent).
+    cgroup: Option<OwnedFd>,
     init: Option<Init>,
     /// Loaded before the capabilities are dropped, or (with
     /// no_new_privileges) last, as libcontainer loads it.
@@ -325,46 +326,41 @@ fn rlimit_resource(typ: PosixRlimitType) -> c_int {
     r.cast_signed()
 }
 
-/// The namespaces of `pid` that differ from the agent's, opened; `Err`
-/// names one that only libcontainer can join.
-/// Namespaces the outer child joins: (descriptor, CLONE_NEW* type, name).
+/// Namespaces the outer child joins: (descriptor, CLONE_NEW* types, name).
 type Joins = Vec<(OwnedFd, c_int, &'static str)>;
 
-fn namespaces_of(pid: i32) -> Result<Result<(Joins, Option<OwnedFd>), &'static str>, LaunchError> {
-    // Joined in this order; the mount namespace last (its paths, /proc
-    // included, change).
-    const KINDS: [(&str, c_int); 7] = [
-        ("user", libc::CLONE_NEWUSER),
-        ("time", libc::CLONE_NEWTIME),
-        ("ipc", libc::CLONE_NEWIPC),
-        ("uts", libc::CLONE_NEWUTS),
-        ("net", libc::CLONE_NEWNET),
-        ("pid", libc::CLONE_NEWPID),
-        ("mnt", libc::CLONE_NEWNS),
-    ];
-    let open = |path: String| std::fs::File::open(&path).map_err(|cause| LaunchError::Open { path, cause });
-    let differs = |name: &str| -> Result<Option<OwnedFd>, LaunchError> {
-        let theirs = open(format!("/proc/{pid}/ns/{name}"))?;
-        let ours = std::fs::metadata(format!("/proc/self/ns/{name}"));
-        let same = match (theirs.metadata(), ours) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => false,
-        };
-        Ok((!same).then(|| theirs.into()))
+/// The namespaces an exec joins: every one of the container's init's but
+/// its cgroup namespace (joined once in the cgroup, see [`inner`]) and its
+/// user and time namespaces (a container with either of those execs
+/// through libcontainer, see [`container_allows`]). Joining one the
+/// container shares with the agent changes nothing.
+const EXEC_JOINS: c_int = libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWPID | libc::CLONE_NEWNS;
+
+/// A pidfd of the container's init `pid`, through which an exec joins its
+/// namespaces with one setns(2) each in the outer and inner child: opening
+/// and comparing `/proc/PID/ns/*` one by one cost ~0.2 s of emulated kernel
+/// a call on kvm_pvm hosts. `Err` when the init shares the agent's mount
+/// namespace (a spec's mount namespace given by the path of the agent's),
+/// which only libcontainer joins.
+fn init_pidfd(pid: i32) -> Result<Result<OwnedFd, &'static str>, LaunchError> {
+    use std::os::fd::FromRawFd;
+    let theirs = format!("/proc/{pid}/ns/mnt");
+    let shared = match (std::fs::metadata(&theirs), std::fs::metadata("/proc/self/ns/mnt")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        (Err(cause), _) | (_, Err(cause)) => return Err(LaunchError::Open { path: theirs, cause }),
     };
-    let mut joins = Vec::new();
-    for (name, typ) in KINDS {
-        let Some(fd) = differs(name)? else { continue };
-        match typ {
-            libc::CLONE_NEWUSER => return Ok(Err("the container's user namespace")),
-            libc::CLONE_NEWTIME => return Ok(Err("the container's time namespace")),
-            _ => joins.push((fd, typ, name)),
-        }
-    }
-    if !joins.iter().any(|(_, typ, _)| *typ == libc::CLONE_NEWNS) {
+    if shared {
         return Ok(Err("the container shares the agent's mount namespace"));
     }
-    Ok(Ok((joins, differs("cgroup")?)))
+    // SAFETY: pidfd_open takes a pid and flags and returns a new
+    // descriptor (or -1); no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = c_int::try_from(fd)
+        .ok()
+        .filter(|fd| *fd >= 0)
+        .ok_or_else(|| LaunchError::Open { path: format!("pidfd of {pid}"), cause: std::io::Error::last_os_error() })?;
+    // SAFETY: pidfd_open returned this new descriptor; nothing else owns it.
+    Ok(Ok(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 impl Launch {
@@ -376,21 +372,21 @@ impl Launch {
             tracing::debug!(why, "exec through libcontainer");
             return Ok(None);
         }
-        let (namespaces, cgroup_namespace) = match namespaces_of(target.init_pid)? {
-            Ok(n) => n,
+        let pidfd = match init_pidfd(target.init_pid)? {
+            Ok(fd) => fd,
             Err(why) => {
                 tracing::debug!(why, "exec through libcontainer");
                 return Ok(None);
             }
         };
-        let procs = target.cgroup_dir.join("cgroup.procs");
-        let cgroup_procs = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .map_err(|cause| LaunchError::Open { path: procs.display().to_string(), cause })?
+        let cgroup_namespace =
+            pidfd.try_clone().map_err(|cause| LaunchError::Open { path: format!("pidfd of {}", target.init_pid), cause })?;
+        let namespaces = vec![(pidfd, EXEC_JOINS, "the container's")];
+        let cgroup = std::fs::File::open(target.cgroup_dir)
+            .map_err(|cause| LaunchError::Open { path: target.cgroup_dir.display().to_string(), cause })?
             .into();
 
-        let launch = Self::new(process, namespaces, 0, cgroup_namespace, Some(cgroup_procs), None)?;
+        let launch = Self::new(process, namespaces, 0, Some(cgroup_namespace), Some(cgroup), None)?;
         Ok(Some(Self { seccomp: target.seccomp.cloned(), ..launch }))
     }
 
@@ -399,7 +395,7 @@ impl Launch {
         namespaces: Joins,
         unshare: c_int,
         cgroup_namespace: Option<OwnedFd>,
-        cgroup_procs: Option<OwnedFd>,
+        cgroup: Option<OwnedFd>,
         init: Option<Init>,
     ) -> Result<Self, LaunchError> {
         let args = process.args().as_deref().unwrap_or_default();
@@ -432,7 +428,7 @@ impl Launch {
             namespaces,
             unshare,
             cgroup_namespace,
-            cgroup_procs,
+            cgroup,
             init,
             seccomp: None,
             rlimits: process
@@ -950,18 +946,33 @@ fn outer_steps(shared: &Shared<'_>, arg: *mut c_void) -> Result<(), Failure> {
         l.report.master.store(master, Ordering::Release);
         raw::ioctl_set_int(master, libc::TIOCSPTLCK, &0).map_err(at(Step::Terminal, 1))?;
     }
-    let (child, flags): (extern "C" fn(*mut c_void) -> c_int, c_int) = match &l.init {
-        // The init runs on beside the agent until its exec (which StartContainer asks for).
-        Some(_) => (init_main, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
-        None => (inner, libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD),
+    let pid = match (&l.init, &l.cgroup) {
+        (None, Some(cgroup)) => {
+            let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT;
+            // SAFETY: the exec's child runs `inner` (system calls only) on
+            // its own stack with `shared`; CLONE_VFORK suspends this child
+            // until it execs or exits.
+            let pid = unsafe { raw::clone_into_cgroup(flags, cgroup.as_raw_fd(), inner, arg, shared.inner_stack, STACK_SIZE - 16) };
+            c_int::try_from(pid.map_err(at(Step::Clone, 0))?).map_err(|_| (Step::Clone, 0, libc::EOVERFLOW))?
+        }
+        (init, _) => {
+            let (child, flags): (extern "C" fn(*mut c_void) -> c_int, c_int) = match init {
+                // The init runs on beside the agent until its exec (which
+                // StartContainer asks for); the agent puts it in its cgroup.
+                Some(_) => (init_main, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
+                None => (inner, libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD),
+            };
+            // SAFETY: the child runs on its own stack with `shared`: for an
+            // exec CLONE_VFORK suspends this child until it execs or exits;
+            // an init's stack and `shared` are kept by the agent until it
+            // has exec'd or died.
+            let pid = unsafe { libc::clone(child, shared.inner_stack, flags, arg) };
+            if pid < 0 {
+                return Err((Step::Clone, 0, libc::EAGAIN));
+            }
+            pid
+        }
     };
-    // SAFETY: the child runs on its own stack with `shared`: for an exec
-    // CLONE_VFORK suspends this child until it execs or exits; an init's
-    // stack and `shared` are kept by the agent until it has exec'd or died.
-    let pid = unsafe { libc::clone(child, shared.inner_stack, flags, arg) };
-    if pid < 0 {
-        return Err((Step::Clone, 0, libc::EAGAIN));
-    }
     if l.report.step.load(Ordering::Acquire) == 0 {
         l.report.pid.store(pid, Ordering::Release);
     }
@@ -993,9 +1004,6 @@ extern "C" fn inner(arg: *mut c_void) -> c_int {
     let shared = unsafe { &*(arg as *const Shared<'_>) };
     let l = shared.launch;
     let steps = || -> Result<Failure, Failure> {
-        if let Some(procs) = &l.cgroup_procs {
-            raw::write(procs.as_raw_fd(), b"0").map_err(at(Step::Cgroup, 0))?;
-        }
         if let Some(fd) = &l.cgroup_namespace {
             raw::setns(fd.as_raw_fd(), libc::CLONE_NEWCGROUP).map_err(at(Step::CgroupNamespace, 0))?;
         }
