@@ -56,7 +56,6 @@ impl ContainerManager {
                 tracing::warn!(error = %e, "libcontainer delete; cleaning up by hand");
             }
         }
-        self.passwd.forget(&c.rootfs);
         if let Some(before) = &c.mounts_before {
             unmount_new_under(self.sys.as_ref(), &c.rootfs, before);
         }

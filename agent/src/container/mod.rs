@@ -173,7 +173,7 @@ pub struct ContainerManager {
     /// (`GuestSettings.shared_pid_namespace`): the id of the container
     /// whose namespace the others join, once there is one.
     shared_pid: Mutex<SharedPid>,
-    /// The containers' /etc/passwd, for HOME.
+    /// The /etc/passwd files read for HOME.
     passwd: spec::PasswdCache,
     /// Namespaces made at boot for the first container (see [`spare`]).
     spares: spare::SpareNamespaces,

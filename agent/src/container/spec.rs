@@ -353,43 +353,37 @@ pub fn ensure_home(process: &mut Process, rootfs: &Path, passwd: &PasswdCache) {
 /// What identifies a version of a file: device, inode, size, mtime, ctime.
 type FileVersion = (u64, u64, u64, (i64, i64), (i64, i64));
 
-/// Past this many rootfs the cache starts over (it only costs a read).
+/// Past this many versions the cache starts over (it only costs a read).
 const PASSWD_CACHE_MAX: usize = 256;
 
-/// Each container's /etc/passwd as last read, with the version it had.
-/// Every exec without HOME looks its user up there: one stat shows the
-/// file unchanged instead of an open, a read and a close, each a round
-/// trip through virtio-fs (~15 ms of emulated guest kernel apiece on a
-/// kvm_pvm host). The file is read again whenever its version moved.
+/// The /etc/passwd files read for HOME, by version: one stat finds the
+/// text again instead of an open, a read and a close, each a round trip
+/// through virtio-fs (~15 ms of emulated guest kernel apiece on a kvm_pvm
+/// host). Every exec without HOME looks its user up, and so does every
+/// container of an image whose spec sets none: the containers of one
+/// image share the file's inode on the host, which virtio-fs passes on.
+/// A file that changed has a new version and is read again.
 #[derive(Debug, Default)]
-pub struct PasswdCache(std::sync::Mutex<std::collections::HashMap<PathBuf, (FileVersion, std::sync::Arc<str>)>>);
+pub struct PasswdCache(std::sync::Mutex<std::collections::HashMap<FileVersion, std::sync::Arc<str>>>);
 
 impl PasswdCache {
-    /// The text of `path`, from the cache while its version holds.
+    /// The text of `path`, from the cache while its version is known.
     pub fn read(&self, path: &Path) -> Option<std::sync::Arc<str>> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
         let version = (m.dev(), m.ino(), m.size(), (m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec()));
         let mut cache = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((seen, text)) = cache.get(path) {
-            if *seen == version {
-                return Some(text.clone());
-            }
+        if let Some(text) = cache.get(&version) {
+            return Some(text.clone());
         }
         // Read after the stat: a change in between is seen as a new
         // version at the next call, which reads again.
         let text: std::sync::Arc<str> = std::fs::read_to_string(path).ok()?.into();
-        // Failed creates leave entries behind: bounded, it starts over.
-        if cache.len() >= PASSWD_CACHE_MAX && !cache.contains_key(path) {
+        if cache.len() >= PASSWD_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(path.to_path_buf(), (version, text.clone()));
+        cache.insert(version, text.clone());
         Some(text)
-    }
-
-    /// Drops what was kept of the rootfs's files (its container is gone).
-    pub fn forget(&self, rootfs: &Path) {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|path, _| !path.starts_with(rootfs));
     }
 }
 
@@ -649,8 +643,6 @@ mod tests {
         // A user added (size and mtime move): seen at the next exec.
         std::fs::write(&path, "root:x:0:0::/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n").expect("passwd");
         assert_eq!(home(&cache, 1000), "HOME=/home/u");
-        cache.forget(dir.path());
-        assert!(cache.0.lock().expect("lock").is_empty());
         std::fs::remove_file(&path).expect("rm");
         assert_eq!(home(&cache, 0), "HOME=/", "no passwd: /, as runc");
     }

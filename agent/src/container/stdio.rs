@@ -95,7 +95,66 @@ pub enum Dialer {
     Unix { base: PathBuf },
 }
 
+/// How long the streams of one process may take to connect (the kernel's
+/// vsock connect timeout is 2 s).
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
 impl Dialer {
+    /// Opens a stream to each port (blocking, close-on-exec once open), in
+    /// order. Over vsock the connects are in flight together: each waits
+    /// for the host to accept, a round trip through the VMM that took ~30
+    /// ms of a kvm_pvm guest's time, and a process has up to three.
+    pub fn connect_all(&self, ports: &[u32]) -> Vec<io::Result<OwnedFd>> {
+        let Self::Vsock { cid } = self else {
+            return ports.iter().map(|&port| self.connect(port)).collect();
+        };
+        let mut socks: Vec<io::Result<OwnedFd>> = ports
+            .iter()
+            .map(|&port| {
+                let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+                match connect(fd.as_raw_fd(), &VsockAddr::new(*cid, port)) {
+                    Ok(()) | Err(nix::Error::EINPROGRESS) => Ok(fd),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .collect();
+        // In flight: the sockets whose connect is not over (made or failed).
+        let mut pending: Vec<usize> = (0..socks.len()).filter(|&i| socks[i].is_ok()).collect();
+        let end = std::time::Instant::now() + CONNECT_WAIT;
+        while !pending.is_empty() {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                for &i in &pending {
+                    socks[i] = Err(io::Error::from(io::ErrorKind::TimedOut));
+                }
+                break;
+            }
+            let over: Vec<usize> = {
+                let mut fds: Vec<PollFd<'_>> =
+                    pending.iter().filter_map(|&i| socks[i].as_ref().ok().map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLOUT))).collect();
+                match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    Err(e) => return ports.iter().map(|_| Err(io::Error::from(e))).collect(),
+                }
+                pending.iter().zip(&fds).filter(|(_, fd)| fd.any().unwrap_or(true)).map(|(&i, _)| i).collect()
+            };
+            pending.retain(|i| !over.contains(i));
+        }
+        socks
+            .into_iter()
+            .map(|sock| {
+                let fd = sock?;
+                let error = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SocketError)?;
+                if error != 0 {
+                    return Err(io::Error::from_raw_os_error(error));
+                }
+                let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
+                fcntl(&fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+                Ok(fd)
+            })
+            .collect()
+    }
+
     /// Opens one stream to `port` (blocking, close-on-exec).
     pub fn connect(&self, port: u32) -> io::Result<OwnedFd> {
         match self {
@@ -145,15 +204,23 @@ pub struct PendingIo {
 /// pipes the process gets. With `terminal`, no [`ChildStdio`] is returned:
 /// the process gets the pty slave, and stderr is unused.
 pub fn prepare(dialer: &Dialer, ports: StdioPorts, terminal: bool) -> Result<(PendingIo, Option<ChildStdio>), StdioError> {
-    let connect = |stream: &'static str, port: u32| -> Result<Option<OwnedFd>, StdioError> {
-        if port == 0 {
-            return Ok(None);
+    let wanted: Vec<(&'static str, u32)> =
+        [("stdin", ports.stdin), ("stdout", ports.stdout), ("stderr", if terminal { 0 } else { ports.stderr })]
+            .into_iter()
+            .filter(|(_, port)| *port != 0)
+            .collect();
+    let mut socks = wanted.iter().zip(dialer.connect_all(&wanted.iter().map(|(_, port)| *port).collect::<Vec<_>>()));
+    let mut sock = |name: &'static str| -> Result<Option<OwnedFd>, StdioError> {
+        match socks.next() {
+            Some((&(stream, port), result)) if stream == name => {
+                result.map(Some).map_err(|cause| StdioError::Connect { stream, port, cause })
+            }
+            _ => Ok(None),
         }
-        dialer.connect(port).map(Some).map_err(|source| StdioError::Connect { stream, port, cause: source })
     };
-    let stdin_sock = connect("stdin", ports.stdin)?;
-    let stdout_sock = connect("stdout", ports.stdout)?;
-    let stderr_sock = if terminal { None } else { connect("stderr", ports.stderr)? };
+    let stdin_sock = if ports.stdin != 0 { sock("stdin")? } else { None };
+    let stdout_sock = if ports.stdout != 0 { sock("stdout")? } else { None };
+    let stderr_sock = if !terminal && ports.stderr != 0 { sock("stderr")? } else { None };
 
     if terminal {
         let pending = PendingIo { terminal, stdin: stdin_sock.map(|s| (s, None)), stdout: stdout_sock.map(|s| (s, None)), stderr: None };
