@@ -26,6 +26,14 @@ impl Drop for Reservation<'_> {
 
 const CREATING: &str = "creating the container";
 
+/// A container's cgroup, and whether its directory exists before the
+/// init (the spare one: the init is then born in it).
+#[derive(Clone, Copy)]
+struct CgroupAt<'a> {
+    cgroup: &'a Cgroup,
+    exists: bool,
+}
+
 impl ContainerManager {
     /// From now on the containers share one PID namespace: the first
     /// created with a PID namespace of its own keeps it, and later ones
@@ -97,7 +105,9 @@ impl ContainerManager {
         // Taken once every check has passed (a refused create wastes none);
         // held until create returns: by then the init has entered them.
         let _spares = self.spares.take_for(&mut spec);
-        let cgroup = match given_cgroup.is_none().then(|| self.spare_cgroup.take()).flatten() {
+        let spare = given_cgroup.is_none().then(|| self.spare_cgroup.take()).flatten();
+        let exists = spare.is_some();
+        let cgroup = match spare {
             Some(spare) => {
                 cgroup_path = PathBuf::from(cgroup::SPARE_PATH);
                 spare
@@ -125,7 +135,8 @@ impl ContainerManager {
             let _ = std::fs::remove_dir_all(self.libcontainer_root().join(id));
             let _ = std::fs::remove_dir_all(&bundle);
         };
-        let result = self.create_in(id, &spec, resources.as_ref(), &rootfs, &bundle, &cgroup, mounts_before.clone(), req);
+        let cgroup_at = CgroupAt { cgroup: &cgroup, exists };
+        let result = self.create_in(id, &spec, resources.as_ref(), &rootfs, &bundle, cgroup_at, mounts_before.clone(), req);
         match result {
             Ok(container) => {
                 let pid = container.init.pid();
@@ -152,7 +163,7 @@ impl ContainerManager {
         resources: Option<&oci_spec::runtime::LinuxResources>,
         rootfs: &Path,
         bundle: &Path,
-        cgroup: &Cgroup,
+        CgroupAt { cgroup, exists }: CgroupAt<'_>,
         mounts_before: Option<HashSet<PathBuf>>,
         req: &agent::CreateContainerRequest,
     ) -> Result<Container> {
@@ -179,14 +190,15 @@ impl ContainerManager {
         };
         let seccomp = seccomp.ok().flatten();
         let prepared = if direct_exec {
-            launch::Launch::prepare_init(spec, rootfs, seccomp.clone()).map_err(ContainerError::launch(CREATING))?
+            launch::Launch::prepare_init(spec, rootfs, seccomp.clone(), exists.then(|| cgroup.dir()))
+                .map_err(ContainerError::launch(CREATING))?
         } else {
             Err("its execs go through libcontainer")
         };
         match prepared {
             Ok(prepared) => {
                 let ports = req.stdio.as_ref().map(StdioPorts::from).unwrap_or_default();
-                let (init, process) = self.create_direct(id, prepared, resources, cgroup, ports)?;
+                let (init, process) = self.create_direct(id, prepared, resources, CgroupAt { cgroup, exists }, ports)?;
                 return Ok(Container {
                     id: id.to_string(),
                     bundle: bundle.to_path_buf(),
@@ -266,8 +278,9 @@ impl ContainerManager {
     }
 
     /// The init made without libcontainer ([`launch`]): cloned into its
-    /// namespaces, put in its cgroup (libcgroups, as libcontainer does),
-    /// then left to build the container and wait for StartContainer.
+    /// namespaces and, when it exists already, its cgroup (else put there
+    /// by libcgroups, as libcontainer does), then left to build the
+    /// container and wait for StartContainer.
     /// Returns it with the exec watch (see [`Inner::exec_watch`]) and its
     /// process.
     fn create_direct(
@@ -275,7 +288,7 @@ impl ContainerManager {
         id: &str,
         (launch, pipes): (launch::Launch, launch::PreparedPipes),
         resources: Option<&oci_spec::runtime::LinuxResources>,
-        cgroup: &Cgroup,
+        CgroupAt { cgroup, exists }: CgroupAt<'_>,
         ports: StdioPorts,
     ) -> Result<((launch::InitProcess, OwnedFd), Arc<Process>)> {
         use libcgroups::common::CgroupManager;
@@ -292,8 +305,15 @@ impl ContainerManager {
         let pid = starting.pid();
         let placed = (|| {
             const STEP: &str = "creating the container's cgroup";
+            // Born in a cgroup that existed already (see `prepare_init`);
+            // else libcgroups makes it and moves the init in.
+            if exists && resources.is_none() {
+                return Ok(());
+            }
             let manager = self.cgroup_manager(id, cgroup.dir())?;
-            manager.add_task(nix_for_libcgroups::unistd::Pid::from_raw(pid)).map_err(ContainerError::libcgroups(STEP))?;
+            if !exists {
+                manager.add_task(nix_for_libcgroups::unistd::Pid::from_raw(pid)).map_err(ContainerError::libcgroups(STEP))?;
+            }
             match resources {
                 Some(resources) => self.apply_resources(&manager, cgroup, resources, STEP, "linux.resources"),
                 None => Ok(()),

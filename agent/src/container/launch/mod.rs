@@ -26,8 +26,9 @@
 //!   capabilities, the signal mask, the program lookup (as
 //!   [`super::executor::find_program`] does) and `execve`.
 //! - A container's init runs on beside the agent until StartContainer:
-//!   once the agent has put it in its cgroup (libcgroups, as libcontainer
-//!   does) it enters or makes its cgroup namespace, builds the container's
+//!   born in its cgroup when that exists already (the spare one, see
+//!   `cgroup.rs`), else put there by the agent (libcgroups, as libcontainer
+//!   does), and once told so, it enters or makes its cgroup namespace, builds the container's
 //!   filesystem (`rootfs.rs`), does the process steps above, finds the
 //!   program, tells the agent it is ready, and execs when told to. Its
 //!   memory (the agent's) is kept until it has exec'd or died
@@ -265,8 +266,9 @@ pub struct Launch {
     /// CLONE_NEW* flags of the namespaces the outer child makes.
     unshare: c_int,
     cgroup_namespace: Option<OwnedFd>,
-    /// The container's cgroup directory, which an exec is cloned into
-    /// (an init is put there by the agent).
+    /// The container's cgroup directory, which the process is cloned
+    /// into: always for an exec; for an init when the directory exists
+    /// before it (else the agent puts it there).
     cgroup: Option<OwnedFd>,
     init: Option<Init>,
     /// Loaded before the capabilities are dropped, or (with
@@ -609,6 +611,7 @@ impl Launch {
         spec: &Spec,
         rootfs: &Path,
         seccomp: Option<std::sync::Arc<seccomp::Filter>>,
+        cgroup_dir: Option<&Path>,
     ) -> Result<Result<(Self, PreparedPipes), &'static str>, LaunchError> {
         if let Err(why) = init_allows(spec) {
             return Ok(Err(why));
@@ -670,7 +673,11 @@ impl Launch {
             start: pipes.start.0.as_raw_fd(),
             agent_ends: [pipes.go.1.as_raw_fd(), pipes.ready.0.as_raw_fd(), pipes.start.1.as_raw_fd()],
         };
-        let launch = Self::new(process, joins, unshare, None, None, Some(init))?;
+        let cgroup = cgroup_dir
+            .map(|dir| std::fs::File::open(dir).map_err(|cause| LaunchError::Open { path: dir.display().to_string(), cause }))
+            .transpose()?
+            .map(OwnedFd::from);
+        let launch = Self::new(process, joins, unshare, None, cgroup, Some(init))?;
         Ok(Ok((Self { seccomp, ..launch }, PreparedPipes(pipes))))
     }
 
@@ -946,32 +953,30 @@ fn outer_steps(shared: &Shared<'_>, arg: *mut c_void) -> Result<(), Failure> {
         l.report.master.store(master, Ordering::Release);
         raw::ioctl_set_int(master, libc::TIOCSPTLCK, &0).map_err(at(Step::Terminal, 1))?;
     }
-    let pid = match (&l.init, &l.cgroup) {
-        (None, Some(cgroup)) => {
-            let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT;
-            // SAFETY: the exec's child runs `inner` (system calls only) on
-            // its own stack with `shared`; CLONE_VFORK suspends this child
-            // until it execs or exits.
-            let pid = unsafe { raw::clone_into_cgroup(flags, cgroup.as_raw_fd(), inner, arg, shared.inner_stack, STACK_SIZE - 16) };
+    let (child, flags): (extern "C" fn(*mut c_void) -> c_int, c_int) = match &l.init {
+        // The init runs on beside the agent until its exec (which
+        // StartContainer asks for).
+        Some(_) => (init_main, libc::CLONE_VM | libc::CLONE_PARENT),
+        None => (inner, libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT),
+    };
+    // Either way the child runs on its own stack with `shared`: for an
+    // exec CLONE_VFORK suspends this child until it execs or exits; an
+    // init's stack and `shared` are kept by the agent until it has exec'd
+    // or died.
+    let pid = match &l.cgroup {
+        // Born in the container's cgroup: an exec always, an init when its
+        // cgroup exists already (the spare one).
+        Some(cgroup) => {
+            // SAFETY: the stack and `shared` live as said above; the
+            // children make system calls only.
+            let pid = unsafe { raw::clone_into_cgroup(flags, cgroup.as_raw_fd(), child, arg, shared.inner_stack, STACK_SIZE - 16) };
             c_int::try_from(pid.map_err(at(Step::Clone, 0))?).map_err(|_| (Step::Clone, 0, libc::EOVERFLOW))?
         }
-        (init, _) => {
-            let (child, flags): (extern "C" fn(*mut c_void) -> c_int, c_int) = match init {
-                // The init runs on beside the agent until its exec (which
-                // StartContainer asks for); the agent puts it in its cgroup.
-                Some(_) => (init_main, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
-                None => (inner, libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD),
-            };
-            // SAFETY: the child runs on its own stack with `shared`: for an
-            // exec CLONE_VFORK suspends this child until it execs or exits;
-            // an init's stack and `shared` are kept by the agent until it
-            // has exec'd or died.
-            let pid = unsafe { libc::clone(child, shared.inner_stack, flags, arg) };
-            if pid < 0 {
-                return Err((Step::Clone, 0, libc::EAGAIN));
-            }
-            pid
-        }
+        // SAFETY: as for clone_into_cgroup.
+        None => match unsafe { libc::clone(child, shared.inner_stack, flags | libc::SIGCHLD, arg) } {
+            pid if pid < 0 => return Err((Step::Clone, 0, libc::EAGAIN)),
+            pid => pid,
+        },
     };
     if l.report.step.load(Ordering::Acquire) == 0 {
         l.report.pid.store(pid, Ordering::Release);
@@ -1435,13 +1440,14 @@ mod host_tests {
             "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
         });
         let filter = seccomp::Filter::compile(&serde_json::from_value(profile).expect("profile")).expect("compile").expect("filter");
-        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, Some(filter.into())).expect("prepare").expect("direct");
+        // Born in its cgroup, as in the spare one.
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, Some(filter.into()), Some(&cgroup.0)).expect("prepare").expect("direct");
         let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         let null = std::fs::File::open("/dev/null").expect("null");
         let starting = launch.spawn_init(pipes, [null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()]).expect("spawn");
         let pid = starting.pid();
-        // What libcgroups does for the agent.
-        std::fs::write(cgroup.0.join("cgroup.procs"), pid.to_string()).expect("cgroup");
+        let procs = std::fs::read_to_string(cgroup.0.join("cgroup.procs")).expect("procs");
+        assert_eq!(procs.trim(), pid.to_string(), "in its cgroup before it is let go");
         let mut init = starting.go().expect("ready");
         drop(out_w);
         init.start().expect("start");
@@ -1470,7 +1476,7 @@ mod host_tests {
         let null = std::fs::File::open("/dev/null").expect("null");
         let fds = [null.as_raw_fd(); 3];
         let (rootfs, spec) = init_spec(dir.path(), serde_json::json!(["nonexist"]));
-        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, None).expect("prepare").expect("direct");
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, None, None).expect("prepare").expect("direct");
         let err = launch.spawn_init(pipes, fds).expect("spawn").go().expect_err("missing program");
         assert_eq!(err.to_string(), "process.args[0] \"nonexist\": not found in PATH \"/bin\"");
         // A mount the kernel refuses.
@@ -1478,7 +1484,7 @@ mod host_tests {
         let mut spec = serde_json::to_value(&spec).expect("json");
         spec["mounts"][2]["options"] = serde_json::json!(["ptmxmode=bogus"]);
         let spec: Spec = serde_json::from_value(spec).expect("spec");
-        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, None).expect("prepare").expect("direct");
+        let (launch, pipes) = Launch::prepare_init(&spec, &rootfs, None, None).expect("prepare").expect("direct");
         let err = launch.spawn_init(pipes, fds).expect("spawn").go().expect_err("bad mount");
         assert!(err.to_string().starts_with(&format!("mounts {:?}: ", rootfs.join("dev/pts").display().to_string())), "{err}");
         reap_leftovers();
