@@ -254,7 +254,7 @@ impl ContainerManager {
         let pid =
             lc.pid().map(|p| p.as_raw()).ok_or_else(|| ContainerError::FailedPrecondition("libcontainer reported no init pid".into()))?;
         let master = console.as_ref().map(ConsoleListener::receive_master).transpose();
-        let started = master.and_then(|master| self.start_process_io(&mut registry, pid, pending, master, console_size, id, cgroup));
+        let started = master.and_then(|master| self.start_process_io(&mut registry, pid, pending, master, console_size, id, None));
         drop(registry);
         let init = match started {
             Ok(init) => init,
@@ -324,7 +324,7 @@ impl ContainerManager {
             return Err(e);
         }
         let init = starting.go().map_err(ContainerError::launch(CREATING))?;
-        let started = self.start_process_io(&mut registry, pid, pending, None, None, id, cgroup);
+        let started = self.start_process_io(&mut registry, pid, pending, None, None, id, None);
         match started {
             Ok(process) => Ok(((init, exec_watch), process)),
             Err(e) => {
@@ -335,7 +335,9 @@ impl ContainerManager {
     }
 
     /// With the registry held: sizes the pty (terminal), starts the
-    /// copiers and registers the exit waiter of `pid`.
+    /// copiers and registers the exit waiter of `pid`, whose OOM kills
+    /// count from `cgroup`'s count now (an exec; an init's count starts at
+    /// StartContainer, which reads it then).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_process_io(
         &self,
@@ -345,13 +347,13 @@ impl ContainerManager {
         master: Option<OwnedFd>,
         console_size: Option<(u64, u64)>,
         name: &str,
-        cgroup: &Cgroup,
+        cgroup: Option<&Cgroup>,
     ) -> Result<Arc<Process>> {
         if let (Some(master), Some((rows, cols))) = (&master, console_size) {
             stdio::set_winsize(master.as_fd(), u16::try_from(rows).unwrap_or(u16::MAX), u16::try_from(cols).unwrap_or(u16::MAX))?;
         }
         let io = pending.start(name, master)?;
-        let process = Arc::new(Process::new(pid, io, cgroup.oom_kills()));
+        let process = Arc::new(Process::new(pid, io, cgroup.map_or(0, Cgroup::oom_kills)));
         let waiter = process.clone();
         registry.on_exit(pid, Box::new(move |exit| waiter.record_exit(exit)));
         Ok(process)

@@ -60,7 +60,7 @@ impl ContainerManager {
                 let mut registry = self.reaper.registry();
                 let (pid, master) = direct.spawn(fds).map_err(ContainerError::launch(EXECUTING))?;
                 drop(child);
-                let started = self.start_process_io(&mut registry, pid, pending, master, console_size, &name, &c.cgroup);
+                let started = self.start_process_io(&mut registry, pid, pending, master, console_size, &name, Some(&c.cgroup));
                 if started.is_err() {
                     let _ = self.sys.kill(pid, Signal::SIGKILL);
                 }
@@ -108,7 +108,7 @@ impl ContainerManager {
             let pid = built.map_err(|e| ContainerError::libcontainer("executing the process", &e))?.as_raw();
             let master = console.as_ref().map(ConsoleListener::receive_master).transpose();
             let started =
-                master.and_then(|master| self.start_process_io(&mut registry, pid, pending, master, console_size, name, &c.cgroup));
+                master.and_then(|master| self.start_process_io(&mut registry, pid, pending, master, console_size, name, Some(&c.cgroup)));
             if started.is_err() {
                 let _ = self.sys.kill(pid, Signal::SIGKILL);
             }

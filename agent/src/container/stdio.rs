@@ -129,27 +129,38 @@ impl Dialer {
                 }
                 break;
             }
-            let over: Vec<usize> = {
+            let over: Vec<(usize, bool)> = {
                 let mut fds: Vec<PollFd<'_>> =
                     pending.iter().filter_map(|&i| socks[i].as_ref().ok().map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLOUT))).collect();
                 match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
                     Ok(_) | Err(nix::Error::EINTR) => {}
                     Err(e) => return ports.iter().map(|_| Err(io::Error::from(e))).collect(),
                 }
-                pending.iter().zip(&fds).filter(|(_, fd)| fd.any().unwrap_or(true)).map(|(&i, _)| i).collect()
+                let failed = PollFlags::POLLERR | PollFlags::POLLHUP;
+                pending
+                    .iter()
+                    .zip(&fds)
+                    .filter_map(|(&i, fd)| fd.revents().filter(|r| !r.is_empty()).map(|r| (i, r.intersects(failed))))
+                    .collect()
             };
-            pending.retain(|i| !over.contains(i));
+            for &(i, failed) in &over {
+                // Only a failed connect needs its error read.
+                if failed {
+                    if let Ok(fd) = &socks[i] {
+                        let error = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::SocketError)
+                            .map_or_else(io::Error::from, io::Error::from_raw_os_error);
+                        socks[i] = Err(error);
+                    }
+                }
+            }
+            pending.retain(|i| !over.iter().any(|(j, _)| j == i));
         }
         socks
             .into_iter()
             .map(|sock| {
                 let fd = sock?;
-                let error = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SocketError)?;
-                if error != 0 {
-                    return Err(io::Error::from_raw_os_error(error));
-                }
-                let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
-                fcntl(&fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+                // Blocking again: O_NONBLOCK is the only status flag set.
+                fcntl(&fd, FcntlArg::F_SETFL(OFlag::empty()))?;
                 Ok(fd)
             })
             .collect()
