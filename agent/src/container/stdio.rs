@@ -220,18 +220,16 @@ pub fn prepare(dialer: &Dialer, ports: StdioPorts, terminal: bool) -> Result<(Pe
             .into_iter()
             .filter(|(_, port)| *port != 0)
             .collect();
-    let mut socks = wanted.iter().zip(dialer.connect_all(&wanted.iter().map(|(_, port)| *port).collect::<Vec<_>>()));
-    let mut sock = |name: &'static str| -> Result<Option<OwnedFd>, StdioError> {
-        match socks.next() {
-            Some((&(stream, port), result)) if stream == name => {
-                result.map(Some).map_err(|cause| StdioError::Connect { stream, port, cause })
-            }
-            _ => Ok(None),
-        }
+    let connected = dialer.connect_all(&wanted.iter().map(|(_, port)| *port).collect::<Vec<_>>());
+    let mut socks: Vec<_> = wanted.into_iter().zip(connected).collect();
+    let mut take = |name: &'static str| -> Result<Option<OwnedFd>, StdioError> {
+        let Some(i) = socks.iter().position(|((stream, _), _)| *stream == name) else { return Ok(None) };
+        let ((stream, port), result) = socks.remove(i);
+        result.map(Some).map_err(|cause| StdioError::Connect { stream, port, cause })
     };
-    let stdin_sock = if ports.stdin != 0 { sock("stdin")? } else { None };
-    let stdout_sock = if ports.stdout != 0 { sock("stdout")? } else { None };
-    let stderr_sock = if !terminal && ports.stderr != 0 { sock("stderr")? } else { None };
+    let stdin_sock = take("stdin")?;
+    let stdout_sock = take("stdout")?;
+    let stderr_sock = take("stderr")?;
 
     if terminal {
         let pending = PendingIo { terminal, stdin: stdin_sock.map(|s| (s, None)), stdout: stdout_sock.map(|s| (s, None)), stderr: None };

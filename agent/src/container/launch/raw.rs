@@ -112,9 +112,10 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// clone3(2) of a child born in the cgroup whose directory `cgroup` is
 /// open (CLONE_INTO_CGROUP) that runs `f(arg)` on the stack ending at `top`
 /// and exits with its result; `flags` as for clone(2), with CLONE_PARENT
-/// (clone3 refuses an exit signal with it: the child's is ours). Being born there spares a migration into the cgroup
-/// (cgroup.procs), which cost ~0.1 s of emulated guest kernel an exec on
-/// kvm_pvm hosts. glibc has no clone3 wrapper that runs a function.
+/// (clone3 refuses an exit signal with it: the child's is ours). Being
+/// born there spares a migration into the cgroup (cgroup.procs), which
+/// cost ~0.1 s of emulated guest kernel an exec on kvm_pvm hosts. glibc
+/// has no clone3 wrapper that runs a function.
 ///
 /// # Safety
 /// `top` must be the 16-byte aligned end of `size` bytes of writable
