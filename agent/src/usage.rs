@@ -48,13 +48,14 @@ fn rusage(who: libc::c_int) -> Counters {
     }
 }
 
-/// The fields of a `/proc/PID/rusage` line: the thread group's system
-/// calls, its reaped children's, its minor and major faults, its user and
-/// system time in nanoseconds.
-fn parse_rusage(text: &str) -> Option<([i64; 2], Counters)> {
+/// A `/proc/PID/rusage` line (the thread group's system calls, its reaped
+/// children's, its minor and major faults, its user and system time in
+/// nanoseconds): the process's counters, and its reaped children's system
+/// calls.
+fn parse_rusage(text: &str) -> Option<(Counters, i64)> {
     let mut fields = text.split_ascii_whitespace().map(|f| f.parse::<i64>().ok());
     let mut next = || fields.next().flatten();
-    let (syscalls, children) = (next()?, next()?);
+    let (syscalls, reaped) = (next()?, next()?);
     let (minor_faults, major_faults, user_ns, system_ns) = (next()?, next()?, next()?, next()?);
     let process = Counters {
         user_us: user_ns / 1000,
@@ -65,7 +66,7 @@ fn parse_rusage(text: &str) -> Option<([i64; 2], Counters)> {
         involuntary_switches: 0,
         syscalls,
     };
-    Some(([syscalls, children], process))
+    Some((process, reaped))
 }
 
 fn read_proc(path: &str) -> Option<String> {
@@ -83,8 +84,8 @@ fn own_rusage() -> Option<String> {
 impl Counters {
     /// The agent (every thread) plus the children it has reaped.
     pub fn agent() -> Self {
-        let [own, reaped] = own_rusage().and_then(|s| parse_rusage(&s)).map_or([0, 0], |(calls, _)| calls);
-        let syscalls = Counters { syscalls: own + reaped, ..Counters::default() };
+        let syscalls = own_rusage().and_then(|s| parse_rusage(&s)).map_or(0, |(own, reaped)| own.syscalls + reaped);
+        let syscalls = Counters { syscalls, ..Counters::default() };
         rusage(libc::RUSAGE_SELF) + rusage(libc::RUSAGE_CHILDREN) + syscalls
     }
 
@@ -92,7 +93,7 @@ impl Counters {
     /// gone.
     pub fn of_process(pid: i32) -> Self {
         if let Some(text) = read_proc(&format!("/proc/{pid}/rusage")) {
-            return parse_rusage(&text).map(|(_, c)| c).unwrap_or_default();
+            return parse_rusage(&text).map(|(c, _)| c).unwrap_or_default();
         }
         read_proc(&format!("/proc/{pid}/stat")).and_then(|s| parse_stat(&s)).unwrap_or_default()
     }
@@ -207,8 +208,8 @@ mod tests {
 
     #[test]
     fn rusage_lines_are_read_and_short_ones_refused() {
-        let (calls, c) = parse_rusage("1234 56 117 3 50000000 70000000\n").expect("parsed");
-        assert_eq!(calls, [1234, 56]);
+        let (c, reaped) = parse_rusage("1234 56 117 3 50000000 70000000\n").expect("parsed");
+        assert_eq!(reaped, 56);
         assert_eq!((c.syscalls, c.minor_faults, c.major_faults, c.user_us, c.system_us), (1234, 117, 3, 50_000, 70_000));
         assert_eq!(parse_rusage("1234 56 117 3 50000000\n"), None);
         assert_eq!(parse_rusage("1234 x 117 3 5 7\n"), None);

@@ -105,89 +105,86 @@ impl Dialer {
     /// for the host to accept, a round trip through the VMM that took ~30
     /// ms of a kvm_pvm guest's time, and a process has up to three.
     pub fn connect_all(&self, ports: &[u32]) -> Vec<io::Result<OwnedFd>> {
-        let Self::Vsock { cid } = self else {
-            return ports.iter().map(|&port| self.connect(port)).collect();
-        };
-        let mut socks: Vec<io::Result<OwnedFd>> = ports
-            .iter()
-            .map(|&port| {
-                let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
-                match connect(fd.as_raw_fd(), &VsockAddr::new(*cid, port)) {
-                    Ok(()) | Err(nix::Error::EINPROGRESS) => Ok(fd),
-                    Err(e) => Err(e.into()),
-                }
-            })
-            .collect();
-        // In flight: the sockets whose connect is not over (made or failed).
-        let mut pending: Vec<usize> = (0..socks.len()).filter(|&i| socks[i].is_ok()).collect();
-        let end = std::time::Instant::now() + CONNECT_WAIT;
-        while !pending.is_empty() {
-            let left = end.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                for &i in &pending {
-                    socks[i] = Err(io::Error::from(io::ErrorKind::TimedOut));
-                }
-                break;
-            }
-            let over: Vec<(usize, bool)> = {
-                let mut fds: Vec<PollFd<'_>> =
-                    pending.iter().filter_map(|&i| socks[i].as_ref().ok().map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLOUT))).collect();
-                match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
-                    Ok(_) | Err(nix::Error::EINTR) => {}
-                    Err(e) => return ports.iter().map(|_| Err(io::Error::from(e))).collect(),
-                }
-                let failed = PollFlags::POLLERR | PollFlags::POLLHUP;
-                pending
-                    .iter()
-                    .zip(&fds)
-                    .filter_map(|(&i, fd)| fd.revents().filter(|r| !r.is_empty()).map(|r| (i, r.intersects(failed))))
-                    .collect()
-            };
-            for &(i, failed) in &over {
-                // Only a failed connect needs its error read.
-                if failed {
-                    if let Ok(fd) = &socks[i] {
-                        let error = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::SocketError)
-                            .map_or_else(io::Error::from, io::Error::from_raw_os_error);
-                        socks[i] = Err(error);
-                    }
-                }
-            }
-            pending.retain(|i| !over.iter().any(|(j, _)| j == i));
-        }
-        socks
-            .into_iter()
-            .map(|sock| {
-                let fd = sock?;
-                // Blocking again: O_NONBLOCK is the only status flag set.
-                fcntl(&fd, FcntlArg::F_SETFL(OFlag::empty()))?;
-                Ok(fd)
-            })
-            .collect()
-    }
-
-    /// Opens one stream to `port` (blocking, close-on-exec).
-    pub fn connect(&self, port: u32) -> io::Result<OwnedFd> {
         match self {
-            Self::Vsock { cid } => {
-                let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-                connect(fd.as_raw_fd(), &VsockAddr::new(*cid, port))?;
-                Ok(fd)
-            }
-            Self::Unix { base } => {
-                let mut path = base.clone().into_os_string();
-                path.push(format!("_{port}"));
-                let path = PathBuf::from(path);
-                // `@name`: an abstract socket, as the listener's address.
-                if let Some(name) = path.to_str().and_then(|p| p.strip_prefix('@')) {
-                    use std::os::linux::net::SocketAddrExt;
-                    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-                    return Ok(UnixStream::connect_addr(&addr)?.into());
-                }
-                Ok(UnixStream::connect(path)?.into())
-            }
+            Self::Vsock { cid } => connect_vsock(*cid, ports),
+            Self::Unix { base } => ports.iter().map(|&port| connect_unix(base, port)).collect(),
         }
     }
+}
+
+/// [`Dialer::connect_all`] over vsock: non-blocking connects, then polls
+/// until each is made or failed.
+fn connect_vsock(cid: u32, ports: &[u32]) -> Vec<io::Result<OwnedFd>> {
+    let mut socks: Vec<io::Result<OwnedFd>> = ports
+        .iter()
+        .map(|&port| {
+            let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+            match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
+                Ok(()) | Err(nix::Error::EINPROGRESS) => Ok(fd),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .collect();
+    // In flight: the sockets whose connect is not over (made or failed).
+    let mut pending: Vec<usize> = (0..socks.len()).filter(|&i| socks[i].is_ok()).collect();
+    let end = std::time::Instant::now() + CONNECT_WAIT;
+    while !pending.is_empty() {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            for &i in &pending {
+                socks[i] = Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+            break;
+        }
+        let over: Vec<(usize, bool)> = {
+            let mut fds: Vec<PollFd<'_>> =
+                pending.iter().filter_map(|&i| socks[i].as_ref().ok().map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLOUT))).collect();
+            match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return ports.iter().map(|_| Err(io::Error::from(e))).collect(),
+            }
+            let failed = PollFlags::POLLERR | PollFlags::POLLHUP;
+            pending
+                .iter()
+                .zip(&fds)
+                .filter_map(|(&i, fd)| fd.revents().filter(|r| !r.is_empty()).map(|r| (i, r.intersects(failed))))
+                .collect()
+        };
+        for &(i, failed) in &over {
+            // Only a failed connect needs its error read.
+            if failed {
+                if let Ok(fd) = &socks[i] {
+                    let error = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::SocketError)
+                        .map_or_else(io::Error::from, io::Error::from_raw_os_error);
+                    socks[i] = Err(error);
+                }
+            }
+        }
+        pending.retain(|i| !over.iter().any(|(j, _)| j == i));
+    }
+    socks
+        .into_iter()
+        .map(|sock| {
+            let fd = sock?;
+            // Blocking again: O_NONBLOCK is the only status flag set.
+            fcntl(&fd, FcntlArg::F_SETFL(OFlag::empty()))?;
+            Ok(fd)
+        })
+        .collect()
+}
+
+/// One stream to the Unix socket `base` + `_port` (blocking,
+/// close-on-exec); `@name`: an abstract socket, as the listener's address.
+fn connect_unix(base: &std::path::Path, port: u32) -> io::Result<OwnedFd> {
+    let mut path = base.to_path_buf().into_os_string();
+    path.push(format!("_{port}"));
+    let path = PathBuf::from(path);
+    if let Some(name) = path.to_str().and_then(|p| p.strip_prefix('@')) {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        return Ok(UnixStream::connect_addr(&addr)?.into());
+    }
+    Ok(UnixStream::connect(path)?.into())
 }
 
 /// The fds the process gets as 0, 1 and 2 (pipe ends or /dev/null).

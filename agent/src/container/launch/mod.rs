@@ -28,11 +28,11 @@
 //! - A container's init runs on beside the agent until StartContainer:
 //!   born in its cgroup when that exists already (the spare one, see
 //!   `cgroup.rs`), else put there by the agent (libcgroups, as libcontainer
-//!   does), and once told so, it enters or makes its cgroup namespace, builds the container's
-//!   filesystem (`rootfs.rs`), does the process steps above, finds the
-//!   program, tells the agent it is ready, and execs when told to. Its
-//!   memory (the agent's) is kept until it has exec'd or died
-//!   ([`InitProcess`]).
+//!   does), and once told so, it enters or makes its cgroup namespace,
+//!   builds the container's filesystem (`rootfs.rs`), does the process
+//!   steps above, finds the program, tells the agent it is ready, and execs
+//!   when told to. Its memory (the agent's) is kept until it has exec'd or
+//!   died ([`InitProcess`]).
 //!
 //! Everything the children use is prepared here first (C strings, pointer
 //! arrays, descriptors, capability masks): sharing the agent's memory with
